@@ -1,0 +1,97 @@
+"""Prefill latency, decode throughput and cache size: teacher vs hybrids (0/12.5/25/50% softmax).
+
+Qwen2.5-1.5B-shaped model with random weights (speed does not depend on the values), bf16.
+    python benchmarks/bench_inference.py --contexts 1024,4096,8192,16384,32768 --batches 1,8 --markdown FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from hybrid_distill.evaluation.efficiency import measure, plot_efficiency, results_markdown
+from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
+
+QWEN25_15B = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
+
+
+def uniform_layers(num_layers: int, k: int) -> list[int]:
+    """k evenly spaced layers (the last of each group), as a uniform interleave would place them."""
+    if k == 0:
+        return []
+    step = num_layers / k
+    return sorted({min(num_layers - 1, int(round((i + 1) * step)) - 1) for i in range(k)})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", default="1024,4096,8192,16384,32768")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--ratios", default="0,0.125,0.25,0.5")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--markdown")
+    parser.add_argument("--json")
+    parser.add_argument("--plot")
+    args = parser.parse_args()
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    ratios = [float(x) for x in args.ratios.split(",")]
+
+    config = Qwen2Config(**QWEN25_15B)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        teacher = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    n = config.num_hidden_layers
+    models = {"teacher": teacher}
+    for r in ratios:
+        k = round(r * n)
+        layers = uniform_layers(n, k)
+        models[f"hybrid {r:.1%} ({k} softmax)"] = build_student(teacher, mixers_from_softmax_layers(n, layers, "gdn")).eval()
+    # warm up kernels (fla autotuning / compilation) at every batch size before timing
+    for model in models.values():
+        for b in batches:
+            measure(model, "warmup", 256, b, decode_steps=2, warmup_steps=1)
+    results = []
+    for ctx in contexts:
+        for b in batches:
+            for name, model in models.items():
+                r = measure(model, name, ctx, b, decode_steps=args.decode_steps)
+                results.append(r)
+                print(json.dumps(r.to_dict()), flush=True)
+    table = results_markdown(results, baseline="teacher")
+    header = (
+        "### Inference efficiency: Qwen2.5-1.5B-shaped teacher vs GDN hybrids (uniformly placed softmax layers)\n\n"
+        f"- date: {datetime.date.today().isoformat()}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}\n"
+        f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches}`\n"
+        "- prefill: one forward over the prompt with `logits_to_keep=1`; decode: median per-step time of "
+        f"{args.decode_steps} greedy single-token steps through the model's cache (HF `DynamicLayer` KV cache for softmax "
+        "layers, fla fused recurrent kernel for GDN layers); cache = bytes held by the cache after decoding.\n\n"
+    )
+    print(header + table)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + header + table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in results], f, indent=1)
+    if args.plot:
+        plot_efficiency(results, args.plot, batch=max(batches))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Saving and loading hybrid students as Hugging Face checkpoints: atomic writes, verified reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or corrupt."""
+
+
+def atomic_directory_write(path: str | Path):
+    """Context manager yielding a temporary sibling directory that replaces `path` only on success."""
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def save_student(model: PreTrainedModel, path: str | Path, tokenizer=None, model_card: str | None = None) -> Path:
+    """Write `model` (+ tokenizer, README model card) to `path` atomically as safetensors with remote code."""
+    path = Path(path)
+    with atomic_directory_write(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
+    return path
+
+
+def _check_safetensors_file(file: Path) -> None:
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"Corrupt weight file {file}: {err}. Re-save or re-download the checkpoint.") from err
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise CheckpointError(
+            f"Corrupt weight file {file}: expected {8 + header_len + end} bytes, found {size} (truncated or "
+            "partially written). Re-save or re-download the checkpoint."
+        )
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check that a checkpoint directory is complete and readable; returns its config dict."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint directory {str(path)!r} does not exist.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{str(path)!r} has no config.json; it is not a Hugging Face checkpoint directory.")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{str(path)!r} has no model.safetensors or model.safetensors.index.json.")
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise CheckpointError(f"Checkpoint {str(path)!r} is missing weight shard(s) {missing}.")
+    for shard in shards:
+        _check_safetensors_file(path / shard)
+    return config
+
+
+def load_student(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+    """Load a saved hybrid student (verifying the files first) in eval mode."""
+    from . import modeling  # noqa: F401  (registers the hybrid model types with the Auto classes)
+
+    config = verify_checkpoint(path)
+    if not str(config.get("model_type", "")).startswith("hybrid_"):
+        raise CheckpointError(
+            f"{str(path)!r} holds a {config.get('model_type')!r} model, not a hybrid student; "
+            "load teachers with hybrid_distill.surgery.load_teacher."
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    if device is not None:
+        model.to(device)
+    return model.eval()

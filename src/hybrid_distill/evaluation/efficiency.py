@@ -1,0 +1,143 @@
+"""Inference efficiency: prefill latency, decode throughput, cache size and peak memory.
+
+Decode goes through the model's own cache (a real KV cache for softmax layers, fla's fused
+recurrent kernels for linear layers on CUDA), one token per step, greedy — what `generate()` does,
+without its Python-side bookkeeping.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class EfficiencyResult:
+    model: str
+    context: int
+    batch: int
+    prefill_ms: float
+    decode_ms_per_step: float
+    decode_tokens_per_s: float
+    cache_gib: float
+    peak_gib: float
+    oom: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a cache's tensors (KV tensors, recurrent and conv states)."""
+    total, seen = 0, set()
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for layer in cache.layers:
+        for name in ("keys", "values", "recurrent_state"):
+            add(getattr(layer, name, None))
+        for t in getattr(layer, "conv_states", {}).values():
+            add(t)
+    return total
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model, name: str, context: int, batch: int, decode_steps: int = 32, warmup_steps: int = 4, vocab_limit: int = 1000):
+    """Prefill `batch` random prompts of `context` tokens, then decode `decode_steps` tokens greedily."""
+    device = next(model.parameters()).device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(3, vocab_limit, (batch, context), device=device)
+    try:
+        _sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        end.record()
+        _sync()
+        prefill_ms = start.elapsed_time(end)
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        step_ms = []
+        for i in range(warmup_steps + decode_steps):
+            start.record()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            end.record()
+            _sync()
+            if i >= warmup_steps:
+                step_ms.append(start.elapsed_time(end))
+        ms = statistics.median(step_ms)
+        result = EfficiencyResult(
+            name, context, batch, prefill_ms, ms, batch / ms * 1e3, cache_bytes(cache) / 2**30,
+            torch.cuda.max_memory_allocated() / 2**30,
+        )
+        del out, cache
+    except torch.cuda.OutOfMemoryError:
+        result = EfficiencyResult(name, context, batch, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), oom=True)
+    torch.cuda.empty_cache()
+    return result
+
+
+def results_markdown(results: list[EfficiencyResult], baseline: str | None = None) -> str:
+    """A Markdown table; with `baseline`, adds decode speed-up and cache ratio against that model."""
+    base = {(r.context, r.batch): r for r in results if r.model == baseline and not r.oom}
+    head = "| model | context | batch | prefill ms | decode ms/step | decode tok/s | cache GiB | peak GiB |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if baseline:
+        head += " decode speed-up | cache / teacher |"
+        sep += "---:|---:|"
+    lines = [head, sep]
+    for r in results:
+        if r.oom:
+            lines.append(f"| {r.model} | {r.context} | {r.batch} | OOM | | | | |" + (" | |" if baseline else ""))
+            continue
+        row = (
+            f"| {r.model} | {r.context} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
+            f"{r.decode_tokens_per_s:,.0f} | {r.cache_gib:.3f} | {r.peak_gib:.2f} |"
+        )
+        if baseline:
+            b = base.get((r.context, r.batch))
+            if b is None:
+                row += " | |"
+            else:
+                row += f" {b.decode_ms_per_step / r.decode_ms_per_step:.2f}x | {r.cache_gib / b.cache_gib:.1%} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def plot_efficiency(results: list[EfficiencyResult], path: str, batch: int) -> None:
+    """Decode tokens/s and cache size against context length, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in dict.fromkeys(r.model for r in results):
+        rows = sorted((r for r in results if r.model == model and r.batch == batch and not r.oom), key=lambda r: r.context)
+        if not rows:
+            continue
+        ctx = [r.context for r in rows]
+        axes[0].plot(ctx, [r.decode_tokens_per_s for r in rows], marker="o", label=model)
+        axes[1].plot(ctx, [r.cache_gib for r in rows], marker="o", label=model)
+    for ax, title in zip(axes, ("decode tokens/s", "cache GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_title(f"{title} (batch {batch})")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""Run recall samples through a model's `generate()` (greedy, left-padded batches) and score them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Prediction:
+    task: str
+    length: int
+    index: int
+    prediction: str
+    answers: list[str]
+    score: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _encode_left_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        rows = [[bos] + r for r in rows]
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(r)
+        mask[i, length - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: Sequence[int]) -> list[str]:
+    """Greedy continuations of `texts` (BOS prepended when the tokenizer has one), each cut to its own
+    `max_new_tokens[i]` and decoded without special tokens."""
+    device = next(model.parameters()).device
+    ids, mask = _encode_left_padded(tokenizer, texts, device)
+    eos = tokenizer.eos_token_id
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max(max_new_tokens),
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        eos_token_id=eos,
+    )
+    new = out[:, ids.shape[1] :]
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, max_new_tokens)]
+
+
+def run_samples(model, tokenizer, samples: Sequence, batch_size: int = 8, progress: bool = True) -> list[Prediction]:
+    """Generate and score each sample (`prompt + answer_prefix` as input, its own `max_new_tokens`)."""
+    from .scoring import score_sample
+
+    model.eval()
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].max_new_tokens, samples[i].length))
+    predictions: dict[int, Prediction] = {}
+    bar = tqdm(total=len(samples), desc="recall eval", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[start : start + batch_size]]
+        texts = [s.prompt + s.answer_prefix for s in chunk]
+        outputs = generate_batch(model, tokenizer, texts, [s.max_new_tokens for s in chunk])
+        for i, sample, text in zip(order[start : start + batch_size], chunk, outputs):
+            predictions[i] = Prediction(
+                sample.task, sample.length, sample.index, text, list(sample.answers), float(score_sample(sample, text))
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return [predictions[i] for i in range(len(samples))]

@@ -1,0 +1,590 @@
+"""Hybrid students: a Hugging Face teacher whose attention is swapped per layer for a linear mixer.
+
+Layer `i` runs `config.mixers[i]`:
+- ``softmax``: the teacher's own attention module, unchanged.
+- ``swa``: the teacher's attention module under a sliding-window mask (`swa_window` tokens).
+- ``gdn`` / ``gla``: Gated DeltaNet / gated linear attention that takes over the teacher attention's
+  ``q_proj/k_proj/v_proj/o_proj`` (and Qwen3's ``q_norm/k_norm``), so state-dict keys, shapes and
+  biases stay the teacher's and the student loads straight from a teacher checkpoint. GQA K/V heads
+  are repeated per head at run time.
+
+Self-contained (torch + transformers, relative imports only): this file is copied next to saved
+checkpoints and loaded as remote code where `hybrid_distill` is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
+from transformers import initialization as init
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_hybrid import (
+    LINEAR_MIXERS,
+    HybridLlamaConfig,
+    HybridMistralConfig,
+    HybridQwen2Config,
+    HybridQwen3Config,
+)
+from .hybrid_ops import gated_delta_rule, gated_linear_attention
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+class LinearStateLayer(CacheLayerMixin):
+    """Cache of one linear-attention layer: a recurrent state [B, H, K, V] (fp32) and short-conv states.
+
+    It also counts the tokens it has seen, so `get_seq_length` works for an all-linear student.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.recurrent_state: torch.Tensor | None = None
+        self.conv_states: dict[str, torch.Tensor] = {}
+        self.seen_tokens = 0
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        self.is_initialized = True
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("A linear-attention layer stores a recurrent state, not keys and values.")
+
+    def update_state(self, recurrent_state: torch.Tensor | None, conv_states: dict[str, torch.Tensor], num_tokens: int):
+        self.recurrent_state = recurrent_state
+        self.conv_states = conv_states
+        self.seen_tokens += num_tokens
+        self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):  # states are small; keep them on device
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reset(self) -> None:
+        self.recurrent_state, self.conv_states, self.seen_tokens = None, {}, 0
+
+    def _map_batch(self, fn) -> None:
+        if self.recurrent_state is not None:
+            self.recurrent_state = fn(self.recurrent_state)
+        self.conv_states = {name: fn(s) for name, s in self.conv_states.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("A recurrent state cannot be cropped (assisted decoding is not supported).")
+
+
+def teacher_sliding_window(config, layer_idx: int) -> int | None:
+    """The teacher's own sliding window for a softmax layer (Mistral, or Qwen2/3 `sliding_attention`)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # Mistral: every layer uses the window when it is set
+        return window
+    return window if layer_types[layer_idx] == "sliding_attention" else None
+
+
+def layer_mask_kind(config, layer_idx: int) -> str:
+    """Which mask a layer needs: 'linear' (2-D padding mask), 'swa', 'sliding' (teacher's window) or 'full'."""
+    mixer = config.mixers[layer_idx]
+    if mixer in LINEAR_MIXERS:
+        return "linear"
+    if mixer == "swa":
+        return "swa"
+    return "sliding" if teacher_sliding_window(config, layer_idx) is not None else "full"
+
+
+class HybridCache(Cache):
+    """Per layer: a KV cache (softmax), a sliding-window KV cache (swa / teacher sliding layers) or a
+    recurrent state (linear layers)."""
+
+    def __init__(self, config, **kwargs):
+        layers = []
+        for i in range(config.num_hidden_layers):
+            kind = layer_mask_kind(config, i)
+            if kind == "linear":
+                layers.append(LinearStateLayer())
+            elif kind == "swa":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=int(config.mixer_options["swa_window"])))
+            elif kind == "sliding":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=teacher_sliding_window(config, i)))
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear mixers
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x).to(dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal conv1d + SiLU over [B, T, C], with a cache of the last `kernel_size - 1` inputs."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, cu_seqlens=None):
+        """Return (y, new_state); `state` is [B, C, kernel_size - 1] (zeros when None)."""
+        if cu_seqlens is not None:  # packed documents: never convolve across a boundary
+            ys = [self.forward(x[:, s:e])[0] for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+            return torch.cat(ys, dim=1), None
+        x = x.transpose(1, 2)  # [B, C, T]
+        pad = self.kernel_size - 1
+        if state is None:
+            state = x.new_zeros(x.shape[0], x.shape[1], pad)
+        full = torch.cat([state.to(x.dtype), x], dim=-1)
+        y = F.conv1d(full, self.conv.weight, groups=x.shape[1])
+        return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - pad :]
+
+
+def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, Hkv * n_rep, D]; query head h uses KV head h // n_rep (as HF's repeat_kv)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+class LinearAttentionMixer(nn.Module):
+    """Shared part of the linear mixers: teacher projections, GQA, padding, cache, output norm/gate.
+
+    Subclasses define the gate parameters (`_gates`) and the kernel (`_kernel`).
+    """
+
+    # Parameters kept in fp32 even when the model is cast to bf16/fp16.
+    fp32_parameters: tuple[str, ...] = ()
+
+    def __init__(self, config, layer_idx: int, attention: nn.Module, *, use_short_conv: bool, use_output_gate: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.options = config.mixer_options
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = attention.head_dim
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.eps = float(self.options["norm_eps"])
+        # Teacher weights, taken over as they are (attention-weight transfer).
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+        )
+        self.q_norm = getattr(attention, "q_norm", None)
+        self.k_norm = getattr(attention, "k_norm", None)
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            size = int(self.options["gdn_conv_size"])
+            self.q_conv1d = ShortConvolution(self.num_heads * self.head_dim, size)
+            self.k_conv1d = ShortConvolution(self.num_kv_heads * self.head_dim, size)
+            self.v_conv1d = ShortConvolution(self.num_kv_heads * self.head_dim, size)
+        self.use_output_gate = use_output_gate
+        if use_output_gate:
+            self.g_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.o_norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    # -- parameters the teacher lacks ----------------------------------------------------------
+    def new_modules(self) -> list[nn.Module]:
+        """Submodules that are not taken over from the teacher (they need fresh initialization)."""
+        mods = [m for name, m in self.named_children() if name not in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+        return [sub for m in mods for sub in m.modules()]
+
+    def init_new_parameters(self) -> None:
+        """Standard init for the parameters the teacher lacks; respects HF's `_is_hf_initialized` flags."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.new_modules():
+            if isinstance(module, nn.Linear):
+                init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv1d):
+                bound = 1.0 / math.sqrt(module.weight.shape[-1])  # nn.Conv1d's default (kaiming-uniform, a=sqrt(5))
+                init.uniform_(module.weight, -bound, bound)
+        init.ones_(self.o_norm_weight)
+
+    def _apply(self, fn, recurse=True):
+        keep = {name: getattr(self, name).data for name in self.fp32_parameters}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            param = getattr(self, name)
+            if param.dtype != torch.float32 and old.dtype == torch.float32:
+                param.data = old.to(param.device)
+        return self
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor, mask: torch.Tensor | None, conv_states: dict, cu_seqlens):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if mask is not None:  # padded positions must not write into the state (biases make them non-zero)
+            m = mask[:, :, None, None].to(q.dtype)
+            q, k, v = q * m, k * m, v * m
+        new_conv = {}
+        if self.use_short_conv:
+            outs = []
+            for name, t, conv in (("q", q, self.q_conv1d), ("k", k, self.k_conv1d), ("v", v, self.v_conv1d)):
+                y, new_conv[name] = conv(t.reshape(B, T, -1), conv_states.get(name), cu_seqlens)
+                outs.append(y.view_as(t))
+            q, k, v = outs
+        elif self._qkv_activation == "silu":
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        return q, _repeat_heads(k, self.num_kv_groups), _repeat_heads(v, self.num_kv_groups), new_conv
+
+    _qkv_activation = "identity"
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, T = x.shape[:2]
+        o = rms_norm(o, self.o_norm_weight, self.eps)
+        if self.use_output_gate:
+            o = o * F.silu(self.g_proj(x).view(B, T, self.num_heads, self.head_dim))
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+        """HF attention signature; `attention_mask` is a 2-D padding mask [B, S] (1 = token) or None."""
+        B, T, _ = hidden_states.shape
+        mask = attention_mask[:, -T:] if attention_mask is not None else None
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        prev_state = layer.recurrent_state if layer is not None and layer.seen_tokens > 0 else None
+        conv_states = layer.conv_states if layer is not None and layer.seen_tokens > 0 else {}
+        q, k, v, new_conv = self._project(hidden_states, mask, conv_states, cu_seqlens)
+        gates = self._gates(hidden_states, mask)
+        o, final_state = self._kernel(q, k, v, gates, prev_state, layer is not None, cu_seqlens)
+        if layer is not None:
+            layer.update_state(final_state, new_conv, T)
+        return self._output(o, hidden_states), None
+
+
+class GatedDeltaNetMixer(LinearAttentionMixer):
+    """Gated DeltaNet (fla semantics): S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, o_t = S_t^T q_t.
+
+    q and k are L2-normalized in the kernel; a_t = exp(-exp(A_log) * softplus(a_proj x + dt_bias)),
+    b_t = sigmoid(b_proj x); output goes through an RMSNorm (gated by silu(g_proj x)) and o_proj.
+    """
+
+    fp32_parameters = ("A_log", "dt_bias")
+
+    def __init__(self, config, layer_idx: int, attention: nn.Module):
+        opts = config.mixer_options
+        super().__init__(
+            config,
+            layer_idx,
+            attention,
+            use_short_conv=bool(opts["gdn_use_short_conv"]),
+            use_output_gate=bool(opts["gdn_use_output_gate"]),
+        )
+        self._qkv_activation = opts["gdn_qkv_activation"]
+        self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.init_new_parameters()
+
+    def init_new_parameters(self) -> None:
+        super().init_new_parameters()
+        # As fla's GatedDeltaNet: A ~ U(0, 16); dt log-uniform in [1e-3, 0.1], dt_bias = softplus^-1(dt).
+        a = torch.empty(self.num_heads, dtype=torch.float32).uniform_(0, 16)
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+        init.copy_(self.A_log, torch.log(a))
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None):
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        if mask is not None:  # padded positions: no write (beta=0), no decay (g=0)
+            m = mask[..., None].to(beta.dtype)
+            beta, g = beta * m, g * m
+        return g, beta
+
+    def _kernel(self, q, k, v, gates, initial_state, output_final_state, cu_seqlens):
+        g, beta = gates
+        return gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta.to(q.dtype),
+            scale=self.head_dim**-0.5,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm=True,
+            cu_seqlens=cu_seqlens,
+            backend=self.options["kernel_backend"],
+        )
+
+
+class GLAMixer(LinearAttentionMixer):
+    """Gated linear attention (fla semantics): S_t = diag(a_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t.
+
+    log a_t = logsigmoid(gk_proj x) / gate_logit_normalizer per key dimension (low-rank gk_proj).
+    """
+
+    def __init__(self, config, layer_idx: int, attention: nn.Module):
+        opts = config.mixer_options
+        super().__init__(config, layer_idx, attention, use_short_conv=False, use_output_gate=bool(opts["gla_use_output_gate"]))
+        rank = int(opts["gla_gate_low_rank_dim"])
+        self.gate_logit_normalizer = float(opts["gla_gate_logit_normalizer"])
+        self.gk_proj = nn.Sequential(
+            nn.Linear(self.hidden_size, rank, bias=False), nn.Linear(rank, self.num_heads * self.head_dim, bias=True)
+        )
+        self.init_new_parameters()
+
+    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        gk = F.logsigmoid(self.gk_proj(x).float()).view(B, T, self.num_heads, self.head_dim) / self.gate_logit_normalizer
+        if mask is not None:
+            gk = gk * mask[:, :, None, None].to(gk.dtype)
+        return gk
+
+    def _kernel(self, q, k, v, gk, initial_state, output_final_state, cu_seqlens):
+        return gated_linear_attention(
+            q,
+            k,
+            v,
+            gk,
+            scale=self.head_dim**-0.5,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            backend=self.options["kernel_backend"],
+        )
+
+
+MIXER_CLASSES = {"gdn": GatedDeltaNetMixer, "gla": GLAMixer}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class HybridInitMixin:
+    """Initialization of the parameters the teacher lacks; on both the inner model and the causal LM,
+    since `from_pretrained` dispatches `_init_weights` to each `PreTrainedModel` in the tree."""
+
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias"]
+
+    def _init_weights(self, module):
+        if isinstance(module, LinearAttentionMixer):
+            module.init_new_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class HybridModelMixin(HybridInitMixin):
+    """Swaps attention modules for mixers after the teacher family's `__init__` and replaces `forward`
+    so each layer gets its own mask (and left-padded batches are right for linear layers)."""
+
+    def _install_mixers(self) -> None:
+        for i, layer in enumerate(self.layers):
+            mixer = self.config.mixers[i]
+            if mixer in MIXER_CLASSES:
+                layer.self_attn = MIXER_CLASSES[mixer](self.config, i, layer.self_attn)
+            elif mixer == "swa":
+                layer.self_attn.sliding_window = int(self.config.mixer_options["swa_window"])
+
+    def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> list:
+        kinds = [layer_mask_kind(self.config, i) for i in range(self.config.num_hidden_layers)]
+        common = dict(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        masks = {}
+        if "full" in kinds:
+            masks["full"] = create_causal_mask(config=self.config, layer_idx=kinds.index("full"), **common)
+        if "sliding" in kinds:
+            masks["sliding"] = create_sliding_window_causal_mask(config=self.config, layer_idx=kinds.index("sliding"), **common)
+        if "swa" in kinds:
+            swa_config = copy.copy(self.config)
+            swa_config.sliding_window = int(self.config.mixer_options["swa_window"])
+            masks["swa"] = create_sliding_window_causal_mask(config=swa_config, layer_idx=kinds.index("swa"), **common)
+        if "linear" in kinds:
+            has_padding = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+            masks["linear"] = attention_mask if has_padding else None
+        return [masks[k] for k in kinds]
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = HybridCache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, HybridCache):
+            raise TypeError(
+                f"Hybrid students need a HybridCache, got {type(past_key_values).__name__}; pass none and one is created."
+            )
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+        layer_masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer, mask in zip(self.layers[: self.config.num_hidden_layers], layer_masks):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class HybridCausalLMMixin(HybridInitMixin):
+    """Builds the family's causal LM around a hybrid inner model; generation uses `HybridCache`."""
+
+    inner_model_class: type = None
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.model = self.inner_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own HybridCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = HybridCache(self.config)
+
+    @property
+    def mixers(self) -> list[str]:
+        return list(self.config.mixers)
+
+
+class HybridLlamaModel(HybridModelMixin, LlamaModel):
+    config_class = HybridLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_mixers()
+
+
+class HybridLlamaForCausalLM(HybridCausalLMMixin, LlamaForCausalLM):
+    config_class = HybridLlamaConfig
+    inner_model_class = HybridLlamaModel
+
+
+class HybridMistralModel(HybridModelMixin, MistralModel):
+    config_class = HybridMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_mixers()
+
+
+class HybridMistralForCausalLM(HybridCausalLMMixin, MistralForCausalLM):
+    config_class = HybridMistralConfig
+    inner_model_class = HybridMistralModel
+
+
+class HybridQwen2Model(HybridModelMixin, Qwen2Model):
+    config_class = HybridQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_mixers()
+
+
+class HybridQwen2ForCausalLM(HybridCausalLMMixin, Qwen2ForCausalLM):
+    config_class = HybridQwen2Config
+    inner_model_class = HybridQwen2Model
+
+
+class HybridQwen3Model(HybridModelMixin, Qwen3Model):
+    config_class = HybridQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_mixers()
+
+
+class HybridQwen3ForCausalLM(HybridCausalLMMixin, Qwen3ForCausalLM):
+    config_class = HybridQwen3Config
+    inner_model_class = HybridQwen3Model
+
+
+HYBRID_CAUSAL_LM_CLASSES = {
+    "llama": HybridLlamaForCausalLM,
+    "mistral": HybridMistralForCausalLM,
+    "qwen2": HybridQwen2ForCausalLM,
+    "qwen3": HybridQwen3ForCausalLM,
+}

@@ -1,0 +1,147 @@
+"""Model surgery: build a hybrid student from a teacher (attention-weight transfer) and load teachers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .modeling import (
+    HYBRID_CAUSAL_LM_CLASSES,
+    HYBRID_CONFIG_CLASSES,
+    LINEAR_MIXERS,
+    MIXER_TYPES,
+    SUPPORTED_TEACHER_TYPES,
+    LinearAttentionMixer,
+)
+
+# Config keys that describe the checkpoint rather than the architecture.
+_NON_ARCH_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+
+
+def teacher_family(config) -> str:
+    """The teacher family (`llama`, `qwen2`, ...) of a teacher or student config; clear error if unsupported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type and model_type.startswith("hybrid_"):
+        model_type = model_type[len("hybrid_") :]
+    if model_type not in SUPPORTED_TEACHER_TYPES:
+        raise ValueError(
+            f"Unsupported architecture {model_type!r}: hybrid-distill supports {list(SUPPORTED_TEACHER_TYPES)} "
+            "(Llama, Qwen2/2.5, Qwen3 dense and Mistral checkpoints)."
+        )
+    return model_type
+
+
+def mixers_from_softmax_layers(num_layers: int, softmax_layers: Sequence[int], linear: str = "gdn") -> list[str]:
+    """Per-layer mixer list with `softmax_layers` kept as softmax and every other layer `linear`."""
+    if linear not in MIXER_TYPES or linear == "softmax":
+        raise ValueError(f"linear mixer must be one of {[m for m in MIXER_TYPES if m != 'softmax']}, got {linear!r}")
+    bad = [i for i in softmax_layers if not 0 <= int(i) < num_layers]
+    if bad:
+        raise ValueError(f"Softmax layer indices {bad} are out of range for a model with {num_layers} layers (0-based).")
+    keep = {int(i) for i in softmax_layers}
+    return ["softmax" if i in keep else linear for i in range(num_layers)]
+
+
+def student_config(teacher_config, mixers: Sequence[str], mixer_options: dict | None = None, teacher_name: str | None = None):
+    """The hybrid config for `teacher_config` with one mixer per layer."""
+    family = teacher_family(teacher_config)
+    fields = {k: v for k, v in teacher_config.to_dict().items() if k not in _NON_ARCH_KEYS}
+    for key in ("mixers", "mixer_options", "teacher"):
+        fields.pop(key, None)
+    teacher_info = dict(getattr(teacher_config, "teacher", None) or {}) or {
+        "model_type": family,
+        "name_or_path": teacher_name or getattr(teacher_config, "_name_or_path", "") or "",
+        "architectures": list(getattr(teacher_config, "architectures", None) or []),
+    }
+    config = HYBRID_CONFIG_CLASSES[family](
+        **fields, mixers=list(mixers), mixer_options=mixer_options, teacher=teacher_info
+    )
+    config._attn_implementation = getattr(teacher_config, "_attn_implementation", None) or "sdpa"
+    return config
+
+
+def build_student(
+    teacher: PreTrainedModel,
+    mixers: Sequence[str],
+    mixer_options: dict | None = None,
+    init_from: PreTrainedModel | None = None,
+) -> PreTrainedModel:
+    """Build a hybrid student from `teacher` (any supported HF causal LM).
+
+    Every teacher weight is copied (embeddings, norms, MLPs, lm_head, attention projections — the
+    linear mixers take over q/k/v/o); parameters the teacher lacks get the standard init. With
+    `init_from` (an earlier student, e.g. the all-linear Stage-1 model), layers whose mixer is the
+    same in both also take that student's mixer weights (the paper reuses Stage-1 mixers).
+    The student lives on the teacher's device and dtype; the teacher is not modified.
+    """
+    family = teacher_family(teacher.config)
+    config = student_config(teacher.config, mixers, mixer_options, getattr(teacher, "name_or_path", None))
+    param = next(teacher.parameters())
+    with torch.device("meta"):
+        student = HYBRID_CAUSAL_LM_CLASSES[family](config)
+    student.to_empty(device=param.device)
+    student.tie_weights()  # to_empty gives tied parameters separate storage; re-tie before loading
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict; to_empty left them garbage.
+    teacher_buffers = dict(teacher.named_buffers())
+    with torch.no_grad():
+        for name, buf in student.named_buffers():
+            if name not in teacher_buffers:
+                raise RuntimeError(f"Student buffer {name!r} has no counterpart in the teacher")
+            buf.copy_(teacher_buffers[name])
+    if unexpected:
+        raise RuntimeError(f"Teacher weights the student cannot hold: {unexpected[:8]}")
+    new_params = {n for n, _ in _new_parameter_names(student)}
+    not_covered = [k for k in missing if k not in new_params and not _is_tied_alias(student, k)]
+    if not_covered:
+        raise RuntimeError(f"Student parameters neither transferred nor new: {not_covered[:8]}")
+    for module in student.modules():
+        if isinstance(module, LinearAttentionMixer):
+            module.init_new_parameters()
+    student.to(param.dtype)
+    if init_from is not None:
+        _copy_matching_mixers(student, init_from)
+    student.train(teacher.training)
+    return student
+
+
+def _new_parameter_names(student: PreTrainedModel):
+    for name, module in student.named_modules():
+        if isinstance(module, LinearAttentionMixer):
+            transferred = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+            for pname, p in module.named_parameters():
+                if pname.split(".")[0] not in transferred:
+                    yield f"{name}.{pname}", p
+
+
+def _is_tied_alias(model: PreTrainedModel, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _copy_matching_mixers(student: PreTrainedModel, source: PreTrainedModel) -> None:
+    """Copy mixer weights of layers whose mixer type is the same in `source` and `student`."""
+    src_mixers, dst_mixers = source.config.mixers, student.config.mixers
+    if len(src_mixers) != len(dst_mixers):
+        raise ValueError("init_from has a different number of layers than the student")
+    src_layers, dst_layers = source.model.layers, student.model.layers
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(src_mixers, dst_mixers)):
+            if a == b and a in LINEAR_MIXERS:
+                dst_layers[i].self_attn.load_state_dict(src_layers[i].self_attn.state_dict())
+
+
+def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None, **kwargs):
+    """Load a teacher causal LM (local path or hub id); clear errors for missing paths and unsupported families."""
+    path = Path(str(path_or_name)).expanduser()
+    looks_local = str(path_or_name).startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"Teacher path {str(path)!r} has no config.json (is it a Hugging Face model directory?)")
+    config = AutoConfig.from_pretrained(str(path_or_name), **kwargs)
+    teacher_family(config)
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=dtype or "auto", **kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,180 @@
+"""save -> load round trips (fresh processes, with and without our package) and corrupt checkpoints."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hybrid_distill.checkpoint import CheckpointError, load_student, save_student, verify_checkpoint
+from hybrid_distill.surgery import build_student
+from hybrid_distill.tiny_teachers import tiny_teacher
+
+MIXERS = ["gdn", "softmax", "gla", "swa"]
+OPTIONS = {"swa_window": 8, "gdn_use_short_conv": True}
+
+# Hides hybrid_distill from a fresh interpreter, as on a machine that has only torch + transformers.
+_BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "hybrid_distill" or name.startswith("hybrid_distill."):
+                raise ImportError("hybrid_distill is hidden in this test")
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def _run(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    student = build_student(tiny_teacher("qwen2-bias-tied"), MIXERS, OPTIONS)
+    with torch.no_grad():  # make the new parameters distinguishable from a fresh init
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "student"
+    save_student(student, path)
+    ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = student(ids).logits
+    torch.save({"ids": ids, "logits": logits}, path.parent / "ref.pt")
+    return path
+
+
+def test_checkpoint_layout(saved):
+    files = {p.name for p in saved.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_hybrid.py", "configuration_hybrid.py", "hybrid_ops.py"} <= files
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == "hybrid_qwen2"
+    assert config["mixers"] == MIXERS
+    assert config["mixer_options"]["gdn_use_short_conv"] is True
+    assert config["teacher"]["model_type"] == "qwen2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid.HybridQwen2ForCausalLM"
+
+
+def test_load_in_process_is_identical(saved):
+    ref = torch.load(saved.parent / "ref.pt")
+    model = load_student(saved)
+    with torch.no_grad():
+        assert torch.equal(model(ref["ids"]).logits, ref["logits"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _fresh_process_code(saved, prelude: str, kwargs: str) -> str:
+    return prelude + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        ref = torch.load({str(saved.parent / 'ref.pt')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(saved)!r}, {kwargs}).eval()
+        with torch.no_grad():
+            out = model(ref["ids"]).logits
+        print(type(model).__module__, torch.equal(out, ref["logits"]))
+        """
+    )
+
+
+def test_fresh_process_remote_code_without_package(saved):
+    out = _run(_fresh_process_code(saved, _BLOCK_PACKAGE, "trust_remote_code=True"))
+    module, equal = out.split()
+    assert "hybrid_distill" not in module and equal == "True"
+
+
+def test_fresh_process_with_package_without_remote_code(saved):
+    out = _run(_fresh_process_code(saved, "import hybrid_distill.modeling\n", "trust_remote_code=False"))
+    module, equal = out.split()
+    assert module.startswith("hybrid_distill") and equal == "True"
+
+
+def test_truncated_shard_fails_clearly(saved, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_student(bad)
+
+
+def test_garbage_shard_and_missing_files_fail_clearly(saved, tmp_path):
+    import shutil
+
+    bad = tmp_path / "garbage"
+    shutil.copytree(saved, bad)
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="Corrupt weight file"):
+        verify_checkpoint(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        verify_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_student(tmp_path / "nowhere")
+
+
+def test_missing_shard_of_sharded_checkpoint(tmp_path):
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn", "softmax", "gdn", "gdn"])
+    path = tmp_path / "sharded"
+    student.save_pretrained(path, max_shard_size="100KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    ref = load_student(path)
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, student(ids).logits, rtol=0, atol=0)
+    (path / shards[1]).unlink()
+    with pytest.raises(CheckpointError, match="missing weight shard"):
+        load_student(path)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(saved, tmp_path, monkeypatch):
+    import shutil
+
+    target = tmp_path / "keep"
+    shutil.copytree(saved, target)
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(student), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_student(student, target)
+    assert verify_checkpoint(target)["model_type"] == "hybrid_qwen2"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keep.tmp")]
+
+
+def test_student_loads_directly_from_teacher_checkpoint(tmp_path):
+    from hybrid_distill.modeling import HYBRID_CAUSAL_LM_CLASSES
+    from hybrid_distill.surgery import student_config
+
+    teacher = tiny_teacher("llama3-rope-tied")
+    teacher.save_pretrained(tmp_path / "teacher")
+    config = student_config(teacher.config, ["softmax"] * 4)
+    student = HYBRID_CAUSAL_LM_CLASSES["llama"].from_pretrained(tmp_path / "teacher", config=config).eval()
+    ids = torch.randint(3, 500, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+    linear_cfg = student_config(teacher.config, ["gdn"] * 4)
+    linear = HYBRID_CAUSAL_LM_CLASSES["llama"].from_pretrained(tmp_path / "teacher", config=linear_cfg)
+    mixer = linear.model.layers[0].self_attn
+    assert torch.equal(mixer.q_proj.weight, teacher.model.layers[0].self_attn.q_proj.weight)
+    assert 0 < mixer.A_log.exp().min() and mixer.A_log.exp().max() <= 16  # fresh init, not zeros / garbage
+    assert torch.equal(mixer.o_norm_weight, torch.ones_like(mixer.o_norm_weight))
+
+
+def test_bf16_load_keeps_decay_parameters_fp32(saved):
+    model = load_student(saved, dtype=torch.bfloat16)
+    mixer = model.model.layers[0].self_attn
+    assert mixer.q_proj.weight.dtype == torch.bfloat16
+    assert mixer.A_log.dtype == torch.float32 and mixer.dt_bias.dtype == torch.float32

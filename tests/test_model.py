@@ -1,0 +1,197 @@
+"""Hybrid student: surgery, exactness against the teacher, cache/decode, batched generation."""
+
+import pytest
+import torch
+
+from hybrid_distill.modeling import GatedDeltaNetMixer, GLAMixer, HybridCache
+from hybrid_distill.surgery import build_student, mixers_from_softmax_layers, student_config
+from hybrid_distill.tiny_teachers import TINY_TEACHER_VARIANTS, tiny_teacher
+
+VARIANTS = list(TINY_TEACHER_VARIANTS)
+HYBRID = ["gdn", "softmax", "gla", "swa"]
+
+
+def _ids(batch=2, length=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_all_softmax_student_reproduces_teacher_exactly(variant):
+    teacher = tiny_teacher(variant)
+    student = build_student(teacher, ["softmax"] * teacher.config.num_hidden_layers)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+    # padded batch too (the masks are built per layer kind)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        assert torch.equal(student(ids, attention_mask=mask).logits, teacher(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_surgery_transfers_every_teacher_weight(variant):
+    teacher = tiny_teacher(variant)
+    student = build_student(teacher, ["gdn", "gla", "gdn", "softmax"])
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    for key, value in t_state.items():
+        assert torch.equal(s_state[key], value), key
+    assert isinstance(student.model.layers[0].self_attn, GatedDeltaNetMixer)
+    assert isinstance(student.model.layers[1].self_attn, GLAMixer)
+    if teacher.config.tie_word_embeddings:
+        assert student.lm_head.weight is student.model.embed_tokens.weight
+    if variant.startswith("qwen2"):  # biases are carried by the mixer
+        mixer = student.model.layers[0].self_attn
+        assert mixer.q_proj.bias is not None and torch.count_nonzero(mixer.q_proj.bias) > 0
+    # the teacher is untouched by student training
+    before = teacher.model.layers[0].self_attn.q_proj.weight.clone()
+    with torch.no_grad():
+        student.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    assert torch.equal(teacher.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_new_parameters_get_standard_init():
+    teacher = tiny_teacher("llama-gqa")
+    student = build_student(teacher, ["gdn"] * 4)
+    mixer = student.model.layers[0].self_attn
+    a = mixer.A_log.exp()
+    assert a.min() > 0 and a.max() <= 16
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert torch.equal(mixer.o_norm_weight, torch.ones_like(mixer.o_norm_weight))
+    assert 0.005 < mixer.a_proj.weight.std() < 0.05
+
+
+def test_a_log_and_dt_bias_stay_fp32_under_bf16():
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4).to(torch.bfloat16)
+    mixer = student.model.layers[0].self_attn
+    assert mixer.A_log.dtype == torch.float32 and mixer.dt_bias.dtype == torch.float32
+    assert mixer.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = student(_ids(length=20)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_mixer_options_recorded_and_applied():
+    teacher = tiny_teacher("llama-gqa")
+    opts = {"gdn_use_short_conv": True, "gdn_use_output_gate": False, "swa_window": 8}
+    student = build_student(teacher, HYBRID, opts)
+    assert student.config.mixers == HYBRID
+    assert student.config.mixer_options["gdn_use_short_conv"] is True
+    assert student.config.teacher["model_type"] == "llama"
+    mixer = student.model.layers[0].self_attn
+    assert hasattr(mixer, "q_conv1d") and not hasattr(mixer, "g_proj")
+    assert mixer.head_dim == teacher.model.layers[0].self_attn.head_dim
+
+
+@pytest.mark.parametrize(
+    "mixers,options,match",
+    [
+        (["gdn"] * 3, None, "3 mixers"),
+        (["gdn", "mamba", "gdn", "gdn"], None, "Unknown mixer 'mamba' for layer 1"),
+        (["gdn"] * 4, {"gdn_short_conv": True}, "Unknown mixer option"),
+    ],
+)
+def test_bad_student_specs_fail_clearly(mixers, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_student(tiny_teacher("llama-gqa"), mixers, options)
+
+
+def test_unsupported_architecture_fails_clearly():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="Unsupported architecture 'gpt2'"):
+        student_config(GPT2Config(), ["gdn"] * 12)
+
+
+def test_mixers_from_softmax_layers():
+    assert mixers_from_softmax_layers(4, [1, 3]) == ["gdn", "softmax", "gdn", "softmax"]
+    with pytest.raises(ValueError, match="out of range"):
+        mixers_from_softmax_layers(4, [4])
+
+
+def _decode_equals_full(model, ids, prefill):
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for i in range(prefill, ids.shape[1]):
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    return full, torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("options", [{"swa_window": 8}, {"swa_window": 8, "gdn_use_short_conv": True}])
+def test_prefill_then_decode_equals_full_forward(variant, options):
+    student = build_student(tiny_teacher(variant), HYBRID, options)
+    ids = _ids(length=30)
+    full, incremental, cache = _decode_equals_full(student, ids, prefill=11)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
+    assert isinstance(cache, HybridCache) and cache.get_seq_length() == 30
+    assert cache.layers[0].recurrent_state.dtype == torch.float32
+    assert cache.layers[3].get_seq_length() <= 30
+
+
+def test_all_linear_student_decodes_with_token_counter():
+    student = build_student(tiny_teacher("qwen3-qknorm"), ["gla", "gdn", "gdn", "gla"])
+    ids = _ids(length=20)
+    full, incremental, cache = _decode_equals_full(student, ids, prefill=1)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 20
+
+
+def _left_pad(prompts, pad_id=0):
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = p
+        mask[i, length - len(p) :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "llama3-rope-tied", "qwen3-qknorm"])
+def test_left_padded_batch_equals_unbatched(variant):
+    student = build_student(tiny_teacher(variant), HYBRID, {"swa_window": 6, "gdn_use_short_conv": True})
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (n,), generator=g) for n in (9, 14, 5)]
+    ids, mask = _left_pad(prompts)
+    with torch.no_grad():
+        batched = student(ids, attention_mask=mask).logits
+        for i, p in enumerate(prompts):
+            single = student(p[None]).logits[0]
+            torch.testing.assert_close(batched[i, -len(p) :], single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "mistral"])
+def test_batched_generate_with_left_padding_equals_unbatched(variant):
+    student = build_student(tiny_teacher(variant), HYBRID, {"swa_window": 6, "gdn_use_short_conv": True})
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 500, (n,), generator=g) for n in (9, 14, 5)]
+    ids, mask = _left_pad(prompts)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    batched = student.generate(ids, attention_mask=mask, **kw)
+    for i, p in enumerate(prompts):
+        single = student.generate(p[None], **kw)
+        assert torch.equal(batched.sequences[i, ids.shape[1] :], single.sequences[0, len(p) :])
+        for step_b, step_s in zip(batched.scores, single.scores):
+            torch.testing.assert_close(step_b[i], step_s[0], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_matches_teacher_for_all_softmax_student():
+    teacher = tiny_teacher("llama-gqa")
+    student = build_student(teacher, ["softmax"] * 4)
+    ids = _ids(batch=1, length=12)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(student.generate(ids, **kw), teacher.generate(ids, **kw))
+
+
+def test_init_from_reuses_mixers_of_matching_layers():
+    teacher = tiny_teacher("llama-gqa")
+    all_linear = build_student(teacher, ["gdn"] * 4)
+    with torch.no_grad():
+        all_linear.model.layers[2].self_attn.a_proj.weight.fill_(0.123)
+    hybrid = build_student(teacher, ["gdn", "softmax", "gdn", "softmax"], init_from=all_linear)
+    assert torch.equal(hybrid.model.layers[2].self_attn.a_proj.weight, all_linear.model.layers[2].self_attn.a_proj.weight)
