@@ -1,0 +1,32 @@
+"""Data pipeline for distillation: text sources, token packing with an on-disk cache, and batch loading.
+
+Typical use::
+
+    from hybrid_distill.data import build_token_dataset
+
+    ds = build_token_dataset("default", tokenizer, seq_len=512, cache_dir="cache/tokens",
+                             require_sequences=global_batch_size)
+    for step, batch in zip(range(start, total), ds.batches("train", global_batch_size, seed=0,
+                                                            start_step=start, rank=rank, world_size=world)):
+        ...  # batch: LongTensor[global_batch_size // world, 512]
+"""
+
+from .loader import PackedDataset, TokenBatches, TokenBatchSampler, split_indices
+from .packing import build_token_dataset, default_cache_dir, resolve_bos, tokenizer_fingerprint
+from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
+
+__all__ = [
+    "DataSourceError",
+    "PackedDataset",
+    "ResolvedSource",
+    "TokenBatchSampler",
+    "TokenBatches",
+    "build_token_dataset",
+    "default_cache_dir",
+    "default_corpus_path",
+    "iter_texts",
+    "resolve_bos",
+    "resolve_source",
+    "split_indices",
+    "tokenizer_fingerprint",
+]

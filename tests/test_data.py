@@ -1,0 +1,445 @@
+"""Tests for the distillation data pipeline: sources, packing + cache, loader order."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid_distill.data import (
+    DataSourceError,
+    PackedDataset,
+    TokenBatchSampler,
+    build_token_dataset,
+    iter_texts,
+    split_indices,
+)
+from hybrid_distill.data import packing, sources
+from hybrid_distill.tokenization import tiny_tokenizer
+
+WORDS = "the sky is blue and the grass is green here we go again what a special magic number".split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 40))) + f" {i}." for i in range(n)]
+
+
+def write_jsonl(path: Path, docs, field: str = "text", extra: bool = True) -> Path:
+    with open(path, "w") as f:
+        for i, d in enumerate(docs):
+            rec = {field: d, "id": i} if extra else {field: d}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def docs():
+    return make_docs(60)
+
+
+@pytest.fixture
+def corpus(tmp_path, docs):
+    return write_jsonl(tmp_path / "corpus.jsonl", docs)
+
+
+def expected_stream(tok, docs) -> list[int]:
+    out = []
+    for d in docs:
+        out += [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return out
+
+
+def all_tokens(ds: PackedDataset) -> list[int]:
+    return ds.get_batch(range(len(ds))).flatten().tolist()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_sources_formats(tmp_path, docs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("first para\nline two\n\n  \nsecond para\n")
+    write_jsonl(d / "b.jsonl", docs[:3])
+    with gzip.open(d / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": docs[3]}) + "\n")
+    (d / "d.json").write_text(json.dumps([{"text": docs[4]}, {"text": None}, {"text": "   "}]))
+    pq.write_table(pa.table({"text": docs[5:7], "n": [1, 2]}), d / "sub" / "e.parquet")
+    (d / "notes.md").write_text("ignored")
+    (d / ".hidden.txt").write_text("ignored")
+
+    got = list(iter_texts(d))
+    assert got == ["first para\nline two\n\n  \nsecond para\n", *docs[:5], *docs[5:7]]
+    assert list(iter_texts(d / "a.txt", txt_mode="paragraph")) == ["first para\nline two", "second para\n"]
+    (tmp_path / "lines.json").write_text('{"text": "x"}\n{"text": "y"}\n')
+    assert list(iter_texts(tmp_path / "lines.json")) == ["x", "y"]
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"body": "z"}], "version": 1}))
+    assert list(iter_texts(tmp_path / "wrapped.json", text_field="body")) == ["z"]
+
+
+def test_source_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        list(iter_texts(tmp_path / "missing.jsonl"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        list(iter_texts("./no/such/dir"))
+
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataSourceError, match=r"no supported data files.*x\.csv"):
+        list(iter_texts(tmp_path / "empty_dir"))
+
+    f = write_jsonl(tmp_path / "f.jsonl", ["hello"], field="content")
+    with pytest.raises(DataSourceError, match=r"no field 'text'.*available fields: \['content', 'id'\]"):
+        list(iter_texts(f))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["a"], "lang": ["en"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataSourceError, match=r"available fields: \['body', 'lang'\]"):
+        list(iter_texts(tmp_path / "p.parquet"))
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataSourceError, match="no non-empty documents"):
+        list(iter_texts(tmp_path / "empty.jsonl"))
+    write_jsonl(tmp_path / "blank.jsonl", ["", "  \n"])
+    with pytest.raises(DataSourceError, match="no non-empty documents"):
+        list(iter_texts(tmp_path / "blank.jsonl"))
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin1\.txt.*not valid UTF-8"):
+        list(iter_texts(tmp_path / "latin1.txt"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataSourceError, match=r"bad\.jsonl line 2.*not valid UTF-8"):
+        list(iter_texts(tmp_path / "bad.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataSourceError, match=r"broken\.jsonl line 2: invalid JSON"):
+        list(iter_texts(tmp_path / "broken.jsonl"))
+
+
+def test_hub_offline_error(monkeypatch):
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
+    with pytest.raises(DataSourceError, match=r"(?s)seems offline.*source='default'"):
+        list(iter_texts("someone/some-dataset"))
+
+    import datasets
+
+    def fail(*a, **k):
+        raise ConnectionError("Couldn't reach 'x' on the Hub")
+
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataSourceError, match=r"(?s)ConnectionError.*seems offline.*local"):
+        list(iter_texts("hf:wikitext", config="wikitext-2-raw-v1"))
+
+
+def test_hub_source_reads_field(monkeypatch):
+    import datasets
+
+    class FakeStream:
+        features = {"text": None, "meta": None}
+
+        def __iter__(self):
+            return iter([{"text": "a doc", "meta": 1}, {"text": "another", "meta": 2}])
+
+    calls = []
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or FakeStream())
+    assert list(iter_texts("owner/name", split="validation")) == ["a doc", "another"]
+    assert calls[0][0] == ("owner/name", None) and calls[0][1]["split"] == "validation"
+    with pytest.raises(DataSourceError, match=r"available fields: \['meta', 'text'\]"):
+        list(iter_texts("owner/name", text_field="content"))
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_packing_stream(tmp_path, tok, docs, corpus):
+    ds = build_token_dataset(corpus, tok, seq_len=16, cache_dir=tmp_path / "cache", heldout_fraction=0.0)
+    stream = expected_stream(tok, docs)
+    n = len(stream) // 16
+    assert len(ds) == n and ds.meta["num_sequences"] == n
+    assert all(ds[i].shape == (16,) and ds[i].dtype == torch.long for i in range(n))
+    assert all_tokens(ds) == stream[: n * 16]
+    m = ds.meta
+    assert m["num_tokens_read"] == len(stream) and m["num_tokens"] == n * 16
+    assert m["num_tokens_dropped"] == len(stream) - n * 16 < 16
+    assert m["num_documents"] == len(docs) and m["dtype"] == "uint16"
+    assert m["tokenizer"]["vocab_hash"] and m["seq_len"] == 16
+    # decoding the packed stream gives the documents, each framed by BOS ... EOS
+    text = tok.decode(all_tokens(ds))
+    framed = "".join(f"<s>{d}</s>" for d in docs)
+    assert framed.startswith(text) and len(framed) - len(text) < 200
+    assert all_tokens(ds).count(tok.eos_token_id) == stream[: n * 16].count(tok.eos_token_id)
+
+
+def test_packing_max_tokens_and_bos_off(tmp_path, tok, corpus, docs):
+    ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", max_tokens=100, heldout_fraction=0.0, add_bos=False)
+    assert len(ds) == 6 and ds.num_tokens == 96
+    stream = []
+    for d in docs:
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all_tokens(ds) == stream[:96]
+    assert ds.meta["num_tokens_read"] - 96 == ds.meta["num_tokens_dropped"]
+    assert tok.bos_token_id not in all_tokens(ds)
+
+
+def test_special_token_text_and_long_documents(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(packing, "MAX_PIECE_CHARS", 50)
+    pieces = []
+    real = packing._encode_batch
+    monkeypatch.setattr(packing, "_encode_batch", lambda t, texts: pieces.extend(texts) or real(t, texts))
+    long_doc = "\n".join(make_docs(30, seed=3))
+    docs = ["a literal </s> and <s> in text", long_doc, "short tail doc " * 20]
+    f = write_jsonl(tmp_path / "x.jsonl", docs)
+    ds = build_token_dataset(f, tok, 8, tmp_path / "c", heldout_fraction=0.0)
+    assert len(pieces) > 10 and "".join(pieces) == "".join(docs)  # the long document was cut into pieces
+    toks = all_tokens(ds)
+    # only the inserted BOS/EOS are special tokens; the last EOS may fall into the dropped tail
+    assert toks.count(tok.eos_token_id) == 2 + (ds.meta["num_tokens_dropped"] == 0)
+    assert toks.count(tok.bos_token_id) == 3
+    assert "".join(f"<s>{d}</s>" for d in docs).startswith(tok.decode(toks))
+    assert ds.meta["num_documents"] == 3
+
+
+def test_cache_hit_does_not_retokenize(tmp_path, tok, corpus, monkeypatch):
+    calls = []
+    real = packing._encode_batch
+    monkeypatch.setattr(packing, "_encode_batch", lambda t, texts: calls.append(len(texts)) or real(t, texts))
+    ds1 = build_token_dataset(corpus, tok, 16, tmp_path / "c")
+    assert calls
+    calls.clear()
+    ds2 = build_token_dataset(corpus, tok, 16, tmp_path / "c")
+    assert calls == []
+    assert ds2.path == ds1.path and all_tokens(ds1) == all_tokens(ds2)
+    assert np.array_equal(ds1.heldout_indices, ds2.heldout_indices)
+    # a different held-out request reuses the tokens and recomputes the split
+    ds3 = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_fraction=0.2, seed=5)
+    assert calls == [] and ds3.path == ds1.path and len(ds3.heldout_indices) == round(0.2 * len(ds3))
+    build_token_dataset(corpus, tok, 16, tmp_path / "c", rebuild=True)
+    assert calls
+
+
+def test_cache_key_changes(tmp_path, tok, corpus, docs):
+    cache = tmp_path / "c"
+    base = build_token_dataset(corpus, tok, 16, cache).path
+    assert build_token_dataset(corpus, tok, 32, cache).path != base
+    assert build_token_dataset(corpus, tiny_tokenizer(300), 16, cache).path != base
+    assert build_token_dataset(corpus, tok, 16, cache, max_tokens=64).path != base
+    other = write_jsonl(tmp_path / "other.jsonl", docs, field="body")
+    assert build_token_dataset(other, tok, 16, cache, text_field="body").path != base
+    write_jsonl(corpus, docs[:-1])  # same path, new content
+    changed = build_token_dataset(corpus, tok, 16, cache)
+    assert changed.path != base and changed.meta["num_documents"] == len(docs) - 1
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 6
+
+
+def _visible(d: Path) -> list[Path]:
+    return [p for p in d.iterdir() if not p.name.startswith(".")] if d.exists() else []
+
+
+def test_crash_mid_write_leaves_no_cache(tmp_path, tok, corpus, monkeypatch):
+    cache = tmp_path / "c"
+    real_write = packing._ShardWriter._write
+
+    def crash_on_second(self, flat):
+        if self.shards:
+            raise RuntimeError("simulated crash")
+        real_write(self, flat)
+
+    monkeypatch.setattr(packing._ShardWriter, "_write", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_token_dataset(corpus, tok, 16, cache, shard_tokens=32)
+    assert _visible(cache) == [] and list(cache.iterdir()) == []  # temp dir cleaned up too
+    monkeypatch.setattr(packing._ShardWriter, "_write", real_write)
+    ds = build_token_dataset(corpus, tok, 16, cache, shard_tokens=32)
+    assert len(ds.meta["shards"]) > 2 and all_tokens(ds) == all_tokens(build_token_dataset(corpus, tok, 16, cache))
+
+
+def test_killed_process_leaves_no_loadable_cache(tmp_path, tok, corpus):
+    cache = tmp_path / "c"
+    script = textwrap.dedent(f"""
+        import os
+        from hybrid_distill.data import packing, build_token_dataset
+        from hybrid_distill.tokenization import tiny_tokenizer
+        real = packing._ShardWriter._write
+        def write_then_die(self, flat):
+            real(self, flat)
+            if len(self.shards) == 2:
+                os._exit(9)  # like SIGKILL: no cleanup runs
+        packing._ShardWriter._write = write_then_die
+        build_token_dataset({str(corpus)!r}, tiny_tokenizer(), 16, {str(cache)!r}, shard_tokens=32)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    leftovers = list(cache.iterdir())
+    assert _visible(cache) == [] and len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
+    assert not (leftovers[0] / "meta.json").exists()
+    ds = build_token_dataset(corpus, tok, 16, cache, shard_tokens=32)  # rebuilds, removes the dead temp
+    assert list(cache.iterdir()) == [ds.path]
+    assert all_tokens(ds)[:16] == ds[0].tolist()
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, tok, corpus):
+    ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
+    expected = all_tokens(ds)
+    (ds.path / ds.meta["shards"][1]["file"]).unlink()
+    ds2 = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
+    assert all_tokens(ds2) == expected
+    (ds.path / "meta.json").write_text("{")
+    assert all_tokens(build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)) == expected
+
+
+def test_too_small_corpus_errors(tmp_path, tok):
+    f = write_jsonl(tmp_path / "tiny.jsonl", ["just a few words"])
+    with pytest.raises(DataSourceError, match="fewer than one sequence"):
+        build_token_dataset(f, tok, 256, tmp_path / "c")
+    assert _visible(tmp_path / "c") == []
+    f = write_jsonl(tmp_path / "small.jsonl", make_docs(10))
+    with pytest.raises(DataSourceError, match=r"packs into \d+ training sequences.*64 are needed"):
+        build_token_dataset(f, tok, 16, tmp_path / "c", require_sequences=64)
+    ds = build_token_dataset(f, tok, 16, tmp_path / "c")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ds.batches("train", batch_size=len(ds) + 1)
+
+
+# ----------------------------------------------------------------------------- split + loader
+
+
+def test_heldout_split_deterministic_and_disjoint(tmp_path, tok, corpus):
+    train, held = split_indices(1000, 0.05, seed=3)
+    assert len(held) == 50 and len(train) == 950
+    assert not set(train) & set(held) and sorted([*train, *held]) == list(range(1000))
+    t2, h2 = split_indices(1000, 0.05, seed=3)
+    assert np.array_equal(held, h2) and np.array_equal(train, t2)
+    assert not np.array_equal(held, split_indices(1000, 0.05, seed=4)[1])
+    assert len(split_indices(1000, 0.05, seed=3, heldout_sequences=7)[1]) == 7
+    assert len(split_indices(5, 0.01)[1]) == 1 and len(split_indices(1, 0.5)[1]) == 0
+
+    ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_fraction=0.25, seed=1)
+    assert ds.meta["heldout"]["indices"] == ds.heldout_indices.tolist()
+    assert np.array_equal(ds.heldout_indices, split_indices(len(ds), 0.25, 1)[1])
+    again = PackedDataset(ds.path)
+    assert np.array_equal(again.train_indices, ds.train_indices)
+    assert not set(ds.train_indices.tolist()) & set(ds.heldout_indices.tolist())
+    assert len(ds.train_indices) + len(ds.heldout_indices) == len(ds)
+    evals = torch.cat(list(ds.eval_batches("heldout", batch_size=3)))
+    assert torch.equal(evals, ds.get_batch(ds.heldout_indices))
+
+
+@pytest.fixture
+def packed(tmp_path, tok):
+    f = write_jsonl(tmp_path / "big.jsonl", make_docs(200, seed=1))
+    return build_token_dataset(f, tok, 8, tmp_path / "c", heldout_fraction=0.1)
+
+
+def test_loader_order_resume_and_epochs(packed):
+    ds, bs = packed, 8
+    spe = len(ds.train_indices) // bs
+    total = 2 * spe + 5  # runs into a third epoch
+    full = [b for _, b in zip(range(total), ds.batches("train", bs, seed=7))]
+    assert all(b.shape == (bs, 8) for b in full)
+    for k in (0, 1, spe - 1, spe, spe + 3, total - 1):
+        tail = [b for _, b in zip(range(total - k), ds.batches("train", bs, seed=7, start_step=k))]
+        assert all(torch.equal(a, b) for a, b in zip(full[k:], tail)) and len(tail) == total - k
+
+    # each epoch is a permutation without repeats, and epochs differ
+    s = TokenBatchSampler(ds.train_indices, bs, seed=7)
+    it = iter(s)
+    epoch0 = np.concatenate([next(it) for _ in range(spe)])
+    epoch1 = np.concatenate([next(it) for _ in range(spe)])
+    assert len(set(epoch0.tolist())) == spe * bs and set(epoch0.tolist()) <= set(ds.train_indices.tolist())
+    assert not np.array_equal(epoch0, epoch1)
+    assert s.position == (2, 0)
+    assert not set(epoch0.tolist()) & set(ds.heldout_indices.tolist())
+    # `epoch=e` starts where a run from epoch 0 reaches step e * steps_per_epoch
+    e1 = [b for _, b in zip(range(3), ds.batches("train", bs, seed=7, epoch=1))]
+    assert all(torch.equal(a, b) for a, b in zip(full[spe : spe + 3], e1))
+    # a different seed gives a different order
+    other = next(ds.batches("train", bs, seed=8))
+    assert not torch.equal(other, full[0])
+
+
+def test_loader_state_dict_resume(packed):
+    it = packed.batches("train", 8, seed=2)
+    first = [next(it) for _ in range(13)]
+    state = it.state_dict()
+    expected = [next(it) for _ in range(5)]
+    resumed = packed.batches("train", 8, seed=0)  # seed comes from the state
+    resumed.load_state_dict(state)
+    assert state["step"] == 13 and resumed.step == 13
+    assert all(torch.equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(5)]))
+    bad = packed.batches("train", 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        bad.load_state_dict(state)
+    assert len(first) == 13
+
+
+def test_rank_sharding_matches_single_process(packed):
+    ds, bs = packed, 8
+    spe = len(ds.train_indices) // bs
+    steps = spe + 4
+    ref = [b for _, b in zip(range(steps), ds.batches("train", bs, seed=3, start_step=2))]
+    for world in (2, 4, 8):
+        per_rank = [
+            [b for _, b in zip(range(steps), ds.batches("train", bs, seed=3, start_step=2, rank=r, world_size=world))]
+            for r in range(world)
+        ]
+        for step in range(steps):
+            assert all(per_rank[r][step].shape == (bs // world, 8) for r in range(world))
+            assert torch.equal(torch.cat([per_rank[r][step] for r in range(world)]), ref[step])
+    with pytest.raises(ValueError, match="not divisible by world_size 3"):
+        ds.batches("train", bs, world_size=3)
+    with pytest.raises(ValueError, match="rank"):
+        ds.batches("train", bs, rank=2, world_size=2)
+
+
+def test_dataloader_and_pickle(packed):
+    sampler = TokenBatchSampler(packed.train_indices, 4, seed=1, max_steps=6)
+    dl = torch.utils.data.DataLoader(packed, batch_sampler=sampler)
+    got = list(dl)
+    ref = [b for _, b in zip(range(6), packed.batches("train", 4, seed=1))]
+    assert len(got) == 6 and all(torch.equal(a, b) for a, b in zip(got, ref))
+    _ = packed[0]  # open the memmaps, then make sure they are not pickled by value
+    clone = pickle.loads(pickle.dumps(packed))
+    assert len(pickle.dumps(packed)) < 50_000 + 20 * len(packed)
+    assert torch.equal(clone[-1], packed[len(packed) - 1])
+    with pytest.raises(IndexError):
+        packed[len(packed)]
+
+
+# ----------------------------------------------------------------------------- default corpus
+
+
+def test_default_corpus_offline(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sources.socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    path = sources.default_corpus_path()
+    assert path.is_file() and path.stat().st_size < 3_000_000
+    prose, code = list(iter_texts("default:prose")), list(iter_texts("default:code"))
+    assert len(prose) > 300 and len(code) > 50
+    assert any("The \"if\" statement" in d for d in prose) and any(d.startswith('"""') or "def " in d for d in code)
+    ds = build_token_dataset("default", tok, 1024, tmp_path / "c", require_sequences=64)
+    assert ds.num_tokens > 2_000_000 and ds.meta["num_documents"] == len(prose) + len(code)
+    assert (ds.path.name.startswith("default-")) and ds.meta["dtype"] == "uint16"
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    assert manifest["total"]["documents"] == len(prose) + len(code)
+    assert manifest["sha256"] == ds.meta["source"]["fingerprint"]["sha256"]
+    assert os.access(path.parent / "README.md", os.R_OK)
