@@ -16,7 +16,10 @@ def _rel(a, b):
 
 
 def _students(options):
-    teacher = tiny_teacher("qwen2-bias-tied", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).cuda()
+    # 12 heads of 128 as a Qwen2.5-1.5B layer: the carried fla kernel cache covers this shape.
+    teacher = tiny_teacher(
+        "qwen2-bias-tied", hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=512
+    ).cuda()
     fla = build_student(teacher, MIXERS, {**options, "kernel_backend": "fla"})
     ref = build_student(teacher, MIXERS, {**options, "kernel_backend": "torch"})
     ref.load_state_dict(fla.state_dict())
