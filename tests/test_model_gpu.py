@@ -31,9 +31,12 @@ def test_fla_student_matches_torch_student_bf16(options):
     fla, ref = _students(options)
     ids = torch.randint(3, 500, (2, 300), device="cuda")
     with torch.no_grad():
-        expected = ref(ids).logits
+        expected_fp32 = ref(ids).logits
+        expected_bf16 = ref.to(torch.bfloat16)(ids).logits
     out = fla.to(torch.bfloat16)(ids).logits
-    assert _rel(out, expected) < 2e-2
+    # Same precision: only the kernels differ. Against fp32: bf16 rounding of the whole model (~3e-2 on CPU too).
+    assert _rel(out, expected_bf16) < 2e-2
+    assert _rel(out, expected_fp32) < 5e-2
     out.float().logsumexp(-1).mean().backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in fla.parameters())
 

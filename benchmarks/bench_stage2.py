@@ -1,0 +1,302 @@
+"""Stage-2 (KL distillation) throughput, MFU and peak memory on one GPU, with a per-phase time breakdown.
+
+Teacher: a Qwen2.5-1.5B-shaped Qwen2 with random weights (hidden 1536, intermediate 8960, 28 layers,
+12 heads / 2 KV heads, vocab 151936, tied embeddings), bf16. Student: all 28 layers Gated DeltaNet,
+fp32 master weights under bf16 autocast, AdamW. One run per micro-batch setting goes through the real
+trainer (`hybrid_distill.distill.distill`); the breakdown re-runs the same Stage-2 step phase by phase
+with CUDA events.
+
+MFU counts 2·N_teacher + 6·N_student FLOPs per token with N = non-embedding parameters (the tied
+embedding / lm_head matrix excluded), against 989 TFLOP/s (H100/H200 dense bf16) and against a bf16
+matmul peak measured on the spot. A second column adds the lm_head matmuls (2·V·H teacher,
+6·V·H student), which are large at V=152k. Softmax-attention FLOPs of the teacher are not counted.
+
+    python benchmarks/bench_stage2.py --seq 4096 --batch 1 --accum 1 4 --markdown results.md
+    python benchmarks/bench_stage2.py --tiny            # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill, read_metrics
+from hybrid_distill.distill.distributed import forward_hidden
+from hybrid_distill.distill.losses import chunked_kl_div
+from hybrid_distill.distill.stages import mixer_parameter_names
+from hybrid_distill.distill.trainer import build_optimizer
+from hybrid_distill.surgery import build_student
+
+NOMINAL_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
+
+
+def qwen25_15b_config(tiny: bool) -> Qwen2Config:
+    if tiny:
+        sizes = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+        )
+    else:
+        sizes = dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+        )
+    config = Qwen2Config(**sizes, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1_000_000.0)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def non_embedding_params(model) -> int:
+    emb = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not emb and p is not model.lm_head.weight)
+
+
+class Timer:
+    """CUDA events on GPU, perf_counter on CPU; `mark(name)` closes the phase since the last mark."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self):
+        self.marks = [("start", self._now())]
+
+    def mark(self, name: str):
+        self.marks.append((name, self._now()))
+
+    def phases_ms(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
+
+
+def measure_matmul_peak(device: torch.device) -> float | None:
+    """TFLOP/s of an 8192³ bf16 matmul (mean of 10 after 3 warm-ups); None on CPU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def build_models(device: torch.device, tiny: bool):
+    torch.manual_seed(0)
+    config = qwen25_15b_config(tiny)
+    with torch.device(device):
+        teacher = Qwen2ForCausalLM(config)  # fp32, so the student's master weights are fp32
+    teacher.eval()
+    student = build_student(teacher, ["gdn"] * config.num_hidden_layers)
+    teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return teacher, student
+
+
+def trainer_run(
+    teacher,
+    student,
+    seq: int,
+    batch: int,
+    accum: int,
+    steps: int,
+    warmup: int,
+    chunk: int,
+    ac: bool,
+    device: torch.device,
+) -> dict:
+    """Tokens/s (median over steps after `warmup`) and peak memory of `distill` (stage 2)."""
+    global_batch = batch * accum
+    tokens = torch.randint(
+        0, teacher.config.vocab_size, (global_batch * steps, seq), generator=torch.Generator().manual_seed(0)
+    )
+    data = TensorTokenDataset(tokens)
+    config = DistillConfig(
+        stage=2,
+        target_tokens=global_batch * seq * steps,
+        seq_len=seq,
+        global_batch_size=global_batch,
+        micro_batch_size=batch,
+        kl_chunk_size=chunk,
+        activation_checkpointing=ac,
+        progress=False,
+        save_final_model=False,
+        eval_max_batches=0,
+        device=str(device),
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as run_dir:
+        distill(student, teacher, data, config, run_dir)
+        rows = read_metrics(run_dir)
+    tps = [r["tokens_per_s"] for r in rows[warmup:]] or [rows[-1]["tokens_per_s"]]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"tokens_per_s": statistics.median(tps), "peak_gib": peak, "loss": rows[-1]["loss"]}
+
+
+def breakdown(
+    teacher, student, seq: int, batch: int, chunk: int, iters: int, warmup: int, device: torch.device
+) -> dict:
+    """Median ms per phase of one Stage-2 step (one micro-batch), the same calls as the trainer makes."""
+    config = DistillConfig(stage=2)
+    optimizer = build_optimizer(student, config, mixer_parameter_names(student))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    timer = Timer(device)
+    ids = torch.randint(0, teacher.config.vocab_size, (batch, seq), device=device)
+    hidden = teacher.config.hidden_size
+    runs: list[dict[str, float]] = []
+    for i in range(warmup + iters):
+        timer.start()
+        with autocast:
+            with torch.no_grad():
+                t_hidden, t_head = forward_hidden(teacher, ids, None, head_fn=lambda h, w: (h.reshape(-1, hidden), w))
+            timer.mark("teacher forward")
+            s_hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+            timer.mark("student forward")
+            loss = chunked_kl_div(
+                s_hidden.reshape(-1, hidden), student.lm_head.weight, t_hidden, t_head, tau=1.0, chunk_size=chunk
+            )
+            timer.mark("KL loss (chunked, incl. head grads)")
+        (loss / ids.numel()).backward()
+        timer.mark("backward")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.mark("optimizer (clip + AdamW)")
+        if i >= warmup:
+            runs.append(timer.phases_ms())
+        del t_hidden, t_head, s_hidden, loss
+    return {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size (sequences)")
+    parser.add_argument("--accum", type=int, nargs="+", default=[1], help="micro-batches per step to measure")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per trainer run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps / iterations left out of the medians")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations of the breakdown")
+    parser.add_argument("--chunk", type=int, default=1024, help="kl_chunk_size (tokens per lm_head chunk)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of this script)")
+    parser.add_argument("--markdown", help="append the results table to this Markdown file")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        parser.error("needs a CUDA GPU (use --tiny for a CPU smoke test)")
+    if args.tiny:
+        args.seq = min(args.seq, 64)
+    teacher, student = build_models(device, args.tiny)
+    n_t, n_s = non_embedding_params(teacher), non_embedding_params(student)
+    vh = teacher.config.vocab_size * teacher.config.hidden_size
+    flops_tok = 2 * n_t + 6 * n_s
+    flops_tok_head = flops_tok + 8 * vh
+    measured_peak = measure_matmul_peak(device)
+
+    rows = []
+    for accum in args.accum:
+        r = trainer_run(
+            teacher,
+            student,
+            args.seq,
+            args.batch,
+            accum,
+            args.steps,
+            args.warmup,
+            args.chunk,
+            args.activation_checkpointing,
+            device,
+        )
+        tflops = r["tokens_per_s"] * flops_tok / 1e12
+        tflops_head = r["tokens_per_s"] * flops_tok_head / 1e12
+        rows.append((accum, r, tflops, tflops_head))
+        print(
+            f"accum={accum}: {r['tokens_per_s']:,.0f} tok/s, {tflops:.1f} TFLOP/s, peak {r['peak_gib']:.1f} GiB",
+            flush=True,
+        )
+    phases = (
+        None
+        if args.no_breakdown
+        else breakdown(teacher, student, args.seq, args.batch, args.chunk, args.iters, args.warmup, device)
+    )
+
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak_note = f"{measured_peak:.0f} TFLOP/s measured (8192³ bf16 matmul)" if measured_peak else "n/a"
+    lines = [
+        f"### Stage-2 KL distillation, Qwen2.5-1.5B-shaped teacher → all-GDN student"
+        f"{' (TINY smoke test)' if args.tiny else ''}, T={args.seq}, micro-batch {args.batch}, bf16 autocast",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; device: {dev_name}; torch {torch.__version__}",
+        f"- N (non-embedding params): teacher {n_t / 1e9:.3f}B, student {n_s / 1e9:.3f}B; "
+        f"FLOPs/token 2·N_t + 6·N_s = {flops_tok / 1e9:.2f} GFLOP; with lm_head matmuls (8·V·H more) "
+        f"{flops_tok_head / 1e9:.2f} GFLOP",
+        f"- peak: {NOMINAL_PEAK_TFLOPS:.0f} TFLOP/s nominal dense bf16; {peak_note}",
+        f"- kl_chunk_size {args.chunk}; activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+        f"trainer runs of {args.steps} steps, first {args.warmup} left out",
+        "",
+        "| micro-batches/step | tokens/step | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured peak) "
+        "| MFU incl. lm_head (nominal) | peak GiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for accum, r, tflops, tflops_head in rows:
+        mfu_m = f"{100 * tflops / measured_peak:.1f}%" if measured_peak else "n/a"
+        lines.append(
+            f"| {accum} | {accum * args.batch * args.seq:,} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | "
+            f"{100 * tflops / NOMINAL_PEAK_TFLOPS:.1f}% | {mfu_m} | {100 * tflops_head / NOMINAL_PEAK_TFLOPS:.1f}% | "
+            f"{r['peak_gib']:.1f} |"
+        )
+    if phases:
+        total = sum(phases.values())
+        lines += [
+            "",
+            f"Breakdown of one step (one micro-batch of {args.batch}×{args.seq}, median of {args.iters}; "
+            f"{args.batch * args.seq / total * 1e3:,.0f} tokens/s from these phases):",
+            "",
+            "| phase | ms | share |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |" for name, ms in phases.items()]
+        lines.append(f"| total | {total:.1f} | 100% |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

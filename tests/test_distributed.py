@@ -1,0 +1,181 @@
+"""Data parallelism: a 2-process gloo run (FSDP2 fully_shard on CPU) equals a 1-process run with the same
+global batch, for Stage 1 and Stage 2 (losses and final weights), and resumes under FSDP.
+Doubles as the worker: ``python tests/test_distributed.py OUT_DIR`` (plain) or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_distill.distill import distributed as hd_dist
+
+SEQ, GLOBAL = 16, 4
+
+
+def worker(out_dir: str) -> None:
+    from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill
+    from hybrid_distill.surgery import build_student
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    torch.set_num_threads(1)
+    ctx = hd_dist.init_distributed("cpu")
+    out = Path(out_dir)
+    tokens = torch.randint(3, 512, (36, SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[::3, -5:] = 0  # uneven padding: the per-rank token counts differ
+    data = TensorTokenDataset(tokens, mask, heldout_sequences=4)
+    # Same global batch: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2.
+    summary = {"world_size": ctx.world_size}
+    for stage in (1, 2):
+        teacher = tiny_teacher("llama-gqa")
+        torch.manual_seed(0)
+        student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"])
+        cfg = DistillConfig(
+            stage=stage,
+            target_tokens=GLOBAL * SEQ * 5,
+            global_batch_size=GLOBAL,
+            micro_batch_size=2,
+            lr_mixer=1e-3,
+            lr_other=1e-4,
+            progress=False,
+            save_every_tokens=GLOBAL * SEQ * 3,
+            eval_max_batches=2,
+            activation_checkpointing=ctx.world_size > 1,
+        )
+        result = distill(student, teacher, data, cfg, out / f"stage{stage}")
+        summary[f"stage{stage}"] = {
+            "sharded": hd_dist.is_sharded(student),
+            "class": type(student).__name__,
+            "eval": result.eval_value,
+        }
+        if stage == 2 and ctx.world_size > 1:  # resume under FSDP from the step-3 checkpoint
+            if ctx.is_main:
+                shutil.copytree(out / "stage2", out / "stage2_resume")
+                for name in ("DONE", "final", "result.json"):
+                    p = out / "stage2_resume" / name
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            hd_dist.barrier()
+            teacher = tiny_teacher("llama-gqa")
+            torch.manual_seed(0)
+            student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"])
+            again = distill(student, teacher, data, cfg, out / "stage2_resume")
+            summary["resumed_from"] = again.resumed_from_step
+    if ctx.world_size > 1:  # fsdp="off": replicated models, gradients averaged by all-reduce
+        teacher = tiny_teacher("llama-gqa")
+        torch.manual_seed(0)
+        student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"])
+        distill(student, teacher, data, cfg.replace(fsdp="off", save_every_tokens=None), out / "stage2_replicated")
+        summary["replicated_sharded"] = hd_dist.is_sharded(student)
+    if ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(summary))
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "final" / "model.safetensors"))
+
+
+def test_two_process_fsdp_equals_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    single = subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path / "one")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    multi = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out[-4000:]
+
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    for stage in ("stage1", "stage2"):
+        assert not one[stage]["sharded"]
+        assert two[stage]["sharded"] and two[stage]["class"].startswith("FSDP"), "FSDP2 was not used"
+        a, b = (
+            _metrics(tmp_path / "one" / stage / "metrics.jsonl"),
+            _metrics(tmp_path / "two" / stage / "metrics.jsonl"),
+        )
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("loss", "grad_norm", "eval_kl", "eval_align_loss"):
+                if key in ra:
+                    assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (stage, ra["step"], key)
+        wa, wb = _weights(tmp_path / "one" / stage), _weights(tmp_path / "two" / stage)
+        assert sorted(wa) == sorted(wb)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=2e-6, rtol=1e-5, msg=f"{stage} {k}")
+    # Without FSDP (fsdp="off"), the replicas also match the single process.
+    assert two["replicated_sharded"] is False
+    a, b = (
+        _metrics(tmp_path / "one" / "stage2" / "metrics.jsonl"),
+        _metrics(tmp_path / "two" / "stage2_replicated" / "metrics.jsonl"),
+    )
+    train_losses = lambda rows: [r["loss"] for r in rows if r["kind"] == "train"]  # noqa: E731
+    assert train_losses(b) == pytest.approx(train_losses(a), rel=1e-5)
+    # Resumed FSDP run: same curve and weights as the uninterrupted one.
+    assert two["resumed_from"] == 3
+    ra, rb = (
+        _metrics(tmp_path / "two" / "stage2" / "metrics.jsonl"),
+        _metrics(tmp_path / "two" / "stage2_resume" / "metrics.jsonl"),
+    )
+    assert [r.get("loss") for r in ra] == [r.get("loss") for r in rb]
+    wa, wb = _weights(tmp_path / "two" / "stage2"), _weights(tmp_path / "two" / "stage2_resume")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_single_process_helpers():
+    ctx = hd_dist.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    t = torch.tensor([3.0])
+    assert hd_dist.all_reduce_sum(t) is t and t.item() == 3.0
+    assert hd_dist.all_reduce_min_int(5, ctx.device) == 5
+    assert hd_dist.broadcast_object({"a": 1}) == {"a": 1}
+    hd_dist.barrier()
+
+
+def test_forward_method_unsharded():
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    model = tiny_teacher("llama-gqa")
+    ids = torch.randint(0, 512, (2, 6))
+    hd_dist.install_forward_method(model)
+    hidden, weight = hd_dist.forward_hidden(model, ids, None, head_fn=lambda h, w: (h, w))
+    assert weight is model.lm_head.weight
+    with torch.no_grad():
+        torch.testing.assert_close(hidden @ weight.T, model(ids).logits)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

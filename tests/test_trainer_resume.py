@@ -1,0 +1,282 @@
+"""Trainer: SIGKILL + resume reproduces the uninterrupted loss curve, DONE no-op, config refusal on resume,
+schedule and optimizer groups, config validation. Doubles as the worker script of the kill test:
+``python tests/test_trainer_resume.py RUN_DIR STAGE SECONDS_PER_BATCH``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_distill.distill import (
+    ConfigError,
+    DistillConfig,
+    TensorTokenDataset,
+    distill,
+    latest_checkpoint,
+    read_metrics,
+)
+from hybrid_distill.distill.stages import mixer_parameter_names
+from hybrid_distill.distill.trainer import build_optimizer, lr_factor
+
+SEQ, GLOBAL, STEPS = 16, 4, 14
+
+
+def _models(seed=0):
+    from hybrid_distill.surgery import build_student
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    teacher = tiny_teacher("qwen2-bias-tied", seed=seed)
+    torch.manual_seed(seed)
+    return build_student(teacher, ["gdn", "softmax", "gla", "gdn"]), teacher
+
+
+class _SlowData(TensorTokenDataset):
+    """Sleeps per batch so the test can kill the run between checkpoints."""
+
+    delay = 0.0
+
+    def get_batch(self, indices):
+        time.sleep(self.delay)
+        return super().get_batch(indices)
+
+
+def _data(delay=0.0):
+    tokens = torch.randint(3, 512, (40, SEQ), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    mask[::5, -3:] = 0
+    data = _SlowData(tokens, mask, heldout_sequences=4)
+    data.delay = delay
+    return data
+
+
+def _config(stage, **kw):
+    base = dict(
+        stage=stage,
+        target_tokens=GLOBAL * SEQ * STEPS,
+        global_batch_size=GLOBAL,
+        micro_batch_size=2,
+        save_every_tokens=GLOBAL * SEQ * 4,
+        keep_last=2,
+        progress=False,
+        eval_every_tokens=GLOBAL * SEQ * 5,
+        eval_max_batches=2,
+        warmup_tokens=GLOBAL * SEQ * 2,
+        schedule="cosine",
+        lr_other=1e-4,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def worker(run_dir: str, stage: int, delay: float) -> None:
+    torch.set_num_threads(1)
+    student, teacher = _models()
+    distill(student, teacher, _data(delay), _config(stage), run_dir)
+
+
+def _spawn(run_dir: Path, stage: int, delay: float) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, __file__, str(run_dir), str(stage), str(delay)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(proc: subprocess.Popen, timeout=120) -> None:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    steps = [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass  # a line being written
+    return max(steps)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_kill_and_resume_reproduces_loss_curve(tmp_path, stage):
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = _spawn(ref_dir, stage, 0.0)
+    victim = _spawn(run_dir, stage, 0.12)
+    deadline = time.time() + 90
+    while latest_checkpoint(run_dir) is None:  # first checkpoint at step 4
+        assert victim.poll() is None, "worker ended before writing a checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    first_ckpt = int(latest_checkpoint(run_dir).name.split("_")[1])
+    while _logged_steps(run_dir) <= first_ckpt:  # run past the checkpoint: logged steps must be redone
+        assert victim.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (run_dir / "DONE").exists(), "run finished before the kill; slow it down"
+    killed_at = _logged_steps(run_dir)
+    ckpt_step = int(latest_checkpoint(run_dir).name.split("_")[1])
+    assert ckpt_step < STEPS
+
+    _wait(_spawn(run_dir, stage, 0.0))
+    _wait(ref)
+    got, want = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["lr_mixer"] for r in got] == [r["lr_mixer"] for r in want]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in want]
+    eval_key = "eval_align_loss" if stage == 1 else "eval_kl"
+    assert [r[eval_key] for r in read_metrics(run_dir, "eval")] == [r[eval_key] for r in read_metrics(ref_dir, "eval")]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["resumed_from_step"] == ckpt_step and result["steps"] == STEPS
+    assert killed_at > first_ckpt
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(str(run_dir / "final" / "model.safetensors")),
+        load_file(str(ref_dir / "final" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(kept) <= 2 and not any(n.startswith(".tmp") for n in kept)
+
+
+def test_done_run_is_a_noop_and_loads_final_weights(tmp_path):
+    student, teacher = _models()
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 3, save_every_tokens=None)
+    first = distill(student, teacher, _data(), cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "DONE").is_file() and not first.already_done
+    trained = {k: v.clone() for k, v in student.state_dict().items()}
+    fresh, teacher2 = _models()
+    t0 = time.perf_counter()
+    again = distill(fresh, teacher2, _data(), cfg, tmp_path / "run")
+    assert again.already_done and again.steps == first.steps and again.final_loss == first.final_loss
+    assert time.perf_counter() - t0 < 5
+    assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(ValueError, match="tau"):
+        distill(fresh, teacher2, _data(), cfg.replace(tau=2.0), tmp_path / "run")
+
+
+def test_resume_refuses_changed_config(tmp_path):
+    student, teacher = _models()
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 5, save_every_tokens=GLOBAL * SEQ * 2)
+    distill(student, teacher, _data(), cfg, tmp_path / "run")
+    (tmp_path / "run" / "DONE").unlink()  # pretend it stopped after its last checkpoint
+    student, teacher = _models()
+    with pytest.raises(ValueError, match=r"lr_mixer: checkpoint 0\.0001 != now 0\.0005"):
+        distill(student, teacher, _data(), cfg.replace(lr_mixer=5e-4), tmp_path / "run")
+    with pytest.raises(ValueError, match="global_batch_size"):
+        distill(student, teacher, _data(), cfg.replace(global_batch_size=8, micro_batch_size=4), tmp_path / "run")
+    # Fields that do not change the trajectory may differ.
+    result = distill(student, teacher, _data(), cfg.replace(log_every_steps=2, kl_chunk_size=5), tmp_path / "run")
+    assert result.resumed_from_step == 4 and result.steps == 5
+
+
+def test_token_budget_and_metrics(tmp_path):
+    student, teacher = _models()
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 2 + 1, save_every_tokens=None, log_every_steps=2)
+    result = distill(student, teacher, _data(), cfg, tmp_path / "run")
+    assert result.steps == 3 and result.tokens == 3 * GLOBAL * SEQ  # ceil(target / tokens per step)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 3]
+    assert set(rows[0]) >= {"step", "tokens", "loss", "lr_mixer", "lr_other", "grad_norm", "tokens_per_s", "elapsed"}
+    assert read_metrics(tmp_path / "run", "eval")[-1]["step"] == 3
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 2, "constant", 0.0) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert cos[:3] == [0.5, 1.0, 1.0] and cos[-1] > 0.1 and all(a >= b for a, b in zip(cos[2:], cos[3:]))
+    assert lr_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_and_weight_decay():
+    student, _ = _models()
+    cfg = DistillConfig(stage=2, lr_mixer=1e-3, lr_other=1e-5, weight_decay=0.1)
+    opt = build_optimizer(student, cfg, mixer_parameter_names(student))
+    names = {id(p): n for n, p in student.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            assert g["name"] == ("mixer" if ".self_attn." in n and not n.startswith("model.layers.1.") else "other")
+            assert g["lr"] == (1e-3 if g["name"] == "mixer" else 1e-5)
+            nodecay = p.dim() < 2 or n.endswith(("A_log", "dt_bias"))
+            assert g["weight_decay"] == (0.0 if nodecay else 0.1), n
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(student.parameters()))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"stage": 4}, "stage"),
+        ({"target_tokens": 0}, "target_tokens"),
+        ({"tau": -1.0}, "tau"),
+        ({"global_batch_size": 6, "micro_batch_size": 4}, "micro_batch_size"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"lr_mixer": float("nan")}, "lr_mixer"),
+        ({"precision": "fp8"}, "precision"),
+        ({"stage1_loss_norm": "mean"}, "stage1_loss_norm"),
+        ({"report_to": ("mlflow",)}, "report_to"),
+        ({"keep_last": 0}, "keep_last"),
+        ({"adam_betas": (0.9, 1.5)}, "adam_betas"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+        ({"seq_len": 1}, "seq_len"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"DistillConfig\.{field}\b"):
+        DistillConfig(**kwargs)
+
+
+def test_config_defaults_files_and_args(tmp_path):
+    import argparse
+
+    from hybrid_distill.distill.config import add_config_arguments, config_from_args
+
+    assert DistillConfig(stage=1).lr_mixer == 1e-3 and DistillConfig(stage=2).schedule == "constant"
+    with pytest.raises(ConfigError, match="bogus"):
+        DistillConfig.from_dict({"bogus": 1})
+    (tmp_path / "c.yaml").write_text("stage: 2\ntau: 2.0\nglobal_batch_size: 8\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--lr-mixer",
+            "3e-4",
+            "--activation-checkpointing",
+            "true",
+            "--report-to",
+            "tensorboard",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.tau, cfg.global_batch_size, cfg.lr_mixer, cfg.activation_checkpointing, cfg.report_to) == (
+        2.0,
+        8,
+        3e-4,
+        True,
+        ("tensorboard",),
+    )
+    with pytest.raises(ConfigError, match="world size"):
+        DistillConfig(global_batch_size=6).micro_batch(4)
+    assert DistillConfig(global_batch_size=8, micro_batch_size=2).grad_accum(2) == 2
+    a, b = DistillConfig(), DistillConfig(log_every_steps=7, kl_chunk_size=3)
+    assert a.fingerprint() == b.fingerprint() != DistillConfig(tau=2.0).fingerprint()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
