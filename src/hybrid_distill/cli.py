@@ -9,32 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 
-def _parse_layers(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
-def _load_any_teacher(spec: str):
-    """A teacher from a path / hub id, or `tiny:<variant>` for a built-in random-weight test teacher."""
-    if spec.startswith("tiny:"):
-        from .tiny_teachers import tiny_teacher
-
-        return tiny_teacher(spec.split(":", 1)[1])
-    from .surgery import load_teacher
-
-    return load_teacher(spec)
-
-
 def cmd_convert(args) -> int:
     """Build a student from a teacher (attention-weight transfer) and save it as an HF checkpoint."""
     from .checkpoint import save_student
-    from .surgery import build_student, mixers_from_softmax_layers
+    from .surgery import build_student, load_teacher, resolve_mixers
 
-    teacher = _load_any_teacher(args.teacher)
-    n = teacher.config.num_hidden_layers
-    if args.mixers:
-        mixers = [m.strip() for m in args.mixers.split(",")]
-    else:
-        mixers = mixers_from_softmax_layers(n, _parse_layers(args.softmax_layers or ""), args.linear)
+    teacher = load_teacher(args.teacher)
+    mixers = resolve_mixers(teacher.config.num_hidden_layers, args.mixers, args.softmax_layers, args.linear)
     options = json.loads(args.mixer_options) if args.mixer_options else None
     student = build_student(teacher, mixers, options)
     tokenizer = None
@@ -84,7 +65,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
+    from .distill import run_distill_from_args
+
+    result = run_distill_from_args(args)
+    print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .distill import add_distill_arguments
+
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -97,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", default="gdn", help="linear mixer for non-softmax layers (default gdn)")
     p.add_argument("--mixer-options", help='JSON, e.g. \'{"gdn_use_short_conv": true}\'')
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("distill", help="run one distillation stage (1: attention alignment, 2: KL, 3: fine-tune)")
+    add_distill_arguments(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("inspect", help="show a checkpoint's layer layout")
     p.add_argument("checkpoint")

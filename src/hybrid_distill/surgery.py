@@ -45,6 +45,17 @@ def mixers_from_softmax_layers(num_layers: int, softmax_layers: Sequence[int], l
     return ["softmax" if i in keep else linear for i in range(num_layers)]
 
 
+def resolve_mixers(
+    num_layers: int, mixers: str | Sequence[str] | None = None, softmax_layers: str | Sequence[int] | None = None, linear: str = "gdn"
+) -> list[str]:
+    """A mixer list from either an explicit list (or comma-separated string) or the softmax layer indices."""
+    if mixers:
+        return [m.strip() for m in mixers.split(",")] if isinstance(mixers, str) else list(mixers)
+    if isinstance(softmax_layers, str):
+        softmax_layers = [int(x) for x in softmax_layers.replace(" ", "").split(",") if x]
+    return mixers_from_softmax_layers(num_layers, softmax_layers or [], linear)
+
+
 def student_config(teacher_config, mixers: Sequence[str], mixer_options: dict | None = None, teacher_name: str | None = None):
     """The hybrid config for `teacher_config` with one mixer per layer."""
     family = teacher_family(teacher_config)
@@ -134,7 +145,13 @@ def _copy_matching_mixers(student: PreTrainedModel, source: PreTrainedModel) -> 
 
 
 def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None, **kwargs):
-    """Load a teacher causal LM (local path or hub id); clear errors for missing paths and unsupported families."""
+    """Load a teacher causal LM (local path, hub id, or `tiny:<variant>` for a built-in random-weight
+    teacher); clear errors for missing paths and unsupported families."""
+    if str(path_or_name).startswith("tiny:"):
+        from .tiny_teachers import tiny_teacher
+
+        model = tiny_teacher(str(path_or_name).split(":", 1)[1])
+        return model.to(device) if device is not None else model
     path = Path(str(path_or_name)).expanduser()
     looks_local = str(path_or_name).startswith((".", "/", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():
@@ -145,3 +162,14 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_tokenizer(teacher_spec: str, tokenizer_path: str | None = None, vocab_size: int | None = None):
+    """The tokenizer for a teacher: `tokenizer_path`, else the teacher's own, else (tiny teachers) the tiny tokenizer."""
+    if tokenizer_path or not str(teacher_spec).startswith("tiny:"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer_path or str(teacher_spec))
+    from .tokenization import tiny_tokenizer
+
+    return tiny_tokenizer(vocab_size) if vocab_size else tiny_tokenizer()

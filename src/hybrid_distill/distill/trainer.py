@@ -176,7 +176,10 @@ def build_optimizer(student: nn.Module, config: DistillConfig, mixer_names: set[
         {"params": params, "name": kind, "lr": lrs[kind], "weight_decay": 0.0 if nodecay else config.weight_decay}
         for (kind, nodecay), params in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, betas=tuple(config.adam_betas), eps=config.adam_eps)
+    # One fused kernel over all CUDA parameters instead of per-tensor launches (the plain AdamW step was
+    # 16% of a 1.5B Stage-2 step on an H100); CPU keeps the default implementation.
+    on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
+    return torch.optim.AdamW(param_groups, betas=tuple(config.adam_betas), eps=config.adam_eps, fused=on_cuda or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -882,28 +885,13 @@ def run_distill_from_args(args) -> DistillResult:
 
     ``args``: an ``argparse.Namespace`` (or dict) with the options of `add_distill_arguments`.
     """
-    from ..surgery import build_student, mixers_from_softmax_layers
+    from ..surgery import build_student, load_teacher, load_tokenizer, resolve_mixers
 
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     config = config_from_args(ns)
     ctx = hd_dist.init_distributed(config.device)
-    spec = ns["teacher"]
-    if spec.startswith("tiny:"):
-        from ..tiny_teachers import tiny_teacher
-
-        teacher = tiny_teacher(spec.split(":", 1)[1])
-    else:
-        from ..surgery import load_teacher
-
-        teacher = load_teacher(spec)
-    if ns.get("tokenizer") or not spec.startswith("tiny:"):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(ns.get("tokenizer") or spec)
-    else:
-        from ..tokenization import tiny_tokenizer
-
-        tokenizer = tiny_tokenizer(teacher.config.vocab_size)
+    teacher = load_teacher(ns["teacher"])
+    tokenizer = load_tokenizer(ns["teacher"], ns.get("tokenizer"), teacher.config.vocab_size)
 
     torch.manual_seed(config.seed)  # new mixer parameters are initialized from the seed
     if ns.get("student"):
@@ -911,12 +899,9 @@ def run_distill_from_args(args) -> DistillResult:
 
         student = load_student(ns["student"])
     else:
-        n = teacher.config.num_hidden_layers
-        if ns.get("mixers"):
-            mixers = [m.strip() for m in ns["mixers"].split(",")]
-        else:
-            layers = [int(x) for x in (ns.get("softmax_layers") or "").replace(" ", "").split(",") if x]
-            mixers = mixers_from_softmax_layers(n, layers, ns.get("linear") or "gdn")
+        mixers = resolve_mixers(
+            teacher.config.num_hidden_layers, ns.get("mixers"), ns.get("softmax_layers"), ns.get("linear") or "gdn"
+        )
         options = json.loads(ns["mixer_options"]) if ns.get("mixer_options") else None
         init_from = None
         if ns.get("init_from"):

@@ -1,0 +1,37 @@
+"""The `hybrid-distill` command line on tiny teachers."""
+
+import json
+
+import pytest
+
+from hybrid_distill.cli import main
+
+
+def test_convert_then_inspect(tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", "tiny:qwen3-qknorm", "--softmax-layers", "1,3", "--out", str(out)]) == 0
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["mixers"] == ["gdn", "softmax", "gdn", "softmax"]
+    assert info["softmax_layers"] == [1, 3] and info["teacher"]["model_type"] == "qwen3"
+
+
+def test_convert_reports_bad_input(tmp_path, capsys):
+    assert main(["convert", "--teacher", "tiny:llama-gqa", "--mixers", "gdn,foo,gdn,gdn", "--out", str(tmp_path / "x")]) == 2
+    assert "Unknown mixer 'foo' for layer 1" in capsys.readouterr().err
+    assert main(["convert", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_distill_stage1_then_stage2(tmp_path, capsys):
+    common = ["--teacher", "tiny:llama-gqa", "--seq-len", "64", "--global-batch-size", "4", "--data-cache-dir", str(tmp_path / "cache"), "--max-data-tokens", "20000"]
+    run1 = tmp_path / "s1"
+    assert main(["distill", *common, "--run-dir", str(run1), "--stage", "1", "--target-tokens", "2048"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stage"] == 1 and result["tokens"] >= 2048
+    run2 = tmp_path / "s2"
+    args = ["distill", *common, "--student", str(run1 / "final"), "--run-dir", str(run2), "--stage", "2", "--target-tokens", "1024"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["eval_metric"]
+    assert main(args) == 0  # a finished run is a no-op that returns its result
+    assert json.loads(capsys.readouterr().out)["already_done"] is True
