@@ -50,7 +50,43 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-class PackedDataset(torch.utils.data.Dataset):
+class SplitBatchesMixin:
+    """``batches`` / ``eval_batches`` for any dataset with ``indices(split)`` and ``get_batch(indices)``."""
+
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_steps: int | None = None,
+        shuffle: bool = True,
+    ) -> TokenBatches:
+        """Endless iterator of this rank's ``LongTensor[batch_size // world_size, seq_len]`` batches.
+
+        ``batch_size`` is the *global* batch size; see ``TokenBatchSampler`` for the order.
+        """
+        sampler = TokenBatchSampler(
+            self.indices(split), batch_size, seed=seed, epoch=epoch, start_step=start_step, rank=rank,
+            world_size=world_size, max_steps=max_steps, shuffle=shuffle, split=split,
+        )
+        return TokenBatches(self, sampler)
+
+    def eval_batches(
+        self, split: str = "heldout", batch_size: int = 8, rank: int = 0, world_size: int = 1
+    ) -> Iterator[torch.Tensor]:
+        """One ordered pass over ``split`` (last batch may be short); rank r gets indices[r::world_size]."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        idx = self.indices(split)[rank::world_size]
+        for s in range(0, len(idx), batch_size):
+            yield self.get_batch(idx[s : s + batch_size])
+
+
+class PackedDataset(SplitBatchesMixin, torch.utils.data.Dataset):
     """Fixed-length token sequences from a cache directory written by ``build_token_dataset``.
 
     ``ds[i]`` is a ``LongTensor[seq_len]``. ``train_indices``/``heldout_indices`` come from the
@@ -145,38 +181,6 @@ class PackedDataset(torch.utils.data.Dataset):
         if split == "all":
             return np.arange(self.num_sequences, dtype=np.int64)
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-
-    def batches(
-        self,
-        split: str,
-        batch_size: int,
-        seed: int = 0,
-        epoch: int = 0,
-        start_step: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        max_steps: int | None = None,
-        shuffle: bool = True,
-    ) -> TokenBatches:
-        """Endless iterator of this rank's ``LongTensor[batch_size // world_size, seq_len]`` batches.
-
-        ``batch_size`` is the *global* batch size; see ``TokenBatchSampler`` for the order.
-        """
-        sampler = TokenBatchSampler(
-            self.indices(split), batch_size, seed=seed, epoch=epoch, start_step=start_step, rank=rank,
-            world_size=world_size, max_steps=max_steps, shuffle=shuffle, split=split,
-        )
-        return TokenBatches(self, sampler)
-
-    def eval_batches(
-        self, split: str = "heldout", batch_size: int = 8, rank: int = 0, world_size: int = 1
-    ) -> Iterator[torch.Tensor]:
-        """One ordered pass over ``split`` (last batch may be short); rank r gets indices[r::world_size]."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        idx = self.indices(split)[rank::world_size]
-        for s in range(0, len(idx), batch_size):
-            yield self.get_batch(idx[s : s + batch_size])
 
     def __repr__(self) -> str:
         return (

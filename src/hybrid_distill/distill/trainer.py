@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.loader import SplitBatchesMixin
 from . import distributed as hd_dist
 from .config import DistillConfig, config_from_args, resume_mismatch
 from .stages import evaluate_kl, evaluate_stage, make_stage, mixer_parameter_names, unpack_batch
@@ -47,7 +48,7 @@ RESULT_FILE = "result.json"
 # --------------------------------------------------------------------------------------------
 
 
-class TensorTokenDataset:
+class TensorTokenDataset(SplitBatchesMixin):
     """Token sequences held in memory ([N, T] LongTensor, optional padding mask) behaving like
     `hybrid_distill.data.PackedDataset`: deterministic, resumable, rank-sharded ``batches`` and
     ordered ``eval_batches`` over a held-out split of ``heldout_sequences`` rows."""
@@ -81,40 +82,6 @@ class TensorTokenDataset:
         if self.mask is None:
             return self.tokens[idx]
         return {"input_ids": self.tokens[idx], "attention_mask": self.mask[idx]}
-
-    def batches(
-        self,
-        split: str,
-        batch_size: int,
-        seed: int = 0,
-        epoch: int = 0,
-        start_step: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        max_steps: int | None = None,
-        shuffle: bool = True,
-    ):
-        from ..data import TokenBatches, TokenBatchSampler
-
-        sampler = TokenBatchSampler(
-            self.indices(split),
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            start_step=start_step,
-            rank=rank,
-            world_size=world_size,
-            max_steps=max_steps,
-            shuffle=shuffle,
-            split=split,
-        )
-        return TokenBatches(self, sampler)
-
-    def eval_batches(self, split: str = "heldout", batch_size: int = 8, rank: int = 0, world_size: int = 1):
-        idx = self.indices(split)[rank::world_size]
-        for s in range(0, len(idx), batch_size):
-            yield self.get_batch(idx[s : s + batch_size])
-
 
 # --------------------------------------------------------------------------------------------
 # Result
