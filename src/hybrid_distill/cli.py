@@ -76,6 +76,7 @@ def cmd_distill(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .distill import add_distill_arguments
+    from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="run one distillation stage (1: attention alignment, 2: KL, 3: fine-tune)")
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="recall suite / NIAH grid / perplexity and KL of a model; JSON + Markdown report")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_from_args)
 
     p = sub.add_parser("inspect", help="show a checkpoint's layer layout")
     p.add_argument("checkpoint")

@@ -1,0 +1,141 @@
+"""Side-by-side comparison of several ``evaluate_model`` runs (their ``results.json``).
+
+``compare_results(["eval/teacher", "eval/student"], "eval/compare")`` writes
+``comparison.md`` (one column per model), ``comparison.json`` and ``comparison.png``
+(grouped bars: recall per task, NIAH mean) and returns the comparison dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .suite import _atomic_write, _fmt, atomic_write_text
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """``results.json`` of a result directory (or the file itself)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no results.json at {str(path)!r}")
+    return json.loads(p.read_text())
+
+
+def _metrics(res: dict[str, Any]) -> dict[str, float]:
+    """Flat metric name -> value for one run."""
+    m: dict[str, float] = {}
+    agg = (res.get("recall") or {}).get("aggregate") or {}
+    for task, by_len in agg.get("per_task_length", {}).items():
+        for n, v in by_len.items():
+            m[f"recall/{task}@{n}"] = v
+    for task, v in agg.get("per_task", {}).items():
+        m[f"recall/{task}"] = v
+    for n, v in agg.get("per_length", {}).items():
+        m[f"recall/mean@{n}"] = v
+    if "overall" in agg:
+        m["recall/overall"] = agg["overall"]
+    niah = res.get("niah")
+    if niah:
+        for r in niah.get("table", []):
+            m[f"niah/depth{float(r['depth']):g}@{r['length']}"] = r["score"]
+        m["niah/mean"] = niah.get("mean")
+    q = res.get("quality")
+    if q:
+        for k in ("perplexity", "nll", "teacher_perplexity", "kl"):
+            if k in q:
+                m[f"quality/{k}"] = q[k]
+    return m
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    out, seen = [], {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out
+
+
+def _plot(names: list[str], groups: list[str], values: dict[str, dict[str, float]], path: Path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.9 * len(groups) * max(1, len(names)) * 0.5), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = [values[name].get(g) for g in groups]
+        ys = [np.nan if y is None else float(y) for y in ys]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, ys, width, label=name)
+    ax.set_xticks(x, [g.split("/", 1)[1] for g in groups], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.set_title("Recall / NIAH by model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def compare_results(
+    result_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Compare runs: a Markdown table (metrics x models), a JSON copy and a grouped bar plot.
+
+    ``names`` default to each run's ``model`` field. Metrics missing from a run show as "–".
+    Returns ``{"models": [...], "metrics": {metric: {model: value}}, "files": {...}}``.
+    """
+    if not result_dirs:
+        raise ValueError("need at least one result directory")
+    runs = [load_results(d) for d in result_dirs]
+    names = _unique_names(list(names) if names else [str(r.get("model") or Path(d).name) for r, d in zip(runs, result_dirs)])
+    if len(names) != len(runs):
+        raise ValueError("names must match result_dirs")
+    per_model = {n: _metrics(r) for n, r in zip(names, runs)}
+    keys: list[str] = []
+    for m in per_model.values():
+        for k in m:
+            if k not in keys:
+                keys.append(k)
+    order = {"recall": 0, "niah": 1, "quality": 2}
+    keys.sort(key=lambda k: (order.get(k.split("/")[0], 9), "@" in k, k))
+    metrics = {k: {n: per_model[n].get(k) for n in names} for k in keys}
+
+    lower_better = {"quality/perplexity", "quality/nll", "quality/kl", "quality/teacher_perplexity"}
+    lines = ["# Model comparison", "", "| metric | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for k in keys:
+        vals = metrics[k]
+        finite = [v for v in vals.values() if isinstance(v, (int, float)) and not math.isnan(v)]
+        best = (min(finite) if k in lower_better else max(finite)) if len(finite) > 1 else None
+        cells = []
+        for n in names:
+            v = vals[n]
+            s = _fmt(float(v) if isinstance(v, (int, float)) else v, 4 if k.startswith("quality") else 3)
+            cells.append(f"**{s}**" if best is not None and v == best else s)
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "Bold: best per row (lower is better for perplexity, NLL and KL).", "", "![comparison](comparison.png)", ""]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = [k for k in keys if (k.startswith("recall/") and "@" not in k and k != "recall/overall")]
+    groups += [k for k in ("recall/overall", "niah/mean") if k in keys]
+    files = {"markdown": str(out / "comparison.md"), "json": str(out / "comparison.json")}
+    if groups:
+        _atomic_write(out / "comparison.png", lambda tmp: _plot(names, groups, per_model, Path(tmp)))
+        files["plot"] = str(out / "comparison.png")
+    result = {"models": names, "sources": [str(d) for d in result_dirs], "metrics": metrics, "files": files}
+    atomic_write_text(out / "comparison.md", "\n".join(lines))
+    atomic_write_text(out / "comparison.json", json.dumps(result, indent=1) + "\n")
+    return result
+
+
+__all__ = ["compare_results", "load_results"]

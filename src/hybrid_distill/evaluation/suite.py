@@ -1,0 +1,449 @@
+"""One-call evaluation of a model: recall tasks, NIAH grid and LM quality -> results.json + summary.md.
+
+::
+
+    evaluate_model(model, tokenizer, "eval/student", suite=["recall", "niah", "quality"],
+                   lengths=(1024, 4096), num_samples=20, teacher=teacher)
+
+CLI (``hybrid-distill eval``): :func:`add_eval_arguments` + :func:`run_eval_from_args`.
+
+``results.json``: ``{"model", "suites", "config", "recall": {"predictions", "aggregate",
+"skipped"}, "niah": {"predictions", "table", "mean"}, "quality": {...}, "timings"}`` (only
+the parts that ran). Files are written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+SUITES = ("recall", "niah", "quality")
+DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Atomic file writes
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _atomic_write(Path(path), write)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _parse_suite(suite: str | Iterable[str]) -> list[str]:
+    parts = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else [str(s).strip() for s in suite]
+    parts = [p for p in parts if p]
+    if parts == ["all"]:
+        parts = list(SUITES)
+    bad = [p for p in parts if p not in SUITES]
+    if bad or not parts:
+        raise ValueError(f"unknown suite part(s) {bad or parts}; choose from {list(SUITES)} or 'all'")
+    return list(dict.fromkeys(parts))
+
+
+def _model_name(model, given: str | None) -> str:
+    if given:
+        return given
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else type(model).__name__
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _prediction_record(sample, pred) -> dict[str, Any]:
+    rec = pred.to_dict()
+    rec["metric"] = sample.metric
+    rec["max_new_tokens"] = sample.max_new_tokens
+    rec["metadata"] = _jsonable(sample.metadata)
+    return rec
+
+
+def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], num_samples: int, *, seed: int = 0,
+               batch_size: int = 8, haystack: Any = None, task_options: dict | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
+    task are skipped (listed under ``skipped``)."""
+    from .recall_tasks import LengthError, generate_samples
+    from .runner import run_samples
+    from .scoring import aggregate
+
+    samples, skipped = [], []
+    for task in tasks:
+        opts = dict((task_options or {}).get(task, {}))
+        for length in lengths:
+            try:
+                samples += generate_samples(task, tokenizer, int(length), num_samples, seed=seed, haystack=haystack, **opts)
+            except LengthError as err:
+                skipped.append({"task": task, "length": int(length), "reason": str(err)})
+    preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
+    records = [_prediction_record(s, p) for s, p in zip(samples, preds)]
+    return {"predictions": records, "aggregate": aggregate(records) if records else {}, "skipped": skipped}
+
+
+def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int, *, seed: int = 0,
+             batch_size: int = 8, haystack: Any = None, max_new_tokens: int = 32,
+             progress: bool = False) -> dict[str, Any]:
+    """NIAH grid over ``lengths`` x ``depths`` (``num_samples`` each): predictions, per-cell table, mean."""
+    from .niah import niah_grid_samples, niah_table
+    from .runner import run_samples
+
+    samples = niah_grid_samples(tokenizer, lengths, depths, num_samples=num_samples, seed=seed, haystack=haystack,
+                                max_new_tokens=max_new_tokens)
+    preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress)
+    table = niah_table((s, p.score) for s, p in zip(samples, preds))
+    records = [_prediction_record(s, p) for s, p in zip(samples, preds)]
+    for r, s in zip(records, samples):
+        r["depth"] = float(s.metadata["depth"])
+    return {
+        "predictions": records,
+        "table": [{"depth": d, "length": n, "score": v} for (d, n), v in table.items()],
+        "mean": sum(table.values()) / len(table) if table else math.nan,
+    }
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    suite: str | Iterable[str] = "recall",
+    tasks: Sequence[str] | None = None,
+    lengths: Sequence[int] = (1024, 4096),
+    num_samples: int = 20,
+    niah_depths: Sequence[float] = DEFAULT_NIAH_DEPTHS,
+    niah_lengths: Sequence[int] | None = None,
+    niah_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    teacher=None,
+    corpus: str | os.PathLike = "default",
+    quality_seq_len: int = 512,
+    quality_sequences: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    haystack: Any = None,
+    task_options: dict | None = None,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the chosen ``suite`` parts (``"recall"``, ``"niah"``, ``"quality"``, a list or ``"all"``)
+    and write ``out_dir/results.json``, ``out_dir/summary.md`` (and ``niah.png`` for NIAH).
+
+    recall: ``tasks`` (default ``DEFAULT_RECALL_TASKS``) x ``lengths``, ``num_samples`` each.
+    niah: ``niah_lengths`` (default ``lengths``) x ``niah_depths``, ``niah_samples`` (default 1
+    per cell). quality: held-out perplexity on ``corpus`` (``quality_sequences`` sequences of
+    ``quality_seq_len`` tokens) and, with ``teacher``, the teacher's perplexity and KL(teacher || model).
+    Returns the results dict (as written to results.json).
+    """
+    from .recall_tasks import DEFAULT_RECALL_TASKS, TASKS
+
+    parts = _parse_suite(suite)
+    tasks = list(tasks) if tasks else list(DEFAULT_RECALL_TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    lengths = [int(n) for n in lengths]
+    niah_lengths = [int(n) for n in (niah_lengths or lengths)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "model": _model_name(model, model_name),
+        "suites": parts,
+        "config": {
+            "tasks": tasks if "recall" in parts else None,
+            "lengths": lengths,
+            "num_samples": num_samples,
+            "niah_lengths": niah_lengths if "niah" in parts else None,
+            "niah_depths": [float(d) for d in niah_depths] if "niah" in parts else None,
+            "niah_samples": niah_samples or 1,
+            "seed": seed,
+            "batch_size": batch_size,
+            "corpus": str(corpus) if "quality" in parts else None,
+            "teacher": _model_name(teacher, None) if teacher is not None else None,
+        },
+        "timings": {},
+    }
+    if "recall" in parts:
+        t0 = time.perf_counter()
+        results["recall"] = run_recall(model, tokenizer, tasks, lengths, num_samples, seed=seed, batch_size=batch_size,
+                                       haystack=haystack, task_options=task_options, progress=progress)
+        results["timings"]["recall_s"] = time.perf_counter() - t0
+    if "niah" in parts:
+        t0 = time.perf_counter()
+        results["niah"] = run_niah(model, tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed,
+                                   batch_size=batch_size, haystack=haystack, progress=progress)
+        results["timings"]["niah_s"] = time.perf_counter() - t0
+    if "quality" in parts:
+        from .quality import evaluate_quality, heldout_batches
+
+        t0 = time.perf_counter()
+        batches = heldout_batches(tokenizer, corpus, seq_len=quality_seq_len, batch_size=max(1, batch_size // 2),
+                                  max_sequences=quality_sequences, cache_dir=cache_dir)
+        q = evaluate_quality(model, batches, teacher=teacher)
+        q.update(corpus=str(corpus), seq_len=quality_seq_len, sequences=sum(b.shape[0] for b in batches))
+        results["quality"] = q
+        results["timings"]["quality_s"] = time.perf_counter() - t0
+
+    results = _jsonable(results)
+    if "niah" in parts and results["niah"]["table"]:
+        from .niah import plot_niah_heatmap
+
+        table = {(r["depth"], r["length"]): r["score"] for r in results["niah"]["table"]}
+        _atomic_write(out / "niah.png", lambda tmp: plot_niah_heatmap(table, tmp, title=f"NIAH: {results['model']}"))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=False) + "\n")
+    atomic_write_text(out / "summary.md", summary_markdown(results))
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def recall_table_markdown(agg: dict[str, Any]) -> str:
+    """Task x length table (+ per-task mean column and per-length mean row) from an ``aggregate`` dict."""
+    ptl = agg.get("per_task_length", {})
+    lengths = sorted({int(n) for by_len in ptl.values() for n in by_len})
+    head = "| task | " + " | ".join(str(n) for n in lengths) + " | mean |"
+    rows = [head, "|" + "---|" * (len(lengths) + 2)]
+    for task, by_len in ptl.items():
+        by_len = {int(k): v for k, v in by_len.items()}
+        cells = [_fmt(by_len.get(n)) for n in lengths]
+        rows.append(f"| {task} | " + " | ".join(cells) + f" | {_fmt(agg['per_task'].get(task))} |")
+    per_len = {int(k): v for k, v in agg.get("per_length", {}).items()}
+    rows.append("| **mean** | " + " | ".join(_fmt(per_len.get(n)) for n in lengths) + f" | {_fmt(agg.get('overall'))} |")
+    return "\n".join(rows)
+
+
+def niah_table_markdown(table: list[dict[str, Any]]) -> str:
+    depths = sorted({float(r["depth"]) for r in table})
+    lengths = sorted({int(r["length"]) for r in table})
+    cell = {(float(r["depth"]), int(r["length"])): r["score"] for r in table}
+    rows = ["| depth % | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+    for d in depths:
+        rows.append(f"| {d:g} | " + " | ".join(_fmt(cell.get((d, n))) for n in lengths) + " |")
+    return "\n".join(rows)
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {results.get('model')}", ""]
+    cfg = results.get("config", {})
+    lines.append(f"Suites: {', '.join(results.get('suites', []))}; seed {cfg.get('seed')}.")
+    lines.append("")
+    if "recall" in results:
+        rec = results["recall"]
+        lines += ["## Recall", "",
+                  f"Mean score per task and length ({cfg.get('num_samples')} samples per cell).", ""]
+        if rec.get("aggregate"):
+            lines += [recall_table_markdown(rec["aggregate"]), ""]
+            lines += [f"Overall (mean over cells): **{_fmt(rec['aggregate'].get('overall'))}**", ""]
+        else:
+            lines += ["No samples were run.", ""]
+        for s in rec.get("skipped", []):
+            lines.append(f"- skipped {s['task']} at {s['length']}: {s['reason']}")
+        if rec.get("skipped"):
+            lines.append("")
+    if "niah" in results:
+        n = results["niah"]
+        lines += ["## Needle in a haystack", "", niah_table_markdown(n["table"]) if n["table"] else "No cells.", "",
+                  f"Mean over cells: **{_fmt(n.get('mean'))}**", "", "![NIAH heatmap](niah.png)", ""]
+    if "quality" in results:
+        q = results["quality"]
+        lines += ["## Language-model quality", "",
+                  f"Held-out `{q.get('corpus')}`: {q.get('sequences')} sequences x {q.get('seq_len')} tokens "
+                  f"({q.get('tokens')} predicted tokens).", "",
+                  "| metric | value |", "|---|---|",
+                  f"| NLL (nats/token) | {_fmt(q.get('nll'), 4)} |",
+                  f"| perplexity | {_fmt(q.get('perplexity'), 3)} |"]
+        if "kl" in q:
+            lines += [f"| teacher NLL | {_fmt(q.get('teacher_nll'), 4)} |",
+                      f"| teacher perplexity | {_fmt(q.get('teacher_perplexity'), 3)} |",
+                      f"| KL(teacher ‖ model) (nats/token) | {_fmt(q.get('kl'), 5)} |"]
+        lines.append("")
+    t = results.get("timings", {})
+    if t:
+        lines += ["Timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and CLI
+
+
+def load_model(spec: str, dtype=None, device=None):
+    """A model from ``tiny:<variant>`` (random tiny teacher), a saved hybrid student or any HF causal LM dir."""
+    if spec.startswith("tiny:"):
+        from ..tiny_teachers import tiny_teacher
+
+        model = tiny_teacher(spec.split(":", 1)[1])
+        model.name_or_path = spec
+    else:
+        from ..checkpoint import load_student, verify_checkpoint
+
+        config = None
+        if Path(spec).is_dir():
+            config = verify_checkpoint(spec)
+        if config is not None and str(config.get("model_type", "")).startswith("hybrid_"):
+            model = load_student(spec, dtype=dtype)
+        else:
+            from ..surgery import load_teacher
+
+            model = load_teacher(spec, dtype=dtype)
+    if dtype is not None and spec.startswith("tiny:"):
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
+    """``tokenizer_spec`` (``tiny`` or a path / hub id), else the tiny tokenizer for ``tiny:`` models,
+    else the tokenizer saved with the model."""
+    spec = tokenizer_spec or model_spec
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from ..tokenization import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``hybrid-distill eval`` (then ``parser.set_defaults(func=run_eval_from_args)``)."""
+    parser.add_argument("--model", required=True, help="saved student / HF causal LM dir, or tiny:<variant>")
+    parser.add_argument("--suite", default="recall", help="comma-separated: recall, niah, quality (or all)")
+    parser.add_argument("--lengths", default="1024,4096", help="comma-separated total lengths in tokens")
+    parser.add_argument("--tasks", help="comma-separated recall tasks (default: the default recall suite)")
+    parser.add_argument("--num-samples", type=int, default=20, help="samples per task x length")
+    parser.add_argument("--niah-depths", default=",".join(f"{d:g}" for d in DEFAULT_NIAH_DEPTHS),
+                        help="comma-separated needle depths in percent")
+    parser.add_argument("--niah-lengths", help="comma-separated NIAH lengths (default: --lengths)")
+    parser.add_argument("--niah-samples", type=int, default=1, help="samples per NIAH cell")
+    parser.add_argument("--out", help="output directory (default: eval/<model name>)")
+    parser.add_argument("--teacher", help="teacher (path or tiny:<variant>) for the KL in the quality suite")
+    parser.add_argument("--tokenizer", help="tokenizer path / hub id, or 'tiny' (default: the model's)")
+    parser.add_argument("--corpus", default="default", help="held-out corpus for the quality suite")
+    parser.add_argument("--quality-seq-len", type=int, default=512)
+    parser.add_argument("--quality-sequences", type=int, default=32)
+    parser.add_argument("--cache-dir", help="token cache directory for the quality corpus")
+    parser.add_argument("--haystack", help="haystack for text tasks (corpus path, 'default:prose', ...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser
+
+
+def run_eval_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``hybrid-distill eval``; prints the summary and returns 0."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    model = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    teacher = load_model(args.teacher, dtype=dtype, device=device) if args.teacher else None
+    out = args.out or str(Path("eval") / Path(args.model.replace("tiny:", "tiny-")).name)
+    results = evaluate_model(
+        model, tokenizer, out,
+        suite=args.suite,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        lengths=_int_list(args.lengths),
+        num_samples=args.num_samples,
+        niah_depths=_float_list(args.niah_depths),
+        niah_lengths=_int_list(args.niah_lengths) if args.niah_lengths else None,
+        niah_samples=args.niah_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        teacher=teacher,
+        corpus=args.corpus,
+        quality_seq_len=args.quality_seq_len,
+        quality_sequences=args.quality_sequences,
+        cache_dir=args.cache_dir,
+        haystack=args.haystack,
+        model_name=args.model,
+        progress=args.progress,
+    )
+    print(summary_markdown(results))
+    print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'summary.md'}", file=sys.stderr)
+    return 0
+
+
+__all__ = [
+    "SUITES",
+    "add_eval_arguments",
+    "atomic_write_text",
+    "evaluate_model",
+    "load_model",
+    "load_tokenizer",
+    "niah_table_markdown",
+    "recall_table_markdown",
+    "run_eval_from_args",
+    "run_niah",
+    "run_recall",
+    "summary_markdown",
+]

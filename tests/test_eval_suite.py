@@ -1,0 +1,153 @@
+"""evaluate_model / CLI / quality / compare / lm_eval bridge on tiny random models (CPU, seconds)."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from hybrid_distill.evaluation.compare import compare_results
+from hybrid_distill.evaluation.quality import evaluate_quality, heldout_batches, perplexity, teacher_student_kl
+from hybrid_distill.evaluation.scoring import aggregate
+from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, run_eval_from_args
+from hybrid_distill.tiny_teachers import tiny_teacher
+from hybrid_distill.tokenization import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_teacher("llama-gqa", num_hidden_layers=2)
+
+
+def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_path):
+    out = tmp_path / "run"
+    res = evaluate_model(model, tok, out, suite=["recall", "niah"], tasks=["niah_single_1", "kv_retrieval"],
+                         lengths=(160, 200), num_samples=2, niah_depths=(0, 50, 100), batch_size=4,
+                         task_options={"niah_single_1": {"max_new_tokens": 8}}, model_name="rand")
+    for f in ("results.json", "summary.md", "niah.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["model"] == "rand" and on_disk["suites"] == ["recall", "niah"]
+    preds = on_disk["recall"]["predictions"]
+    assert len(preds) == 2 * 2 * 2
+    assert {(p["task"], p["length"]) for p in preds} == {(t, n) for t in ("niah_single_1", "kv_retrieval") for n in (160, 200)}
+    assert all(0.0 <= p["score"] <= 1.0 and isinstance(p["prediction"], str) for p in preds)
+    agg = on_disk["recall"]["aggregate"]
+    for t in ("niah_single_1", "kv_retrieval"):
+        for n in (160, 200):
+            scores = [p["score"] for p in preds if p["task"] == t and p["length"] == n]
+            assert agg["per_task_length"][t][str(n)] == pytest.approx(sum(scores) / len(scores))
+    assert agg["overall_samples"] == pytest.approx(sum(p["score"] for p in preds) / len(preds))
+    assert aggregate(preds)["overall"] == pytest.approx(agg["overall"])
+    # NIAH: 2 lengths x 3 depths, table = mean of per-cell predictions
+    niah = on_disk["niah"]
+    assert len(niah["predictions"]) == 6 and len(niah["table"]) == 6
+    for row in niah["table"]:
+        cell = [p["score"] for p in niah["predictions"] if p["depth"] == row["depth"] and p["length"] == row["length"]]
+        assert row["score"] == pytest.approx(sum(cell) / len(cell))
+    assert niah["mean"] == pytest.approx(sum(r["score"] for r in niah["table"]) / 6)
+    md = (out / "summary.md").read_text()
+    assert "| niah_single_1 |" in md and "| kv_retrieval |" in md and "niah.png" in md
+    assert "| task | 160 | 200 | mean |" in md
+    assert res["recall"]["aggregate"]["overall"] == agg["overall"]
+
+
+def test_evaluate_model_skips_too_short_lengths(model, tok, tmp_path):
+    res = evaluate_model(model, tok, tmp_path, tasks=["niah_single_1"], lengths=(64,), num_samples=1)
+    assert res["recall"]["predictions"] == [] and res["recall"]["skipped"][0]["length"] == 64
+    assert "skipped niah_single_1 at 64" in (tmp_path / "summary.md").read_text()
+
+
+def test_bad_suite_and_task(model, tok, tmp_path):
+    with pytest.raises(ValueError, match="suite"):
+        evaluate_model(model, tok, tmp_path, suite="nope")
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate_model(model, tok, tmp_path, tasks=["nope"])
+
+
+def _quality_batches(tok, tmp_path):
+    return heldout_batches(tok, "default", seq_len=64, batch_size=4, max_sequences=8, max_tokens=64 * 60,
+                           cache_dir=tmp_path / "cache")
+
+
+def test_quality_all_softmax_student_matches_teacher(tok, tmp_path):
+    from hybrid_distill.surgery import build_student
+
+    teacher = tiny_teacher("llama-gqa", num_hidden_layers=2)
+    student = build_student(teacher, ["softmax"] * 2).eval()
+    batches = _quality_batches(tok, tmp_path)
+    assert sum(b.shape[0] for b in batches) == 8 and batches[0].shape[1] == 64
+    pt, ps = perplexity(teacher, batches), perplexity(student, batches)
+    assert pt["tokens"] == ps["tokens"] == 8 * 63
+    assert ps["perplexity"] == pytest.approx(pt["perplexity"], rel=1e-5)
+    assert 1 < pt["perplexity"] < 10 * 512  # random model: around the vocab size
+    assert teacher_student_kl(student, teacher, batches) == pytest.approx(0.0, abs=1e-6)
+    q = evaluate_quality(student, batches, teacher=teacher)
+    assert q["kl"] == pytest.approx(0.0, abs=1e-6) and q["teacher_perplexity"] == pytest.approx(q["perplexity"], rel=1e-5)
+    other = tiny_teacher("llama-gqa", num_hidden_layers=2, seed=1)
+    assert teacher_student_kl(other, teacher, batches) > 1e-3
+
+
+def test_perplexity_respects_attention_mask(model):
+    ids = torch.randint(3, 500, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    res = perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert res["tokens"] == 15 + 11 and math.isfinite(res["nll"])
+
+
+def test_cli_eval_tiny_model_with_quality_and_compare(tmp_path, monkeypatch, capsys):
+    parser = argparse.ArgumentParser(prog="hybrid-distill")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("eval")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_from_args)
+    dirs = []
+    for variant in ("llama-gqa", "mistral"):
+        out = tmp_path / variant
+        args = parser.parse_args(["eval", "--model", f"tiny:{variant}", "--suite", "recall,quality", "--lengths", "160",
+                                  "--tasks", "kv_retrieval", "--num-samples", "2", "--out", str(out),
+                                  "--teacher", "tiny:llama-gqa", "--quality-seq-len", "64", "--quality-sequences", "4",
+                                  "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+        assert args.func(args) == 0
+        dirs.append(out)
+        res = json.loads((out / "results.json").read_text())
+        assert res["model"] == f"tiny:{variant}" and res["quality"]["sequences"] == 4
+        assert math.isfinite(res["quality"]["perplexity"])
+    first = json.loads((dirs[0] / "results.json").read_text())
+    assert first["quality"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    assert "KL(teacher" in (dirs[0] / "summary.md").read_text()
+    assert "| kv_retrieval |" in capsys.readouterr().out
+
+    comp = compare_results(dirs, tmp_path / "cmp")
+    assert comp["models"] == ["tiny:llama-gqa", "tiny:mistral"]
+    for f in ("comparison.md", "comparison.json", "comparison.png"):
+        assert (tmp_path / "cmp" / f).stat().st_size > 0
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| metric | tiny:llama-gqa | tiny:mistral |" in md
+    assert "recall/kv_retrieval@160" in comp["metrics"] and "quality/kl" in comp["metrics"]
+    assert comp["metrics"]["quality/kl"]["tiny:llama-gqa"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(FileNotFoundError):
+        compare_results([tmp_path / "missing"], tmp_path / "cmp2")
+
+
+def test_lm_eval_bridge_error_or_available(model, tok):
+    from hybrid_distill.evaluation import lm_eval_bridge as b
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        with pytest.raises(b.LmEvalUnavailable, match=r'pip install "lm_eval\[ruler\]"') as err:
+            b.evaluate_with_lm_eval(model, ["ruler"], tokenizer=tok, max_length=256)
+        assert "network" in str(err.value)
+        assert isinstance(err.value, ImportError)
+    else:
+        assert b.require_lm_eval() is not None
