@@ -650,6 +650,11 @@ def distill(
                 return "kl", evaluate_kl(student, teacher, eval_set, config.tau, config.kl_chunk_size)
             return stage.metric, evaluate_stage(stage, eval_set, device)
 
+    def log_eval(step_: int, tokens_: int, elapsed_: float) -> tuple[str, float]:
+        name, value = run_eval()
+        metrics.write({"kind": "eval", "step": step_, "tokens": tokens_, f"eval_{name}": value, "elapsed": elapsed_})
+        return name, value
+
     def save(step_: int, tokens_: int, elapsed_: float) -> None:
         model_state = hd_dist.gather_model_state(student, trainable_names if config.stage == 1 else None)
         optim_state = hd_dist.gather_optimizer_state(student, optimizer)
@@ -733,30 +738,12 @@ def distill(
                 bar.set_postfix(loss=f"{loss:.4g}", lr=f"{next(iter(lrs.values())):.2e}")
 
             if eval_set and _crossed(prev_tokens, tokens, config.eval_every_tokens) and step < total_steps:
-                eval_name, eval_value = run_eval()
-                metrics.write(
-                    {
-                        "kind": "eval",
-                        "step": step,
-                        "tokens": tokens,
-                        f"eval_{eval_name}": eval_value,
-                        "elapsed": elapsed,
-                    }
-                )
+                eval_name, eval_value = log_eval(step, tokens, elapsed)
             if _crossed(prev_tokens, tokens, config.save_every_tokens) and step < total_steps:
                 save(step, tokens, elapsed_before + time.perf_counter() - session_start)
 
         if eval_set:
-            eval_name, eval_value = run_eval()
-            metrics.write(
-                {
-                    "kind": "eval",
-                    "step": step,
-                    "tokens": tokens,
-                    f"eval_{eval_name}": eval_value,
-                    "elapsed": elapsed_before + time.perf_counter() - session_start,
-                }
-            )
+            eval_name, eval_value = log_eval(step, tokens, elapsed_before + time.perf_counter() - session_start)
     finally:
         if bar is not None:
             bar.close()
