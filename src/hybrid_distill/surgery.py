@@ -151,6 +151,9 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
         from .tiny_teachers import tiny_teacher
 
         model = tiny_teacher(str(path_or_name).split(":", 1)[1])
+        model.name_or_path = str(path_or_name)
+        if dtype is not None and dtype != "auto":
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.to(device) if device is not None else model
     path = Path(str(path_or_name)).expanduser()
     looks_local = str(path_or_name).startswith((".", "/", "~")) or path.exists()
@@ -165,11 +168,16 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
 
 
 def load_tokenizer(teacher_spec: str, tokenizer_path: str | None = None, vocab_size: int | None = None):
-    """The tokenizer for a teacher: `tokenizer_path`, else the teacher's own, else (tiny teachers) the tiny tokenizer."""
-    if tokenizer_path or not str(teacher_spec).startswith("tiny:"):
-        from transformers import AutoTokenizer
+    """The tokenizer for a model: `tokenizer_path` (a path / hub id, or "tiny"), else the model's own,
+    else (tiny teachers) the tiny tokenizer."""
+    spec = str(tokenizer_path or teacher_spec)
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from .tokenization import tiny_tokenizer
 
-        return AutoTokenizer.from_pretrained(tokenizer_path or str(teacher_spec))
-    from .tokenization import tiny_tokenizer
+        return tiny_tokenizer(vocab_size) if vocab_size else tiny_tokenizer()
+    from transformers import AutoTokenizer
 
-    return tiny_tokenizer(vocab_size) if vocab_size else tiny_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err

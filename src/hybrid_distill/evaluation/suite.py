@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
+
 SUITES = ("recall", "niah", "quality")
 DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
@@ -323,44 +325,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def load_model(spec: str, dtype=None, device=None):
     """A model from ``tiny:<variant>`` (random tiny teacher), a saved hybrid student or any HF causal LM dir."""
-    if spec.startswith("tiny:"):
-        from ..tiny_teachers import tiny_teacher
+    from ..checkpoint import load_student, verify_checkpoint
+    from ..surgery import load_teacher
 
-        model = tiny_teacher(spec.split(":", 1)[1])
-        model.name_or_path = spec
+    if Path(spec).is_dir() and str(verify_checkpoint(spec).get("model_type", "")).startswith("hybrid_"):
+        model = load_student(spec, dtype=dtype, device=device)
     else:
-        from ..checkpoint import load_student, verify_checkpoint
-
-        config = None
-        if Path(spec).is_dir():
-            config = verify_checkpoint(spec)
-        if config is not None and str(config.get("model_type", "")).startswith("hybrid_"):
-            model = load_student(spec, dtype=dtype)
-        else:
-            from ..surgery import load_teacher
-
-            model = load_teacher(spec, dtype=dtype)
-    if dtype is not None and spec.startswith("tiny:"):
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
+        model = load_teacher(spec, dtype=dtype, device=device)
     return model.eval()
-
-
-def load_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
-    """``tokenizer_spec`` (``tiny`` or a path / hub id), else the tiny tokenizer for ``tiny:`` models,
-    else the tokenizer saved with the model."""
-    spec = tokenizer_spec or model_spec
-    if spec == "tiny" or spec.startswith("tiny:"):
-        from ..tokenization import tiny_tokenizer
-
-        return tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
 
 
 def _int_list(text: str) -> list[int]:
