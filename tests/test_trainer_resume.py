@@ -169,6 +169,24 @@ def test_done_run_is_a_noop_and_loads_final_weights(tmp_path):
         distill(fresh, teacher2, _data(), cfg.replace(tau=2.0), tmp_path / "run")
 
 
+def test_pause_and_continue_equals_uninterrupted(tmp_path):
+    """Training in rounds (pause_at_tokens, as layer selection does) gives the same run as one go."""
+    cfg = _config(2, save_every_tokens=None)
+    student, teacher = _models()
+    ref = distill(student, teacher, _data(), cfg, tmp_path / "ref")
+    per_step = GLOBAL * SEQ
+    for pause in (3 * per_step, 7 * per_step, None):
+        student, teacher = _models()
+        part = distill(student, teacher, _data(), cfg, tmp_path / "rounds", pause_at_tokens=pause)
+        if pause is not None:
+            assert part.paused and part.tokens == pause and not (tmp_path / "rounds" / "DONE").exists()
+            assert latest_checkpoint(tmp_path / "rounds").name == f"step_{pause // per_step:08d}"
+    assert not part.paused and part.steps == ref.steps == STEPS
+    assert [r["loss"] for r in read_metrics(tmp_path / "rounds")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+    got, want = read_metrics(tmp_path / "rounds", "eval"), read_metrics(tmp_path / "ref", "eval")
+    assert [(r["step"], r["eval_kl"]) for r in got] == [(r["step"], r["eval_kl"]) for r in want]
+
+
 def test_resume_refuses_changed_config(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 5, save_every_tokens=GLOBAL * SEQ * 2)

@@ -74,12 +74,50 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Run the whole pipeline from a YAML config (skipping finished stages), or print its plan."""
+    from .pipeline import RunConfig, plan_run, run_pipeline
+    from .pipeline.plan import plan_markdown
+
+    config = RunConfig.from_file(args.config, overrides={"run_dir": args.run_dir})
+    if args.dry_run:
+        print(plan_markdown(plan_run(config)))
+        return 0
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else None
+    state = run_pipeline(config, progress=not args.no_progress, **({"stages": stages} if stages else {}))
+    print(f"done: {config.run_dir}/report.md" if "report" in state["stages"] else f"done: {config.run_dir}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Rebuild report.md / report.html of a run directory."""
+    from .pipeline import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .distill import add_distill_arguments
     from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from .pipeline.run import STAGES
+
+    p = sub.add_parser("run", help="the whole pipeline from a YAML config ('default': the embedded offline demo)")
+    p.add_argument("config", help="YAML run config, or 'default'")
+    p.add_argument("--run-dir", default=None, help="overrides the config's run_dir")
+    p.add_argument("--dry-run", action="store_true", help="print the stages, token budgets and a compute estimate")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild a run's report.md / report.html")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("convert", help="teacher -> hybrid student checkpoint (weight transfer, no training)")
     p.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant> for a built-in test teacher")
@@ -94,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="run one distillation stage (1: attention alignment, 2: KL, 3: fine-tune)")
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
+
+    from .selection.cli import add_select_arguments, run_select_from_args
+
+    p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
+    add_select_arguments(p)
+    p.set_defaults(func=run_select_from_args)
 
     p = sub.add_parser("eval", help="recall suite / NIAH grid / perplexity and KL of a model; JSON + Markdown report")
     add_eval_arguments(p)
@@ -110,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         print(f"hybrid-distill {args.command}: error: {err}", file=sys.stderr)
         return 2
 

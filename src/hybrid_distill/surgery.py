@@ -119,6 +119,29 @@ def build_student(
     return student
 
 
+def derive_student(teacher: PreTrainedModel, base: PreTrainedModel, mixers: Sequence[str]) -> PreTrainedModel:
+    """A student with layout `mixers` that starts from `base` (an earlier student) wherever it can.
+
+    Every weight of `base` is reused (embeddings, norms, MLPs, lm_head, and the mixers of layers
+    whose mixer type is unchanged); layers whose mixer differs from `base` take the teacher's
+    attention (for softmax/swa) or a fresh mixer initialised from the teacher's q/k/v/o. This
+    builds the one-swap students of layer selection: all-linear `base` with layer l restored to
+    the teacher's softmax attention (greedy addition), or the teacher with layer l linear (greedy
+    removal, `base` = the Stage-1 all-linear student).
+    """
+    student = build_student(teacher, mixers, base.config.mixer_options)
+    base_mixers = list(base.config.mixers)
+    if len(base_mixers) != len(mixers):
+        raise ValueError(f"base student has {len(base_mixers)} layers, the new layout {len(mixers)}")
+    changed = tuple(f"model.layers.{i}.self_attn." for i, (a, b) in enumerate(zip(base_mixers, mixers)) if a != b)
+    own = student.state_dict()
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if key in own and not key.startswith(changed):
+                own[key].copy_(value.to(own[key].dtype))
+    return student
+
+
 def _new_parameter_names(student: PreTrainedModel):
     for name, module in student.named_modules():
         if isinstance(module, LinearAttentionMixer):

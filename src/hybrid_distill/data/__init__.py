@@ -13,10 +13,12 @@ Typical use::
 
 from .loader import PackedDataset, TokenBatches, TokenBatchSampler, split_indices
 from .packing import build_token_dataset, default_cache_dir, resolve_bos, tokenizer_fingerprint
+from .spec import DataSpec
 from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
 
 __all__ = [
     "DataSourceError",
+    "DataSpec",
     "PackedDataset",
     "ResolvedSource",
     "TokenBatchSampler",

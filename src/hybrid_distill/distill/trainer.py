@@ -105,6 +105,7 @@ class DistillResult:
     wall_time_s: float
     resumed_from_step: int | None = None
     already_done: bool = False
+    paused: bool = False  # stopped at ``pause_at_tokens`` with a checkpoint; calling `distill` again continues
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -562,6 +563,7 @@ def distill(
     config: DistillConfig,
     run_dir: str | Path,
     eval_data: Iterable | Callable[[], Iterable] | None = None,
+    pause_at_tokens: int | None = None,
 ) -> DistillResult:
     """Run one distillation stage (``config.stage``: 1 alignment, 2 KL, 3 CE) into ``run_dir``.
 
@@ -574,6 +576,11 @@ def distill(
     Resumes from the newest checkpoint in ``run_dir`` (refusing one whose config differs in a field
     that matters), and returns the stored result without training when ``run_dir`` has a ``DONE``
     marker (loading the final weights into ``student``). Under torchrun every process calls this.
+
+    ``pause_at_tokens``: stop once this many tokens are trained, write a checkpoint and return a
+    result with ``paused=True`` (no final model, no ``DONE``); calling again with a larger (or no)
+    pause point continues the run exactly as if it had not stopped. It does not change the run's
+    trajectory (layer selection uses it to train candidates in rounds).
     """
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -674,6 +681,7 @@ def distill(
         }
         _save_checkpoint(run_dir, ctx, step_, model_state, optim_state, trainer_state, state_json, config.keep_last)
 
+    paused = False
     bar = None
     if config.progress and ctx.is_main:
         from tqdm.auto import tqdm
@@ -690,8 +698,10 @@ def distill(
     last_loss, eval_name, eval_value = None, None, None
     window: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
     session_start = time.perf_counter()
+    if pause_at_tokens is not None and tokens >= pause_at_tokens and step < total_steps:
+        paused = True  # restored at or past the pause point: nothing to train in this call
     try:
-        while step < total_steps:
+        while step < total_steps and not paused:
             t0 = time.perf_counter()
             micro_batches = _micro_batches(next(train_iter), micro, accum, seq_len, device)
             counts = torch.tensor(
@@ -741,14 +751,37 @@ def distill(
                 eval_name, eval_value = log_eval(step, tokens, elapsed)
             if _crossed(prev_tokens, tokens, config.save_every_tokens) and step < total_steps:
                 save(step, tokens, elapsed_before + time.perf_counter() - session_start)
+            if pause_at_tokens is not None and tokens >= pause_at_tokens and step < total_steps:
+                if not _crossed(prev_tokens, tokens, config.save_every_tokens):
+                    save(step, tokens, elapsed_before + time.perf_counter() - session_start)
+                paused = True
+                break
 
-        if eval_set:
+        if eval_set and not paused:
             eval_name, eval_value = log_eval(step, tokens, elapsed_before + time.perf_counter() - session_start)
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
         stage.close()
+
+    if paused:
+        hd_dist.barrier()
+        return DistillResult(
+            run_dir=str(run_dir),
+            stage=config.stage,
+            steps=step,
+            tokens=tokens,
+            final_loss=last_loss,
+            eval_metric=eval_name,
+            eval_value=eval_value,
+            final_model_dir=None,
+            metrics_path=str(run_dir / METRICS_FILE),
+            config_hash=config_hash,
+            wall_time_s=elapsed_before + time.perf_counter() - session_start,
+            resumed_from_step=resumed_from,
+            paused=True,
+        )
 
     final_dir = None
     if config.save_final_model:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .suite import _atomic_write, _fmt, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
+from .suite import _fmt
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def compare_results(
     groups += [k for k in ("recall/overall", "niah/mean") if k in keys]
     files = {"markdown": str(out / "comparison.md"), "json": str(out / "comparison.json")}
     if groups:
-        _atomic_write(out / "comparison.png", lambda tmp: _plot(names, groups, per_model, Path(tmp)))
+        atomic_write(out / "comparison.png", lambda tmp: _plot(names, groups, per_model, Path(tmp)))
         files["plot"] = str(out / "comparison.png")
     result = {"models": names, "sources": [str(d) for d in result_dirs], "metrics": metrics, "files": files}
     atomic_write_text(out / "comparison.md", "\n".join(lines))

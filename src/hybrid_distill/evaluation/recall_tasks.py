@@ -33,12 +33,13 @@ Seeding: each sample uses ``random.Random(sample_seed(seed, task, length, index,
 
 Tasks (``TASKS``): RULER's ``niah_single_1/2/3``, ``niah_multikey_1/2/3``,
 ``niah_multivalue``, ``niah_multiquery``, ``vt``, ``cwe``, ``fwe``, plus ``kv_retrieval``
-(the layer-selection probe: dictionary of uuid keys) and ``mqar`` (Zoology multi-query
-associative recall as text). Differences from RULER: essay haystacks default to seeded
-pseudo-prose (pass ``haystack=`` a corpus path, ``"default:prose"`` or strings), word lists
-are embedded (no ``wonderwords``), ``vt``/``cwe`` have no one-shot example, ``fwe`` uses
-``....`` as the noise word (the question's spelling), short ``cwe`` contexts use fewer
-repeats (``cwe`` docstring).
+(the layer-selection probe: dictionary of uuid keys), ``mqar`` (Zoology multi-query
+associative recall as text), ``ar`` and ``ar_multihop`` (the paper's AR / AR-MH bypass probes:
+the sum of the values of 3 keys; the value of a key reached through 1-2 aliases).
+Differences from RULER: essay haystacks default to seeded pseudo-prose (pass ``haystack=``
+a corpus path, ``"default:prose"`` or strings), word lists are embedded (no ``wonderwords``),
+``vt``/``cwe`` have no one-shot example, ``fwe`` uses ``....`` as the noise word (the
+question's spelling), short ``cwe`` contexts use fewer repeats (``cwe`` docstring).
 """
 
 from __future__ import annotations
@@ -843,6 +844,172 @@ def _mqar_plan(ctx: _Ctx, rng: random.Random, num_queries: int = 8) -> _Plan:
 
 
 # ---------------------------------------------------------------------------------------
+# Associative recall with aggregation (AR) and through alias chains (AR-multihop): the
+# paper's task-guided bypass probes (Table 5, "AR" and "AR-MH").
+
+
+def _code_keys(rng: random.Random, length: int, forbidden: str) -> Callable[[], str]:
+    """Distinct lower-case letter codes of one width (4 letters, more when ``length`` could need
+    too many for that), none occurring in ``forbidden``. One width means no code is a substring of
+    another; codes only ever stand between non-letters, so counting them in the text is exact."""
+    max_units = length // 2 + 16
+    width = 4
+    while 26**width < 8 * max_units:
+        width += 1
+    seen: set[str] = set()
+
+    def new() -> str:
+        for _ in range(100_000):
+            k = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(width))
+            if k not in seen and k not in forbidden:
+                seen.add(k)
+                return k
+        raise RuntimeError(f"ran out of distinct keys ({len(seen)} drawn)")  # pragma: no cover
+
+    return new
+
+
+AR_TEMPLATE = (
+    "Memorize the following dictionary:\n{{{context}}}\n"
+    "Question: What is the sum of the values of the keys {query}?\n"
+)
+AR_ANSWER_PREFIX = "Answer: The sum of the values is"
+
+
+def _ar_plan(
+    ctx: _Ctx,
+    rng: random.Random,
+    num_queries: int = 3,
+    value_range: tuple[int, int] = (0, 9),
+    min_sum: int | None = None,
+) -> _Plan:
+    """Associative recall with aggregation (the paper's AR probe): a dictionary ``"key": value`` of
+    letter-code keys and small ints in ``value_range``; the question names ``num_queries`` keys
+    (in an order unrelated to their positions) and the answer is the SUM of their values.
+
+    Each asked key occurs exactly once in the dictionary (and once in the question). The asked
+    values are redrawn until their sum is at least ``min_sum`` (default: the largest value + 1),
+    so by default the answer never occurs in the context: it must be computed, not copied.
+    Metric ``first_int_exact``."""
+    lo, hi = (int(v) for v in value_range)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"need 0 <= value_range[0] <= value_range[1], got {value_range}")
+    if num_queries < 1:
+        raise ValueError("need num_queries >= 1")
+    min_sum = hi + 1 if min_sum is None else int(min_sum)
+    if num_queries * hi < min_sum:
+        raise ValueError(f"{num_queries} values <= {hi} cannot sum to min_sum={min_sum}")
+    new_key = _code_keys(rng, ctx.length, (AR_TEMPLATE + AR_ANSWER_PREFIX).lower())
+    keys = [new_key() for _ in range(num_queries)]
+    while True:
+        values = [rng.randint(lo, hi) for _ in keys]
+        if sum(values) >= min_sum:
+            break
+    answer = str(sum(values))
+    depths = sorted(rng.sample(DEPTHS, num_queries))
+    items = [(dp / 100, f'"{k}": {v}') for dp, k, v in zip(depths, keys, values)]
+    order = list(range(num_queries))
+    rng.shuffle(order)
+    asked = [keys[i] for i in order]
+    query = _join_query([f'"{k}"' for k in asked])
+
+    def entries():
+        while True:
+            yield f'"{new_key()}": {rng.randint(lo, hi)}'
+
+    stream = UnitStream(entries(), joiner=", ")
+    meta = {"keys": asked, "values": [values[i] for i in order], "depths": depths,
+            "value_range": [lo, hi]}
+
+    def build(n: int, pad: str) -> _Draft:
+        context = stream.joiner.join(_interleave(stream.take(n), items)) + pad
+        return _Draft(AR_TEMPLATE.format(context=context, query=query), AR_ANSWER_PREFIX, [answer], meta)
+
+    def validate(d: _Draft) -> bool:
+        low = d.text.lower()
+        if any(_count_ci(low, k) != 2 for k in keys):
+            return False
+        if any(re.findall(rf'"{k}": (\d+)', d.prompt) != [str(v)] for k, v in zip(keys, values)):
+            return False
+        return int(answer) <= hi or re.search(rf"(?<!\d){answer}(?!\d)", d.prompt) is None
+
+    return _Plan(build, validate, 0, lambda n: stream.continuation(n))
+
+
+AR_MH_TEMPLATE = (
+    "Memorize the following facts. A fact either gives the value of a key or another name for a key "
+    "or for another name.\n{context}\nQuestion: What is the value of {query}?\n"
+)
+AR_MH_ANSWER_PREFIX = "Answer: The value of {query} is"
+AR_MH_ALIAS = "{name} is also called {alias}."
+AR_MH_VALUE = "{key}: {value}."
+
+
+def _ar_multihop_plan(
+    ctx: _Ctx,
+    rng: random.Random,
+    hops: int | None = None,
+    value_range: tuple[int, int] = (0, 99),
+    alias_rate: float = 0.3,
+) -> _Plan:
+    """Associative recall through alias chains (the paper's AR-MH probe). Facts, one a line:
+    ``key: value.`` or ``name is also called alias.``. The asked name is an alias ``hops`` steps
+    (default: 1 or 2, drawn per sample) away from a key: ``K: V.``, ``K is also called A1.``,
+    ``A1 is also called A2.``, question ``What is the value of A2?``, answer ``V``. The chain's
+    facts sit at random depths in random order; distractor facts include aliases (a fraction
+    ``alias_rate``) of earlier distractor names. ``V`` (an int in ``value_range``) occurs exactly once:
+    no distractor has that value. Metric ``first_int_exact``."""
+    if hops is None:
+        hops = rng.choice((1, 2))
+    if int(hops) < 1:
+        raise ValueError("need hops >= 1")
+    hops = int(hops)
+    lo, hi = (int(v) for v in value_range)
+    if not 0 <= lo < hi:
+        raise ValueError(f"need 0 <= value_range[0] < value_range[1], got {value_range}")
+    forbidden = (AR_MH_TEMPLATE + AR_MH_ANSWER_PREFIX + AR_MH_ALIAS + AR_MH_VALUE).lower()
+    new_name = _code_keys(rng, ctx.length, forbidden)
+    chain = [new_name() for _ in range(hops + 1)]  # key, alias 1, ..., alias hops (asked)
+    answer = str(rng.randint(lo, hi))
+    others = [v for v in range(lo, hi + 1) if str(v) != answer]
+    stmts = [AR_MH_VALUE.format(key=chain[0], value=answer)]
+    stmts += [AR_MH_ALIAS.format(name=a, alias=b) for a, b in zip(chain, chain[1:])]
+    rng.shuffle(stmts)
+    depths = sorted(rng.sample(DEPTHS, len(stmts)))
+    items = [(dp / 100, st) for dp, st in zip(depths, stmts)]
+    query = chain[-1]
+
+    def facts():
+        names: list[str] = []
+        while True:
+            if names and rng.random() < alias_rate:
+                src = rng.choice(names[-64:])
+                alias = new_name()
+                names.append(alias)
+                yield AR_MH_ALIAS.format(name=src, alias=alias)
+            else:
+                key = new_name()
+                names.append(key)
+                yield AR_MH_VALUE.format(key=key, value=rng.choice(others))
+
+    stream = UnitStream(facts(), joiner="\n")
+    prefix = AR_MH_ANSWER_PREFIX.format(query=query)
+    meta = {"chain": chain, "query": query, "hops": hops, "depths": depths}
+
+    def build(n: int, pad: str) -> _Draft:
+        context = stream.joiner.join(_interleave(stream.take(n), items)) + pad
+        return _Draft(AR_MH_TEMPLATE.format(context=context, query=query), prefix, [answer], meta)
+
+    def validate(d: _Draft) -> bool:
+        low = d.text.lower()
+        if any(_count_ci(low, name) != 2 for name in chain[:-1]) or _count_ci(low, query) != 3:
+            return False
+        return re.findall(r": (\d+)", d.prompt).count(answer) == 1
+
+    return _Plan(build, validate, 0, lambda n: stream.continuation(n))
+
+
+# ---------------------------------------------------------------------------------------
 # Registry and public entry point
 
 
@@ -879,6 +1046,10 @@ TASKS: dict[str, TaskSpec] = {
               "JSON-like dictionary of uuid keys -> ints 0-100, one key asked"),
         _spec("mqar", _mqar_plan, 64, "mqar_accuracy", None, False,
               "multi-query associative recall as text, 8 queries scored per query"),
+        _spec("ar", _ar_plan, 8, "first_int_exact", None, False,
+              "associative recall: dictionary of letter keys -> ints 0-9, the sum of 3 asked keys"),
+        _spec("ar_multihop", _ar_multihop_plan, 8, "first_int_exact", None, False,
+              "associative recall through 1-2 alias hops (key: value / name is also called alias)"),
     )
 }
 

@@ -19,60 +19,16 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write, atomic_write_text, jsonable
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
 
 SUITES = ("recall", "niah", "quality")
 DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
-
-
-# ---------------------------------------------------------------------------------------
-# Atomic file writes
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return _atomic_write(Path(path), write)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
-    return obj
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,7 +65,7 @@ def _prediction_record(sample, pred) -> dict[str, Any]:
     rec = pred.to_dict()
     rec["metric"] = sample.metric
     rec["max_new_tokens"] = sample.max_new_tokens
-    rec["metadata"] = _jsonable(sample.metadata)
+    rec["metadata"] = jsonable(sample.metadata)
     return rec
 
 
@@ -238,12 +194,12 @@ def evaluate_model(
         results["quality"] = q
         results["timings"]["quality_s"] = time.perf_counter() - t0
 
-    results = _jsonable(results)
+    results = jsonable(results)
     if "niah" in parts and results["niah"]["table"]:
         from .niah import plot_niah_heatmap
 
         table = {(r["depth"], r["length"]): r["score"] for r in results["niah"]["table"]}
-        _atomic_write(out / "niah.png", lambda tmp: plot_niah_heatmap(table, tmp, title=f"NIAH: {results['model']}"))
+        atomic_write(out / "niah.png", lambda tmp: plot_niah_heatmap(table, tmp, title=f"NIAH: {results['model']}"))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=False) + "\n")
     atomic_write_text(out / "summary.md", summary_markdown(results))
     return results

@@ -1,0 +1,72 @@
+"""`DataSpec`: where a run's tokens come from, as a small serialisable value.
+
+Jobs that run in other processes (layer-scoring candidates, pipeline stages) receive a `DataSpec`
+instead of a dataset object and load the same token cache with `DataSpec.load`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .sources import DataSourceError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Arguments of `build_token_dataset` that do not depend on the stage (the stage gives seq_len)."""
+
+    source: str = "default"
+    text_field: str = "text"
+    split: str = "train"
+    cache_dir: str | None = None
+    max_tokens: int | None = None
+    heldout_fraction: float = 0.01
+    config: str | None = None  # Hugging Face dataset config name
+    revision: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise DataSourceError(f"data.source must be a non-empty string, got {self.source!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise DataSourceError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or int(self.max_tokens) < 1):
+            raise DataSourceError(f"data.max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= float(self.heldout_fraction) < 1.0:
+            raise DataSourceError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str | None) -> DataSpec:
+        """From a mapping of fields (unknown keys are an error naming them) or a bare source string."""
+        if data is None:
+            return cls()
+        if isinstance(data, str):
+            return cls(source=data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DataSourceError(f"unknown data field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load(self, tokenizer, seq_len: int, seed: int = 0, require_sequences: int | None = None):
+        """The packed dataset (`PackedDataset`) of this source at ``seq_len`` (cached on disk)."""
+        from .packing import build_token_dataset
+
+        return build_token_dataset(
+            self.source,
+            tokenizer,
+            seq_len,
+            self.cache_dir,
+            text_field=self.text_field,
+            split=self.split,
+            max_tokens=self.max_tokens,
+            heldout_fraction=self.heldout_fraction,
+            seed=seed,
+            require_sequences=require_sequences,
+            config=self.config,
+            revision=self.revision,
+        )

@@ -1,0 +1,66 @@
+"""Atomic file writes (temporary sibling, fsync, ``os.replace``) and JSON helpers shared by every stage,
+so an interrupted run never leaves a half-written result that a restart would trust."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, fsynced."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with string keys, non-finite floats as None and numpy/torch scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in (sorted(obj) if isinstance(obj, (set, frozenset)) else obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):
+        return jsonable(obj.item())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (see `jsonable`) atomically."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=1) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON in ``path``, or None when the file does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None

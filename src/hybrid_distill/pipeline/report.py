@@ -1,0 +1,178 @@
+"""The run report: one Markdown page (``report.md``) and the same as static HTML (``report.html``).
+
+Sections: settings, tokens and time per stage, layer importance and selected layers per selector and
+budget (with the selection plots), evaluation of teacher vs all-linear vs each hybrid (tables and
+comparison plot), and the saved models. Built only from files in the run directory, so
+``hybrid-distill report RUN_DIR`` can rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_text, read_json
+
+REPORT_DIR = "report"
+
+
+def _fmt_tokens(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def _fmt_time(s: Any) -> str:
+    if not isinstance(s, (int, float)):
+        return "–"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
+    return str(v)
+
+
+def _copy_plot(src: Path, report_dir: Path, name: str) -> str | None:
+    if not src.is_file():
+        return None
+    dest = report_dir / name
+    shutil.copyfile(src, dest)
+    return f"{REPORT_DIR}/{name}"
+
+
+def _selection_section(run_dir: Path, report_dir: Path, selectors: list[str]) -> list[str]:
+    lines = ["## Layer selection", ""]
+    for selector in selectors:
+        sel = read_json(run_dir / "selection" / selector / "selection.json")
+        if sel is None:
+            lines += [f"### {selector}", "", "_not run yet_", ""]
+            continue
+        lines += [f"### {selector}", ""]
+        if sel.get("probe"):
+            lines.append(f"Probe (mixer used while scoring): `{sel['probe']}`.")
+        tok = sel.get("tokens") or {}
+        if tok:
+            lines.append(
+                f"Candidate tokens: {_fmt_tokens(tok.get('spent'))} of a full budget of {_fmt_tokens(tok.get('full_budget'))}"
+                f" ({tok.get('saved_fraction', 0):.0%} saved by early stopping/racing)."
+            )
+        es = sel.get("early_stop") or {}
+        if es.get("enabled"):
+            lines.append(f"Early stop (rolling Jaccard, App. B): snapshot {es.get('stop_snapshot')} at tokens {es.get('stop_tokens')}.")
+        if sel.get("failed"):
+            lines.append(f"**Failed candidates**: {', '.join(sel['failed'])}.")
+        if sel.get("ranking"):
+            lines.append(f"Ranking (most important first): `{sel['ranking']}`.")
+        lines += ["", "| budget | K | softmax layers | adjacency (random) |", "|---|---:|---|---|"]
+        for label, e in sel["budgets"].items():
+            lines.append(f"| {label} | {e['k']} | `{e['layers']}` | {e['adjacency']} ({e['expected_adjacency']:.2f}) |")
+        lines.append("")
+        for plot in ("importance", "selected_layers"):
+            rel = _copy_plot(run_dir / "selection" / selector / f"{plot}.png", report_dir, f"{selector}-{plot}.png")
+            if rel:
+                lines.append(f"![{selector} {plot}]({rel})")
+        for png in sorted((run_dir / "selection" / selector).glob("stability_*.png"))[:2]:
+            rel = _copy_plot(png, report_dir, f"{selector}-{png.name}")
+            lines.append(f"![{selector} stability]({rel})")
+        lines.append("")
+    return lines
+
+
+def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> list[str]:
+    from ..evaluation.compare import _metrics, compare_results
+
+    dirs = {name: run_dir / "eval" / name for name in models if (run_dir / "eval" / name / "results.json").is_file()}
+    lines = ["## Evaluation", ""]
+    if not dirs:
+        return lines + ["_no evaluation results yet_", ""]
+    comp = compare_results([str(d) for d in dirs.values()], report_dir / "comparison", names=list(dirs))
+    per_model = {name: _metrics(read_json(d / "results.json")) for name, d in dirs.items()}
+    headline = ["recall/overall", "niah/mean", "quality/perplexity", "quality/kl"]
+    tasks = sorted({k for m in per_model.values() for k in m if k.startswith("recall/") and "@" not in k and k != "recall/overall"})
+    cols = [c for c in headline if any(c in m for m in per_model.values())] + tasks
+    lines += ["| model | " + " | ".join(c.split("/", 1)[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in per_model.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
+    lines += ["", "recall/niah: fraction correct (RULER-style string match); perplexity on the held-out corpus; "
+              "kl: KL(teacher ‖ model) per token.", ""]
+    png = Path(comp["files"].get("plot") or report_dir / "comparison" / "comparison.png")
+    if png.is_file():
+        lines.append(f"![recall by model]({REPORT_DIR}/comparison/{png.name})")
+    for name, d in dirs.items():
+        if (d / "niah.png").is_file():
+            lines.append(f"![NIAH {name}]({_copy_plot(d / 'niah.png', report_dir, f'niah-{name}.png')})")
+    return lines + [""]
+
+
+def report_markdown(run_dir: str | Path, config=None) -> str:
+    """The report as Markdown (plots copied into ``run_dir/report/``)."""
+    import yaml
+
+    from .run import Pipeline, STATE_FILE
+
+    run_dir = Path(run_dir)
+    state = read_json(run_dir / STATE_FILE) or {"stages": {}}
+    if config is None:
+        from .config import RunConfig
+
+        config = RunConfig.from_dict(state["config"], check_paths=False)
+    report_dir = run_dir / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline(config, run_dir, progress=False)
+    title = (config.report or {}).get("title") or f"hybrid-distill run: {config.teacher}"
+    lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run_dir}`.", ""]
+    lines += ["## Cost per stage", "", "| stage | wall time | tokens |", "|---|---:|---:|"]
+    total_t = total_tok = 0.0
+    for stage, entry in state["stages"].items():
+        if stage == "report":
+            continue
+        t, tok = entry.get("wall_time_s"), entry.get("tokens")
+        total_t += t or 0
+        total_tok += tok or 0
+        lines.append(f"| {stage} | {_fmt_time(t)} | {_fmt_tokens(tok)} |")
+    lines += [f"| **total** | {_fmt_time(total_t)} | {_fmt_tokens(total_tok)} |", ""]
+    lines += _selection_section(run_dir, report_dir, config.selectors)
+    final = (state["stages"].get("final") or {}).get("models") or {}
+    if final:
+        lines += ["## Final hybrids", "", "| model | softmax layers | chosen by | Stage-2 tokens | held-out |", "|---|---|---|---:|---|"]
+        for name, m in final.items():
+            chosen = ", ".join(f"{c['selector']} {c['budget']}" for c in m["chosen_by"])
+            ev = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("eval") or {}).items())
+            lines.append(f"| `{name}` | `{m['layers']}` | {chosen} | {_fmt_tokens(m['tokens'])} | {ev} |")
+        lines.append("")
+    models = pipe.eval_models() if (run_dir / "selection").is_dir() else {}
+    lines += _eval_section(run_dir, report_dir, models)
+    lines += ["## Settings", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def markdown_to_html(text: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}code{background:#f5f5f5;padding:0 3px}")
+    return f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n"
+
+
+def write_report(run_dir: str | Path, config=None) -> list[Path]:
+    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    text = report_markdown(run_dir, config)
+    title = text.splitlines()[0].lstrip("# ")
+    md = atomic_write_text(run_dir / "report.md", text)
+    html = atomic_write_text(run_dir / "report.html", markdown_to_html(text, title))
+    return [md, html]
+
+
+__all__ = ["markdown_to_html", "report_markdown", "write_report"]

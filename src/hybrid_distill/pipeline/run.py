@@ -1,0 +1,288 @@
+"""``hybrid-distill run CONFIG``: teacher -> all-linear Stage 1 -> Stage 2 -> layer selection -> final
+hybrids -> evaluation -> report, in one run directory.
+
+Every stage writes its outputs under ``run_dir`` and records itself in ``run_dir/pipeline.json``;
+a re-run skips finished stages (and finished parts of interrupted ones: distillation resumes from
+its last checkpoint, selection reuses finished candidates, evaluation reuses finished models)::
+
+    run_dir/
+      pipeline.json          stages done, wall time and tokens per stage, the config used
+      stage1/ stage2/        the all-linear student (Stage 1, Stage 2)
+      selection/             candidates and <selector>/selection.json (+ plots)
+      final/<name>/          final-hybrid Stage-2 runs, one per distinct layer set
+      models/<name>/         final hybrids as Hugging Face checkpoints with a model card
+      eval/<model>/          results.json + summary.md per evaluated model
+      report.md, report.html
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_json, read_json
+from .config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "pipeline.json"
+STAGES = ("stage1", "stage2", "selection", "final", "eval", "report")
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PipelineState:
+    """``pipeline.json``: which stages are done, under which settings, and what they cost."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STATE_FILE
+        self.data = read_json(self.path) or {"stages": {}}
+
+    def done(self, stage: str, key: str) -> dict | None:
+        entry = self.data["stages"].get(stage)
+        return entry if entry and entry.get("key") == key else None
+
+    def record(self, stage: str, key: str, **info) -> None:
+        self.data["stages"][stage] = {"key": key, **info}
+        atomic_write_json(self.path, self.data)
+
+
+def hybrid_name(layers: list[int], linear: str) -> str:
+    return f"hybrid-{linear}-k{len(layers)}-L" + "_".join(str(i) for i in layers)
+
+
+class Pipeline:
+    """The stages of one run; `run` executes (or skips) them in order."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir or config.run_dir)
+        self.progress = progress
+        self.teacher_spec = config.teacher_spec
+        self._teacher = None
+        self._tokenizer = None
+
+    # -- shared resources --------------------------------------------------------------------
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            import torch
+
+            from ..surgery import load_teacher
+
+            self._teacher = load_teacher(self.teacher_spec, dtype=torch.float32)
+        return self._teacher
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from ..surgery import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.teacher_spec, self.config.tokenizer, self.teacher.config.vocab_size)
+        return self._tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        from ..selection.runner import teacher_num_layers
+
+        return teacher_num_layers(self.teacher_spec)
+
+    def _data(self, seq_len: int, require: int | None = None):
+        from ..data import DataSpec
+
+        return DataSpec.from_dict(self.config.data).load(self.tokenizer, seq_len, seed=self.config.seed, require_sequences=require)
+
+    def _distill(self, student, cfg, out: Path) -> dict:
+        from ..distill import distill
+
+        result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out)
+        return {"tokens": result.tokens, "train_time_s": result.wall_time_s, "final": result.final_model_dir,
+                "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
+
+    # -- stages -------------------------------------------------------------------------------
+    def stage1(self) -> dict:
+        import torch
+
+        from ..surgery import build_student
+
+        cfg = self.config.distill_config("stage1", 1).replace(progress=self.progress)
+        torch.manual_seed(self.config.seed)
+        student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
+        return self._distill(student, cfg, self.run_dir / "stage1")
+
+    def stage2(self) -> dict:
+        from ..checkpoint import load_student
+
+        if self.config.stage2 is None:
+            return {"tokens": 0, "final": str(self.run_dir / "stage1" / "final"), "skipped": True}
+        cfg = self.config.distill_config("stage2", 2).replace(progress=self.progress)
+        student = load_student(self.run_dir / "stage1" / "final").float()
+        return self._distill(student, cfg, self.run_dir / "stage2")
+
+    def base_dirs(self) -> tuple[str, str]:
+        stage1 = str(self.run_dir / "stage1" / "final")
+        base = stage1 if self.config.stage2 is None else str(self.run_dir / "stage2" / "final")
+        return stage1, base
+
+    def selection(self) -> dict:
+        from ..selection import run_selection
+
+        stage1, base = self.base_dirs()
+        out: dict[str, Any] = {"selectors": {}}
+        by_kind: dict[str, int] = {}
+        for selector in self.config.selectors:
+            sel = run_selection(self.config.selection_config(selector), self.teacher_spec, self.run_dir / "selection",
+                                data=self.config.data, base_student=base, stage1_student=stage1,
+                                tokenizer=self.config.tokenizer, progress=self.progress)
+            out["selectors"][selector] = {label: e["layers"] for label, e in sel["budgets"].items()}
+            for kind, spent in ((sel.get("tokens") or {}).get("by_kind") or {}).items():
+                by_kind[kind] = max(by_kind.get(kind, 0), spent)  # candidates are shared between selectors
+        out["tokens"] = sum(by_kind.values())
+        out["tokens_by_kind"] = by_kind
+        return out
+
+    def final_sets(self) -> dict[str, dict]:
+        """Distinct layer sets chosen by any (selector, budget), with who chose them."""
+        from ..selection import load_selection
+
+        sets: dict[str, dict] = {}
+        for selector in self.config.selectors:
+            sel = load_selection(self.run_dir / "selection" / selector)
+            for label, entry in sel["budgets"].items():
+                layers = sorted(entry["layers"])
+                name = hybrid_name(layers, self.config.linear)
+                item = sets.setdefault(name, {"layers": layers, "chosen_by": []})
+                item["chosen_by"].append({"selector": selector, "budget": label, "k": entry["k"]})
+        return sets
+
+    def final(self) -> dict:
+        import torch
+
+        from ..checkpoint import load_student, save_student
+        from ..surgery import build_student, mixers_from_softmax_layers
+
+        stage1, _ = self.base_dirs()
+        cfg = self.config.distill_config("final", 2).replace(progress=self.progress)
+        reuse = self.config.final.get("reuse_stage1_mixers", True)
+        init_from = load_student(stage1).float() if reuse else None
+        out: dict[str, Any] = {"models": {}, "tokens": 0}
+        for name, item in self.final_sets().items():
+            model_dir = self.run_dir / "models" / name
+            mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
+            torch.manual_seed(self.config.seed)
+            student = build_student(self.teacher, mixers, self.config.mixer_options, init_from=init_from).float()
+            res = self._distill(student, cfg, self.run_dir / "final" / name)
+            if not (model_dir / "config.json").is_file():
+                save_student(student, model_dir, tokenizer=self.tokenizer, model_card=self.model_card(name, item, res))
+            out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"]}
+            out["tokens"] += res["tokens"]
+        return out
+
+    def model_card(self, name: str, item: dict, res: dict) -> str:
+        from .. import __version__
+
+        chosen = "\n".join(f"| {c['selector']} | {c['budget']} | {c['k']} |" for c in item["chosen_by"])
+        stages = read_json(self.run_dir / STATE_FILE) or {"stages": {}}
+        tokens = {s: (stages["stages"].get(s) or {}).get("tokens") for s in ("stage1", "stage2", "selection")}
+        return (
+            f"---\nlibrary_name: transformers\ntags: [hybrid-attention, linear-attention, distillation, hybrid-distill]\n---\n\n"
+            f"# {name}\n\nHybrid student distilled from `{self.config.teacher}` with hybrid-distill {__version__}.\n\n"
+            f"- softmax layers ({len(item['layers'])} of {self.num_layers}, 0-based): `{item['layers']}`; "
+            f"the others are `{self.config.linear}`\n"
+            f"- final Stage-2 tokens: {res['tokens']:,}; all-linear Stage 1 / Stage 2 tokens: {tokens['stage1']} / "
+            f"{tokens['stage2']}; selection tokens: {tokens['selection']}\n"
+            f"- held-out {', '.join(f'{k} = {v:.4g}' for k, v in res['eval'].items() if v is not None) or 'metrics: n/a'}\n\n"
+            f"| selector | budget | K |\n|---|---|---|\n{chosen}\n\n"
+            "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or with "
+            "`hybrid_distill` installed, without remote code).\n"
+        )
+
+    def eval_models(self) -> dict[str, str]:
+        """Models to evaluate: teacher, the all-linear student, and each final hybrid."""
+        _, base = self.base_dirs()
+        models = {"teacher": self.teacher_spec, f"all-{self.config.linear}": base}
+        for name in self.final_sets():
+            models[name] = str(self.run_dir / "models" / name)
+        return models
+
+    def eval(self) -> dict:
+        import torch
+
+        from ..evaluation.suite import evaluate_model, load_model
+
+        ev = dict(self.config.eval)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out: dict[str, Any] = {"models": {}}
+        teacher = self.teacher.to(device).eval()
+        for name, spec in self.eval_models().items():
+            dest = self.run_dir / "eval" / name
+            if (dest / "results.json").is_file():
+                out["models"][name] = str(dest)
+                continue
+            model = teacher if name == "teacher" else load_model(spec, device=device)
+            evaluate_model(
+                model, self.tokenizer, dest, suite=ev.get("suite", ["recall", "quality"]), tasks=ev.get("tasks"),
+                lengths=ev.get("lengths", [1024]), num_samples=ev.get("num_samples", 20),
+                niah_lengths=ev.get("niah_lengths"), niah_depths=ev.get("niah_depths", (0.0, 25.0, 50.0, 75.0, 100.0)),
+                niah_samples=ev.get("niah_samples"), seed=ev.get("seed", 0), batch_size=ev.get("batch_size", 8),
+                teacher=None if name == "teacher" else teacher, corpus=self.config.data.get("source", "default"),
+                quality_seq_len=ev.get("quality_seq_len", 512), quality_sequences=ev.get("quality_sequences", 32),
+                model_name=name, progress=self.progress,
+            )
+            out["models"][name] = str(dest)
+            if model is not teacher:
+                del model
+        return out
+
+    def report(self) -> dict:
+        from .report import write_report
+
+        paths = write_report(self.run_dir, self.config)
+        return {"files": [str(p) for p in paths]}
+
+    # -- driver -------------------------------------------------------------------------------
+    def stage_key(self, stage: str) -> str:
+        c = self.config
+        parts: dict[str, Any] = {"teacher": c.teacher_spec, "data": c.data, "student": c.student, "seed": c.seed,
+                                 "stage1": c.stage1}
+        if stage in ("stage2", "selection", "final", "eval", "report"):
+            parts["stage2"] = c.stage2
+        if stage in ("selection", "final", "eval", "report"):
+            parts["selection"] = c.selection
+        if stage in ("final", "eval", "report"):
+            parts["final"] = c.final
+        if stage in ("eval", "report"):
+            parts["eval"] = c.eval
+        if stage == "report":
+            parts["report"] = c.report
+        return _key(parts)
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict:
+        """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = PipelineState(self.run_dir)
+        state.data["config"] = self.config.to_dict()
+        for stage in stages:
+            key = self.stage_key(stage)
+            if state.done(stage, key):
+                logger.info("stage %s: done already, skipping", stage)
+                continue
+            logger.info("stage %s: running", stage)
+            t0 = time.perf_counter()
+            info = getattr(self, stage)()
+            state.record(stage, key, wall_time_s=time.perf_counter() - t0, **info)
+        return state.data
+
+
+def run_pipeline(config: RunConfig | str | Path, run_dir: str | Path | None = None, progress: bool = True,
+                 stages: tuple[str, ...] = STAGES) -> dict:
+    """Run the whole pipeline (Python API of ``hybrid-distill run``); see the module docstring."""
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_file(config)
+    return Pipeline(config, run_dir, progress).run(stages)

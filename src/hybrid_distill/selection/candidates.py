@@ -1,0 +1,261 @@
+"""One-swap candidates: build the student for one layer, train it briefly, record held-out scores.
+
+A candidate is an independent job (`CandidateJob`, plain JSON-able fields) so any executor can run
+it in another process or on another machine. Its run directory holds the short Stage-1 and Stage-2
+runs (resumable, see `hybrid_distill.distill.distill`) and, once the full budget is trained,
+``candidate.json``; a finished candidate is never trained again.
+
+* ``kind="ga"`` (greedy addition): the all-linear student with layer ``layer`` restored to the
+  teacher's softmax attention. Score: held-out KL (lower = the layer helps more).
+* ``kind="gr"`` (greedy removal): the teacher with only layer ``layer`` linear (its mixer from the
+  Stage-1 all-linear student). Score: held-out KL (higher = removing the layer hurts more).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write_json, read_json
+
+CANDIDATE_FILE = "candidate.json"
+STAGE1_EVAL_FILE = "stage1_eval.json"
+INITIAL_EVAL_FILE = "initial_eval.json"
+
+
+@dataclass
+class CandidateJob:
+    """Everything one candidate needs; JSON-able so it can be shipped to a worker."""
+
+    kind: str  # "ga" or "gr"
+    layer: int
+    run_dir: str
+    teacher: str
+    base_student: str  # checkpoint the candidate starts from (see module docstring)
+    mixers: list[str]
+    data: dict[str, Any]  # DataSpec fields
+    stage1: dict[str, Any] | None  # DistillConfig dicts; stage1 None: evaluate the Stage-1 loss only
+    stage2: dict[str, Any]
+    tokenizer: str | None = None
+    pause_at_tokens: int | None = None  # Stage-2 tokens to train up to in this call (None: to the end)
+    eval_batches: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-layer{self.layer:02d}"
+
+
+def job_key(job: CandidateJob) -> str:
+    """Hash of the settings that determine a candidate's training (not the pause point)."""
+    from ..distill.config import DistillConfig
+
+    def resume_fields(cfg):
+        return None if cfg is None else DistillConfig.from_dict(cfg).resume_fields()
+
+    payload = {
+        "kind": job.kind, "layer": job.layer, "teacher": job.teacher, "base": str(job.base_student),
+        "mixers": job.mixers, "data": job.data, "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
+        "eval_batches": job.eval_batches,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_reusable(job: CandidateJob) -> dict[str, Any] | None:
+    """The stored result of a finished candidate (None if unfinished); ValueError if it was trained
+    with other settings."""
+    done = finished_candidate(job.run_dir)
+    if done is not None and done.get("job_key") != job_key(job):
+        raise ValueError(
+            f"{job.run_dir} holds a candidate trained with other settings (teacher, base student, data, "
+            "mixers or stage configs differ); use a new selection run directory"
+        )
+    return done
+
+
+def _paused_result(job: CandidateJob) -> dict[str, Any] | None:
+    """When an earlier call already trained past ``job.pause_at_tokens`` (a restarted selection
+    replaying its rounds), the snapshots up to that point, without loading any model."""
+    from ..distill import latest_checkpoint, read_metrics
+
+    run_dir = Path(job.run_dir)
+    if job.pause_at_tokens is None:
+        return None
+    ckpt = latest_checkpoint(run_dir / "stage2")
+    s1, initial = read_json(run_dir / STAGE1_EVAL_FILE), read_json(run_dir / INITIAL_EVAL_FILE)
+    if ckpt is None or s1 is None or initial is None:
+        return None
+    tokens = read_json(ckpt / "state.json")["tokens"]
+    if tokens < job.pause_at_tokens:
+        return None
+    snapshots = [
+        {"tokens": r["tokens"], "kl": r["eval_kl"]}
+        for r in read_metrics(run_dir / "stage2", "eval")
+        if r["tokens"] <= job.pause_at_tokens
+    ]
+    return {
+        "job_key": job_key(job), "kind": job.kind, "layer": job.layer, "mixers": job.mixers, "done": False,
+        "s1_loss": s1["s1_loss"], "kl_initial": initial["kl"], "snapshots": snapshots,
+        "tokens_trained": s1["tokens"] + job.pause_at_tokens, "stage2_tokens": job.pause_at_tokens,
+        "wall_time_s": 0.0, "tokens_per_s": None, "reused": True,
+    }
+
+
+def candidate_dir(root: str | Path, kind: str, layer: int) -> Path:
+    return Path(root) / "candidates" / kind / f"layer_{layer:02d}"
+
+
+def finished_candidate(run_dir: str | Path) -> dict[str, Any] | None:
+    """The stored result of a candidate that trained its whole budget, else None."""
+    return read_json(Path(run_dir) / CANDIDATE_FILE)
+
+
+# Worker processes reuse the teacher, tokenizer, base student and data between jobs.
+_CACHE: dict[tuple, Any] = {}
+
+
+def _cached(key: tuple, make):
+    if key not in _CACHE:
+        _CACHE[key] = make()
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Drop the models and datasets cached by `run_candidate` in this process."""
+    _CACHE.clear()
+
+
+def _load(job: CandidateJob):
+    from ..checkpoint import load_student
+    from ..data import DataSpec
+    from ..surgery import load_teacher, load_tokenizer
+
+    teacher = _cached(("teacher", job.teacher), lambda: load_teacher(job.teacher, dtype=torch.float32))
+    tokenizer = _cached(
+        ("tokenizer", job.teacher, job.tokenizer),
+        lambda: load_tokenizer(job.teacher, job.tokenizer, teacher.config.vocab_size),
+    )
+    base = _cached(("base", job.base_student), lambda: load_student(job.base_student).float())
+    spec = DataSpec.from_dict(job.data)
+    return teacher, tokenizer, base, spec
+
+
+def _heldout(data, batch_size: int, max_batches: int) -> list:
+    batches = []
+    for batch in data.eval_batches("heldout", batch_size):
+        batches.append(batch)
+        if len(batches) >= max_batches:
+            break
+    if not batches:
+        raise ValueError("layer scoring needs held-out data; the dataset has no held-out sequences (data.heldout_fraction)")
+    return batches
+
+
+def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
+    """Train one candidate up to ``job.pause_at_tokens`` Stage-2 tokens (or its whole budget).
+
+    Returns ``{"kind", "layer", "done", "s1_loss", "kl_initial", "snapshots": [{"tokens", "kl"}],
+    "tokens_trained", "wall_time_s", "tokens_per_s"}``; ``tokens_trained`` counts Stage-1 and
+    Stage-2 tokens so far. Finished candidates return their stored result at once.
+    """
+    from ..distill import DistillConfig, distill, read_metrics
+    from ..distill import distributed as hd_dist
+    from ..distill.trainer import _autocast
+    from ..distill.stages import Stage1Alignment, evaluate_kl, evaluate_stage
+    from ..surgery import derive_student
+
+    if isinstance(job, dict):
+        job = CandidateJob(**job)
+    run_dir = Path(job.run_dir)
+    done = check_reusable(job)
+    if done is not None:
+        return {**done, "reused": True}
+    replay = _paused_result(job)
+    if replay is not None:
+        return replay
+
+    t0 = time.perf_counter()
+    teacher, tokenizer, base, spec = _load(job)
+    torch.manual_seed(int(job.stage2.get("seed", 0)))
+    student = derive_student(teacher, base, job.mixers).float()
+    cfg2 = DistillConfig.from_dict(job.stage2)
+    device = hd_dist.init_distributed(cfg2.device).device
+    tokens_trained = 0
+
+    # ---- Stage 1 (optional) and its held-out alignment loss (the GA-S1 / GR-S1 score) ----
+    s1 = read_json(run_dir / STAGE1_EVAL_FILE)
+    if job.stage1 is not None:
+        cfg1 = DistillConfig.from_dict(job.stage1).replace(eval_max_batches=job.eval_batches)
+        data1 = spec.load(tokenizer, cfg1.seq_len or 512, seed=cfg1.seed)
+        r1 = distill(student, teacher, data1, cfg1.replace(seq_len=cfg1.seq_len or 512), run_dir / "stage1")
+        tokens_trained += r1.tokens
+        if s1 is None:
+            s1 = {"s1_loss": r1.eval_value, "tokens": r1.tokens}
+            atomic_write_json(run_dir / STAGE1_EVAL_FILE, s1)
+    elif s1 is None:
+        seq1 = cfg2.seq_len or 4096
+        data1 = spec.load(tokenizer, seq1, seed=cfg2.seed)
+        teacher.to(device)
+        student.to(device)
+        stage = Stage1Alignment(student, teacher, DistillConfig(stage=1, target_tokens=1))
+        try:
+            loss = evaluate_stage(stage, _heldout(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
+        finally:
+            stage.close()
+        s1 = {"s1_loss": loss, "tokens": 0}
+        atomic_write_json(run_dir / STAGE1_EVAL_FILE, s1)
+
+    # ---- Stage 2 with held-out KL snapshots ----
+    seq2 = cfg2.seq_len or 4096
+    cfg2 = cfg2.replace(seq_len=seq2, eval_max_batches=job.eval_batches, save_final_model=False, keep_last=1)
+    data2 = spec.load(tokenizer, seq2, seed=cfg2.seed, require_sequences=cfg2.global_batch_size)
+    initial = read_json(run_dir / INITIAL_EVAL_FILE)
+    if initial is None:  # the one-swap student before any Stage-2 training
+        teacher.to(device)
+        student.to(device)
+        batch = cfg2.eval_batch_size or cfg2.micro_batch(1)
+        _, autocast = _autocast(cfg2, device)  # the precision the snapshots use
+        with autocast():
+            kl = evaluate_kl(student, teacher, _heldout(data2, batch, job.eval_batches), cfg2.tau, cfg2.kl_chunk_size)
+        initial = {"kl": kl}
+        atomic_write_json(run_dir / INITIAL_EVAL_FILE, initial)
+    r2 = distill(student, teacher, data2, cfg2, run_dir / "stage2", pause_at_tokens=job.pause_at_tokens)
+    tokens_trained += r2.tokens
+    snapshots = [{"tokens": r["tokens"], "kl": r["eval_kl"]} for r in read_metrics(run_dir / "stage2", "eval")]
+    rows = read_metrics(run_dir / "stage2")
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    result = {
+        "job_key": job_key(job),
+        "kind": job.kind,
+        "layer": job.layer,
+        "mixers": job.mixers,
+        "done": not r2.paused,
+        "s1_loss": s1["s1_loss"],
+        "kl_initial": initial["kl"],
+        "snapshots": snapshots,
+        "tokens_trained": tokens_trained,
+        "stage2_tokens": r2.tokens,
+        "wall_time_s": time.perf_counter() - t0,
+        "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "reused": False,
+    }
+    if result["done"]:
+        atomic_write_json(run_dir / CANDIDATE_FILE, result)
+        for stale in ("stage2/checkpoints", "stage1/checkpoints", "stage1/final"):  # large; no longer needed
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+    student.cpu()
+    del student
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result

@@ -1,0 +1,109 @@
+"""``hybrid-distill select``: options and entry point."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import EXECUTORS, SELECTORS, SelectionConfig
+
+
+def _budgets(text: str) -> list[Any]:
+    out: list[Any] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.endswith("%"):
+            out.append(part)
+        elif "." in part:
+            out.append(float(part))
+        else:
+            out.append(int(part))
+    return out
+
+
+def add_select_arguments(parser) -> None:
+    g = parser.add_argument_group("selection")
+    g.add_argument("--selector", default="ga-s2", choices=SELECTORS)
+    g.add_argument("--budget", default="0.25", help="comma-separated budgets: counts (5), ratios (0.25) or percentages (25%%)")
+    g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant>")
+    g.add_argument("--run-dir", required=True, help="selection directory (shared by selectors; candidates are reused)")
+    g.add_argument("--base", default=None, help="all-linear student after Stage 1 (+2) to score from; default: distill one")
+    g.add_argument("--stage1-student", default=None, help="Stage-1 all-linear student (GR candidates' mixers); default --base")
+    g.add_argument("--data", default="default", help="data source (HF dataset, local files, or 'default')")
+    g.add_argument("--data-cache-dir", default=None)
+    g.add_argument("--max-data-tokens", type=int, default=None)
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--probe", default=None, help="linear mixer used while scoring (gdn, gla)")
+    g.add_argument("--layers", default=None, help="selector 'given': comma-separated softmax layers")
+    g.add_argument("--config", default=None, help="YAML/JSON file of SelectionConfig fields (flags override it)")
+    g.add_argument("--seq-len", type=int, default=None, help="candidate sequence length (Stage 1 and 2)")
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--candidate-tokens", type=int, default=None, help="Stage-2 tokens per candidate")
+    g.add_argument("--candidate-stage1-tokens", type=int, default=None, help="Stage-1 tokens per candidate (default: none)")
+    g.add_argument("--snapshot-every", type=int, default=None, help="tokens between held-out KL snapshots")
+    g.add_argument("--base-stage1-tokens", type=int, default=None, help="when distilling the base: Stage-1 tokens")
+    g.add_argument("--base-stage2-tokens", type=int, default=None, help="when distilling the base: Stage-2 tokens (0: skip)")
+    g.add_argument("--early-stop", action="store_true", help="stop scoring when the rolling-Jaccard rule fires")
+    g.add_argument("--racing", action="store_true", help="successive halving of candidates")
+    g.add_argument("--executor", default=None, choices=EXECUTORS)
+    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--reference", default=None, help="selection.json to compare against (Jaccard, tokens saved)")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_select_args(ns: dict[str, Any]) -> SelectionConfig:
+    """`SelectionConfig` from a config file (if any) and the flags of `add_select_arguments`."""
+    data: dict[str, Any] = {}
+    if ns.get("config"):
+        from pathlib import Path
+
+        import yaml
+
+        data = yaml.safe_load(Path(ns["config"]).read_text()) or {}
+    data["selector"] = ns.get("selector") or data.get("selector", "ga-s2")
+    if ns.get("budget"):
+        data["budgets"] = _budgets(ns["budget"])
+    for flag, field in (("probe", "probe"), ("executor", "executor"), ("workers", "workers"),
+                        ("snapshot_every", "snapshot_every_tokens")):
+        if ns.get(flag) is not None:
+            data[field] = ns[flag]
+    if ns.get("layers"):
+        data["layers"] = [int(x) for x in ns["layers"].split(",") if x.strip()]
+    if ns.get("early_stop"):
+        data["early_stop"] = True
+    if ns.get("racing"):
+        data["racing"] = True
+    stage2 = dict(data.get("stage2") or {})
+    shared = {k: ns[f] for f, k in (("seq_len", "seq_len"), ("global_batch_size", "global_batch_size")) if ns.get(f)}
+    stage2.update(shared)
+    if ns.get("candidate_tokens"):
+        stage2["target_tokens"] = ns["candidate_tokens"]
+    data["stage2"] = stage2
+    if ns.get("candidate_stage1_tokens"):
+        data["stage1"] = {**(data.get("stage1") or {}), **shared, "target_tokens": ns["candidate_stage1_tokens"]}
+    return SelectionConfig.from_dict(data)
+
+
+def run_select_from_args(args) -> int:
+    from .runner import run_selection
+
+    ns = dict(vars(args))
+    config = config_from_select_args(ns)
+    data = {"source": ns.get("data") or "default", "cache_dir": ns.get("data_cache_dir"), "max_tokens": ns.get("max_data_tokens")}
+    shared = {k: ns[f] for f, k in (("seq_len", "seq_len"), ("global_batch_size", "global_batch_size")) if ns.get(f)}
+    base_stages = {"stage1": {**shared, "target_tokens": ns.get("base_stage1_tokens") or 100_000_000}}
+    s2 = ns.get("base_stage2_tokens")
+    base_stages["stage2"] = None if s2 == 0 else {**shared, "target_tokens": s2 or 600_000_000}
+    selection = run_selection(
+        config, ns["teacher"], ns["run_dir"], data=data, base_student=ns.get("base"),
+        stage1_student=ns.get("stage1_student"), tokenizer=ns.get("tokenizer"), base_stages=base_stages,
+        reference=ns.get("reference"), progress=not ns.get("no_progress"),
+    )
+    summary = {
+        "selection": f"{ns['run_dir']}/{config.selector}/selection.json",
+        "ranking": selection.get("ranking"),
+        "budgets": {label: e["layers"] for label, e in selection["budgets"].items()},
+        "tokens": selection.get("tokens"),
+        "failed": list((selection.get("failed") or {}).keys()),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

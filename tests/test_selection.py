@@ -1,0 +1,277 @@
+"""Layer selection end to end on a tiny teacher: GA-S2 / GR / AVG / SMART / distance / bypass / rule
+selectors through `run_selection` and the CLI, candidate construction, restart without recomputation,
+retries and failure reports, early stopping and racing, executors."""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_distill.distill import read_metrics
+from hybrid_distill.distill.config import ConfigError
+from hybrid_distill.selection import SelectionConfig, run_selection, selected_layers, train_base_student
+from hybrid_distill.selection import candidates as cand_mod
+from hybrid_distill.selection import runner as runner_mod
+from hybrid_distill.selection.executors import InlineExecutor, LocalExecutor, make_executor
+
+TEACHER = "tiny:llama-gqa"
+SEQ, BATCH = 32, 4
+STEP_TOKENS = SEQ * BATCH
+
+
+def _stage(steps, **kw):
+    return {"target_tokens": steps * STEP_TOKENS, "seq_len": SEQ, "global_batch_size": BATCH, "eval_max_batches": 2, **kw}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("select")
+    data = {"source": "default", "max_tokens": 40_000, "cache_dir": str(root / "tokens")}
+    stage1, base = train_base_student(TEACHER, root / "base", data, "gdn", _stage(3), _stage(2))
+    return {"root": root, "data": data, "stage1": stage1, "base": base}
+
+
+def _config(**kw):
+    fields = dict(selector="ga-s2", budgets=[0.25, 0.5], stage2=_stage(4), snapshot_every_tokens=STEP_TOKENS)
+    fields.update(kw)
+    return SelectionConfig(**fields)
+
+
+def _run(env, run_dir, **kw):
+    config = kw.pop("config", None) or _config(**kw)
+    return run_selection(config, TEACHER, run_dir, data=env["data"], base_student=env["base"],
+                         stage1_student=env["stage1"], progress=False)
+
+
+def test_ga_s2_scores_are_held_out_kl_of_one_swap_candidates(env, tmp_path):
+    sel = _run(env, tmp_path)
+    assert sorted(sel["ranking"]) == [0, 1, 2, 3]
+    for layer in range(4):
+        metrics = read_metrics(tmp_path / "candidates" / "ga" / f"layer_{layer:02d}" / "stage2", "eval")
+        assert [r["tokens"] for r in metrics] == [STEP_TOKENS * i for i in (1, 2, 3, 4)]
+        assert sel["scores"][str(layer)] == pytest.approx(-metrics[-1]["eval_kl"])  # I(l) = -held-out KL
+        assert sel["snapshots"]["ga"]["kl"][str(layer)] == [r["eval_kl"] for r in metrics]
+    best = max(range(4), key=lambda i: sel["scores"][str(i)])
+    assert sel["budgets"]["25%"] == {"k": 1, "layers": [best], "adjacency": 0, "expected_adjacency": 0.0}
+    assert sel["budgets"]["50%"]["layers"] == sorted(sel["ranking"][:2])
+    assert selected_layers(sel, 0.5) == sel["budgets"]["50%"]["layers"]
+    assert sel["tokens"]["spent"] == sel["tokens"]["full_budget"] == 4 * 4 * STEP_TOKENS
+    saved = json.loads((tmp_path / "ga-s2" / "selection.json").read_text())
+    assert saved["ranking"] == sel["ranking"] and saved["probe"] == "gdn"
+    for png in ("importance.png", "selected_layers.png", "kl_ga.png", "stability_ga_k1.png"):
+        assert (tmp_path / "ga-s2" / png).stat().st_size > 1000
+    # GA-S1 reuses the same candidates (their Stage-1 loss); nothing is trained again.
+    s1 = _run(env, tmp_path, selector="ga-s1")
+    assert s1["candidates"]["reused"] == 4 and s1["tokens"]["spent"] == sel["tokens"]["spent"]
+    losses = {i: json.loads((tmp_path / "candidates/ga" / f"layer_{i:02d}" / "stage1_eval.json").read_text())["s1_loss"] for i in range(4)}
+    assert s1["ranking"] == sorted(range(4), key=lambda i: (losses[i], i))  # lower remaining MSE = more important
+
+
+def test_candidate_students_are_one_swaps(env, tmp_path):
+    from hybrid_distill.checkpoint import load_student
+    from hybrid_distill.surgery import derive_student, load_teacher
+
+    teacher, base, stage1 = load_teacher(TEACHER), load_student(env["base"]), load_student(env["stage1"])
+    ga = derive_student(teacher, base, ["gdn", "softmax", "gdn", "gdn"])
+    gr = derive_student(teacher, stage1, ["softmax", "softmax", "gdn", "softmax"])
+    t, b, s1 = teacher.state_dict(), base.state_dict(), stage1.state_dict()
+    for key, value in ga.state_dict().items():
+        ref = t[key] if key.startswith("model.layers.1.self_attn.") else b[key]
+        assert torch.equal(value, ref), key  # layer 1 restored to the teacher's attention, the rest from base
+    for key, value in gr.state_dict().items():
+        ref = s1[key] if key.startswith("model.layers.2.self_attn.") else t[key]
+        assert torch.equal(value, ref), key  # greedy removal starts from the teacher, layer 2 Stage-1 mixer
+    assert gr.config.mixers == ["softmax", "softmax", "gdn", "softmax"]
+
+
+def test_gr_avg_smart_and_distance_selectors(env, tmp_path):
+    gr = _run(env, tmp_path, selector="gr-s2")
+    assert all(m.count("gdn") == 1 for m in (json.loads(p.read_text())["mixers"]
+                                             for p in (tmp_path / "candidates" / "gr").glob("*/candidate.json")))
+    kl = {int(k): v[-1] for k, v in gr["snapshots"]["gr"]["kl"].items()}
+    assert gr["ranking"] == sorted(range(4), key=lambda i: (-kl[i], i))  # removal that hurts most = most important
+    ga = _run(env, tmp_path, selector="ga-s2")
+    avg = _run(env, tmp_path, selector="avg-s2")
+    assert avg["candidates"]["reused"] == 8
+    pos = {i: ga["ranking"].index(i) + gr["ranking"].index(i) for i in range(4)}
+    assert avg["ranking"] == sorted(range(4), key=lambda i: (pos[i], ga["ranking"].index(i)))
+    smart = _run(env, tmp_path, selector="smart")
+    assert smart["ranking"] is None and all(len(e["layers"]) == e["k"] for e in smart["budgets"].values())
+    dist = _run(env, tmp_path, config=_config(selector="ga-s2-dist", distance_lambda=0.0))
+    assert dist["budgets"] == ga["budgets"]  # lambda = 0 is plain GA-S2
+    far = _run(env, tmp_path, config=_config(selector="ga-s2-dist", distance_lambda=1e3, distance_sigma=1.0, budgets=[2]))
+    first = ga["ranking"][0]
+    chosen = far["budgets"]["K=2"]["layers"]
+    assert first in chosen and abs(chosen[0] - chosen[1]) == max(abs(first - j) for j in range(4))
+
+
+def test_bypass_and_rule_selectors(env, tmp_path):
+    for selector in ("act-mse", "lm-ppl"):
+        sel = _run(env, tmp_path, config=_config(selector=selector, task_length=SEQ, bypass_batches=2, batch_size=2))
+        assert sorted(sel["ranking"]) == [0, 1, 2, 3] and len(sel["scores"]) == 4
+    uni = _run(env, tmp_path, config=_config(selector="uniform", budgets=[1, 2]))
+    assert uni["budgets"]["K=2"]["layers"] == [1, 3] and uni["scores"] is None
+    given = _run(env, tmp_path, config=_config(selector="given", layers=[3, 0]))
+    assert list(given["budgets"].values())[0]["layers"] == [0, 3]
+    with pytest.raises(ValueError, match="between 1 and 3|1 <= K|range"):
+        _run(env, tmp_path, config=_config(selector="uniform", budgets=[4]))
+    with pytest.raises(ConfigError, match="SelectionConfig.selector"):
+        SelectionConfig(selector="best-guess")
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so no executor catches it."""
+
+
+def test_restart_recomputes_nothing_finished(env, tmp_path, monkeypatch):
+    real = cand_mod.run_candidate
+    trained = []
+
+    def dies_on_third(job):
+        if len(trained) == 2:
+            raise _Killed
+        out = real(job)
+        trained.append(job["layer"])
+        return out
+
+    monkeypatch.setattr(runner_mod, "run_candidate", dies_on_third)
+    with pytest.raises(_Killed):
+        _run(env, tmp_path)
+    assert trained == [0, 1]
+
+    def counting(job):
+        out = real(job)
+        trained.append((job["layer"], out["reused"]))
+        return out
+
+    trained.clear()
+    monkeypatch.setattr(runner_mod, "run_candidate", counting)
+    sel = _run(env, tmp_path)
+    assert trained == [(0, True), (1, True), (2, False), (3, False)]
+    assert sel["candidates"]["reused"] == 2
+    with pytest.raises(ValueError, match="other settings"):  # a changed budget must not silently reuse
+        _run(env, tmp_path, stage2=_stage(5))
+
+
+def test_failed_candidate_is_retried_once_then_reported(env, tmp_path, monkeypatch):
+    real = cand_mod.run_candidate
+    calls = []
+
+    def flaky(job):
+        calls.append(job["layer"])
+        if job["layer"] == 3:
+            raise RuntimeError("CUDA error: out of memory (simulated)")
+        if job["layer"] == 1 and calls.count(1) == 1:
+            raise RuntimeError("transient")
+        return real(job)
+
+    monkeypatch.setattr(runner_mod, "run_candidate", flaky)
+    sel = _run(env, tmp_path, budgets=[1])
+    assert calls.count(3) == 2 and calls.count(1) == 2 and calls.count(0) == 1
+    assert list(sel["failed"]) == ["ga-3"] and "out of memory" in sel["failed"]["ga-3"]
+    assert sorted(sel["ranking"]) == [0, 1, 2]
+
+
+def test_early_stop_and_racing_save_tokens(env, tmp_path):
+    full = _run(env, tmp_path / "full", stage2=_stage(6), budgets=[1])
+    early = run_selection(_config(stage2=_stage(6), budgets=[1], early_stop=True, early_stop_window=2,
+                                  early_stop_min_jaccard=0.5, round_snapshots=2),
+                          TEACHER, tmp_path / "early", data=env["data"], base_student=env["base"],
+                          stage1_student=env["stage1"], reference=tmp_path / "full" / "ga-s2", progress=False)
+    stop = early["early_stop"]["stop_snapshot"]["ga"]
+    assert stop is not None and stop >= 1
+    sets = early["snapshots"]["ga"]["sets"]["1"]
+    assert sets[stop] == sets[stop - 1]  # window of 2 with |union| <= K+1 and backbone >= K-1: the rule held
+    assert early["tokens"]["spent"] < full["tokens"]["spent"]
+    kl_at_stop = {int(k): v[stop] for k, v in early["snapshots"]["ga"]["kl"].items()}
+    assert early["ranking"][0] == min(kl_at_stop, key=lambda i: (kl_at_stop[i], i))
+    assert 0.0 <= early["reference"]["jaccard"]["K=1"] <= 1.0
+    assert early["reference"]["tokens_saved_fraction"] == pytest.approx(1 - early["tokens"]["spent"] / full["tokens"]["spent"])
+
+    racing = run_selection(_config(stage2=_stage(6), budgets=[1], racing=True, racing_keep_fraction=0.5,
+                                   racing_min_keep=2, round_snapshots=2),
+                           TEACHER, tmp_path / "racing", data=env["data"], base_student=env["base"],
+                           stage1_student=env["stage1"], reference=tmp_path / "full" / "ga-s2", progress=False)
+    eliminated = racing["racing"]["eliminated_round"]["ga"]
+    assert len(eliminated) == 2 and racing["tokens"]["spent"] < full["tokens"]["spent"]
+    survivors = [i for i in range(4) if str(i) not in eliminated]
+    assert sorted(racing["ranking"][:2]) == survivors  # survivors rank above every eliminated candidate
+    assert "K=1" in racing["reference"]["jaccard"]
+
+
+def test_select_cli_end_to_end(tmp_path, capsys):
+    from hybrid_distill.cli import main
+
+    args = ["select", "--selector", "ga-s2", "--budget", "0.25", "--teacher", TEACHER, "--run-dir", str(tmp_path),
+            "--data-cache-dir", str(tmp_path / "tok"), "--max-data-tokens", "40000", "--seq-len", str(SEQ),
+            "--global-batch-size", str(BATCH), "--candidate-tokens", str(2 * STEP_TOKENS),
+            "--snapshot-every", str(STEP_TOKENS), "--base-stage1-tokens", str(2 * STEP_TOKENS),
+            "--base-stage2-tokens", "0", "--no-progress"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["budgets"]["25%"]) == 1 and sorted(out["ranking"]) == [0, 1, 2, 3]
+    assert (tmp_path / "ga-s2" / "selection.json").is_file() and (tmp_path / "base" / "stage1" / "DONE").is_file()
+    assert main(args[:4] + ["4"] + args[5:]) == 2  # budget = number of layers: clear error, exit code 2
+    assert "layers" in capsys.readouterr().err
+
+
+# -- executors --------------------------------------------------------------------------------------
+
+
+def test_inline_executor_retries_and_reports():
+    outs = InlineExecutor(retries=1, progress=False).map(math.sqrt, [4.0, -1.0, 9.0])
+    assert [o.value for o in outs if o.ok] == [2.0, 3.0]
+    assert not outs[1].ok and outs[1].attempts == 2 and "math domain error" in outs[1].error
+
+
+def test_local_executor_runs_jobs_in_worker_processes():
+    ex = LocalExecutor(workers=2, retries=1, progress=False, threads_per_worker=1)
+    try:
+        outs = ex.map(math.sqrt, [16.0, -4.0, 25.0])
+        pids = ex.map(_os_getpid_of, [0, 1, 2, 3])
+    finally:
+        ex.close()
+    assert [o.value for o in outs] == [4.0, None, 5.0] and outs[1].attempts == 2
+    import os
+
+    assert all(o.ok for o in pids) and os.getpid() not in {o.value for o in pids}
+
+
+def _os_getpid_of(_):  # module-level: picklable by reference; spawned workers import this module
+    import os
+
+    return os.getpid()
+
+
+@pytest.mark.parametrize("name", ["ray", "slurm"])
+def test_cluster_executors(name, tmp_path):
+    pytest.importorskip("ray" if name == "ray" else "submitit")
+    options = {"init_options": {"num_cpus": 2, "include_dashboard": False}} if name == "ray" else {"cluster": "local", "timeout_min": 5}
+    ex = make_executor(name, retries=1, options=options, folder=tmp_path / "logs", progress=False)
+    try:
+        outs = ex.map(operator.neg, [1, 2]) + ex.map(math.sqrt, [-1.0])
+    finally:
+        ex.close()
+        if name == "ray":
+            import ray
+
+            ray.shutdown()
+    assert [o.value for o in outs[:2]] == [-1, -2]
+    assert not outs[2].ok and outs[2].attempts == 2 and "math domain error" in outs[2].error
+
+
+def test_config_validation_names_fields():
+    with pytest.raises(ConfigError, match="SelectionConfig.probe"):
+        SelectionConfig(probe="mamba")
+    with pytest.raises(ConfigError, match="SelectionConfig.stage2.*target_tokens"):
+        SelectionConfig(stage2={"target_tokens": 0})
+    with pytest.raises(ConfigError, match="SelectionConfig.layers"):
+        SelectionConfig(selector="given")
+    with pytest.raises(ConfigError, match="Unknown SelectionConfig field"):
+        SelectionConfig.from_dict({"selecter": "ga-s2"})
+    assert Path(runner_mod.selection_path("r", "ga-s2")) == Path("r/ga-s2/selection.json")
