@@ -297,6 +297,12 @@ def _accuracy(model: nn.Module, tokenizer: Any, samples: Sequence[Any], batch_si
     return sum(p.score for p in preds) / len(preds)
 
 
+def _tiebreak_weight(samples: Sequence[Any]) -> float:
+    """``min(1e-3, 1 / (2 N m))``: below half the resolution of a mean accuracy over the samples."""
+    m = math.lcm(*(max(1, len(s.answers)) for s in samples))
+    return min(TIEBREAK_WEIGHT, 1.0 / (2 * len(samples) * m))
+
+
 def task_scores(
     model: nn.Module,
     tokenizer: Any,
@@ -335,8 +341,7 @@ def task_scores(
     samples = generate_samples(task, tokenizer, length, num_samples, seed=seed, **task_options)
     if not samples:
         raise ValueError("task_scores needs num_samples >= 1")
-    m = math.lcm(*(max(1, len(s.answers)) for s in samples))
-    weight = min(TIEBREAK_WEIGHT, 1.0 / (2 * len(samples) * m))
+    weight = _tiebreak_weight(samples)
     nll_batches = _answer_batches(tokenizer, samples, batch_size)
     with _eval_mode(model):
         base_acc = _accuracy(model, tokenizer, samples, batch_size)

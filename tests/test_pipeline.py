@@ -1,0 +1,153 @@
+"""`hybrid-distill run`: a reduced end-to-end run, kill -9 + re-run without redoing finished stages,
+config validation before any compute, dry-run plan, report contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybrid_distill.cli import main
+from hybrid_distill.distill.config import ConfigError
+from hybrid_distill.pipeline import Pipeline, RunConfig, run_pipeline
+
+SEQ, BATCH = 32, 4
+
+
+def _stage(steps, **kw):
+    return {"target_tokens": steps * SEQ * BATCH, "seq_len": SEQ, "global_batch_size": BATCH, "eval_max_batches": 2, **kw}
+
+
+def _config(tmp_path: Path, **over) -> dict:
+    cfg = {
+        "teacher": "tiny:llama-gqa",
+        "run_dir": str(tmp_path / "run"),
+        "data": {"source": "default", "max_tokens": 40_000, "cache_dir": str(tmp_path / "tokens")},
+        "stage1": _stage(3),
+        "stage2": _stage(2),
+        "selection": {"selectors": ["ga-s2", "uniform"], "budgets": [1, 2], "stage2": _stage(2),
+                      "snapshot_every_tokens": SEQ * BATCH},
+        "final": {"stage2": _stage(2)},
+        "eval": {"suite": ["recall", "quality"], "tasks": ["kv_retrieval"], "lengths": [128], "num_samples": 2,
+                 "quality_seq_len": SEQ, "quality_sequences": 4},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
+    cfg = RunConfig.from_dict(_config(tmp_path))
+    state = run_pipeline(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
+    assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == 4 * 2 * SEQ * BATCH
+    sets = Pipeline(cfg, progress=False).final_sets()
+    uniform = json.loads((run / "selection/uniform/selection.json").read_text())
+    assert uniform["budgets"]["K=2"]["layers"] == [1, 3]
+    assert 2 <= len(sets) <= 4  # GA-S2 and uniform at K=1,2; identical sets are trained once
+    for name, item in sets.items():
+        model = run / "models" / name
+        cfg_json = json.loads((model / "config.json").read_text())
+        assert [i for i, m in enumerate(cfg_json["mixers"]) if m == "softmax"] == item["layers"]
+        card = (model / "README.md").read_text()
+        assert str(item["layers"]) in card and "tiny:llama-gqa" in card
+        assert (model / "tokenizer.json").is_file()
+        assert (run / "eval" / name / "results.json").is_file()
+    report = (run / "report.md").read_text()
+    for needle in ("Cost per stage", "ga-s2", "uniform", "teacher", "all-gdn", "softmax layers", "![", "| overall |",
+                   "comparison.png"):
+        assert needle in report, needle
+    assert "<table>" in (run / "report.html").read_text()
+    for img in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (run / img).is_file(), img
+
+
+def test_invalid_configs_fail_before_compute(tmp_path):
+    def fails(match, exc=ConfigError, **over):
+        with pytest.raises(exc, match=match):
+            RunConfig.from_dict(_config(tmp_path, **over))
+
+    fails(r"SelectionConfig\.selector", selection={"selectors": ["best-guess"], "budgets": [1]})
+    fails(r"selection\.budgets.*4-layer model", selection={"selectors": ["ga-s2"], "budgets": [4]})
+    fails(r"selection\.budgets", selection={"selectors": ["ga-s2"], "budgets": [1.0]})
+    fails(r"teacher: .*no-such-dir.*config\.json", exc=FileNotFoundError, teacher=str(tmp_path / "no-such-dir"))
+    fails(r"unknown data field.*txt_field", data={"source": "default", "txt_field": "body"})
+    fails(r"stage2: .*DistillConfig\.lr_mixer", stage2={"lr_mixer": -1})
+    fails(r"unknown top-level field.*stage_2", stage_2={})
+    fails(r"student\.linear", student={"linear": "mamba"})
+    assert not (tmp_path / "run").exists()
+    path = _write(tmp_path, _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [0.99]}))
+    assert main(["run", str(path)]) == 2 and not (tmp_path / "run").exists()
+
+
+def test_bad_text_field_is_named_before_training(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": "hello world " * 50}) for _ in range(50)))
+    cfg = RunConfig.from_dict(_config(tmp_path, data={"source": str(corpus), "text_field": "text"}))
+    with pytest.raises(Exception, match="text"):
+        Pipeline(cfg, progress=False).run(("stage1",))
+    assert not (Path(cfg.run_dir) / "stage1" / "DONE").exists()
+
+
+def test_dry_run_prints_plan(tmp_path, capsys):
+    path = _write(tmp_path, _config(tmp_path))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "one-swap candidates" in out and "H100-hours" in out and "**total**" in out
+    assert not (tmp_path / "run").exists()
+
+
+def _stage_done(run: Path, stage: str) -> bool:
+    try:
+        return stage in json.loads((run / "pipeline.json").read_text())["stages"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def test_kill_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    path = _write(tmp_path, cfg)
+    run = Path(cfg["run_dir"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid_distill.cli", "run", str(path), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not _stage_done(run, "selection"):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert "report" not in before
+
+    def must_not_run(self):
+        raise AssertionError("a finished stage ran again")
+
+    for stage in ("stage1", "stage2", "selection"):
+        monkeypatch.setattr(Pipeline, stage, must_not_run)
+    state = run_pipeline(RunConfig.from_file(path), progress=False)
+    assert all(state["stages"][s] == before[s] for s in ("stage1", "stage2", "selection"))
+    assert "report" in state["stages"] and (run / "report.md").is_file()
+    # A changed setting re-runs the stages it affects (and those after it), not the ones before.
+    cfg["final"] = {"stage2": _stage(3)}
+    path.write_text(yaml.safe_dump(cfg))
+    ran = []
+    monkeypatch.setattr(Pipeline, "final", lambda self: ran.append("final") or {"models": {}, "tokens": 0})
+    monkeypatch.setattr(Pipeline, "eval", lambda self: ran.append("eval") or {})
+    monkeypatch.setattr(Pipeline, "report", lambda self: ran.append("report") or {})
+    run_pipeline(RunConfig.from_file(path), progress=False)
+    assert ran == ["final", "eval", "report"]
