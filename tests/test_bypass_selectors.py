@@ -1,6 +1,7 @@
 """Layer-bypass baseline selectors (act-mse, lm-ppl, task-guided) and the AR / AR-multihop tasks."""
 
 import copy
+import math
 import random
 import re
 
@@ -87,13 +88,13 @@ def test_bypass_is_identity_residual(variant, teacher, student):
         layer = decoder_layers(model)[i]
         seen = {}
 
-        def grab_in(mod, args, kwargs):
+        def grab_in(mod, args, kwargs, seen=seen):
             seen["x"] = args[0] if args else kwargs["hidden_states"]
 
-        def grab_mid(mod, args):
+        def grab_mid(mod, args, seen=seen):
             seen["mid"] = args[0]
 
-        def grab_out(mod, args, kwargs, out):
+        def grab_out(mod, args, kwargs, out, seen=seen):
             seen["out"] = out[0] if isinstance(out, tuple) else out
 
         hooks = [layer.register_forward_pre_hook(grab_in, with_kwargs=True),
@@ -232,6 +233,16 @@ def test_model_signal_scores_handle_padding_and_details(teacher):
     assert list(mres["scores"]) == [3] and mres["baseline"]["tokens"] == data.numel()
 
 
+def test_model_signal_scores_on_student(student):
+    ids, mask = _padded_batch()
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    mse = act_mse_scores(student, batches, progress=False)
+    ppl = lm_ppl_scores(student, batches, layers=[1, 2])
+    assert sorted(mse) == [0, 1, 2, 3] and all(v > 0 for v in mse.values())
+    assert sorted(ppl) == [1, 2] and not any(math.isnan(v) for v in ppl.values())
+    assert _no_hooks(student)
+
+
 # ---------------------------------------------------------------------------------------
 # task-guided
 
@@ -316,7 +327,7 @@ def test_tiebreak_weight_below_accuracy_resolution():
 
 
 def test_answer_nll_is_padding_invariant(tok, teacher, student):
-    samples = generate_samples("ar", tok, 128, 3, seed=4) + generate_samples("kv_retrieval", tok, 96, 1, seed=4)
+    samples = generate_samples("ar", tok, 128, 3, seed=4) + generate_samples("kv_retrieval", tok, 160, 1, seed=4)
     b1 = bypass._answer_batches(tok, samples, 1)
     b4 = bypass._answer_batches(tok, samples, 4)
     assert b4[0][1][:, 0].tolist().count(0) >= 1  # really padded
