@@ -151,3 +151,10 @@ def test_kill_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(Pipeline, "report", lambda self: ran.append("report") or {})
     run_pipeline(RunConfig.from_file(path), progress=False)
     assert ran == ["final", "eval", "report"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_validate(path):
+    cfg = RunConfig.from_file(path, check_paths=False)  # real teachers need the hub; fields are checked offline
+    assert cfg.selectors and cfg.distill_config("stage2", 2).seq_len == 4096
+    assert cfg.selection_config("ga-s2").early_stop

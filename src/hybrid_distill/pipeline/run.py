@@ -158,7 +158,7 @@ class Pipeline:
                 layers = sorted(entry["layers"])
                 name = hybrid_name(layers, self.config.linear)
                 item = sets.setdefault(name, {"layers": layers, "chosen_by": []})
-                item["chosen_by"].append({"selector": selector, "budget": label, "k": entry["k"]})
+                item["chosen_by"].append({"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
         return sets
 
     def final(self) -> dict:
@@ -187,7 +187,7 @@ class Pipeline:
     def model_card(self, name: str, item: dict, res: dict) -> str:
         from .. import __version__
 
-        chosen = "\n".join(f"| {c['selector']} | {c['budget']} | {c['k']} |" for c in item["chosen_by"])
+        chosen = "\n".join(f"| {c['selector']} | {c['budget']} | {c['k']} | {c.get('probe') or '–'} |" for c in item["chosen_by"])
         stages = read_json(self.run_dir / STATE_FILE) or {"stages": {}}
         tokens = {s: (stages["stages"].get(s) or {}).get("tokens") for s in ("stage1", "stage2", "selection")}
         return (
@@ -198,7 +198,7 @@ class Pipeline:
             f"- final Stage-2 tokens: {res['tokens']:,}; all-linear Stage 1 / Stage 2 tokens: {tokens['stage1']} / "
             f"{tokens['stage2']}; selection tokens: {tokens['selection']}\n"
             f"- held-out {', '.join(f'{k} = {v:.4g}' for k, v in res['eval'].items() if v is not None) or 'metrics: n/a'}\n\n"
-            f"| selector | budget | K |\n|---|---|---|\n{chosen}\n\n"
+            f"| selector | budget | K | probe |\n|---|---|---|---|\n{chosen}\n\n"
             "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or with "
             "`hybrid_distill` installed, without remote code).\n"
         )
