@@ -15,9 +15,9 @@ import statistics
 import time
 
 import torch
+from bench_inference import QWEN25_15B, uniform_layers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from bench_inference import QWEN25_15B, uniform_layers
 from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
 
 CATEGORIES = (

@@ -129,7 +129,7 @@ def derive_student(teacher: PreTrainedModel, base: PreTrainedModel, mixers: Sequ
     the teacher's softmax attention (greedy addition), or the teacher with layer l linear (greedy
     removal, `base` = the Stage-1 all-linear student).
     """
-    student = build_student(teacher, mixers, base.config.mixer_options)
+    student = build_student(teacher, mixers, base.config.mixer_options).to(next(base.parameters()).dtype)
     base_mixers = list(base.config.mixers)
     if len(base_mixers) != len(mixers):
         raise ValueError(f"base student has {len(base_mixers)} layers, the new layout {len(mixers)}")

@@ -141,7 +141,10 @@ def _load(job: CandidateJob):
     from ..data import DataSpec
     from ..surgery import load_teacher, load_tokenizer
 
-    teacher = _cached(("teacher", job.teacher), lambda: load_teacher(job.teacher, dtype=torch.float32))
+    # On CUDA distillation runs the frozen teacher in bf16 (and casts it in place), so load it that way:
+    # every candidate then sees the same teacher, and restored softmax layers hold its bf16 weights.
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    teacher = _cached(("teacher", job.teacher), lambda: load_teacher(job.teacher, dtype=dtype))
     tokenizer = _cached(
         ("tokenizer", job.teacher, job.tokenizer),
         lambda: load_tokenizer(job.teacher, job.tokenizer, teacher.config.vocab_size),
@@ -209,8 +212,10 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         teacher.to(device)
         student.to(device)
         stage = Stage1Alignment(student, teacher, DistillConfig(stage=1, target_tokens=1))
+        _, autocast = _autocast(cfg2, device)  # a cached teacher may already be bf16 (distill casts it on CUDA)
         try:
-            loss = evaluate_stage(stage, _heldout(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
+            with autocast():
+                loss = evaluate_stage(stage, _heldout(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
         finally:
             stage.close()
         s1 = {"s1_loss": loss, "tokens": 0}
