@@ -13,7 +13,6 @@ Run directory layout (several selectors may share one directory and its candidat
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -129,6 +128,7 @@ def score_candidates(
                 results[layer] = out.value
             else:
                 failures[layer] = out.error
+                results.pop(layer, None)  # failed in a later round: no partial score
                 alive.remove(layer)
         if pause is None:
             break
@@ -317,7 +317,12 @@ def run_selection(
     selection["scores"] = {str(k): v for k, v in sorted(scores.items())} if scores is not None else None
     selection["ranking"] = ranking
     selection["budgets"] = {}
-    for budget, k in zip(config.budgets if config.selector != "given" else [ks[0]], ks):
+    seen = set()
+    for budget in config.budgets if config.selector != "given" else [ks[0]]:
+        k = rules.resolve_budget(budget, num_layers)
+        if k in seen:  # e.g. 0.25 and 1 on a 4-layer model: one entry
+            continue
+        seen.add(k)
         layers = sets[k]
         selection["budgets"][rules.budget_label(budget)] = {
             "k": k,
