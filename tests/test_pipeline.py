@@ -158,3 +158,26 @@ def test_example_configs_validate(path):
     cfg = RunConfig.from_file(path, check_paths=False)  # real teachers need the hub; fields are checked offline
     assert cfg.selectors and cfg.distill_config("stage2", 2).seq_len == 4096
     assert cfg.selection_config("ga-s2").early_stop
+
+
+def test_embedded_default_reduced(tmp_path):
+    """The README's main job (`hybrid-distill run default`) with every token budget cut to a few steps."""
+    import copy
+
+    base = RunConfig.from_file("default")
+    assert base.teacher == "default" and Path(base.teacher_spec, "model.safetensors").is_file()
+    data = copy.deepcopy(base.to_dict())
+    short = {"target_tokens": 2 * 16 * 256}
+    for name in ("stage1", "stage2"):
+        data[name].update(short)
+    data["selection"]["stage2"].update(short)
+    data["selection"]["budgets"] = [1, 3]
+    data["final"]["stage2"].update(short)
+    data["eval"].update(num_samples=3, tasks=["niah_single_1", "kv_retrieval"], quality_sequences=4)
+    data["data"]["cache_dir"] = str(tmp_path / "tokens")
+    data["run_dir"] = str(tmp_path / "run")
+    state = run_pipeline(RunConfig.from_dict(data), progress=False)
+    assert "report" in state["stages"]
+    teacher = json.loads((tmp_path / "run/eval/teacher/results.json").read_text())
+    assert teacher["recall"]["aggregate"]["overall"] >= 0.8  # the shipped teacher solves the recall tasks
+    assert "hybrid-gdn-k3" in (tmp_path / "run/report.md").read_text()

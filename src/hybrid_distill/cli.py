@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_from_args)
 
+    from .evaluation.lm_eval_bridge import add_lm_eval_arguments, run_lm_eval_from_args
+
+    p = sub.add_parser("lm-eval", help="evaluate a model with lm-evaluation-harness tasks (needs hybrid-distill[lmeval])")
+    add_lm_eval_arguments(p)
+    p.set_defaults(func=run_lm_eval_from_args)
+
     p = sub.add_parser("inspect", help="show a checkpoint's layer layout")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")

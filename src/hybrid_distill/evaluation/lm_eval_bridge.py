@@ -80,7 +80,7 @@ class LmEvalDataUnavailable(RuntimeError):
 def require_lm_eval():
     """Import and return ``lm_eval`` (checking its HF backend too) or raise :class:`LmEvalUnavailable`."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval
         from lm_eval.models.huggingface import HFLM  # noqa: F401  (needs accelerate)
     except ImportError as err:
         raise LmEvalUnavailable(f"{INSTALL_HINT} (import error: {err})") from err
@@ -175,7 +175,7 @@ def _task_manager(include_path, include_defaults: bool, metadata: dict[str, Any]
     from lm_eval.tasks import TaskManager
 
     class _BridgeTaskManager(TaskManager):
-        def load(self, task_list):  # noqa: D401  (simple_evaluate builds the tasks through this)
+        def load(self, task_list):
             try:
                 return super().load(task_list)
             except Exception as err:
@@ -210,8 +210,8 @@ def _check_tasks(task_list: Sequence[Any], manager) -> None:
         where = f" (searched {manager.include_path} too)" if manager.include_path else ""
         raise LmEvalTaskNotFound(
             f"lm-eval has no task, group or tag named {task!r}{where}"
-            + (f"; did you mean {close}?" if close else "")
-            + ". Give custom task folders with include_path= / --include-path, or a task YAML path."
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + "; give custom task folders with include_path= / --include-path, or a task YAML path"
         )
 
 
@@ -232,7 +232,7 @@ def task_metrics(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for key, value in metrics.items():
                 if key in ("alias", "samples", "name", "sample_len", "sample_count"):
                     continue
-                name = key[: -len(",none")] if key.endswith(",none") else key
+                name = key.removesuffix(",none")
                 clean[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
             out[task] = jsonable(clean)
     return out
@@ -273,7 +273,7 @@ def evaluate_with_lm_eval(
     include_defaults: bool = True,
     max_length: int | None = None,
     batch_size: int | str = 1,
-    limit: int | float | None = None,
+    limit: float | None = None,
     num_fewshot: int | None = None,
     device: str | None = None,
     dtype=None,
@@ -325,8 +325,8 @@ def evaluate_with_lm_eval(
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(spec, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(spec, None if tokenizer is None else str(tokenizer)) \
-            if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(spec, None if tokenizer is None else str(tokenizer))
     else:
         if tokenizer is None:
             raise ValueError("pass tokenizer= when model is a loaded model")
@@ -346,13 +346,15 @@ def evaluate_with_lm_eval(
     manager = _task_manager(include_path, include_defaults, metadata)
     _check_tasks(task_list, manager)
 
-    lm_kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
+    # backend="causal": hybrid model types are not in transformers' causal-LM registry (lm-eval would warn and guess).
+    lm_kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size,
+                                 "backend": "causal"}
     if max_length is not None:
         lm_kwargs["max_length"] = int(max_length)
     lm_kwargs.update(hflm_kwargs or {})
     lm = HFLM(**lm_kwargs)
 
-    kwargs: dict[str, Any] = dict(model=lm, tasks=task_list, limit=limit, task_manager=manager)
+    kwargs: dict[str, Any] = {"model": lm, "tasks": task_list, "limit": limit, "task_manager": manager}
     if num_fewshot is not None:
         kwargs["num_fewshot"] = int(num_fewshot)
     kwargs.update(simple_evaluate_kwargs)
@@ -446,10 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "INSTALL_HINT",
+    "RESULTS_FILE",
     "LmEvalDataUnavailable",
     "LmEvalTaskNotFound",
     "LmEvalUnavailable",
-    "RESULTS_FILE",
     "add_lm_eval_arguments",
     "evaluate_with_lm_eval",
     "local_dataset",
