@@ -765,26 +765,8 @@ def distill(
         metrics.close()
         stage.close()
 
-    if paused:
-        hd_dist.barrier()
-        return DistillResult(
-            run_dir=str(run_dir),
-            stage=config.stage,
-            steps=step,
-            tokens=tokens,
-            final_loss=last_loss,
-            eval_metric=eval_name,
-            eval_value=eval_value,
-            final_model_dir=None,
-            metrics_path=str(run_dir / METRICS_FILE),
-            config_hash=config_hash,
-            wall_time_s=elapsed_before + time.perf_counter() - session_start,
-            resumed_from_step=resumed_from,
-            paused=True,
-        )
-
     final_dir = None
-    if config.save_final_model:
+    if config.save_final_model and not paused:
         final_dir = run_dir / FINAL_DIR
         _save_final_model(student, final_dir, ctx)
     if last_loss is None:  # resumed at the very end: take the last logged loss
@@ -803,7 +785,11 @@ def distill(
         config_hash=config_hash,
         wall_time_s=elapsed_before + time.perf_counter() - session_start,
         resumed_from_step=resumed_from,
+        paused=paused,
     )
+    if paused:  # a checkpoint, no final model and no DONE: the next call continues
+        hd_dist.barrier()
+        return result
     if ctx.is_main:
         payload = {**result.to_dict(), "resume_key": resume_key}
         (run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1, default=str))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -154,14 +155,11 @@ def _load(job: CandidateJob):
     return teacher, tokenizer, base, spec
 
 
-def _heldout(data, batch_size: int, max_batches: int) -> list:
-    batches = []
-    for batch in data.eval_batches("heldout", batch_size):
-        batches.append(batch)
-        if len(batches) >= max_batches:
-            break
+def heldout_batches(data, batch_size: int, max_batches: int, purpose: str = "layer scoring") -> list:
+    """The first ``max_batches`` held-out batches of a packed dataset; ValueError when it has none."""
+    batches = list(itertools.islice(data.eval_batches("heldout", batch_size), max_batches))
     if not batches:
-        raise ValueError("layer scoring needs held-out data; the dataset has no held-out sequences (data.heldout_fraction)")
+        raise ValueError(f"{purpose} needs held-out data; the dataset has no held-out sequences (data.heldout_fraction)")
     return batches
 
 
@@ -215,7 +213,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         _, autocast = _autocast(cfg2, device)  # a cached teacher may already be bf16 (distill casts it on CUDA)
         try:
             with autocast():
-                loss = evaluate_stage(stage, _heldout(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
+                loss = evaluate_stage(stage, heldout_batches(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
         finally:
             stage.close()
         s1 = {"s1_loss": loss, "tokens": 0}
@@ -232,7 +230,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         batch = cfg2.eval_batch_size or cfg2.micro_batch(1)
         _, autocast = _autocast(cfg2, device)  # the precision the snapshots use
         with autocast():
-            kl = evaluate_kl(student, teacher, _heldout(data2, batch, job.eval_batches), cfg2.tau, cfg2.kl_chunk_size)
+            kl = evaluate_kl(student, teacher, heldout_batches(data2, batch, job.eval_batches), cfg2.tau, cfg2.kl_chunk_size)
         initial = {"kl": kl}
         atomic_write_json(run_dir / INITIAL_EVAL_FILE, initial)
     r2 = distill(student, teacher, data2, cfg2, run_dir / "stage2", pause_at_tokens=job.pause_at_tokens)

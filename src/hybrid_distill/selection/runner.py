@@ -21,7 +21,7 @@ from typing import Any
 
 from ..fileio import atomic_write_json, read_json
 from . import rules
-from .candidates import CandidateJob, candidate_dir, check_reusable, run_candidate
+from .candidates import CandidateJob, candidate_dir, check_reusable, heldout_batches, run_candidate
 from .config import BYPASS_SELECTORS, LEARNED_SELECTORS, SelectionConfig, candidate_kinds
 from .executors import make_executor
 
@@ -358,14 +358,8 @@ def _bypass_scores(config, teacher, tokenizer, spec):
     tok = load_tokenizer(teacher, tokenizer, model.config.vocab_size)
     if config.selector in ("act-mse", "lm-ppl"):
         seq = min(config.task_length, getattr(model.config, "max_position_embeddings", config.task_length))
-        ds = spec.load(tok, seq, seed=config.seed)
-        batches = []
-        for b in ds.eval_batches("heldout", config.batch_size):
-            batches.append(b)
-            if len(batches) >= config.bypass_batches:
-                break
-        if not batches:
-            raise SelectionError(f"selector {config.selector!r} needs held-out data; data.heldout_fraction is 0")
+        batches = heldout_batches(spec.load(tok, seq, seed=config.seed), config.batch_size, config.bypass_batches,
+                                  purpose=f"selector {config.selector!r}")
         fn = bypass.act_mse_scores if config.selector == "act-mse" else bypass.lm_ppl_scores
         scores = fn(model, batches, progress=False)
         return {int(k): float(v) for k, v in scores.items()}, {"batches": len(batches), "seq_len": seq}
