@@ -2,6 +2,9 @@
 
 Qwen2.5-1.5B-shaped model with random weights (speed does not depend on the values), bf16.
     python benchmarks/bench_inference.py --contexts 1024,4096,8192,16384,32768 --batches 1,8 --markdown FILE
+
+``--decode static`` (default) decodes through `StaticDecoder` (preallocated cache, CUDA-graph step),
+``--decode hf`` through the models' own HF caches in eager mode.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import datetime
 import json
 
 import torch
+import torch._dynamo
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hybrid_distill.evaluation.efficiency import measure, plot_efficiency, results_markdown
@@ -37,12 +41,32 @@ def uniform_layers(num_layers: int, k: int) -> list[int]:
     return sorted({min(num_layers - 1, int(round((i + 1) * step)) - 1) for i in range(k)})
 
 
+def qwen25_teacher() -> Qwen2ForCausalLM:
+    """The Qwen2.5-1.5B-shaped teacher with random weights, bf16, on CUDA."""
+    config = Qwen2Config(**QWEN25_15B)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def uniform_hybrid(teacher, ratio: float):
+    """(name, GDN hybrid with round(ratio * L) uniformly placed softmax layers)."""
+    n = teacher.config.num_hidden_layers
+    k = round(ratio * n)
+    student = build_student(teacher, mixers_from_softmax_layers(n, uniform_layers(n, k), "gdn")).eval()
+    return f"hybrid {ratio:.1%} ({k} softmax)", student
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", default="1024,4096,8192,16384,32768")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--ratios", default="0,0.125,0.25,0.5")
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--decode", choices=["static", "hf"], default="static")
+    parser.add_argument("--prefill-rows", type=int, default=None, help="prompt rows per prefill forward (bounds memory)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     parser.add_argument("--plot")
@@ -51,36 +75,45 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
 
-    config = Qwen2Config(**QWEN25_15B)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        teacher = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
-    n = config.num_hidden_layers
-    models = {"teacher": teacher}
-    for r in ratios:
-        k = round(r * n)
-        layers = uniform_layers(n, k)
-        models[f"hybrid {r:.1%} ({k} softmax)"] = build_student(teacher, mixers_from_softmax_layers(n, layers, "gdn")).eval()
-    # warm up kernels (fla autotuning / compilation) at every batch size before timing
-    for model in models.values():
-        for b in batches:
-            measure(model, "warmup", 256, b, decode_steps=2, warmup_steps=1)
+    teacher = qwen25_teacher()
+    models = {"teacher": teacher, **dict(uniform_hybrid(teacher, r) for r in ratios)}
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = 64  # one compiled step per (model, buffer shape)
+    else:  # warm up kernels (fla autotuning / compilation) at every batch size before timing
+        for model in models.values():
+            for b in batches:
+                measure(model, "warmup", 256, b, decode_steps=2, warmup_steps=3, decode=args.decode)
+    gdn_model = next((m for name, m in models.items() if name != "teacher"), None)
     results = []
     for ctx in contexts:
         for b in batches:
+            if gdn_model is not None:  # fla tunes its chunk kernels per new length: keep that out of the timings
+                rows = min(b, args.prefill_rows or b)
+                with torch.no_grad():
+                    gdn_model(torch.randint(3, 1000, (rows, ctx), device="cuda"), use_cache=True, logits_to_keep=1)
+                torch.cuda.empty_cache()
             for name, model in models.items():
-                r = measure(model, name, ctx, b, decode_steps=args.decode_steps)
+                r = measure(model, name, ctx, b, decode_steps=args.decode_steps, decode=args.decode,
+                            prefill_rows=args.prefill_rows, compile=args.compile)
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
     table = results_markdown(results, baseline="teacher")
     header = (
         "### Inference efficiency: Qwen2.5-1.5B-shaped teacher vs GDN hybrids (uniformly placed softmax layers)\n\n"
         f"- date: {datetime.date.today().isoformat()}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}\n"
-        f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches}`\n"
-        "- prefill: one forward over the prompt with `logits_to_keep=1`; decode: median per-step time of "
-        f"{args.decode_steps} greedy single-token steps through the model's cache (HF `DynamicLayer` KV cache for softmax "
-        "layers, fla fused recurrent kernel for GDN layers); cache = bytes held by the cache after decoding.\n\n"
+        f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches} "
+        f"--ratios {args.ratios} --decode {args.decode}" + (f" --prefill-rows {args.prefill_rows}" if args.prefill_rows else "")
+        + (" --compile" if args.compile else "") + "`\n"
+        + (
+            "- prefill: the prompt through the model's forward (`logits_to_keep=1`) and its cache copied into preallocated "
+            f"buffers; decode: mean step time over {args.decode_steps} greedy steps of `StaticDecoder` (static KV buffers for "
+            "softmax layers, fla fused recurrent kernel for GDN layers, one CUDA graph per step, same code for teacher and "
+            "hybrids); cache = bytes of the preallocated buffers.\n\n"
+            if args.decode == "static"
+            else "- prefill: one forward over the prompt with `logits_to_keep=1`; decode: median per-step time of "
+            f"{args.decode_steps} greedy single-token steps through the model's cache in eager mode (HF `DynamicLayer` KV "
+            "cache for softmax layers, fla fused recurrent kernel for GDN layers); cache = bytes held after decoding.\n\n"
+        )
     )
     print(header + table)
     if args.markdown:

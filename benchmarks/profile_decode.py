@@ -15,10 +15,7 @@ import statistics
 import time
 
 import torch
-from bench_inference import QWEN25_15B, uniform_layers
-from transformers import Qwen2Config, Qwen2ForCausalLM
-
-from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
+from bench_inference import qwen25_teacher, uniform_hybrid
 
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
@@ -92,16 +89,9 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json")
     args = parser.parse_args()
-    config = Qwen2Config(**QWEN25_15B)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        teacher = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
-    n = config.num_hidden_layers
-    k = round(args.ratio * n)
-    hybrid = build_student(teacher, mixers_from_softmax_layers(n, uniform_layers(n, k), "gdn")).eval()
+    teacher = qwen25_teacher()
     results = {}
-    for name, model in (("teacher", teacher), (f"hybrid {args.ratio:.1%} ({k} softmax)", hybrid)):
+    for name, model in (("teacher", teacher), uniform_hybrid(teacher, args.ratio)):
         profile(model, 256, args.batch, 2)  # warm-up
         results[name] = profile(model, args.context, args.batch, args.steps)
         print(name, json.dumps(results[name], indent=1), flush=True)

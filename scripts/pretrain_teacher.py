@@ -225,20 +225,6 @@ def collect_text(cfg: dict, rng: random.Random, log) -> tuple[list[str], dict]:
 # synthetic recall documents
 
 
-def answer_text(sample) -> str:
-    """The continuation of ``prompt + answer_prefix`` that the scorer accepts, as a model would write it."""
-    sep = "" if sample.answer_prefix.endswith((" ", "\n")) else " "
-    if sample.metric == "mqar_accuracy":
-        body = " ".join(sample.answers)
-    elif sample.metric == "first_int_exact":
-        body = sample.answers[0]
-    elif sample.task == "vt":
-        body = ", ".join(sample.answers)
-    else:
-        body = ", ".join(sample.answers) + "."
-    return sep + body
-
-
 def _synth_worker(job: dict):
     """Generate recall documents until ``count`` or ``deadline``; token ids (or texts without a tokenizer dir)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -273,10 +259,10 @@ def _synth_worker(job: dict):
         if sample is None:
             continue
         if not job["tokenizer_dir"]:
-            out.append(sample.prompt + sample.answer_prefix + answer_text(sample))
+            out.append(sample.input_text + sample.completion)
             continue
         p = tok(sample.prompt + sample.answer_prefix, add_special_tokens=False).input_ids
-        a = tok(answer_text(sample), add_special_tokens=False).input_ids
+        a = tok(sample.completion, add_special_tokens=False).input_ids
         if len(p) + len(a) + 2 > job["max_doc"]:
             continue
         out.append((task, np.asarray(p, dtype=np.int16), np.asarray(a, dtype=np.int16)))

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .loader import FORMAT_VERSION, PackedDataset, split_indices
+from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def build_token_dataset(
     rebuild: bool = False,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     docs_per_batch: int = 256,
+    recall_mix: RecallMix | None = None,
 ) -> PackedDataset:
     """Tokenize ``source`` with ``tokenizer``, pack into ``seq_len``-token sequences, cache, and load.
 
@@ -291,7 +293,8 @@ def build_token_dataset(
     stops once reached). The held-out split (``heldout_sequences`` or ``heldout_fraction`` of the
     sequences, chosen with ``seed``) is stored in ``meta.json``. ``require_sequences=N`` raises a
     ``DataSourceError`` unless the training split has at least N sequences (e.g. one global batch).
-    Source arguments are those of ``iter_texts``.
+    Source arguments are those of ``iter_texts``. ``recall_mix`` interleaves synthetic recall
+    documents (`RecallMix`) into the source's documents.
     """
     if not isinstance(seq_len, numbers.Integral) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
@@ -318,6 +321,8 @@ def build_token_dataset(
         "bos_token_id": bos,
         "txt_mode": txt_mode if res.kind == "files" else None,
     }
+    if recall_mix is not None:  # only when set, so caches of plain sources keep their keys
+        key_fields["recall_mix"] = recall_mix.fingerprint()
     key = _sha256_json(key_fields)[:20]
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"{_slug(res)}-{key}"
@@ -334,7 +339,7 @@ def build_token_dataset(
             shutil.rmtree(stale, ignore_errors=True)
         _build(res, tokenizer, seq_len, cache_dir, final, key, key_fields, tok_fp, bos, text_field=text_field,
                split=split, txt_mode=txt_mode, max_tokens=max_tokens, shard_tokens=shard_tokens,
-               docs_per_batch=docs_per_batch, **heldout_args)
+               docs_per_batch=docs_per_batch, recall_mix=recall_mix, **heldout_args)
     ds = PackedDataset(final, **heldout_args)
     if require_sequences is not None and len(ds.train_indices) < require_sequences:
         raise DataSourceError(
@@ -350,7 +355,7 @@ def _build(
     res: ResolvedSource, tokenizer, seq_len: int, cache_dir: Path, final: Path, key: str,
     key_fields: dict, tok_fp: dict, bos: int | None, *, text_field: str, split: str, txt_mode: str,
     max_tokens: int | None, shard_tokens: int, docs_per_batch: int,
-    heldout_fraction: float, heldout_sequences: int | None, seed: int,
+    heldout_fraction: float, heldout_sequences: int | None, seed: int, recall_mix: RecallMix | None = None,
 ) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps(cache_dir, key)
@@ -363,7 +368,8 @@ def _build(
         writer = _ShardWriter(tmp, seq_len, dtype, max(1, shard_tokens // seq_len))
         limit = None if max_tokens is None else max_tokens // seq_len * seq_len
         stats = _tokenize_into(writer, res, tokenizer, bos, tokenizer.eos_token_id, limit, dtype,
-                               text_field=text_field, split=split, txt_mode=txt_mode, docs_per_batch=docs_per_batch)
+                               text_field=text_field, split=split, txt_mode=txt_mode, docs_per_batch=docs_per_batch,
+                               recall_mix=recall_mix)
         dropped = writer.finish()
         n = writer.num_sequences
         if n == 0:
@@ -381,6 +387,7 @@ def _build(
             "text_field": text_field,
             "split": key_fields["split"],
             "txt_mode": key_fields["txt_mode"],
+            "recall_mix": key_fields.get("recall_mix"),
             "tokenizer": tok_fp,
             "bos_token_id": bos,
             "eos_token_id": tokenizer.eos_token_id,
@@ -426,12 +433,15 @@ def _build(
 def _tokenize_into(
     writer: _ShardWriter, res: ResolvedSource, tokenizer, bos: int | None, eos: int, limit: int | None,
     dtype: np.dtype, *, text_field: str, split: str, txt_mode: str, docs_per_batch: int,
+    recall_mix: RecallMix | None = None,
 ) -> dict[str, int]:
     stats = {"num_documents": 0, "num_tokens_read": 0}
     written = 0
     last_log = time.monotonic()
     max_id = np.iinfo(dtype).max
     texts = iter_texts(res, text_field, split, txt_mode=txt_mode)
+    if recall_mix is not None:
+        texts = recall_mix.interleave(texts, tokenizer, writer.seq_len)
     pieces = _pieces(texts, MAX_PIECE_CHARS)
     while limit is None or written < limit:
         batch = list(itertools.islice(pieces, docs_per_batch))

@@ -25,6 +25,10 @@ class DataSpec:
     heldout_fraction: float = 0.01
     config: str | None = None  # Hugging Face dataset config name
     revision: str | None = None
+    # synthetic recall documents mixed in (`RecallMix`); 0 = the source alone (the paper's setting)
+    recall_fraction: float = 0.0
+    recall_tasks: Any = None  # None (the shipped teacher's pretraining mix), [names] or {name: weight}
+    recall_seed: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
@@ -35,6 +39,13 @@ class DataSpec:
             raise DataSourceError(f"data.max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0.0 <= float(self.heldout_fraction) < 1.0:
             raise DataSourceError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        self.recall_mix()  # validates the recall fields
+
+    def recall_mix(self):
+        """The `RecallMix` these fields ask for, or None."""
+        from .recall_mix import recall_mix_from_fields
+
+        return recall_mix_from_fields(self.recall_fraction, self.recall_tasks, self.recall_seed)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | str | None) -> DataSpec:
@@ -69,4 +80,5 @@ class DataSpec:
             require_sequences=require_sequences,
             config=self.config,
             revision=self.revision,
+            recall_mix=self.recall_mix(),
         )

@@ -1,8 +1,8 @@
 """Inference efficiency: prefill latency, decode throughput, cache size and peak memory.
 
-Decode goes through the model's own cache (a real KV cache for softmax layers, fla's fused
-recurrent kernels for linear layers on CUDA), one token per step, greedy — what `generate()` does,
-without its Python-side bookkeeping.
+Decode runs one greedy token per step through a real KV cache for softmax layers and fla's fused
+recurrent kernels for linear layers, either with `StaticDecoder` (preallocated cache, CUDA graph:
+what a serving engine does) or through the model's own HF cache in eager mode (what `generate()` does).
 """
 
 from __future__ import annotations
@@ -52,38 +52,80 @@ def _sync():
         torch.cuda.synchronize()
 
 
+DECODE_MODES = ("static", "hf")
+
+
+def _timed(fn):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _sync()
+    start.record()
+    out = fn()
+    end.record()
+    _sync()
+    return out, start.elapsed_time(end)
+
+
 @torch.no_grad()
-def measure(model, name: str, context: int, batch: int, decode_steps: int = 32, warmup_steps: int = 4, vocab_limit: int = 1000):
-    """Prefill `batch` random prompts of `context` tokens, then decode `decode_steps` tokens greedily."""
+def measure(
+    model,
+    name: str,
+    context: int,
+    batch: int,
+    decode_steps: int = 32,
+    warmup_steps: int = 4,
+    vocab_limit: int = 1000,
+    decode: str = "static",
+    prefill_rows: int | None = None,
+    compile: bool = False,
+):
+    """Prefill `batch` random prompts of `context` tokens, then decode `decode_steps` tokens greedily.
+
+    ``decode="static"``: `StaticDecoder` (preallocated cache, CUDA-graph step; the warm-up steps
+    include the capture); the decode time is the mean over the timed steps, and the cache size is
+    that of the preallocated buffers. ``decode="hf"``: the model's own cache grown step by step in
+    eager mode, median per-step time. ``prefill_rows`` prefills that many rows per forward and
+    ``compile`` runs the step through torch.compile (static only).
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     device = next(model.parameters()).device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(3, vocab_limit, (batch, context), device=device)
     try:
-        _sync()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        end.record()
-        _sync()
-        prefill_ms = start.elapsed_time(end)
-        cache = out.past_key_values
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        step_ms = []
-        for i in range(warmup_steps + decode_steps):
-            start.record()
-            out = model(token, past_key_values=cache, use_cache=True)
+        if decode == "static":
+            from ..modeling.static_decode import StaticDecoder
+
+            dec = StaticDecoder(model, batch, context + warmup_steps + decode_steps + 1, compile=compile)
+            _, prefill_ms = _timed(lambda: dec.prefill(ids, prefill_rows))
+            for _ in range(warmup_steps):
+                dec.step()
+
+            def run():
+                for _ in range(decode_steps):
+                    dec.step()
+
+            _, total_ms = _timed(run)
+            ms, cache_size = total_ms / decode_steps, dec.cache.nbytes()
+            del dec, run
+            if compile:  # compiled code keeps references to the decoder's buffers
+                torch._dynamo.reset()
+        else:
+            out, prefill_ms = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            cache = out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            end.record()
-            _sync()
-            if i >= warmup_steps:
-                step_ms.append(start.elapsed_time(end))
-        ms = statistics.median(step_ms)
+            step_ms = []
+            for i in range(warmup_steps + decode_steps):
+                out, t = _timed(lambda: model(token, past_key_values=cache, use_cache=True))
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                if i >= warmup_steps:
+                    step_ms.append(t)
+            ms, cache_size = statistics.median(step_ms), cache_bytes(cache)
+            del out, cache
         result = EfficiencyResult(
-            name, context, batch, prefill_ms, ms, batch / ms * 1e3, cache_bytes(cache) / 2**30,
+            name, context, batch, prefill_ms, ms, batch / ms * 1e3, cache_size / 2**30,
             torch.cuda.max_memory_allocated() / 2**30,
         )
-        del out, cache
     except torch.cuda.OutOfMemoryError:
         result = EfficiencyResult(name, context, batch, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), oom=True)
     torch.cuda.empty_cache()

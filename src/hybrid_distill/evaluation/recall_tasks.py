@@ -96,6 +96,20 @@ class RecallSample:
     def input_text(self) -> str:
         return self.prompt + self.answer_prefix
 
+    @property
+    def completion(self) -> str:
+        """A continuation of ``input_text`` that scores 1.0, written as a model would (training documents)."""
+        sep = "" if self.answer_prefix.endswith((" ", "\n")) else " "
+        if self.metric == "mqar_accuracy":
+            body = " ".join(self.answers)
+        elif self.metric == "first_int_exact":
+            body = self.answers[0]
+        elif self.task == "vt":
+            body = ", ".join(self.answers)
+        else:
+            body = ", ".join(self.answers) + "."
+        return sep + body
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -191,6 +191,7 @@ def gated_linear_attention(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable  # Triton kernels with their own autotuning: run them as they are under torch.compile
 def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
                           cu_seqlens, chunk_size):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -213,6 +214,7 @@ def _fla_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_s
     return o.to(v.dtype), ht
 
 
+@torch.compiler.disable
 def _fla_gla(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens):
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
