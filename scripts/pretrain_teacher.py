@@ -354,6 +354,20 @@ def pack_rows(text_stream, syn_docs, row_len: int, frac: float, seed: int):
 # main
 
 
+def write_text_jsonl(path: str, texts: list[str]) -> None:
+    """Gzipped JSONL of {"text": ...} records, written atomically."""
+    import gzip
+
+    from hybrid_distill.fileio import atomic_write
+
+    def write(tmp: str) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+
+    atomic_write(path, write)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "scripts" / "pretrain_teacher.yaml"), help="YAML config (default: %(default)s)")
@@ -363,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="data worker processes (default: CPUs - 1, at most 15)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--text-out", default=None, metavar="PATH.jsonl.gz",
+                        help="also write the generic text documents (no recall documents) as gzipped JSONL, "
+                        "a `data.source` for distilling on the same text")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=64")
     args = parser.parse_args(argv)
 
@@ -415,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     texts, text_stats = collect_text(cfg, rng, log)
     timings["collect_text_s"] = time.time() - t0
     log(f"text: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M chars")
+    if args.text_out:
+        write_text_jsonl(args.text_out, texts)
+        log(f"text documents written to {args.text_out}")
 
     # 2. tokenizer (text sample + recall documents written with a throwaway tokenizer)
     t0 = time.time()
