@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybrid_distill.evaluation.efficiency import cache_bytes
 from hybrid_distill.modeling.static_decode import StaticDecoder, decode_attention, layer_kinds
 from hybrid_distill.surgery import build_student
 from hybrid_distill.tiny_teachers import TINY_TEACHER_VARIANTS, tiny_teacher
@@ -86,6 +87,9 @@ def test_static_cache_is_preallocated_and_sized():
     ptrs = [layer.keys.data_ptr() for layer in kv]
     dec.step()
     assert [layer.keys.data_ptr() for layer in kv] == ptrs and int(dec.position) == 30
+    buffers = [t for layer in dec.cache.layers for t in (
+        [layer.keys, layer.values] if hasattr(layer, "keys") else [layer.recurrent_state, *layer.conv_states.values()])]
+    assert cache_bytes(dec.cache) == sum(t.nbytes for t in buffers)  # the benchmark's cache size
 
 
 def test_clear_errors():

@@ -103,12 +103,13 @@ def recall_mix_from_fields(fraction: float, tasks: Any, seed: int | None) -> Rec
     """A `RecallMix` from DataSpec fields (tasks: None, a list of names or a name -> weight mapping)."""
     if not fraction:
         return None
-    if tasks is None:
-        task_weights = dict(DEFAULT_RECALL_MIX)
-    elif isinstance(tasks, dict):
-        task_weights = {str(k): float(v) for k, v in tasks.items()}
+    options: dict[str, Any] = {}  # fields left out keep RecallMix's defaults
+    if isinstance(tasks, dict):
+        options["tasks"] = {str(k): float(v) for k, v in tasks.items()}
     elif isinstance(tasks, (list, tuple)):
-        task_weights = {str(t): 1.0 for t in tasks}
-    else:
+        options["tasks"] = {str(t): 1.0 for t in tasks}
+    elif tasks is not None:
         raise DataSourceError(f"data.recall_tasks must be a list of task names or a mapping name -> weight, got {tasks!r}")
-    return RecallMix(float(fraction), task_weights, 1_000_000 if seed is None else int(seed))
+    if seed is not None:
+        options["seed"] = int(seed)
+    return RecallMix(float(fraction), **options)

@@ -106,7 +106,7 @@ def measure(
                     dec.step()
 
             _, total_ms = _timed(run)
-            ms, cache_size = total_ms / decode_steps, dec.cache.nbytes()
+            ms, cache_size = total_ms / decode_steps, cache_bytes(dec.cache)
             del dec, run
             if compile:  # compiled code keeps references to the decoder's buffers
                 torch._dynamo.reset()

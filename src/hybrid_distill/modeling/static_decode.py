@@ -5,8 +5,8 @@ layer from Python, so at batch 8 a decode step of a 1.5B model is host-bound (a 
 11 ms of GPU work). `StaticDecoder` removes both costs, for the teacher and the hybrid alike:
 
 * prefill runs the model's own forward (row groups at a time if asked, to bound activation
-  memory) and copies its cache into preallocated buffers: ``[B, Hkv, max_length, D]`` keys and
-  values per softmax layer, the fp32 recurrent state and short-conv states per linear layer;
+  memory) and copies its cache into preallocated buffers: ``[B, Hkv, S, D]`` keys and values per
+  softmax layer (S = max_length rounded up to a multiple of KEY_BLOCK), the fp32 recurrent state and short-conv states per linear layer;
 * a decode step writes the new key/value in place at the current position (a device tensor),
   attends over the whole buffer with a mask derived from that position, updates linear states in
   place and picks the greedy token, so it has fixed shapes and no host synchronisation;
@@ -27,9 +27,7 @@ import torch
 from .configuration_hybrid import LINEAR_MIXERS
 
 DECODE_ATTENTION = "hybrid_distill_decode"
-
-
-KEY_BLOCK = 256  # static buffers are allocated in multiples of this
+KEY_BLOCK = 256  # static KV buffers are allocated in multiples of this many positions
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -101,15 +99,6 @@ class StaticCache:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return self.layers[layer_idx].update(key_states, value_states)
-
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, _StaticKVLayer):
-                total += layer.keys.nbytes + layer.values.nbytes
-            else:
-                total += layer.recurrent_state.nbytes + sum(s.nbytes for s in layer.conv_states.values())
-        return total
 
 
 def layer_kinds(config) -> list[tuple[str, int | None]]:
