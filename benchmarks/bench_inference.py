@@ -10,12 +10,13 @@ Qwen2.5-1.5B-shaped model with random weights (speed does not depend on the valu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
 import torch
 import torch._dynamo
 from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from common import provenance, publish
 
 from hybrid_distill.evaluation.efficiency import measure, plot_efficiency, results_markdown
 from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
@@ -100,7 +101,7 @@ def main():
     table = results_markdown(results, baseline="teacher")
     header = (
         "### Inference efficiency: Qwen2.5-1.5B-shaped teacher vs GDN hybrids (uniformly placed softmax layers)\n\n"
-        f"- date: {datetime.date.today().isoformat()}; device: {torch.cuda.get_device_name()}; torch {torch.__version__}\n"
+        f"- {provenance()}\n"
         f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches} "
         f"--ratios {args.ratios} --decode {args.decode}" + (f" --prefill-rows {args.prefill_rows}" if args.prefill_rows else "")
         + (" --compile" if args.compile else "") + "`\n"
@@ -115,10 +116,7 @@ def main():
             "cache for softmax layers, fla fused recurrent kernel for GDN layers); cache = bytes held after decoding.\n\n"
         )
     )
-    print(header + table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + header + table)
+    publish(header + table, args.markdown)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in results], f, indent=1)

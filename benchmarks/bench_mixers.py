@@ -7,10 +7,10 @@ Run on a GPU with fla installed:  python benchmarks/bench_mixers.py --seq 4096 -
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 
 import torch
+from common import provenance, publish
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hybrid_distill.surgery import build_student
@@ -73,19 +73,15 @@ def main():
         peak = torch.cuda.max_memory_allocated() / 2**30
         tokens = args.batch * args.seq
         rows.append((name, ms, tokens / ms * 1e3, peak))
-    device_name = torch.cuda.get_device_name()
     header = (
         f"### Mixer forward+backward, Qwen2.5-1.5B-like layer (hidden 1536, 12 heads / 2 KV, head_dim 128), "
         f"B={args.batch}, T={args.seq}, bf16\n\n"
-        f"- date: {datetime.date.today().isoformat()}; device: {device_name}; torch {torch.__version__}\n"
+        f"- {provenance()}\n"
         f"- command: `python benchmarks/bench_mixers.py --seq {args.seq} --batch {args.batch}`\n\n"
         "| mixer | fwd+bwd ms (median) | tokens/s | peak GiB |\n|---|---:|---:|---:|\n"
     )
     table = header + "".join(f"| {n} | {ms:.2f} | {tps:,.0f} | {peak:.2f} |\n" for n, ms, tps, peak in rows)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + table)
+    publish(table, args.markdown)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ matmul peak measured on the spot. A second column adds the lm_head matmuls (2·V
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import tempfile
 import time
 
 import torch
+from common import provenance, publish
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill, read_metrics
@@ -254,13 +254,12 @@ def main():
         else breakdown(teacher, student, args.seq, args.batch, args.chunk, args.iters, args.warmup, device)
     )
 
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_note = f"{measured_peak:.0f} TFLOP/s measured (8192³ bf16 matmul)" if measured_peak else "n/a"
     lines = [
         f"### Stage-2 KL distillation, Qwen2.5-1.5B-shaped teacher → all-GDN student"
         f"{' (TINY smoke test)' if args.tiny else ''}, T={args.seq}, micro-batch {args.batch}, bf16 autocast",
         "",
-        f"- date: {datetime.date.today().isoformat()}; device: {dev_name}; torch {torch.__version__}",
+        f"- {provenance()}",
         f"- N (non-embedding params): teacher {n_t / 1e9:.3f}B, student {n_s / 1e9:.3f}B; "
         f"FLOPs/token 2·N_t + 6·N_s = {flops_tok / 1e9:.2f} GFLOP; with lm_head matmuls (8·V·H more) "
         f"{flops_tok_head / 1e9:.2f} GFLOP",
@@ -292,10 +291,7 @@ def main():
         lines += [f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |" for name, ms in phases.items()]
         lines.append(f"| total | {total:.1f} | 100% |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + table)
+    publish(table, args.markdown)
 
 
 if __name__ == "__main__":
