@@ -1,6 +1,7 @@
 """evaluate_model / CLI / quality / compare / lm_eval bridge on tiny random models (CPU, seconds)."""
 
 import argparse
+import copy
 import json
 import math
 
@@ -58,6 +59,25 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
     assert "| niah_single_1 |" in md and "| kv_retrieval |" in md and "niah.png" in md
     assert "| task | 160 | 200 | mean |" in md
     assert res["recall"]["aggregate"]["overall"] == agg["overall"]
+
+
+def test_second_model_reuses_the_generated_samples(model, tok, tmp_path, monkeypatch):
+    from hybrid_distill.evaluation import niah, recall_tasks, suite
+
+    made = []
+    for mod, name in ((recall_tasks, "generate_samples"), (niah, "niah_grid_samples")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    tokenizer = copy.deepcopy(tiny_tokenizer())  # a new tokenizer object: nothing cached for it yet
+    kw = dict(suite=["recall", "niah"], tasks=["kv_retrieval"], lengths=(160,), num_samples=2, niah_depths=(0, 100), batch_size=4)
+    first = evaluate_model(model, tokenizer, tmp_path / "a", **kw)
+    second = evaluate_model(model, tokenizer, tmp_path / "b", **kw)
+    assert made == ["generate_samples", "niah_grid_samples"]  # once, for the first model
+    for part in ("recall", "niah"):
+        assert [p["answers"] for p in first[part]["predictions"]] == [p["answers"] for p in second[part]["predictions"]]
+    evaluate_model(model, tokenizer, tmp_path / "c", **{**kw, "lengths": (200,)})
+    assert made.count("generate_samples") == made.count("niah_grid_samples") == 2  # other lengths: generated anew
+    assert len(suite._SAMPLES[tokenizer]) == 4
 
 
 def test_evaluate_model_skips_too_short_lengths(model, tok, tmp_path):

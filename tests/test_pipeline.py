@@ -71,6 +71,16 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
                    "comparison.png"):
         assert needle in report, needle
     assert "<table>" in (run / "report.html").read_text()
+    from hybrid_distill.pipeline.report import selector_budget_table
+
+    table = selector_budget_table(run, ["ga-s2", "uniform"])
+    assert table["budgets"] == ["K=1", "K=2"] and table["rows"]["uniform"]["K=2"]["layers"] == [1, 3]
+    for selector, row in table["rows"].items():
+        for label, cell in row.items():
+            res = json.loads((run / "eval" / cell["model"] / "results.json").read_text())
+            assert cell["value"] == res["recall"]["aggregate"]["overall"]
+            assert f"| {selector} |" in report and f"`{cell['layers']}`" in report
+    assert "### recall by selector and budget" in report
     for img in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (run / img).is_file(), img
 

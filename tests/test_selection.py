@@ -203,6 +203,24 @@ def test_early_stop_and_racing_save_tokens(env, tmp_path):
     assert sorted(racing["ranking"][:2]) == survivors  # survivors rank above every eliminated candidate
     assert "K=1" in racing["reference"]["jaccard"]
 
+    # Replaying the full run's snapshots through the round logic gives what the live runs did.
+    from hybrid_distill.selection.replay import replay_selection
+
+    rep = replay_selection(tmp_path / "full" / "ga-s2", early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5,
+                           round_snapshots=2)
+    assert rep["stop_snapshot"] == early["early_stop"]["stop_snapshot"]
+    assert rep["budgets"]["1"]["layers"] == early["budgets"]["K=1"]["layers"]
+    assert rep["budgets"]["1"]["full_layers"] == full["budgets"]["K=1"]["layers"]
+    assert rep["tokens_spent"] == early["tokens"]["spent"] and rep["full_tokens"] == full["tokens"]["spent"]
+    rep = replay_selection(tmp_path / "full" / "ga-s2", early_stop=False, racing=True, racing_keep_fraction=0.5,
+                           racing_min_keep=2, round_snapshots=2)
+    assert rep["eliminated_round"] == racing["racing"]["eliminated_round"]
+    assert rep["ranking"] == racing["ranking"] and rep["tokens_spent"] == racing["tokens"]["spent"]
+    rep = replay_selection(full, early_stop=False)  # no rounds: the full run itself
+    assert rep["tokens_spent"] == full["tokens"]["spent"] and rep["ranking"] == full["ranking"]
+    with pytest.raises(ValueError, match="full-budget"):
+        replay_selection(early)
+
 
 def test_select_cli_end_to_end(tmp_path, capsys):
     from hybrid_distill.cli import main

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,23 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+# Samples depend only on the tokenizer and the generation arguments: made once per tokenizer object
+# when one process evaluates many models (a pipeline's teacher, all-linear student and hybrids).
+_SAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cached_samples(tokenizer, key: tuple, make):
+    if key[-1] is not None:  # a caller's haystack object: no cache
+        return make()
+    try:
+        per_tokenizer = _SAMPLES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        return make()
+    if key not in per_tokenizer:
+        per_tokenizer[key] = make()
+    return per_tokenizer[key]
+
+
 def _prediction_record(sample, pred) -> dict[str, Any]:
     rec = pred.to_dict()
     rec["metric"] = sample.metric
@@ -83,7 +101,9 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
         opts = dict((task_options or {}).get(task, {}))
         for length in lengths:
             try:
-                samples += generate_samples(task, tokenizer, int(length), num_samples, seed=seed, haystack=haystack, **opts)
+                key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())), haystack)
+                samples += _cached_samples(tokenizer, key, lambda: generate_samples(
+                    task, tokenizer, int(length), num_samples, seed=seed, haystack=haystack, **opts))
             except LengthError as err:
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
@@ -98,8 +118,9 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], 
     from .niah import niah_grid_samples, niah_table
     from .runner import run_samples
 
-    samples = niah_grid_samples(tokenizer, lengths, depths, num_samples=num_samples, seed=seed, haystack=haystack,
-                                max_new_tokens=max_new_tokens)
+    key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens, haystack)
+    samples = _cached_samples(tokenizer, key, lambda: niah_grid_samples(
+        tokenizer, lengths, depths, num_samples=num_samples, seed=seed, haystack=haystack, max_new_tokens=max_new_tokens))
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress)
     table = niah_table((s, p.score) for s, p in zip(samples, preds))
     records = [_prediction_record(s, p) for s, p in zip(samples, preds)]

@@ -33,7 +33,7 @@ SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "tiny_teac
 _TOP_LEVEL = ("teacher", "tokenizer", "run_dir", "seed", "data", "student", "stage1", "stage2", "selection", "final",
               "eval", "report")
 _EVAL_KEYS = ("suite", "tasks", "lengths", "num_samples", "niah_lengths", "niah_depths", "niah_samples", "batch_size",
-              "quality_seq_len", "quality_sequences", "models", "seed")
+              "quality_seq_len", "quality_sequences", "seed")
 
 
 def resolve_teacher_spec(teacher: str) -> str:

@@ -113,6 +113,46 @@ def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> li
     return lines + [""]
 
 
+def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str = "recall/overall") -> dict[str, Any]:
+    """``metric`` of the final hybrid each (selector, budget) chose, in the paper's layout (rows: selectors,
+    columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value"}}}}``."""
+    from ..evaluation.compare import _metrics
+    from ..selection import load_selection
+    from .run import hybrid_name
+
+    run_dir = Path(run_dir)
+    state = read_json(run_dir / "pipeline.json") or {}
+    linear = ((state.get("config") or {}).get("student") or {}).get("linear", "gdn")
+    labels: list[str] = []
+    rows: dict[str, dict[str, Any]] = {}
+    for selector in selectors:
+        path = run_dir / "selection" / selector / "selection.json"
+        if not path.is_file():
+            continue
+        for label, entry in load_selection(path)["budgets"].items():
+            labels += [label] if label not in labels else []
+            name = hybrid_name(sorted(entry["layers"]), linear)
+            res = read_json(run_dir / "eval" / name / "results.json")
+            rows.setdefault(selector, {})[label] = {
+                "layers": sorted(entry["layers"]), "model": name, "value": _metrics(res).get(metric) if res else None}
+    return {"metric": metric, "budgets": labels, "rows": rows}
+
+
+def _selector_table_section(run_dir: Path, selectors: list[str]) -> list[str]:
+    lines = []
+    for metric, title in (("recall/overall", "recall"), ("niah/mean", "NIAH")):
+        table = selector_budget_table(run_dir, selectors, metric)
+        if not any(c["value"] is not None for r in table["rows"].values() for c in r.values()):
+            continue
+        lines += [f"### {title} by selector and budget", "", "| selector | " + " | ".join(table["budgets"]) + " |",
+                  "|---|" + "---:|" * len(table["budgets"])]
+        for selector, row in table["rows"].items():
+            cells = [_fmt(row[b]["value"]) + f" `{row[b]['layers']}`" if b in row else "–" for b in table["budgets"]]
+            lines.append(f"| {selector} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def report_markdown(run_dir: str | Path, config=None) -> str:
     """The report as Markdown (plots copied into ``run_dir/report/``)."""
     import yaml
@@ -151,6 +191,7 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
         lines.append("")
     models = pipe.eval_models() if (run_dir / "selection").is_dir() else {}
     lines += _eval_section(run_dir, report_dir, models)
+    lines += _selector_table_section(run_dir, config.selectors)
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 

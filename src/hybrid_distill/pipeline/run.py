@@ -212,33 +212,37 @@ class Pipeline:
         return models
 
     def eval(self) -> dict:
+        out: dict[str, Any] = {"models": {}}
+        for name in self.eval_models():
+            out["models"][name] = str(self.evaluate(name))
+        return out
+
+    def evaluate(self, name: str) -> Path:
+        """Evaluate one of `eval_models` (``"teacher"`` works before selection) into ``eval/<name>/``;
+        a model with results already is not evaluated again."""
         import torch
 
         from ..evaluation.suite import evaluate_model, load_model
 
+        dest = self.run_dir / "eval" / name
+        if (dest / "results.json").is_file():
+            return dest
+        spec = self.teacher_spec if name == "teacher" else self.eval_models()[name]
         ev = dict(self.config.eval)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        out: dict[str, Any] = {"models": {}}
         teacher = self.teacher.to(device).eval()
-        for name, spec in self.eval_models().items():
-            dest = self.run_dir / "eval" / name
-            if (dest / "results.json").is_file():
-                out["models"][name] = str(dest)
-                continue
-            model = teacher if name == "teacher" else load_model(spec, device=device)
-            evaluate_model(
-                model, self.tokenizer, dest, suite=ev.get("suite", ["recall", "quality"]), tasks=ev.get("tasks"),
-                lengths=ev.get("lengths", [1024]), num_samples=ev.get("num_samples", 20),
-                niah_lengths=ev.get("niah_lengths"), niah_depths=ev.get("niah_depths", (0.0, 25.0, 50.0, 75.0, 100.0)),
-                niah_samples=ev.get("niah_samples"), seed=ev.get("seed", 0), batch_size=ev.get("batch_size", 8),
-                teacher=None if name == "teacher" else teacher, corpus=self.config.data.get("source", "default"),
-                quality_seq_len=ev.get("quality_seq_len", 512), quality_sequences=ev.get("quality_sequences", 32),
-                model_name=name, progress=self.progress,
-            )
-            out["models"][name] = str(dest)
-            if model is not teacher:
-                del model
-        return out
+        model = teacher if name == "teacher" else load_model(spec, device=device)
+        evaluate_model(
+            model, self.tokenizer, dest, suite=ev.get("suite", ["recall", "quality"]), tasks=ev.get("tasks"),
+            lengths=ev.get("lengths", [1024]), num_samples=ev.get("num_samples", 20),
+            niah_lengths=ev.get("niah_lengths"), niah_depths=ev.get("niah_depths", (0.0, 25.0, 50.0, 75.0, 100.0)),
+            niah_samples=ev.get("niah_samples"), seed=ev.get("seed", 0), batch_size=ev.get("batch_size", 8),
+            teacher=None if name == "teacher" else teacher, corpus=self.config.data.get("source", "default"),
+            quality_seq_len=ev.get("quality_seq_len", 512), quality_sequences=ev.get("quality_sequences", 32),
+            model_name=name, progress=self.progress,
+        )
+        del model
+        return dest
 
     def report(self) -> dict:
         from .report import write_report

@@ -120,8 +120,6 @@ def score_candidates(
         rnd += 1
         pause = rnd * round_tokens if staged and rnd * round_tokens < total_tokens else None
         jobs = [make_job(kind, layer, pause) for layer in alive]
-        for job in jobs:  # a settings change must fail loudly, not be retried as a candidate failure
-            check_reusable(job)
         outcomes = executor.map(run_candidate, [job.to_dict() for job in jobs])
         for layer, out in zip(list(alive), outcomes):
             if out.ok:
@@ -202,6 +200,19 @@ def _learned_scores(selector: str, scorings: dict[str, dict]) -> tuple[dict[int,
         return rules.scores_from_ranking(ranking), ranking, tables
     name = f"{selector[:2]}-{metric}" if selector[:2] in ("ga", "gr") else "ga-s2"
     return tables[name], rankings[name], tables
+
+
+def learned_sets(config: SelectionConfig, scores: dict[int, float], ranking: list[int], num_layers: int,
+                 ks: Sequence[int], failures: dict | None = None) -> tuple[list[int] | None, dict[int, list[int]]]:
+    """(ranking, {K: softmax layers}) of a learned selector from its candidate scores."""
+    if config.selector == "smart":  # SMART gives sets, not a ranking
+        return None, {k: rules.smart_select(scores, num_layers, k, terminal_quantile=config.smart_terminal_quantile) for k in ks}
+    if config.selector == "ga-s2-dist":
+        return (rules.distance_regularized_ranking(scores, config.distance_lambda, config.distance_sigma),
+                {k: rules.distance_regularized_select(scores, k, config.distance_lambda, config.distance_sigma) for k in ks})
+    if len(ranking) < max(ks):
+        raise SelectionError(f"only {len(ranking)} candidates succeeded, fewer than the budget K={max(ks)}; failures: {failures or {}}")
+    return ranking, {k: rules.top_k(ranking, k) for k in ks}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,10 +407,12 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
         else:
             mixers = [config.probe if i == layer else "softmax" for i in range(num_layers)]
             base = stage1_student
-        return CandidateJob(kind=kind, layer=layer, run_dir=str(candidate_dir(run_dir, kind, layer)), teacher=teacher,
-                            base_student=str(base), mixers=mixers, data=spec.to_dict(), stage1=stage1_dict,
-                            stage2=stage2_dict, tokenizer=tokenizer, pause_at_tokens=pause,
-                            eval_batches=stage2_cfg.eval_max_batches)
+        job = CandidateJob(kind=kind, layer=layer, run_dir=str(candidate_dir(run_dir, kind, layer)), teacher=teacher,
+                           base_student=str(base), mixers=mixers, data=spec.to_dict(), stage1=stage1_dict,
+                           stage2=stage2_dict, tokenizer=tokenizer, pause_at_tokens=pause,
+                           eval_batches=stage2_cfg.eval_max_batches)
+        check_reusable(job)  # a settings change must fail loudly, not be retried as a candidate failure
+        return job
 
     executor = make_executor(config.executor, config.workers, config.retries, config.executor_options,
                              folder=run_dir / "slurm-logs", progress=progress)
@@ -412,16 +425,7 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
         executor.close()
     failures = {f"{kind}-{layer}": err for kind, sc in scorings.items() for layer, err in sc["failures"].items()}
     scores, ranking, tables = _learned_scores(config.selector, scorings)
-    if config.selector == "smart":
-        sets = {k: rules.smart_select(scores, num_layers, k, terminal_quantile=config.smart_terminal_quantile) for k in ks}
-        ranking = None  # SMART gives sets, not a ranking
-    elif config.selector == "ga-s2-dist":
-        sets = {k: rules.distance_regularized_select(scores, k, config.distance_lambda, config.distance_sigma) for k in ks}
-        ranking = rules.distance_regularized_ranking(scores, config.distance_lambda, config.distance_sigma)
-    else:
-        if len(ranking) < max(ks):
-            raise SelectionError(f"only {len(ranking)} candidates succeeded, fewer than the budget K={max(ks)}; failures: {failures}")
-        sets = {k: rules.top_k(ranking, k) for k in ks}
+    ranking, sets = learned_sets(config, scores, ranking, num_layers, ks, failures)
 
     n_cand = len(range(num_layers)) * len(scorings)
     s1_tokens = 0

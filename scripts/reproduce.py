@@ -1,0 +1,494 @@
+#!/usr/bin/env python3
+"""The paper's central result at small scale on one GPU (docs/reproduction.md): pretrain a teacher, run
+the whole pipeline with every selector at 12.5 / 25 / 50%, evaluate, and measure the selection cost.
+
+    python3 scripts/reproduce.py run --work runs/repro --deadline-minutes 25   # pretrain + pipeline
+    python3 scripts/reproduce.py poll --work runs/repro --seconds 570 --out DIR  # watch a background run, pack it
+    python3 scripts/reproduce.py pack --work runs/repro --out results.tar.gz     # a run's small files (no weights)
+    python3 scripts/reproduce.py analyze --work runs/repro                       # tables, plots, selection cost
+
+``run`` steps, each skipped when its output exists (so a re-run resumes):
+
+1. on CUDA with fla installed, a side process compiles fla's kernels at the students' shapes while
+   the teacher's data is prepared (first use of a shape costs minutes);
+2. ``scripts/pretrain_teacher.py`` with ``--pretrain-config`` -> ``WORK/pretrain/teacher`` and the generic
+   text it trained on -> ``WORK/text.jsonl.gz`` (the distillation data: no recall documents);
+3. the pipeline config ``--config`` with that teacher and text -> all-linear Stage 1 and 2;
+4. the teacher's evaluation (it also times one model's evaluation);
+5. with ``--deadline-minutes``: the candidate and final Stage-2 budgets shrunk (never grown) so that
+   selection, final hybrids, evaluation and report end before the deadline, from the Stage-2
+   throughput and evaluation time just measured; the config that ran is ``WORK/pipeline.yaml``;
+6. selection (every selector), final hybrids, evaluation, report.
+
+``WORK/timeline.json`` records each step's start, end and the budget decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+DEFAULT_CONFIG = ROOT / "examples" / "configs" / "reproduction.yaml"
+DEFAULT_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_repro.yaml"
+PACK_SUFFIXES = (".json", ".jsonl", ".md", ".html", ".png", ".yaml", ".log", ".txt")
+PACK_SKIP_DIRS = {"checkpoints", "tokens", "__pycache__"}
+SNAPSHOTS = 12  # held-out KL snapshots per candidate
+
+
+# ----------------------------------------------------------------------------------------------
+# timeline
+
+
+class Timeline:
+    """``WORK/timeline.json``: events with seconds since the run started (rewritten atomically)."""
+
+    def __init__(self, work: Path):
+        from hybrid_distill.fileio import read_json
+
+        self.path = work / "timeline.json"
+        self.data = read_json(self.path) or {"events": []}
+        self.t0 = time.time()
+        self.data.setdefault("started", self.t0)
+
+    def event(self, name: str, **info) -> None:
+        from hybrid_distill.fileio import atomic_write_json
+
+        rec = {"event": name, "t": round(time.time() - self.t0, 1), "time": time.strftime("%H:%M:%S"), **info}
+        self.data["events"].append(rec)
+        atomic_write_json(self.path, self.data)
+        print(f"[reproduce {rec['t']:7.1f}s] {name} {json.dumps(info) if info else ''}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets under a deadline
+
+
+def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, eval_seconds: float,
+                num_layers: int, min_steps: int = 4) -> dict:
+    """Candidate and final Stage-2 token budgets (whole steps; never above the config's) so that every
+    candidate, final hybrid and evaluation fits in ``seconds_left``.
+
+    Cost model: a candidate trains ``c`` tokens at the measured Stage-2 rate plus 30% for its held-out
+    snapshots and a fixed 4 s; a final hybrid ``f = c * final/candidate ratio of the config`` tokens plus
+    5% and 6 s; the number of distinct final sets is taken as selectors x budgets minus the first
+    budget's duplicates (at most that); each model's evaluation takes ``1.5 * eval_seconds`` (students
+    run longer than the teacher: they need not stop at EOS); 60 s for the bypass selectors and the report.
+    """
+    sel, fin = config["selection"], config["final"]["stage2"]
+    cand_full, final_full = int(sel["stage2"]["target_tokens"]), int(fin["target_tokens"])
+    step = int(sel["stage2"]["global_batch_size"]) * int(sel["stage2"]["seq_len"])
+    ratio = final_full / cand_full
+    selectors = sel["selectors"]
+    kinds = {k for s in selectors for k in _candidate_kinds(s)}
+    n_cand = num_layers * len(kinds)
+    n_final = max(1, len(selectors) * len(sel["budgets"]) - max(0, len(selectors) // 3))
+    evals = n_final + 1  # the all-linear student and each hybrid (the teacher is done)
+    fixed = n_cand * 4 + n_final * 6 + evals * 1.5 * eval_seconds + 60
+    per_token = (n_cand * 1.3 + n_final * 1.05 * ratio) / stage2_tokens_per_s
+    cand = (seconds_left - fixed) / per_token if per_token > 0 else cand_full
+    snap_steps = max(1, int(cand // step) // SNAPSHOTS)
+    cand_steps = min(cand_full // step, max(min_steps, snap_steps * SNAPSHOTS))
+    snap_steps = max(1, cand_steps // SNAPSHOTS)
+    final_steps = min(final_full // step, max(min_steps, round(cand_steps * ratio)))
+    return {
+        "candidate_tokens": cand_steps * step, "final_tokens": final_steps * step, "snapshot_every_tokens": snap_steps * step,
+        "model": {"seconds_left": round(seconds_left), "stage2_tokens_per_s": round(stage2_tokens_per_s),
+                  "eval_seconds_per_model": round(eval_seconds, 1), "candidates": n_cand, "final_sets_assumed": n_final,
+                  "fixed_seconds": round(fixed), "unconstrained_candidate_tokens": int(cand)},
+    }
+
+
+def _candidate_kinds(selector: str) -> tuple[str, ...]:
+    from hybrid_distill.selection.config import LEARNED_SELECTORS, candidate_kinds
+
+    return candidate_kinds(selector) if selector in LEARNED_SELECTORS else ()
+
+
+def apply_budgets(config: dict, budgets: dict) -> dict:
+    out = copy.deepcopy(config)
+    out["selection"]["stage2"]["target_tokens"] = budgets["candidate_tokens"]
+    out["selection"]["snapshot_every_tokens"] = budgets["snapshot_every_tokens"]
+    out["final"]["stage2"]["target_tokens"] = budgets["final_tokens"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def _pretrain_cmd(args, work: Path) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain_teacher.py"), "--config", str(args.pretrain_config),
+           "--out", str(work / "pretrain"), "--text-out", str(work / "text.jsonl.gz"), "--skip-eval"]
+    if args.pretrain_minutes is not None:
+        cmd += ["--max-minutes", str(args.pretrain_minutes)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    if args.pretrain_set:
+        cmd += ["--set", *args.pretrain_set]
+    return cmd
+
+
+def _fla_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
+
+
+def cmd_run(args) -> int:
+    work = Path(args.work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    tl = Timeline(work)
+    try:
+        return _run(args, work, tl)
+    except Exception:
+        tl.event("failed", error=traceback.format_exc()[-3000:])
+        raise
+
+
+def _run(args, work: Path, tl: Timeline) -> int:
+    import yaml
+
+    deadline = tl.t0 + args.deadline_minutes * 60 if args.deadline_minutes else None
+    tl.event("start", argv=sys.argv, deadline_minutes=args.deadline_minutes)
+    teacher_dir = work / "pretrain" / "teacher"
+
+    warm = None
+    if not (teacher_dir / "model.safetensors").is_file():
+        if _fla_available() and not args.no_warmup:
+            warm = subprocess.Popen([sys.executable, __file__, "warmup", "--config", str(args.config), "--pretrain-config",
+                                     str(args.pretrain_config)], stdout=open(work / "logs" / "warmup.log", "w"),
+                                    stderr=subprocess.STDOUT)
+            tl.event("warmup_started")
+        tl.event("pretrain_started")
+        with open(work / "logs" / "pretrain.log", "w") as log:
+            rc = subprocess.call(_pretrain_cmd(args, work), stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            tl.event("pretrain_failed", rc=rc)
+            return rc
+        tl.event("pretrain_done")
+    if warm is not None:
+        try:
+            warm.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            warm.kill()
+        tl.event("warmup_done", rc=warm.returncode)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    config["teacher"] = str(teacher_dir)
+    config["run_dir"] = str(work / "pipeline")
+    config["data"] = {**config["data"], "source": str(work / "text.jsonl.gz"), "cache_dir": str(work / "tokens")}
+    from hybrid_distill.fileio import atomic_write_text
+    from hybrid_distill.pipeline.config import RunConfig
+    from hybrid_distill.pipeline.run import Pipeline
+
+    def pipeline(cfg: dict) -> Pipeline:
+        atomic_write_text(work / "pipeline.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        return Pipeline(RunConfig.from_dict(cfg), progress=args.progress)
+
+    pipe = pipeline(config)
+    tl.event("base_started")
+    pipe.run(stages=("stage1", "stage2"))
+    tl.event("base_done")
+    t = time.time()
+    results = pipe.evaluate("teacher") / "results.json"
+    eval_s = sum(json.loads(results.read_text())["timings"].values())  # also right when reused
+    tl.event("teacher_eval_done", seconds=round(time.time() - t, 1), eval_seconds=round(eval_s, 1))
+
+    if deadline is not None:
+        state = json.loads((work / "pipeline" / "pipeline.json").read_text())["stages"]["stage2"]
+        rate = state["tokens"] / max(1e-9, state["wall_time_s"])
+        budgets = fit_budgets(config, deadline - time.time(), rate, eval_s, pipe.num_layers)
+        config = apply_budgets(config, budgets)
+        tl.event("budgets", **budgets)
+        pipe = pipeline(config)
+    for stage in ("selection", "final", "eval", "report"):
+        tl.event(f"{stage}_started")
+        pipe.run(stages=(stage,))
+        tl.event(f"{stage}_done")
+    tl.event("done")
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Compile fla's kernels at the students' training and evaluation shapes (1-layer model)."""
+    import tempfile
+
+    import torch
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pretrain_teacher import load_config
+
+    from hybrid_distill.checkpoint import save_student
+    from hybrid_distill.evaluation.suite import load_model
+    from hybrid_distill.surgery import build_student
+
+    t0 = time.time()
+    m = load_config(str(args.pretrain_config), [])["model"]
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    stage = cfg["selection"]["stage2"]
+    batch, seq = int(stage.get("micro_batch_size") or stage["global_batch_size"]), int(stage["seq_len"])
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                                           num_hidden_layers=1, num_attention_heads=m["num_attention_heads"],
+                                           num_key_value_heads=m["num_key_value_heads"], max_position_embeddings=8192))
+    student = build_student(teacher, [cfg["student"]["linear"]], (cfg.get("student") or {}).get("mixer_options")).float().cuda()
+    ids = torch.randint(0, 1024, (batch, seq), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as distill(): fp32 weights, bf16 autocast
+        student(input_ids=ids).logits.float().mean().backward()
+    torch.cuda.synchronize()
+    print(f"train shape {batch}x{seq}: {time.time() - t0:.1f}s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # evaluation: the saved model as the suite loads it
+        save_student(student.cpu(), tmp)
+        model = load_model(tmp, device="cuda")
+        eval_batch = int(cfg["eval"].get("batch_size", 8))
+        for length in cfg["eval"].get("lengths", [2048]):
+            x = torch.randint(4, 1024, (eval_batch, int(length)), device="cuda")
+            mask = torch.ones_like(x)
+            mask[0, :7] = 0  # left padding, as in the evaluation's batches
+            with torch.no_grad():
+                model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+    print(f"warm-up done in {time.time() - t0:.1f}s", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# poll / pack
+
+
+def pack(work: Path, dest: Path) -> Path:
+    """Tar.gz of the run's small files (JSON, logs, reports, plots, configs, the teacher's config and
+    tokenizer); no weights, checkpoints or token caches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(work.rglob("*")):
+            rel = path.relative_to(work)
+            if not path.is_file() or PACK_SKIP_DIRS & set(rel.parts) or path.suffix not in PACK_SUFFIXES:
+                continue
+            tar.add(path, arcname=str(Path(work.name) / rel))
+    os.replace(tmp, dest)
+    return dest
+
+
+def cmd_pack(args) -> int:
+    out = pack(Path(args.work), Path(args.out))
+    print(f"{out}: {out.stat().st_size / 2**20:.2f} MiB")
+    return 0
+
+
+def _status(work: Path) -> str:
+    tl = work / "timeline.json"
+    events = json.loads(tl.read_text())["events"] if tl.is_file() else []
+    last = events[-1] if events else {}
+    return f"{last.get('event', 'not started')} at {last.get('t', 0)}s"
+
+
+def cmd_poll(args) -> int:
+    """Print progress every ``--every`` seconds until ``--seconds`` pass or the run ends, packing the run
+    into ``--out`` each time (a command killed at its time limit still leaves the latest pack)."""
+    work, t0 = Path(args.work), time.time()
+    logs = [work / "logs" / n for n in ("driver.log", "pretrain.log")]
+    while time.time() - t0 < args.seconds:
+        if args.out:
+            pack(work, Path(args.out) / "repro.tar.gz")
+        status = _status(work)
+        tails = []
+        for log in logs:
+            if log.is_file():
+                lines = log.read_text(errors="replace").splitlines()
+                tails.append(f"  {log.name}: {lines[-1][:220] if lines else ''}")
+        print(f"[poll {time.time() - t0:5.0f}s] {status}\n" + "\n".join(tails), flush=True)
+        if status.startswith(("done", "pretrain_failed")) or "Traceback" in _tail(work / "logs" / "driver.log"):
+            break
+        time.sleep(min(args.every, max(1, args.seconds - (time.time() - t0))))
+    if args.out:
+        out = pack(work, Path(args.out) / "repro.tar.gz")
+        print(f"packed {out} ({out.stat().st_size / 2**20:.2f} MiB); {_status(work)}")
+    print(_tail(work / "logs" / "driver.log", 40))
+    return 0
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# analyze
+
+
+def analyze(work: Path) -> dict:
+    """Results of a finished (or partial) run: per-selector/budget recall and NIAH, the selected layers,
+    the selection cost with and without early stopping / racing (replayed), time per step; writes
+    ``WORK/analysis.json``, ``WORK/analysis.md`` and plots."""
+    from hybrid_distill.fileio import atomic_write_json, atomic_write_text, read_json
+    from hybrid_distill.pipeline.report import selector_budget_table
+    from hybrid_distill.selection.config import LEARNED_SELECTORS
+    from hybrid_distill.selection.replay import replay_selection
+
+    run = work / "pipeline"
+    state = read_json(run / "pipeline.json") or {"stages": {}, "config": {}}
+    selectors = (state.get("config", {}).get("selection") or {}).get("selectors", [])
+    out: dict = {"stages": {s: {k: e.get(k) for k in ("wall_time_s", "tokens")} for s, e in state["stages"].items()}}
+    out["timeline"] = (read_json(work / "timeline.json") or {}).get("events", [])
+    pre = [json.loads(line) for line in (work / "pretrain" / "training_log.jsonl").read_text().splitlines()] \
+        if (work / "pretrain" / "training_log.jsonl").is_file() else []
+    out["pretrain"] = next((r for r in pre if r.get("event") == "done"), None)
+    out["pretrain_data"] = next((r for r in pre if r.get("event") == "data"), None)
+    out["tables"] = {m: selector_budget_table(run, selectors, m) for m in ("recall/overall", "niah/mean", "quality/kl")}
+    from hybrid_distill.evaluation.compare import _metrics
+
+    out["models"] = {d.name: _metrics(read_json(d / "results.json")) for d in sorted((run / "eval").glob("*"))
+                     if (d / "results.json").is_file()}
+    out["selection"], out["selection_cost"] = {}, {}
+    for sel in selectors:
+        data = read_json(run / "selection" / sel / "selection.json")
+        if data is None:
+            continue
+        out["selection"][sel] = {"ranking": data.get("ranking"), "scores": data.get("scores"),
+                                 "wall_time_s": data.get("wall_time_s"), "tokens": data.get("tokens"),
+                                 "budgets": {k: e["layers"] for k, e in data["budgets"].items()}}
+        if sel in LEARNED_SELECTORS and (sel.endswith("-s2") or sel == "smart") and data.get("snapshots"):
+            rows = {"full": {"tokens_spent": data["tokens"]["spent"], "saved_fraction": 0.0,
+                             "budgets": {str(e["k"]): {"layers": e["layers"], "jaccard": 1.0} for e in data["budgets"].values()}}}
+            for name, kw in (("early stop (window 10, J>=0.9)", {"early_stop_window": 10}),
+                             ("early stop (window 5, J>=0.9)", {"early_stop_window": 5}),
+                             ("early stop (window 3, J>=0.8)", {"early_stop_window": 3, "early_stop_min_jaccard": 0.8}),
+                             ("racing (keep 1/2 every 3 snapshots)", {"racing": True, "early_stop": False, "round_snapshots": 3}),
+                             ("early stop (window 5) + racing", {"racing": True, "early_stop_window": 5, "round_snapshots": 3})):
+                kw = dict(kw)
+                rows[name] = replay_selection(data, early_stop=kw.pop("early_stop", True), racing=kw.pop("racing", False), **kw)
+            out["selection_cost"][sel] = rows
+    atomic_write_json(work / "analysis.json", out)
+    atomic_write_text(work / "analysis.md", analysis_markdown(out))
+    _plots(out, work)
+    return out
+
+
+def analysis_markdown(a: dict) -> str:
+    lines = []
+    for metric, t in a["tables"].items():
+        if not t["rows"]:
+            continue
+        lines += [f"### {metric}", "", "| selector | " + " | ".join(t["budgets"]) + " |", "|---|" + "---:|" * len(t["budgets"])]
+        for sel, row in t["rows"].items():
+            cells = [("–" if row.get(b, {}).get("value") is None else f"{row[b]['value']:.3f}") for b in t["budgets"]]
+            lines.append(f"| {sel} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### selected layers", "", "| selector | " + " | ".join(a["tables"]["recall/overall"]["budgets"]) + " |",
+              "|---|" + "---|" * len(a["tables"]["recall/overall"]["budgets"])]
+    for sel, row in a["tables"]["recall/overall"]["rows"].items():
+        lines.append(f"| {sel} | " + " | ".join(f"`{row[b]['layers']}`" if b in row else "–"
+                                                  for b in a["tables"]["recall/overall"]["budgets"]) + " |")
+    lines += ["", "### selection cost (replayed from the full-budget candidates)", "",
+              "| selector | schedule | candidate tokens | saved | sets (Jaccard vs full) |", "|---|---|---:|---:|---|"]
+    for sel, rows in a["selection_cost"].items():
+        for name, r in rows.items():
+            sets = ", ".join(f"K={k}: {v['jaccard']:.2f}" for k, v in r["budgets"].items())
+            lines.append(f"| {sel} | {name} | {r['tokens_spent'] / 1e6:.1f}M | {r['saved_fraction']:.0%} | {sets} |")
+    lines += ["", "### models", "", "| model | recall | NIAH | KL | perplexity |", "|---|---:|---:|---:|---:|"]
+    for name, m in a["models"].items():
+        vals = [m.get(k) for k in ("recall/overall", "niah/mean", "quality/kl", "quality/perplexity")]
+        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(a: dict, work: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = a["tables"]["recall/overall"]
+    if t["rows"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = range(len(t["budgets"]))
+        for sel, row in t["rows"].items():
+            ax.plot(x, [row.get(b, {}).get("value") for b in t["budgets"]], marker="o", label=sel,
+                    linewidth=2.5 if sel == "ga-s2" else 1.2)
+        for name, style in (("teacher", "k--"), ("all-gdn", "k:")):
+            if (a["models"].get(name) or {}).get("recall/overall") is not None:
+                ax.axhline(a["models"][name]["recall/overall"], color="k", linestyle=style[1:], label=name)
+        ax.set_xticks(list(x), t["budgets"])
+        ax.set_xlabel("softmax budget")
+        ax.set_ylabel("recall (5 tasks x 2k/4k)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(work / "recall_by_selector.png", dpi=130)
+        plt.close(fig)
+    sel = a["selection"].get("ga-s2")
+    if sel and sel.get("scores"):
+        fig, ax = plt.subplots(figsize=(7, 3))
+        layers = sorted(int(k) for k in sel["scores"])
+        ax.bar(layers, [sel["scores"][str(i)] for i in layers])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("GA-S2 importance (-KL)")
+        fig.tight_layout()
+        fig.savefig(work / "ga_s2_importance.png", dpi=130)
+        plt.close(fig)
+
+
+def cmd_analyze(args) -> int:
+    a = analyze(Path(args.work))
+    print((Path(args.work) / "analysis.md").read_text())
+    return 0 if a else 1
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="pretrain the teacher and run the pipeline")
+    p.add_argument("--work", default="runs/repro")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="pipeline YAML (default: %(default)s)")
+    p.add_argument("--pretrain-config", default=str(DEFAULT_PRETRAIN), help="pretraining YAML (default: %(default)s)")
+    p.add_argument("--pretrain-minutes", type=float, default=None, help="overrides train.max_minutes")
+    p.add_argument("--pretrain-set", nargs="*", default=[], metavar="KEY=VALUE", help="pretraining config overrides")
+    p.add_argument("--workers", type=int, default=None, help="pretraining data processes")
+    p.add_argument("--deadline-minutes", type=float, default=None,
+                   help="fit candidate/final budgets so the run ends within this many minutes of its start")
+    p.add_argument("--no-warmup", action="store_true", help="skip the fla kernel warm-up process")
+    p.add_argument("--progress", action="store_true", help="progress bars (off: logs only)")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("warmup", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--pretrain-config", default=str(DEFAULT_PRETRAIN))
+    p.set_defaults(fn=cmd_warmup)
+    p = sub.add_parser("poll", help="watch a background run; pack it into --out at the end")
+    p.add_argument("--work", default="runs/repro")
+    p.add_argument("--seconds", type=float, default=570)
+    p.add_argument("--every", type=float, default=30)
+    p.add_argument("--out", default=None, help="folder for repro.tar.gz")
+    p.set_defaults(fn=cmd_poll)
+    p = sub.add_parser("pack", help="tar.gz of a run's small files")
+    p.add_argument("--work", default="runs/repro")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_pack)
+    p = sub.add_parser("analyze", help="tables, plots and replayed selection cost of a run")
+    p.add_argument("--work", default="runs/repro")
+    p.set_defaults(fn=cmd_analyze)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

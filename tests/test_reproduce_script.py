@@ -1,0 +1,80 @@
+"""scripts/reproduce.py end to end on CPU at toy size: pretraining, every selector at 3 budgets, budgets
+fitted to a deadline, evaluation, report, the replayed selection cost, and the results pack."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+try:
+    import reproduce
+finally:
+    sys.path.pop(0)
+
+PRETRAIN = [
+    "model.num_hidden_layers=8", "model.hidden_size=32", "model.intermediate_size=64", "model.num_attention_heads=2",
+    "model.num_key_value_heads=1", "model.max_position_embeddings=512", "data.seq_len=128", "data.prompt_tokens=[64,120]",
+    "data.text_chars=300000", "tokenizer.train_chars=100000", "tokenizer.synthetic_docs=20", "tokenizer.vocab_size=512",
+    "data.synthetic_docs=40", "data.synthetic_seconds=10", "train.compile=false", "train.batch_size=4",
+    "train.warmup_steps=2", "data.heldout_rows=4",
+]
+
+
+def _toy_pipeline_config(path: Path) -> dict:
+    cfg = yaml.safe_load(reproduce.DEFAULT_CONFIG.read_text())
+    step = 4 * 64
+
+    def stage(steps):
+        return {"target_tokens": steps * step, "seq_len": 64, "global_batch_size": 4, "eval_max_batches": 1}
+
+    cfg["data"]["max_tokens"] = 60_000
+    cfg.update(stage1=stage(3), stage2=stage(3), final={"stage2": stage(4)})
+    cfg["selection"].update(stage2=stage(24), snapshot_every_tokens=2 * step, task_length=200, task_samples=4,
+                            bypass_batches=2, batch_size=4)
+    cfg["eval"].update(lengths=[256], niah_lengths=[256], num_samples=2, niah_depths=[0, 100], niah_samples=1,
+                       batch_size=8, quality_seq_len=64, quality_sequences=4, tasks=["kv_retrieval", "niah_single_1"])
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def test_reproduce_toy_run(tmp_path):
+    cfg = _toy_pipeline_config(tmp_path / "pipe.yaml")
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "run", "--work", str(work), "--config",
+           str(tmp_path / "pipe.yaml"), "--workers", "1", "--pretrain-minutes", "0.03", "--deadline-minutes", "3",
+           "--pretrain-set", *PRETRAIN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = [e["event"] for e in json.loads((work / "timeline.json").read_text())["events"]]
+    assert events[:2] == ["start", "pretrain_started"] and events[-1] == "done" and "budgets" in events
+    ran = yaml.safe_load((work / "pipeline.yaml").read_text())
+    assert ran["teacher"] == str(work / "pretrain" / "teacher") and ran["data"]["source"] == str(work / "text.jsonl.gz")
+    step = 4 * 64
+    cand = ran["selection"]["stage2"]["target_tokens"]
+    assert cand % step == 0 and step <= cand <= cfg["selection"]["stage2"]["target_tokens"]  # fitted, never grown
+    assert ran["final"]["stage2"]["target_tokens"] <= cfg["final"]["stage2"]["target_tokens"]
+    state = json.loads((work / "pipeline" / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
+    assert sorted(state["stages"]["selection"]["selectors"]) == sorted(cfg["selection"]["selectors"])
+
+    a = reproduce.analyze(work)
+    table = a["tables"]["recall/overall"]
+    assert table["budgets"] == ["12.5%", "25%", "50%"] and set(table["rows"]) == set(cfg["selection"]["selectors"])
+    assert all(len(c["layers"]) == k for row in table["rows"].values() for c, k in zip(row.values(), (1, 2, 4)))
+    assert all(c["value"] is not None for row in table["rows"].values() for c in row.values())
+    assert {"teacher", "all-gdn"} <= set(a["models"])
+    cost = a["selection_cost"]["ga-s2"]
+    assert cost["full"]["tokens_spent"] == 8 * cand and all(r["tokens_spent"] <= 8 * cand for r in cost.values())
+    assert set(a["selection_cost"]) == {"ga-s2", "gr-s2", "smart"}
+    for f in ("analysis.md", "recall_by_selector.png", "ga_s2_importance.png"):
+        assert (work / f).is_file()
+
+    packed = reproduce.pack(work, tmp_path / "out" / "repro.tar.gz")
+    names = tarfile.open(packed).getnames()
+    assert "work/pipeline/report.md" in names and "work/timeline.json" in names and "work/pretrain/teacher/config.json" in names
+    assert not [n for n in names if n.endswith((".safetensors", ".gz", ".npy", ".bin")) or "/checkpoints/" in n]
