@@ -66,6 +66,7 @@ DEFAULTS: dict = {
         "synthetic_seconds": 60,
         "synthetic_seed": 10_000,
         "prompt_tokens": [96, 500],
+        "prompt_length_dist": "uniform",  # or "loguniform": more short documents, the same range
         "answer_loss_weight": 4.0,
         "tasks": {"niah_single_1": 1, "kv_retrieval": 1, "mqar": 1, "vt": 1},
         "heldout_rows": 512,
@@ -121,6 +122,8 @@ def load_config(path: str | None, sets: list[str]) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
+    if cfg["data"].get("prompt_length_dist", "uniform") not in ("uniform", "loguniform"):
+        raise SystemExit(f"data.prompt_length_dist must be 'uniform' or 'loguniform', got {cfg['data']['prompt_length_dist']!r}")
     return cfg
 
 
@@ -248,7 +251,10 @@ def _synth_worker(job: dict):
         i += job["workers"]
         r = random.Random(seed)
         task = r.choices(tasks, weights)[0]
-        prompt_len = r.randint(pmin, pmax)
+        if job["prompt_length_dist"] == "loguniform":
+            prompt_len = int(round(math.exp(r.uniform(math.log(pmin), math.log(pmax)))))
+        else:
+            prompt_len = r.randint(pmin, pmax)
         sample = None
         for _ in range(4):
             try:
@@ -281,6 +287,7 @@ def synth_jobs(cfg: dict, tokenizer_dir: str | None, count: int, seconds: float,
             "deadline": deadline,
             "tasks": dict(cfg["data"]["tasks"]),
             "prompt_tokens": list(cfg["data"]["prompt_tokens"]),
+            "prompt_length_dist": cfg["data"].get("prompt_length_dist", "uniform"),
             "seed_base": seed_base,
             "max_doc": int(cfg["data"]["seq_len"]) + 1,
         }

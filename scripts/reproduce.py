@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-DEFAULT_CONFIG = ROOT / "examples" / "configs" / "reproduction.yaml"
+DEFAULT_CONFIG = ROOT / "scripts" / "reproduction.yaml"
 DEFAULT_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_repro.yaml"
 PACK_SUFFIXES = (".json", ".jsonl", ".md", ".html", ".png", ".yaml", ".log", ".txt")
 PACK_SKIP_DIRS = {"checkpoints", "tokens", "__pycache__"}
@@ -81,11 +81,11 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
     """Candidate and final Stage-2 token budgets (whole steps; never above the config's) so that every
     candidate, final hybrid and evaluation fits in ``seconds_left``.
 
-    Cost model: a candidate trains ``c`` tokens at the measured Stage-2 rate plus 30% for its held-out
-    snapshots and a fixed 4 s; a final hybrid ``f = c * final/candidate ratio of the config`` tokens plus
-    5% and 6 s; the number of distinct final sets is taken as selectors x budgets minus the first
-    budget's duplicates (at most that); each model's evaluation takes ``1.5 * eval_seconds`` (students
-    run longer than the teacher: they need not stop at EOS); 60 s for the bypass selectors and the report.
+    Cost model (checked against the first GPU run, docs/reproduction.md): a candidate trains ``c`` tokens
+    at the measured Stage-2 rate plus 30% for its held-out snapshots and a fixed 4 s; a final hybrid
+    ``f = c * final/candidate ratio of the config`` tokens plus 5% and 2 s; the number of distinct final
+    sets is taken as selectors x budgets minus a few duplicates; each of them is evaluated in
+    ``eval_seconds`` (the all-linear student's evaluation time); 90 s for the bypass selectors and the report.
     """
     sel, fin = config["selection"], config["final"]["stage2"]
     cand_full, final_full = int(sel["stage2"]["target_tokens"]), int(fin["target_tokens"])
@@ -95,8 +95,7 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
     kinds = {k for s in selectors for k in _candidate_kinds(s)}
     n_cand = num_layers * len(kinds)
     n_final = max(1, len(selectors) * len(sel["budgets"]) - max(0, len(selectors) // 3))
-    evals = n_final + 1  # the all-linear student and each hybrid (the teacher is done)
-    fixed = n_cand * 4 + n_final * 6 + evals * 1.5 * eval_seconds + 60
+    fixed = n_cand * 4 + n_final * (2 + eval_seconds) + 90
     per_token = (n_cand * 1.3 + n_final * 1.05 * ratio) / stage2_tokens_per_s
     cand = (seconds_left - fixed) / per_token if per_token > 0 else cand_full
     snap_steps = max(1, int(cand // step) // SNAPSHOTS)
@@ -204,15 +203,18 @@ def _run(args, work: Path, tl: Timeline) -> int:
     tl.event("base_started")
     pipe.run(stages=("stage1", "stage2"))
     tl.event("base_done")
-    t = time.time()
-    results = pipe.evaluate("teacher") / "results.json"
-    eval_s = sum(json.loads(results.read_text())["timings"].values())  # also right when reused
-    tl.event("teacher_eval_done", seconds=round(time.time() - t, 1), eval_seconds=round(eval_s, 1))
+    # The teacher's evaluation also generates the (cached) samples; the all-linear student's, which never
+    # stops early at EOS, is what each further model's evaluation costs at most.
+    eval_s = {}
+    for name in ("teacher", f"all-{pipe.config.linear}"):
+        results = pipe.evaluate(name) / "results.json"
+        eval_s[name] = sum(json.loads(results.read_text())["timings"].values())  # also right when reused
+        tl.event("model_eval_done", model=name, eval_seconds=round(eval_s[name], 1))
 
     if deadline is not None:
         state = json.loads((work / "pipeline" / "pipeline.json").read_text())["stages"]["stage2"]
         rate = state["tokens"] / max(1e-9, state["wall_time_s"])
-        budgets = fit_budgets(config, deadline - time.time(), rate, eval_s, pipe.num_layers)
+        budgets = fit_budgets(config, deadline - time.time(), rate, eval_s[f"all-{pipe.config.linear}"], pipe.num_layers)
         config = apply_budgets(config, budgets)
         tl.event("budgets", **budgets)
         pipe = pipeline(config)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,25 @@ def test_repro_config_is_a_valid_override():
     merged = load_config(str(ROOT / "scripts" / "pretrain_teacher_repro.yaml"), [])
     assert merged["model"]["num_hidden_layers"] >= 16 and merged["model"]["num_key_value_heads"] < merged["model"]["num_attention_heads"]
     assert set(cfg) <= set(merged)
+
+
+def test_loguniform_recall_document_lengths():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from pretrain_teacher import _synth_worker, load_config, synth_jobs
+    finally:
+        sys.path.pop(0)
+    from hybrid_distill.tokenization import tiny_tokenizer
+
+    tok = tiny_tokenizer(1024)  # the worker's tokenizer when it writes texts
+    mean_tokens = {}
+    for dist in ("uniform", "loguniform"):
+        cfg = load_config(None, [f"data.prompt_length_dist={dist}", "data.prompt_tokens=[64,600]", "data.tasks={kv_retrieval: 1}"])
+        texts = _synth_worker(synth_jobs(cfg, None, 24, 120, 123, 1)[0])  # same seeds for both
+        assert len(texts) == 24
+        lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+        assert all(40 <= n <= 700 for n in lengths)
+        mean_tokens[dist] = sum(lengths) / len(lengths)
+    assert mean_tokens["loguniform"] < 0.8 * mean_tokens["uniform"]
+    with pytest.raises(SystemExit, match="prompt_length_dist"):
+        load_config(None, ["data.prompt_length_dist=normal"])

@@ -222,6 +222,18 @@ def test_early_stop_and_racing_save_tokens(env, tmp_path):
         replay_selection(early)
 
 
+def test_replay_cli(env, tmp_path, capsys):
+    from hybrid_distill.cli import main
+
+    _run(env, tmp_path, stage2=_stage(6), budgets=[1])
+    assert main(["replay", str(tmp_path / "ga-s2"), "--racing", "--keep-fraction", "0.5", "--round-snapshots", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["racing"] and not out["early_stop"] and out["settings"]["round_snapshots"] == 2
+    assert 0 < out["tokens_spent"] < out["full_tokens"] and out["budgets"]["1"]["full_layers"]
+    with pytest.raises(SystemExit, match="--early-stop, --racing"):
+        main(["replay", str(tmp_path / "ga-s2")])
+
+
 def test_select_cli_end_to_end(tmp_path, capsys):
     from hybrid_distill.cli import main
 
@@ -281,6 +293,12 @@ def test_cluster_executors(name, tmp_path):
             ray.shutdown()
     assert [o.value for o in outs[:2]] == [-1, -2]
     assert not outs[2].ok and outs[2].attempts == 2 and "math domain error" in outs[2].error
+
+
+def test_candidates_warm_up_by_default():
+    assert SelectionConfig(stage2={"target_tokens": 1000}).stage_config(2).warmup_tokens == 100
+    assert SelectionConfig(stage2={"target_tokens": 1000, "warmup_tokens": 0}).stage_config(2).warmup_tokens == 0
+    assert SelectionConfig().stage_config(2).warmup_tokens == 10_000_000  # 10% of the default 100M
 
 
 def test_config_validation_names_fields():

@@ -133,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    from .selection.cli import add_select_arguments, run_select_from_args
+    from .selection.cli import add_replay_arguments, add_select_arguments, run_replay_from_args, run_select_from_args
 
     p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
     add_select_arguments(p)
     p.set_defaults(func=run_select_from_args)
+
+    p = sub.add_parser("replay", help="what early stopping / racing would have cost and chosen, from a full selection run")
+    add_replay_arguments(p)
+    p.set_defaults(func=run_replay_from_args)
 
     p = sub.add_parser("eval", help="recall suite / NIAH grid / perplexity and KL of a model; JSON + Markdown report")
     add_eval_arguments(p)

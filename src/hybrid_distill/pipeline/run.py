@@ -218,8 +218,8 @@ class Pipeline:
         return out
 
     def evaluate(self, name: str) -> Path:
-        """Evaluate one of `eval_models` (``"teacher"`` works before selection) into ``eval/<name>/``;
-        a model with results already is not evaluated again."""
+        """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection)
+        into ``eval/<name>/``; a model with results already is not evaluated again."""
         import torch
 
         from ..evaluation.suite import evaluate_model, load_model
@@ -227,7 +227,8 @@ class Pipeline:
         dest = self.run_dir / "eval" / name
         if (dest / "results.json").is_file():
             return dest
-        spec = self.teacher_spec if name == "teacher" else self.eval_models()[name]
+        fixed = {"teacher": self.teacher_spec, f"all-{self.config.linear}": self.base_dirs()[1]}
+        spec = fixed[name] if name in fixed else self.eval_models()[name]
         ev = dict(self.config.eval)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()

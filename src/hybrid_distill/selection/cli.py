@@ -107,3 +107,26 @@ def run_select_from_args(args) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def add_replay_arguments(parser) -> None:
+    parser.add_argument("selection", help="selection.json (or its folder) of a full-budget learned-selector run")
+    parser.add_argument("--early-stop", action="store_true", help="replay the rolling-Jaccard early stop")
+    parser.add_argument("--racing", action="store_true", help="replay racing (successive halving)")
+    parser.add_argument("--window", type=int, default=None, help="early_stop_window (snapshots)")
+    parser.add_argument("--min-jaccard", type=float, default=None, help="early_stop_min_jaccard")
+    parser.add_argument("--round-snapshots", type=int, default=None, help="snapshots per round (decision points)")
+    parser.add_argument("--keep-fraction", type=float, default=None, help="racing_keep_fraction")
+
+
+def run_replay_from_args(args) -> int:
+    """Print (JSON) what early stopping / racing would have spent and chosen on a full run."""
+    from .replay import replay_selection
+
+    if not (args.early_stop or args.racing):
+        raise SystemExit("hybrid-distill replay: give --early-stop, --racing or both")
+    changes = {name: value for name, value in (("early_stop_window", args.window), ("early_stop_min_jaccard", args.min_jaccard),
+                                               ("round_snapshots", args.round_snapshots),
+                                               ("racing_keep_fraction", args.keep_fraction)) if value is not None}
+    print(json.dumps(replay_selection(args.selection, early_stop=args.early_stop, racing=args.racing, **changes), indent=2))
+    return 0

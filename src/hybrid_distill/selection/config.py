@@ -26,6 +26,10 @@ EXECUTORS = ("inline", "local", "ray", "slurm")
 # Candidate runs are short: Stage 1 is skipped by default (candidates start from the shared Stage-1
 # mixers, as the paper's code does) and Stage 2 gets a fraction of the full Stage-2 budget.
 CANDIDATE_STAGE2_DEFAULTS: dict[str, Any] = {"target_tokens": 100_000_000}
+# A candidate starts a fresh AdamW on an already distilled student: without warm-up its first steps are
+# full-size sign-like updates that raise the held-out KL (on the GPU reproduction, 12-step candidates at
+# lr 5e-4 ended above their step-0 KL for 15 of 16 layers). Default warm-up: this share of the budget.
+CANDIDATE_WARMUP_FRACTION = 0.1
 
 
 def candidate_kinds(selector: str) -> tuple[str, ...]:
@@ -140,6 +144,8 @@ class SelectionConfig:
         overrides = self.stage1 if stage == 1 else {**CANDIDATE_STAGE2_DEFAULTS, **self.stage2}
         if overrides is None:
             return None
+        if stage == 2 and "warmup_tokens" not in overrides and isinstance(overrides.get("target_tokens"), int):
+            overrides = {**overrides, "warmup_tokens": int(int(overrides["target_tokens"]) * CANDIDATE_WARMUP_FRACTION)}
         fields = {"progress": False, "save_final_model": True, "seed": self.seed, **overrides, "stage": stage}
         try:
             return DistillConfig.from_dict(fields)
