@@ -368,7 +368,7 @@ def write_text_jsonl(path: str, texts: list[str]) -> None:
     from hybrid_distill.fileio import atomic_write
 
     def write(tmp: str) -> None:
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:  # a working file: speed over size
             for text in texts:
                 f.write(json.dumps({"text": text}) + "\n")
 
