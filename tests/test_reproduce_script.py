@@ -78,3 +78,20 @@ def test_reproduce_toy_run(tmp_path):
     names = tarfile.open(packed).getnames()
     assert "work/pipeline/report.md" in names and "work/timeline.json" in names and "work/pretrain/teacher/config.json" in names
     assert not [n for n in names if n.endswith((".safetensors", ".gz", ".npy", ".bin")) or "/checkpoints/" in n]
+
+
+def test_fit_budgets_shrinks_to_the_deadline_and_never_grows():
+    cfg = yaml.safe_load(reproduce.DEFAULT_CONFIG.read_text())
+    step = 8 * 4096
+    full_c, full_f = cfg["selection"]["stage2"]["target_tokens"], cfg["final"]["stage2"]["target_tokens"]
+    roomy = reproduce.fit_budgets(cfg, 10**6, 166_000, 14.5, 16)
+    assert (roomy["candidate_tokens"], roomy["final_tokens"]) == (full_c // step * step, full_f // step * step)
+    fits = [reproduce.fit_budgets(cfg, s, 166_000, 14.5, 16) for s in (700, 900, 1200, 1600)]
+    cands = [b["candidate_tokens"] for b in fits]
+    assert cands == sorted(cands) and cands[0] < cands[-1] <= full_c  # more time, more tokens
+    for b in fits:
+        assert b["candidate_tokens"] % step == 0 and b["final_tokens"] % step == 0
+        assert b["snapshot_every_tokens"] * reproduce.SNAPSHOTS <= b["candidate_tokens"]
+        assert b["model"]["candidates"] == 32  # GA and GR candidates of 16 layers
+    tight = reproduce.fit_budgets(cfg, 10, 166_000, 14.5, 16)  # no time at all: the minimum, not zero
+    assert tight["candidate_tokens"] == 12 * step and tight["final_tokens"] >= 4 * step

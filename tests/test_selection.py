@@ -296,9 +296,13 @@ def test_cluster_executors(name, tmp_path):
 
 
 def test_candidates_warm_up_by_default():
-    assert SelectionConfig(stage2={"target_tokens": 1000}).stage_config(2).warmup_tokens == 100
-    assert SelectionConfig(stage2={"target_tokens": 1000, "warmup_tokens": 0}).stage_config(2).warmup_tokens == 0
-    assert SelectionConfig().stage_config(2).warmup_tokens == 10_000_000  # 10% of the default 100M
+    def warmup(**stage2):
+        return SelectionConfig(stage2=stage2).stage_config(2).warmup_tokens
+
+    assert warmup() == 10_000_000  # 10% of the default 100M tokens
+    assert warmup(target_tokens=40_960, global_batch_size=16, seq_len=256) == 3 * 4096  # 10% is 1 step: 3 steps
+    assert warmup(target_tokens=20_480, global_batch_size=16, seq_len=256) == 6144  # 3 steps > 30%: 30%
+    assert warmup(target_tokens=40_960, global_batch_size=16, seq_len=256, warmup_tokens=0) == 0  # explicit wins
 
 
 def test_config_validation_names_fields():

@@ -27,9 +27,12 @@ EXECUTORS = ("inline", "local", "ray", "slurm")
 # mixers, as the paper's code does) and Stage 2 gets a fraction of the full Stage-2 budget.
 CANDIDATE_STAGE2_DEFAULTS: dict[str, Any] = {"target_tokens": 100_000_000}
 # A candidate starts a fresh AdamW on an already distilled student: without warm-up its first steps are
-# full-size sign-like updates that raise the held-out KL (on the GPU reproduction, 12-step candidates at
-# lr 5e-4 ended above their step-0 KL for 15 of 16 layers). Default warm-up: this share of the budget.
+# full-size sign-like updates that raise the held-out KL (GPU reproduction, docs/reproduction.md: 15 of 16
+# 12-step candidates at lr 5e-4 ended above their step-0 KL; on the CPU default run a 3-step warm-up removed
+# the jump for all 6 layers, a 1-step one did nothing). Default warm-up: 10% of the budget, at least 3 steps
+# when that is at most 30% of it.
 CANDIDATE_WARMUP_FRACTION = 0.1
+CANDIDATE_WARMUP_MIN_STEPS = 3
 
 
 def candidate_kinds(selector: str) -> tuple[str, ...]:
@@ -145,7 +148,10 @@ class SelectionConfig:
         if overrides is None:
             return None
         if stage == 2 and "warmup_tokens" not in overrides and isinstance(overrides.get("target_tokens"), int):
-            overrides = {**overrides, "warmup_tokens": int(int(overrides["target_tokens"]) * CANDIDATE_WARMUP_FRACTION)}
+            target = overrides["target_tokens"]
+            step = int(overrides.get("global_batch_size") or 32) * int(overrides.get("seq_len") or 4096)
+            warmup = max(int(target * CANDIDATE_WARMUP_FRACTION), min(CANDIDATE_WARMUP_MIN_STEPS * step, int(0.3 * target)))
+            overrides = {**overrides, "warmup_tokens": warmup}
         fields = {"progress": False, "save_final_model": True, "seed": self.seed, **overrides, "stage": stage}
         try:
             return DistillConfig.from_dict(fields)
