@@ -45,7 +45,7 @@ DEFAULT_CONFIG = ROOT / "scripts" / "reproduction.yaml"
 DEFAULT_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_repro.yaml"
 PACK_SUFFIXES = (".json", ".jsonl", ".md", ".html", ".png", ".yaml", ".log", ".txt")
 PACK_SKIP_DIRS = {"checkpoints", "tokens", "__pycache__"}
-SNAPSHOTS = 12  # held-out KL snapshots per candidate
+SNAPSHOTS = 12  # default held-out KL snapshots per candidate (--snapshots)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class Timeline:
 
 
 def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, eval_seconds: float,
-                num_layers: int, min_steps: int = 4) -> dict:
+                num_layers: int, min_steps: int = 4, snapshots: int = SNAPSHOTS) -> dict:
     """Candidate and final Stage-2 token budgets (whole steps; never above the config's) so that every
     candidate, final hybrid and evaluation fits in ``seconds_left``.
 
@@ -85,7 +85,8 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
     at the measured Stage-2 rate plus 30% for its held-out snapshots and a fixed 4 s; a final hybrid
     ``f = c * final/candidate ratio of the config`` tokens plus 5% and 2 s; the number of distinct final
     sets is taken as selectors x budgets minus a few duplicates; each of them is evaluated in
-    ``eval_seconds`` (the all-linear student's evaluation time); 90 s for the bypass selectors and the report.
+    ``eval_seconds``; 90 s for the bypass selectors and the report. Candidates train a whole number of
+    steps per snapshot, ``snapshots`` snapshots each.
     """
     sel, fin = config["selection"], config["final"]["stage2"]
     cand_full, final_full = int(sel["stage2"]["target_tokens"]), int(fin["target_tokens"])
@@ -98,9 +99,9 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
     fixed = n_cand * 4 + n_final * (2 + eval_seconds) + 90
     per_token = (n_cand * 1.3 + n_final * 1.05 * ratio) / stage2_tokens_per_s
     cand = (seconds_left - fixed) / per_token if per_token > 0 else cand_full
-    snap_steps = max(1, int(cand // step) // SNAPSHOTS)
-    cand_steps = min(cand_full // step, max(min_steps, snap_steps * SNAPSHOTS))
-    snap_steps = max(1, cand_steps // SNAPSHOTS)
+    snap_steps = max(1, int(cand // step) // snapshots)
+    cand_steps = min(cand_full // step, max(min_steps, snap_steps * snapshots))
+    snap_steps = max(1, cand_steps // snapshots)
     final_steps = min(final_full // step, max(min_steps, round(cand_steps * ratio)))
     return {
         "candidate_tokens": cand_steps * step, "final_tokens": final_steps * step, "snapshot_every_tokens": snap_steps * step,
@@ -214,7 +215,8 @@ def _run(args, work: Path, tl: Timeline) -> int:
     if deadline is not None:
         state = json.loads((work / "pipeline" / "pipeline.json").read_text())["stages"]["stage2"]
         rate = state["tokens"] / max(1e-9, state["wall_time_s"])
-        budgets = fit_budgets(config, deadline - time.time(), rate, eval_s[f"all-{pipe.config.linear}"], pipe.num_layers)
+        per_model = args.eval_seconds or eval_s[f"all-{pipe.config.linear}"]
+        budgets = fit_budgets(config, deadline - time.time(), rate, per_model, pipe.num_layers, snapshots=args.snapshots)
         config = apply_budgets(config, budgets)
         tl.event("budgets", **budgets)
         pipe = pipeline(config)
@@ -468,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="pretraining data processes")
     p.add_argument("--deadline-minutes", type=float, default=None,
                    help="fit candidate/final budgets so the run ends within this many minutes of its start")
+    p.add_argument("--eval-seconds", type=float, default=None,
+                   help="evaluation time per hybrid for the budget fit (default: the all-linear student's, an upper "
+                   "bound: it never stops at EOS and pays first-use kernel builds; run 1 measured 14.5 s on an H100)")
+    p.add_argument("--snapshots", type=int, default=SNAPSHOTS, help="held-out KL snapshots per candidate (budget fit)")
     p.add_argument("--no-warmup", action="store_true", help="skip the fla kernel warm-up process")
     p.add_argument("--progress", action="store_true", help="progress bars (off: logs only)")
     p.set_defaults(fn=cmd_run)

@@ -95,3 +95,5 @@ def test_fit_budgets_shrinks_to_the_deadline_and_never_grows():
         assert b["model"]["candidates"] == 32  # GA and GR candidates of 16 layers
     tight = reproduce.fit_budgets(cfg, 10, 166_000, 14.5, 16)  # no time at all: the minimum, not zero
     assert tight["candidate_tokens"] == 12 * step and tight["final_tokens"] >= 4 * step
+    six = reproduce.fit_budgets(cfg, 900, 166_000, 14.5, 16, snapshots=6)  # finer rounding, more tokens
+    assert six["candidate_tokens"] % (6 * step) == 0 and six["candidate_tokens"] >= fits[1]["candidate_tokens"]
