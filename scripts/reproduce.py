@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -170,9 +169,10 @@ def _run(args, work: Path, tl: Timeline) -> int:
     warm = None
     if not (teacher_dir / "model.safetensors").is_file():
         if _fla_available() and not args.no_warmup:
-            warm = subprocess.Popen([sys.executable, __file__, "warmup", "--config", str(args.config), "--pretrain-config",
-                                     str(args.pretrain_config)], stdout=open(work / "logs" / "warmup.log", "w"),
-                                    stderr=subprocess.STDOUT)
+            with open(work / "logs" / "warmup.log", "w") as warm_log:  # the child keeps its own descriptor
+                warm = subprocess.Popen([sys.executable, __file__, "warmup", "--config", str(args.config),
+                                         "--pretrain-config", str(args.pretrain_config)],
+                                        stdout=warm_log, stderr=subprocess.STDOUT)
             tl.event("warmup_started")
         tl.event("pretrain_started")
         with open(work / "logs" / "pretrain.log", "w") as log:

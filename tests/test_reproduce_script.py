@@ -75,7 +75,8 @@ def test_reproduce_toy_run(tmp_path):
         assert (work / f).is_file()
 
     packed = reproduce.pack(work, tmp_path / "out" / "repro.tar.gz")
-    names = tarfile.open(packed).getnames()
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
     assert "work/pipeline/report.md" in names and "work/timeline.json" in names and "work/pretrain/teacher/config.json" in names
     assert not [n for n in names if n.endswith((".safetensors", ".gz", ".npy", ".bin")) or "/checkpoints/" in n]
 

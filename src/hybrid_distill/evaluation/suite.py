@@ -67,15 +67,16 @@ def _fmt(x: Any, digits: int = 3) -> str:
 _SAMPLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cached_samples(tokenizer, key: tuple, make):
-    if key[-1] is not None:  # a caller's haystack object: no cache
-        return make()
+def _cached_samples(tokenizer, key: tuple, make, *args, **kwargs):
+    """``make(*args, **kwargs)``, remembered under ``key`` for ``tokenizer`` (not with a caller's haystack)."""
+    if kwargs.get("haystack") is not None:
+        return make(*args, **kwargs)
     try:
         per_tokenizer = _SAMPLES.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable
-        return make()
+        return make(*args, **kwargs)
     if key not in per_tokenizer:
-        per_tokenizer[key] = make()
+        per_tokenizer[key] = make(*args, **kwargs)
     return per_tokenizer[key]
 
 
@@ -101,9 +102,9 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
         opts = dict((task_options or {}).get(task, {}))
         for length in lengths:
             try:
-                key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())), haystack)
-                samples += _cached_samples(tokenizer, key, lambda: generate_samples(
-                    task, tokenizer, int(length), num_samples, seed=seed, haystack=haystack, **opts))
+                key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())))
+                samples += _cached_samples(tokenizer, key, generate_samples, task, tokenizer, int(length), num_samples,
+                                           seed=seed, haystack=haystack, **opts)
             except LengthError as err:
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
@@ -118,9 +119,9 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], 
     from .niah import niah_grid_samples, niah_table
     from .runner import run_samples
 
-    key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens, haystack)
-    samples = _cached_samples(tokenizer, key, lambda: niah_grid_samples(
-        tokenizer, lengths, depths, num_samples=num_samples, seed=seed, haystack=haystack, max_new_tokens=max_new_tokens))
+    key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens)
+    samples = _cached_samples(tokenizer, key, niah_grid_samples, tokenizer, lengths, depths, num_samples=num_samples,
+                              seed=seed, haystack=haystack, max_new_tokens=max_new_tokens)
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress)
     table = niah_table((s, p.score) for s, p in zip(samples, preds))
     records = [_prediction_record(s, p) for s, p in zip(samples, preds)]

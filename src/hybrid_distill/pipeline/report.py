@@ -118,10 +118,10 @@ def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str
     columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value"}}}}``."""
     from ..evaluation.compare import _metrics
     from ..selection import load_selection
-    from .run import hybrid_name
+    from .run import STATE_FILE, hybrid_name
 
     run_dir = Path(run_dir)
-    state = read_json(run_dir / "pipeline.json") or {}
+    state = read_json(run_dir / STATE_FILE) or {}
     linear = ((state.get("config") or {}).get("student") or {}).get("linear", "gdn")
     labels: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
