@@ -14,7 +14,9 @@ the whole pipeline with every selector at 12.5 / 25 / 50%, evaluate, and measure
 2. ``scripts/pretrain_teacher.py`` with ``--pretrain-config`` -> ``WORK/pretrain/teacher`` and the generic
    text it trained on -> ``WORK/text.jsonl.gz`` (the distillation data: no recall documents);
 3. the pipeline config ``--config`` with that teacher and text -> all-linear Stage 1 and 2;
-4. the teacher's evaluation (it also times one model's evaluation);
+4. the teacher's evaluation; with ``--teacher-gate`` (default 0.25) the models are then compared only on
+   the recall tasks the teacher solves at least that well (its all-task results: ``WORK/teacher_all_tasks``);
+   the all-linear student's evaluation;
 5. with ``--deadline-minutes``: the candidate and final Stage-2 budgets shrunk (never grown) so that
    selection, final hybrids, evaluation and report end before the deadline, from the Stage-2
    throughput and evaluation time just measured; the config that ran is ``WORK/pipeline.yaml``;
@@ -29,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -45,6 +48,8 @@ DEFAULT_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_repro.yaml"
 PACK_SUFFIXES = (".json", ".jsonl", ".md", ".html", ".png", ".yaml", ".log", ".txt")
 PACK_SKIP_DIRS = {"checkpoints", "tokens", "__pycache__"}
 SNAPSHOTS = 12  # default held-out KL snapshots per candidate (--snapshots)
+TEACHER_ALL_TASKS = "teacher_all_tasks"  # WORK/<this>/: the teacher's evaluation on every task, before the gate
+RECALL_EVAL_SHARE = 0.85  # of a hybrid's evaluation time, run 1 (H100): recall 10.0 s, NIAH 1.1 s, quality 0.4 s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +113,15 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
                   "eval_seconds_per_model": round(eval_seconds, 1), "candidates": n_cand, "final_sets_assumed": n_final,
                   "fixed_seconds": round(fixed), "unconstrained_candidate_tokens": int(cand)},
     }
+
+
+def gate_tasks(teacher_results: dict, gate: float) -> list[str]:
+    """The recall tasks on which the teacher scores at least ``gate`` (all of them when none does): a task
+    the teacher cannot solve says nothing about which student keeps its recall, and costs evaluation time."""
+    per_task = teacher_results["recall"]["aggregate"]["per_task"]
+    tasks = list(teacher_results["config"]["tasks"])
+    kept = [t for t in tasks if per_task.get(t) is not None and per_task[t] >= gate]
+    return kept or tasks
 
 
 def _candidate_kinds(selector: str) -> tuple[str, ...]:
@@ -207,15 +221,31 @@ def _run(args, work: Path, tl: Timeline) -> int:
     # The teacher's evaluation also generates the (cached) samples; the all-linear student's, which never
     # stops early at EOS, is what each further model's evaluation costs at most.
     eval_s = {}
-    for name in ("teacher", f"all-{pipe.config.linear}"):
-        results = pipe.evaluate(name) / "results.json"
-        eval_s[name] = sum(json.loads(results.read_text())["timings"].values())  # also right when reused
+
+    def evaluate(name: str) -> dict:
+        results = json.loads((pipe.evaluate(name) / "results.json").read_text())
+        eval_s[name] = sum(results["timings"].values())  # also right when reused
         tl.event("model_eval_done", model=name, eval_seconds=round(eval_s[name], 1))
+        return results
+
+    teacher = evaluate("teacher")
+    all_tasks = list(config["eval"]["tasks"])
+    kept = gate_tasks(teacher, args.teacher_gate) if args.teacher_gate > 0 else all_tasks
+    if kept != all_tasks:
+        # the teacher's results on every task stay beside the run; the models are compared on the kept ones
+        shutil.copytree(work / "pipeline" / "eval" / "teacher", work / TEACHER_ALL_TASKS, dirs_exist_ok=True)
+        config["eval"]["tasks"] = kept
+        pipe = pipeline(config)
+        evaluate("teacher")
+    tl.event("eval_tasks", gate=args.teacher_gate, kept=kept, dropped=[t for t in all_tasks if t not in kept],
+             teacher_per_task=teacher["recall"]["aggregate"]["per_task"])
+    evaluate(f"all-{pipe.config.linear}")
 
     if deadline is not None:
         state = json.loads((work / "pipeline" / "pipeline.json").read_text())["stages"]["stage2"]
         rate = state["tokens"] / max(1e-9, state["wall_time_s"])
-        per_model = args.eval_seconds or eval_s[f"all-{pipe.config.linear}"]
+        per_model = (args.eval_seconds * (1 - RECALL_EVAL_SHARE * (1 - len(kept) / len(all_tasks)))
+                     if args.eval_seconds else eval_s[f"all-{pipe.config.linear}"])
         budgets = fit_budgets(config, deadline - time.time(), rate, per_model, pipe.num_layers, snapshots=args.snapshots)
         config = apply_budgets(config, budgets)
         tl.event("budgets", **budgets)
@@ -360,6 +390,10 @@ def analyze(work: Path) -> dict:
 
     out["models"] = {d.name: _metrics(read_json(d / "results.json")) for d in sorted((run / "eval").glob("*"))
                      if (d / "results.json").is_file()}
+    every = read_json(work / TEACHER_ALL_TASKS / "results.json")
+    out["teacher_all_tasks"] = _metrics(every) if every else None
+    if every:
+        out["teacher_all_tasks"]["per_task"] = every["recall"]["aggregate"]["per_task"]
     out["selection"], out["selection_cost"] = {}, {}
     for sel in selectors:
         data = read_json(run / "selection" / sel / "selection.json")
@@ -407,9 +441,15 @@ def analysis_markdown(a: dict) -> str:
             sets = ", ".join(f"K={k}: {v['jaccard']:.2f}" for k, v in r["budgets"].items())
             lines.append(f"| {sel} | {name} | {r['tokens_spent'] / 1e6:.1f}M | {r['saved_fraction']:.0%} | {sets} |")
     lines += ["", "### models", "", "| model | recall | NIAH | KL | perplexity |", "|---|---:|---:|---:|---:|"]
-    for name, m in a["models"].items():
+    models = dict(a["models"])
+    if a.get("teacher_all_tasks"):
+        models["teacher, every task (before the gate)"] = a["teacher_all_tasks"]
+    for name, m in models.items():
         vals = [m.get(k) for k in ("recall/overall", "niah/mean", "quality/kl", "quality/perplexity")]
         lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    if a.get("teacher_all_tasks"):
+        per_task = a["teacher_all_tasks"]["per_task"]
+        lines += ["", "Teacher recall per task (all tasks): " + ", ".join(f"{t} {v:.3f}" for t, v in per_task.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -471,9 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-minutes", type=float, default=None,
                    help="fit candidate/final budgets so the run ends within this many minutes of its start")
     p.add_argument("--eval-seconds", type=float, default=None,
-                   help="evaluation time per hybrid for the budget fit (default: the all-linear student's, an upper "
-                   "bound: it never stops at EOS and pays first-use kernel builds; run 1 measured 14.5 s on an H100)")
+                   help="evaluation time per hybrid on every task, for the budget fit; its recall share is scaled "
+                   "down to the tasks the gate keeps (default: the all-linear student's time on the kept tasks, an upper "
+                   "bound: it never stops at EOS and pays first-use kernel builds; run 1 measured 11.7 s on an H100)")
     p.add_argument("--snapshots", type=int, default=SNAPSHOTS, help="held-out KL snapshots per candidate (budget fit)")
+    p.add_argument("--teacher-gate", type=float, default=0.25,
+                   help="evaluate the models only on the recall tasks where the teacher scores at least this "
+                   "(its results on all tasks go to WORK/%s/); 0 keeps every task" % TEACHER_ALL_TASKS)
     p.add_argument("--no-warmup", action="store_true", help="skip the fla kernel warm-up process")
     p.add_argument("--progress", action="store_true", help="progress bars (off: logs only)")
     p.set_defaults(fn=cmd_run)

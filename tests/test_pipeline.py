@@ -84,6 +84,17 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     for img in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
         assert (run / img).is_file(), img
 
+    # evaluation results are reused under the same settings and replaced under others
+    teacher_results = run / "eval" / "teacher" / "results.json"
+    before = teacher_results.stat().st_mtime_ns
+    Pipeline(cfg, progress=False).evaluate("teacher")
+    assert teacher_results.stat().st_mtime_ns == before
+    changed = RunConfig.from_dict(_config(tmp_path, eval={**_config(tmp_path)["eval"], "num_samples": 3}))
+    Pipeline(changed, progress=False).evaluate("teacher")
+    res = json.loads(teacher_results.read_text())
+    assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
+    assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
+
 
 def test_invalid_configs_fail_before_compute(tmp_path):
     def fails(match, exc=ConfigError, **over):

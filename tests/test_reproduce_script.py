@@ -2,7 +2,6 @@
 fitted to a deadline, evaluation, report, the replayed selection cost, and the results pack."""
 
 import json
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -42,16 +41,26 @@ def _toy_pipeline_config(path: Path) -> dict:
     return cfg
 
 
-def test_reproduce_toy_run(tmp_path):
+def test_reproduce_toy_run(tmp_path, monkeypatch):
     cfg = _toy_pipeline_config(tmp_path / "pipe.yaml")
     work = tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "run", "--work", str(work), "--config",
-           str(tmp_path / "pipe.yaml"), "--workers", "1", "--pretrain-minutes", "0.03", "--deadline-minutes", "3",
-           "--pretrain-set", *PRETRAIN]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    events = [e["event"] for e in json.loads((work / "timeline.json").read_text())["events"]]
+    # a toy teacher solves no task, so the gate would keep both: make it keep one, as a trained teacher's would
+    monkeypatch.setattr(reproduce, "gate_tasks", lambda results, gate: ["kv_retrieval"])
+    rc = reproduce.main(["run", "--work", str(work), "--config", str(tmp_path / "pipe.yaml"), "--workers", "1",
+                         "--pretrain-minutes", "0.03", "--deadline-minutes", "3", "--eval-seconds", "5",
+                         "--pretrain-set", *PRETRAIN])
+    assert rc == 0, (work / "logs" / "pretrain.log").read_text()[-3000:]
+    timeline = json.loads((work / "timeline.json").read_text())["events"]
+    events = [e["event"] for e in timeline]
     assert events[:2] == ["start", "pretrain_started"] and events[-1] == "done" and "budgets" in events
+    gate = next(e for e in timeline if e["event"] == "eval_tasks")
+    assert gate["kept"] == ["kv_retrieval"] and gate["dropped"] == ["niah_single_1"]
+    budgets = next(e for e in timeline if e["event"] == "budgets")
+    assert budgets["model"]["eval_seconds_per_model"] == round(5 * (1 - reproduce.RECALL_EVAL_SHARE / 2), 1)
+    every = json.loads((work / reproduce.TEACHER_ALL_TASKS / "results.json").read_text())
+    assert every["config"]["tasks"] == ["kv_retrieval", "niah_single_1"]  # (niah_single_1 does not fit 256 tokens)
+    for model in (work / "pipeline" / "eval").iterdir():  # teacher, all-linear and hybrids: the kept task only
+        assert json.loads((model / "results.json").read_text())["config"]["tasks"] == ["kv_retrieval"]
     ran = yaml.safe_load((work / "pipeline.yaml").read_text())
     assert ran["teacher"] == str(work / "pretrain" / "teacher") and ran["data"]["source"] == str(work / "text.jsonl.gz")
     step = 4 * 64
@@ -67,7 +76,7 @@ def test_reproduce_toy_run(tmp_path):
     assert table["budgets"] == ["12.5%", "25%", "50%"] and set(table["rows"]) == set(cfg["selection"]["selectors"])
     assert all(len(c["layers"]) == k for row in table["rows"].values() for c, k in zip(row.values(), (1, 2, 4)))
     assert all(c["value"] is not None for row in table["rows"].values() for c in row.values())
-    assert {"teacher", "all-gdn"} <= set(a["models"])
+    assert {"teacher", "all-gdn"} <= set(a["models"]) and a["teacher_all_tasks"]["recall/overall"] is not None
     cost = a["selection_cost"]["ga-s2"]
     assert cost["full"]["tokens_spent"] == 8 * cand and all(r["tokens_spent"] <= 8 * cand for r in cost.values())
     assert set(a["selection_cost"]) == {"ga-s2", "gr-s2", "smart"}
@@ -98,3 +107,10 @@ def test_fit_budgets_shrinks_to_the_deadline_and_never_grows():
     assert tight["candidate_tokens"] == 12 * step and tight["final_tokens"] >= 4 * step
     six = reproduce.fit_budgets(cfg, 900, 166_000, 14.5, 16, snapshots=6)  # finer rounding, more tokens
     assert six["candidate_tokens"] % (6 * step) == 0 and six["candidate_tokens"] >= fits[1]["candidate_tokens"]
+
+
+def test_gate_tasks_keeps_what_the_teacher_solves():
+    res = {"config": {"tasks": ["niah_single_1", "kv_retrieval", "mqar", "vt"]},
+           "recall": {"aggregate": {"per_task": {"niah_single_1": 0.72, "kv_retrieval": 0.06, "mqar": 0.0, "vt": 0.25}}}}
+    assert reproduce.gate_tasks(res, 0.25) == ["niah_single_1", "vt"]
+    assert reproduce.gate_tasks(res, 0.9) == ["niah_single_1", "kv_retrieval", "mqar", "vt"]  # none passes: keep all

@@ -30,6 +30,7 @@ from .config import RunConfig
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pipeline.json"
+EVAL_SETTINGS_FILE = "settings.json"  # in eval/<model>/: the eval_settings its results were made with
 STAGES = ("stage1", "stage2", "selection", "final", "eval", "report")
 
 
@@ -217,31 +218,48 @@ class Pipeline:
             out["models"][name] = str(self.evaluate(name))
         return out
 
+    def eval_settings(self) -> dict[str, Any]:
+        """Everything in the config that decides what an evaluation measures (with defaults filled in)."""
+        ev = dict(self.config.eval)
+        return {
+            "suite": ev.get("suite", ["recall", "quality"]), "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
+            "num_samples": ev.get("num_samples", 20), "niah_lengths": ev.get("niah_lengths"),
+            "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
+            "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
+            "corpus": str(self.config.data.get("source", "default")),
+            "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
+        }
+
     def evaluate(self, name: str) -> Path:
         """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection)
-        into ``eval/<name>/``; a model with results already is not evaluated again."""
+        into ``eval/<name>/``. A model with results under the same `eval_settings` is not evaluated again;
+        results from other settings are replaced."""
         import torch
 
         from ..evaluation.suite import evaluate_model, load_model
 
         dest = self.run_dir / "eval" / name
+        settings = json.loads(json.dumps(self.eval_settings()))  # as read back from JSON (tuples -> lists)
         if (dest / "results.json").is_file():
-            return dest
+            recorded = read_json(dest / EVAL_SETTINGS_FILE)
+            if recorded is None or recorded == settings:  # None: results from before settings were recorded
+                return dest
+            logger.info("eval %s: settings changed since its results were written; evaluating again", name)
         fixed = {"teacher": self.teacher_spec, f"all-{self.config.linear}": self.base_dirs()[1]}
         spec = fixed[name] if name in fixed else self.eval_models()[name]
-        ev = dict(self.config.eval)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
         model = teacher if name == "teacher" else load_model(spec, device=device)
+        ev = settings
         evaluate_model(
-            model, self.tokenizer, dest, suite=ev.get("suite", ["recall", "quality"]), tasks=ev.get("tasks"),
-            lengths=ev.get("lengths", [1024]), num_samples=ev.get("num_samples", 20),
-            niah_lengths=ev.get("niah_lengths"), niah_depths=ev.get("niah_depths", (0.0, 25.0, 50.0, 75.0, 100.0)),
-            niah_samples=ev.get("niah_samples"), seed=ev.get("seed", 0), batch_size=ev.get("batch_size", 8),
-            teacher=None if name == "teacher" else teacher, corpus=self.config.data.get("source", "default"),
-            quality_seq_len=ev.get("quality_seq_len", 512), quality_sequences=ev.get("quality_sequences", 32),
+            model, self.tokenizer, dest, suite=ev["suite"], tasks=ev["tasks"], lengths=ev["lengths"],
+            num_samples=ev["num_samples"], niah_lengths=ev["niah_lengths"], niah_depths=ev["niah_depths"],
+            niah_samples=ev["niah_samples"], seed=ev["seed"], batch_size=ev["batch_size"],
+            teacher=None if name == "teacher" else teacher, corpus=ev["corpus"],
+            quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
             model_name=name, progress=self.progress,
         )
+        atomic_write_json(dest / EVAL_SETTINGS_FILE, settings)
         del model
         return dest
 
