@@ -147,16 +147,16 @@ class SelectionConfig:
         overrides = self.stage1 if stage == 1 else {**CANDIDATE_STAGE2_DEFAULTS, **self.stage2}
         if overrides is None:
             return None
-        if stage == 2 and "warmup_tokens" not in overrides and isinstance(overrides.get("target_tokens"), int):
-            target = overrides["target_tokens"]
-            step = int(overrides.get("global_batch_size") or 32) * int(overrides.get("seq_len") or 4096)
-            warmup = max(int(target * CANDIDATE_WARMUP_FRACTION), min(CANDIDATE_WARMUP_MIN_STEPS * step, int(0.3 * target)))
-            overrides = {**overrides, "warmup_tokens": warmup}
         fields = {"progress": False, "save_final_model": True, "seed": self.seed, **overrides, "stage": stage}
         try:
-            return DistillConfig.from_dict(fields)
+            cfg = DistillConfig.from_dict(fields)
         except ConfigError as err:
             raise ConfigError(f"SelectionConfig.stage{stage}: {err}") from err
+        if stage == 2 and "warmup_tokens" not in overrides:
+            target, step = cfg.target_tokens, cfg.global_batch_size * (cfg.seq_len or 4096)  # seq_len None: from the data
+            cfg = cfg.replace(warmup_tokens=max(int(target * CANDIDATE_WARMUP_FRACTION),
+                                                min(CANDIDATE_WARMUP_MIN_STEPS * step, int(0.3 * target))))
+        return cfg
 
     def snapshot_interval(self) -> int:
         """Tokens between held-out KL snapshots of the candidates."""
