@@ -49,7 +49,7 @@ PACK_SUFFIXES = (".json", ".jsonl", ".md", ".html", ".png", ".yaml", ".log", ".t
 PACK_SKIP_DIRS = {"checkpoints", "tokens", "__pycache__"}
 SNAPSHOTS = 12  # default held-out KL snapshots per candidate (--snapshots)
 TEACHER_ALL_TASKS = "teacher_all_tasks"  # WORK/<this>/: the teacher's evaluation on every task, before the gate
-RECALL_EVAL_SHARE = 0.85  # of a hybrid's evaluation time, run 1 (H100): recall 10.0 s, NIAH 1.1 s, quality 0.4 s
+RECALL_EVAL_SHARE = 0.85  # of a hybrid's evaluation time; run 1 (H100), mean of 21 hybrids: recall 10.1 s, NIAH 1.2 s, quality 0.4 s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seconds", type=float, default=None,
                    help="evaluation time per hybrid on every task, for the budget fit; its recall share is scaled "
                    "down to the tasks the gate keeps (default: the all-linear student's time on the kept tasks, an upper "
-                   "bound: it never stops at EOS and pays first-use kernel builds; run 1 measured 11.7 s on an H100)")
+                   "bound: it never stops at EOS and pays first-use kernel builds; run 1 measured 11.6 s on an H100)")
     p.add_argument("--snapshots", type=int, default=SNAPSHOTS, help="held-out KL snapshots per candidate (budget fit)")
     p.add_argument("--teacher-gate", type=float, default=0.25,
                    help="evaluate the models only on the recall tasks where the teacher scores at least this "
