@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from hybrid_distill.modeling import CACHE_ARG, output_cache
 from bench_inference import qwen25_teacher, uniform_hybrid
 
 CATEGORIES = (
@@ -37,14 +38,14 @@ def category(name: str) -> str:
 def profile(model, context: int, batch: int, steps: int) -> dict:
     ids = torch.randint(3, 1000, (batch, context), device="cuda")
     out = model(ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     del out
     walls = []
     for _ in range(steps + 3):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, use_cache=True, **{CACHE_ARG: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t) * 1e3)
@@ -54,7 +55,7 @@ def profile(model, context: int, batch: int, steps: int) -> dict:
 
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **{CACHE_ARG: cache})
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     by_cat: dict[str, float] = {}

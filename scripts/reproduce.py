@@ -471,7 +471,10 @@ def _plots(a: dict, work: Path) -> None:
                 ax.axhline(a["models"][name]["recall/overall"], color="k", linestyle=style[1:], label=name)
         ax.set_xticks(list(x), t["budgets"])
         ax.set_xlabel("softmax budget")
-        ax.set_ylabel("recall (5 tasks x 2k/4k)")
+        cells = [k[len("recall/") :].split("@") for k in (a["models"].get("teacher") or {}) if k.startswith("recall/") and "@" in k]
+        tasks = {t for t, _ in cells if t != "mean"}
+        lengths = sorted({int(n) for _, n in cells})
+        ax.set_ylabel(f"recall ({len(tasks)} tasks x {'/'.join(f'{n // 1024}k' for n in lengths)})")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()

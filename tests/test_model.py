@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybrid_distill.modeling import GatedDeltaNetMixer, GLAMixer, HybridCache
+from hybrid_distill.modeling import CACHE_ARG, GatedDeltaNetMixer, GLAMixer, HybridCache, output_cache
 from hybrid_distill.surgery import build_student, mixers_from_softmax_layers, student_config
 from hybrid_distill.tiny_teachers import TINY_TEACHER_VARIANTS, tiny_teacher
 
@@ -115,9 +115,9 @@ def _decode_equals_full(model, ids, prefill):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :prefill], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
         for i in range(prefill, ids.shape[1]):
-            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, i : i + 1], use_cache=True, **{CACHE_ARG: cache})
             steps.append(out.logits)
     return full, torch.cat(steps, dim=1), cache
 
@@ -186,6 +186,19 @@ def test_generate_matches_teacher_for_all_softmax_student():
     ids = _ids(batch=1, length=12)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(student.generate(ids, **kw), teacher.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qknorm"])
+def test_generate_scores_equal_a_full_forward_of_the_generated_sequence(variant):
+    # generate() must hand the model its HybridCache under the argument name the installed transformers
+    # uses (`past_key_values` before 5.24, `cache` from 5.24); a dropped cache makes every later step wrong.
+    student = build_student(tiny_teacher(variant), HYBRID, {"gdn_use_short_conv": True})
+    ids = _ids(batch=2, length=12)
+    out = student.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                           return_dict_in_generate=True)
+    with torch.no_grad():
+        full = student(out.sequences).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.scores, 1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_init_from_reuses_mixers_of_matching_layers():

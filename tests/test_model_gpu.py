@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hybrid_distill.modeling import CACHE_ARG, output_cache
 from hybrid_distill.surgery import build_student
 from hybrid_distill.tiny_teachers import tiny_teacher
 
@@ -50,15 +51,19 @@ def test_fla_decode_equals_full_forward():
     with torch.no_grad():
         full = fla(ids).logits
         out = fla(ids[:, :70], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = output_cache(out), [out.logits]
         for i in range(70, 96):
-            out = fla(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            out = fla(ids[:, i : i + 1], use_cache=True, **{CACHE_ARG: cache})
             steps.append(out.logits)
     assert _rel(torch.cat(steps, 1), full) < 1e-3
 
 
 def test_fla_batched_generate_left_padding():
-    fla, _ = _students({})
+    # fla's fp32 kernels multiply in TF32, so fla is only ~1e-3 close to the exact torch path; batched and
+    # single generation with fla differed by 1.3e-3 on an H200 (2026-11-30). So the left-padded batch is
+    # held to fla's own error on the unpadded prompt, both measured against the exact torch path on the
+    # same tokens, and the test checks that it would see a padding leak: attending to the pads costs more.
+    fla, ref = _students({})
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=g).cuda() for n in (40, 70)]
     ids = torch.zeros(2, 70, dtype=torch.long, device="cuda")
@@ -66,8 +71,19 @@ def test_fla_batched_generate_left_padding():
     for i, p in enumerate(prompts):
         ids[i, 70 - len(p) :], mask[i, 70 - len(p) :] = p, 1
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    batched = fla.generate(ids, attention_mask=mask, **kw)
-    for i, p in enumerate(prompts):
-        single = fla.generate(p[None], **kw)
-        errs = [_rel(sb[i], ss[0]) for sb, ss in zip(batched.scores, single.scores)]
-        assert max(errs) < 1e-3, (i, errs, batched.sequences[i].tolist(), single.sequences[0].tolist())
+    with torch.no_grad():
+        batched = fla.generate(ids, attention_mask=mask, **kw)
+        leaky = fla.generate(ids, attention_mask=torch.ones_like(mask), **kw)
+        for i, p in enumerate(prompts):
+            single = fla.generate(p[None], **kw)
+            seq = single.sequences[0]
+            exact = ref(seq[None]).logits[0, len(p) - 1 : -1]  # the logits generate() scored, exactly
+
+            def err(out, row):
+                return max(_rel(step[row], e) for step, e in zip(out.scores, exact))
+
+            bound = 2 * err(single, 0) + 1e-4
+            assert torch.equal(batched.sequences[i, 70:], seq[len(p) :]), i
+            assert err(batched, i) <= bound, (i, err(batched, i), err(single, 0))
+            if i == 0:
+                assert err(leaky, 0) > 10 * bound, (err(leaky, 0), bound)

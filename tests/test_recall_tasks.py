@@ -332,3 +332,24 @@ def test_keys_are_not_substrings_of_each_other(tok, monkeypatch):
         assert len(keys) == 4
         assert not any(a != b and a in b for a in keys for b in keys)
         check_answers(s)
+
+
+def test_recall_batches_do_not_depend_on_the_other_tasks(tok):
+    from hybrid_distill.evaluation.runner import recall_batches
+
+    def samples(tasks):
+        return [s for t in tasks for n in (512, 1024) for s in generate_samples(t, tok, n, 5, seed=3)]
+
+    both = samples(["niah_single_1", "vt"])
+    batches = recall_batches(both, batch_size=2)
+    assert sorted(i for b in batches for i in b) == list(range(len(both)))
+    for b in batches:
+        assert len({(both[i].task, both[i].length) for i in b}) == 1
+        # one task and length: the prompts have the same token count, so the batch needs no padding
+        assert len({count_tokens(tok, both[i].prompt + both[i].answer_prefix) for i in b}) == 1
+    alone = samples(["vt"])
+    as_keys = lambda ss, bs: [[(ss[i].task, ss[i].length, ss[i].index) for i in b] for b in bs]
+    vt_batches = [b for b in as_keys(both, batches) if b[0][0] == "vt"]
+    assert vt_batches == as_keys(alone, recall_batches(alone, batch_size=2))
+    with pytest.raises(ValueError, match="batch_size"):
+        recall_batches(both, 0)

@@ -69,12 +69,14 @@ def test_stage1_matches_manual_teacher_inputs(mixers):
 def _causal_mask(teacher, x, mask):
     from transformers.masking_utils import create_causal_mask
 
+    from hybrid_distill.modeling import CACHE_ARG
+
     return create_causal_mask(
         config=teacher.config,
         inputs_embeds=x,
         attention_mask=mask,
-        past_key_values=None,
         position_ids=torch.arange(x.shape[1])[None],
+        **{CACHE_ARG: None},
     )
 
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..modeling import CACHE_ARG, output_cache
+
 
 @dataclass
 class EfficiencyResult:
@@ -112,11 +114,11 @@ def measure(
                 torch._dynamo.reset()
         else:
             out, prefill_ms = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
-            cache = out.past_key_values
+            cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             step_ms = []
             for i in range(warmup_steps + decode_steps):
-                out, t = _timed(lambda: model(token, past_key_values=cache, use_cache=True))
+                out, t = _timed(lambda: model(token, use_cache=True, **{CACHE_ARG: cache}))
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 if i >= warmup_steps:
                     step_ms.append(t)

@@ -56,19 +56,37 @@ def generate_batch(model, tokenizer, texts: Sequence[str], max_new_tokens: Seque
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new, max_new_tokens)]
 
 
+def recall_batches(samples: Sequence, batch_size: int) -> list[list[int]]:
+    """Indices of `samples` in generation batches that never mix tasks or lengths.
+
+    A sample's greedy output can depend on its batch in bf16 (padding changes the kernels' rounding),
+    so batches are cut within each (task, length) group, in index order: a task's scores then do not
+    depend on which other tasks are evaluated beside it, and prompts of one group need almost no padding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((s.task, s.length), []).append(i)
+    batches = []
+    for key in sorted(groups, key=lambda k: (str(k[0]), k[1])):
+        members = sorted(groups[key], key=lambda i: samples[i].index)
+        batches += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
+    return batches
+
+
 def run_samples(model, tokenizer, samples: Sequence, batch_size: int = 8, progress: bool = True) -> list[Prediction]:
     """Generate and score each sample (`prompt + answer_prefix` as input, its own `max_new_tokens`)."""
     from .scoring import score_sample
 
     model.eval()
-    order = sorted(range(len(samples)), key=lambda i: (samples[i].max_new_tokens, samples[i].length))
     predictions: dict[int, Prediction] = {}
     bar = tqdm(total=len(samples), desc="recall eval", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = [samples[i] for i in order[start : start + batch_size]]
+    for batch in recall_batches(samples, batch_size):
+        chunk = [samples[i] for i in batch]
         texts = [s.prompt + s.answer_prefix for s in chunk]
         outputs = generate_batch(model, tokenizer, texts, [s.max_new_tokens for s in chunk])
-        for i, sample, text in zip(order[start : start + batch_size], chunk, outputs):
+        for i, sample, text in zip(batch, chunk, outputs):
             predictions[i] = Prediction(
                 sample.task, sample.length, sample.index, text, list(sample.answers), float(score_sample(sample, text))
             )

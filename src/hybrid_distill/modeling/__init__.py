@@ -12,12 +12,14 @@ from .configuration_hybrid import (
     validate_mixers,
 )
 from .modeling_hybrid import (
+    CACHE_ARG,
     HYBRID_CAUSAL_LM_CLASSES,
     GatedDeltaNetMixer,
     GLAMixer,
     HybridCache,
     LinearAttentionMixer,
     LinearStateLayer,
+    output_cache,
 )
 
 for _family, _config_cls in HYBRID_CONFIG_CLASSES.items():
@@ -30,6 +32,7 @@ for _family, _config_cls in HYBRID_CONFIG_CLASSES.items():
     _model_cls.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "CACHE_ARG",
     "DEFAULT_MIXER_OPTIONS",
     "HYBRID_CAUSAL_LM_CLASSES",
     "HYBRID_CONFIG_CLASSES",
@@ -41,6 +44,7 @@ __all__ = [
     "HybridCache",
     "LinearAttentionMixer",
     "LinearStateLayer",
+    "output_cache",
     "resolve_mixer_options",
     "validate_mixers",
 ]

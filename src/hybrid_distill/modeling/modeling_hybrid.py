@@ -15,6 +15,7 @@ checkpoints and loaded as remote code where `hybrid_distill` is not installed.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
@@ -35,6 +36,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -46,6 +48,16 @@ from .configuration_hybrid import (
     HybridQwen3Config,
 )
 from .hybrid_ops import gated_delta_rule, gated_linear_attention
+
+# transformers 5.24 renamed the cache argument of forward(), generate()'s model kwargs and the output
+# field from `past_key_values` to `cache`. The hybrid model speaks whichever the installed version uses.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+def output_cache(outputs):
+    """The cache a model output carries, under either transformers spelling."""
+    return getattr(outputs, CACHE_ARG)
+
 
 # --------------------------------------------------------------------------------------------
 # Cache
@@ -294,8 +306,11 @@ class LinearAttentionMixer(nn.Module):
             o = o * F.silu(self.g_proj(x).view(B, T, self.num_heads, self.head_dim))
         return self.o_proj(o.reshape(B, T, -1))
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, cache=None, **kwargs
+    ):
         """HF attention signature; `attention_mask` is a 2-D padding mask [B, S] (1 = token) or None."""
+        past_key_values = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
         mask = attention_mask[:, -T:] if attention_mask is not None else None
         cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -442,12 +457,12 @@ class HybridModelMixin(HybridInitMixin):
 
     def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> list:
         kinds = [layer_mask_kind(self.config, i) for i in range(self.config.num_hidden_layers)]
-        common = dict(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        common = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            CACHE_ARG: past_key_values,
+            "position_ids": position_ids,
+        }
         masks = {}
         if "full" in kinds:
             masks["full"] = create_causal_mask(config=self.config, layer_idx=kinds.index("full"), **common)
@@ -472,8 +487,10 @@ class HybridModelMixin(HybridInitMixin):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -497,12 +514,12 @@ class HybridModelMixin(HybridInitMixin):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_ARG: past_key_values},
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_ARG: past_key_values})
 
 
 class HybridCausalLMMixin(HybridInitMixin):
@@ -522,8 +539,8 @@ class HybridCausalLMMixin(HybridInitMixin):
         return False  # the model builds its own HybridCache
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None:
-            model_kwargs["past_key_values"] = HybridCache(self.config)
+        if model_kwargs.get(CACHE_ARG) is None:
+            model_kwargs[CACHE_ARG] = HybridCache(self.config)
 
     @property
     def mixers(self) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .configuration_hybrid import LINEAR_MIXERS
+from .modeling_hybrid import CACHE_ARG, output_cache
 
 DECODE_ATTENTION = "hybrid_distill_decode"
 KEY_BLOCK = 256  # static KV buffers are allocated in multiples of this many positions
@@ -179,7 +180,7 @@ class StaticDecoder:
         for start in range(0, B, rows):
             out = self.model(input_ids=input_ids[start : start + rows], use_cache=True, logits_to_keep=1)
             self.next_tokens[start : start + rows] = out.logits[:, -1].float().argmax(-1)
-            self._copy_cache(out.past_key_values, buffers, slice(start, start + rows), T)
+            self._copy_cache(output_cache(out), buffers, slice(start, start + rows), T)
             del out
         self.position.fill_(T)
         self.length = T
@@ -231,8 +232,8 @@ class StaticDecoder:
                 attention_mask=None if kind == "linear" else masks[window],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{CACHE_ARG: self.cache},
             )
         hidden = inner.norm(hidden[:, -1])
         self.next_tokens.copy_(self.model.lm_head(hidden).float().argmax(-1))
