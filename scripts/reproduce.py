@@ -81,14 +81,14 @@ class Timeline:
 
 
 def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, eval_seconds: float,
-                num_layers: int, min_steps: int = 4, snapshots: int = SNAPSHOTS) -> dict:
+                num_layers: int, min_steps: int = 4, snapshots: int = SNAPSHOTS, extra_sets: int = 0) -> dict:
     """Candidate and final Stage-2 token budgets (whole steps; never above the config's) so that every
     candidate, final hybrid and evaluation fits in ``seconds_left``.
 
     Cost model (checked against the first GPU run, docs/reproduction.md): a candidate trains ``c`` tokens
     at the measured Stage-2 rate plus 30% for its held-out snapshots and a fixed 4 s; a final hybrid
     ``f = c * final/candidate ratio of the config`` tokens plus 5% and 2 s; the number of distinct final
-    sets is taken as selectors x budgets minus a few duplicates; each of them is evaluated in
+    sets is taken as selectors x budgets minus a few duplicates, plus ``extra_sets``; each of them is evaluated in
     ``eval_seconds``; 90 s for the bypass selectors and the report. Candidates train a whole number of
     steps per snapshot, ``snapshots`` snapshots each.
     """
@@ -99,7 +99,7 @@ def fit_budgets(config: dict, seconds_left: float, stage2_tokens_per_s: float, e
     selectors = sel["selectors"]
     kinds = {k for s in selectors for k in _candidate_kinds(s)}
     n_cand = num_layers * len(kinds)
-    n_final = max(1, len(selectors) * len(sel["budgets"]) - max(0, len(selectors) // 3))
+    n_final = max(1, len(selectors) * len(sel["budgets"]) - max(0, len(selectors) // 3)) + extra_sets
     fixed = n_cand * 4 + n_final * (2 + eval_seconds) + 90
     per_token = (n_cand * 1.3 + n_final * 1.05 * ratio) / stage2_tokens_per_s
     cand = (seconds_left - fixed) / per_token if per_token > 0 else cand_full
@@ -246,7 +246,9 @@ def _run(args, work: Path, tl: Timeline) -> int:
         rate = state["tokens"] / max(1e-9, state["wall_time_s"])
         per_model = (args.eval_seconds * (1 - RECALL_EVAL_SHARE * (1 - len(kept) / len(all_tasks)))
                      if args.eval_seconds else eval_s[f"all-{pipe.config.linear}"])
-        budgets = fit_budgets(config, deadline - time.time(), rate, per_model, pipe.num_layers, snapshots=args.snapshots)
+        n_probes = 2 * len(config["selection"]["budgets"]) if args.swap_probes else 0
+        budgets = fit_budgets(config, deadline - time.time(), rate, per_model, pipe.num_layers, snapshots=args.snapshots,
+                              extra_sets=n_probes)
         config = apply_budgets(config, budgets)
         tl.event("budgets", **budgets)
         pipe = pipeline(config)
@@ -254,8 +256,43 @@ def _run(args, work: Path, tl: Timeline) -> int:
         tl.event(f"{stage}_started")
         pipe.run(stages=(stage,))
         tl.event(f"{stage}_done")
+    if args.swap_probes:
+        probes = swap_probes(work / "pipeline", args.swap_probes)
+        tl.event("probes", sets=probes)
+        if probes:
+            config["final"] = {**config["final"], "extra_sets": probes}
+            pipe = pipeline(config)
+            for stage in ("final", "eval", "report"):
+                pipe.run(stages=(stage,))
+        tl.event("probes_done")
     tl.event("done")
     return 0
+
+
+def swap_probes(run: Path, reference: str, selector: str = "ga-s2") -> dict[str, list[int]]:
+    """Layer sets that test why ``selector`` and ``reference`` differ, per budget where their sets differ.
+
+    With x = the reference's best-ranked layer that ``selector``'s set lacks: ``selector``'s set with x in place
+    of its own lowest-ranked layer, and the reference's set with x replaced by its best-ranked layer outside
+    the set. If x is what the reference's set owes its recall to, the first should gain and the second lose.
+    """
+    from hybrid_distill.fileio import read_json
+
+    mine, ref = read_json(run / "selection" / selector / "selection.json"), read_json(run / "selection" / reference / "selection.json")
+    if mine is None or ref is None or not mine.get("ranking") or not ref.get("ranking"):
+        raise ValueError(f"swap probes need finished {selector} and {reference} selections with rankings in {run}/selection")
+    sets: dict[str, list[int]] = {}
+    for label, entry in mine["budgets"].items():
+        own, theirs = set(entry["layers"]), set(ref["budgets"][label]["layers"])
+        missing = [layer for layer in ref["ranking"] if layer in theirs and layer not in own]
+        if not missing:
+            continue
+        x = missing[0]
+        weakest = max(own, key=mine["ranking"].index)
+        substitute = next(layer for layer in ref["ranking"] if layer not in theirs)
+        sets[f"{selector} {label} +{x} -{weakest}"] = sorted(own - {weakest} | {x})
+        sets[f"{reference} {label} -{x} +{substitute}"] = sorted(theirs - {x} | {substitute})
+    return sets
 
 
 def cmd_warmup(args) -> int:
@@ -390,6 +427,14 @@ def analyze(work: Path) -> dict:
 
     out["models"] = {d.name: _metrics(read_json(d / "results.json")) for d in sorted((run / "eval").glob("*"))
                      if (d / "results.json").is_file()}
+    from hybrid_distill.pipeline.run import hybrid_name
+
+    config = state.get("config", {})
+    linear = (config.get("student") or {}).get("linear", "gdn")
+    out["probes"] = {}
+    for label, layers in ((config.get("final") or {}).get("extra_sets") or {}).items():
+        name = hybrid_name(sorted(layers), linear)
+        out["probes"][label] = {"layers": sorted(layers), "model": name, **(out["models"].get(name) or {})}
     every = read_json(work / TEACHER_ALL_TASKS / "results.json")
     out["teacher_all_tasks"] = _metrics(every) if every else None
     if every:
@@ -440,6 +485,11 @@ def analysis_markdown(a: dict) -> str:
         for name, r in rows.items():
             sets = ", ".join(f"K={k}: {v['jaccard']:.2f}" for k, v in r["budgets"].items())
             lines.append(f"| {sel} | {name} | {r['tokens_spent'] / 1e6:.1f}M | {r['saved_fraction']:.0%} | {sets} |")
+    if a.get("probes"):
+        lines += ["", "### swap probes", "", "| probe | softmax layers | recall | NIAH | KL |", "|---|---|---:|---:|---:|"]
+        for label, m in a["probes"].items():
+            vals = [m.get(k) for k in ("recall/overall", "niah/mean", "quality/kl")]
+            lines.append(f"| {label} | `{m['layers']}` | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
     lines += ["", "### models", "", "| model | recall | NIAH | KL | perplexity |", "|---|---:|---:|---:|---:|"]
     models = dict(a["models"])
     if a.get("teacher_all_tasks"):
@@ -521,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-gate", type=float, default=0.25,
                    help="evaluate the models only on the recall tasks where the teacher scores at least this "
                    "(its results on all tasks go to WORK/%s/); 0 keeps every task" % TEACHER_ALL_TASKS)
+    p.add_argument("--swap-probes", metavar="SELECTOR", default=None,
+                   help="after the run, test why GA-S2 and SELECTOR (e.g. lm-ppl) differ: per budget, distill and "
+                   "evaluate GA-S2's set with SELECTOR's best layer that it lacks swapped in, and SELECTOR's set "
+                   "with that layer swapped out (swap_probes)")
     p.add_argument("--no-warmup", action="store_true", help="skip the fla kernel warm-up process")
     p.add_argument("--progress", action="store_true", help="progress bars (off: logs only)")
     p.set_defaults(fn=cmd_run)

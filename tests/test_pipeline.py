@@ -95,6 +95,17 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
     assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
 
+    # a hand-picked set added afterwards: only it is distilled and evaluated; finished hybrids are kept as they are
+    weights = {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets}
+    extra = RunConfig.from_dict(_config(tmp_path, final={"stage2": _stage(2), "extra_sets": {"probe": [0, 2, 3]}}))
+    pipe = Pipeline(extra, progress=False)
+    pipe.run(("selection", "final", "eval", "report"))
+    probe = pipe.final_sets()["hybrid-gdn-k3-L0_2_3"]
+    assert probe["chosen_by"] == [{"selector": "extra", "budget": "probe", "k": 3, "probe": None}]
+    assert (run / "eval" / "hybrid-gdn-k3-L0_2_3" / "results.json").is_file()
+    assert {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets} == weights
+    assert "extra probe" in (run / "report.md").read_text()
+
 
 def test_invalid_configs_fail_before_compute(tmp_path):
     def fails(match, exc=ConfigError, **over):
@@ -109,6 +120,9 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     fails(r"stage2: .*DistillConfig\.lr_mixer", stage2={"lr_mixer": -1})
     fails(r"unknown top-level field.*stage_2", stage_2={})
     fails(r"student\.linear", student={"linear": "mamba"})
+    fails(r"final\.extra_sets\.p: .*out of range for a 4-layer", final={"extra_sets": {"p": [1, 4]}})
+    fails(r"final\.extra_sets\.p: expected distinct", final={"extra_sets": {"p": [1, 1]}})
+    fails(r"final\.extra_sets must map", final={"extra_sets": [[0, 1]]})
     assert not (tmp_path / "run").exists()
     path = _write(tmp_path, _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [0.99]}))
     assert main(["run", str(path)]) == 2 and not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "gate_tasks", lambda results, gate: ["kv_retrieval"])
     rc = reproduce.main(["run", "--work", str(work), "--config", str(tmp_path / "pipe.yaml"), "--workers", "1",
                          "--pretrain-minutes", "0.03", "--deadline-minutes", "3", "--eval-seconds", "5",
-                         "--pretrain-set", *PRETRAIN])
+                         "--swap-probes", "lm-ppl", "--pretrain-set", *PRETRAIN])
     assert rc == 0, (work / "logs" / "pretrain.log").read_text()[-3000:]
     timeline = json.loads((work / "timeline.json").read_text())["events"]
     events = [e["event"] for e in timeline]
@@ -80,6 +81,11 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     cost = a["selection_cost"]["ga-s2"]
     assert cost["full"]["tokens_spent"] == 8 * cand and all(r["tokens_spent"] <= 8 * cand for r in cost.values())
     assert set(a["selection_cost"]) == {"ga-s2", "gr-s2", "smart"}
+    probes = next(e for e in timeline if e["event"] == "probes")["sets"]
+    assert probes == reproduce.swap_probes(work / "pipeline", "lm-ppl") and probes == ran["final"]["extra_sets"]
+    for label, layers in probes.items():  # each probe distilled and evaluated like a selector's set
+        assert a["probes"][label]["layers"] == layers and a["probes"][label]["recall/overall"] is not None
+    assert "### swap probes" in (work / "analysis.md").read_text()
     for f in ("analysis.md", "recall_by_selector.png", "ga_s2_importance.png"):
         assert (work / f).is_file()
 
@@ -114,3 +120,24 @@ def test_gate_tasks_keeps_what_the_teacher_solves():
            "recall": {"aggregate": {"per_task": {"niah_single_1": 0.72, "kv_retrieval": 0.06, "mqar": 0.0, "vt": 0.25}}}}
     assert reproduce.gate_tasks(res, 0.25) == ["niah_single_1", "vt"]
     assert reproduce.gate_tasks(res, 0.9) == ["niah_single_1", "kv_retrieval", "mqar", "vt"]  # none passes: keep all
+
+
+def test_swap_probes_exchange_the_reference_selectors_best_missing_layer(tmp_path):
+    def selection(name, ranking, budgets):
+        d = tmp_path / "selection" / name
+        d.mkdir(parents=True)
+        (d / "selection.json").write_text(json.dumps(
+            {"ranking": ranking, "budgets": {k: {"k": len(v), "layers": v} for k, v in budgets.items()}}))
+
+    selection("ga-s2", [9, 6, 7, 14, 8, 0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 15], {"12.5%": [6, 9], "25%": [6, 7, 9, 14]})
+    selection("lm-ppl", [0, 4, 9, 3, 2, 6, 14, 11, 15, 13, 12, 7, 5, 1, 8, 10], {"12.5%": [0, 4], "25%": [0, 3, 4, 9]})
+    assert reproduce.swap_probes(tmp_path, "lm-ppl") == {
+        "ga-s2 12.5% +0 -6": [0, 9],  # lm-ppl's best layer that ga-s2 lacks, in place of ga-s2's weakest
+        "lm-ppl 12.5% -0 +9": [4, 9],  # ... and out of lm-ppl's set, for its best layer outside the set
+        "ga-s2 25% +0 -14": [0, 6, 7, 9],
+        "lm-ppl 25% -0 +2": [2, 3, 4, 9],
+    }
+    selection("same", [9, 6, 7, 14, 8, 0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 15], {"12.5%": [6, 9], "25%": [6, 7, 9, 14]})
+    assert reproduce.swap_probes(tmp_path, "same") == {}
+    with pytest.raises(ValueError, match="finished ga-s2 and act-mse"):
+        reproduce.swap_probes(tmp_path, "act-mse")

@@ -118,9 +118,12 @@ class RunConfig:
         for name, stage in (("stage1", 1), ("stage2", 2)):
             if getattr(self, name) is not None:
                 self.distill_config(name, stage)
-        if not isinstance(self.final, dict) or sorted(set(self.final) - {"stage2", "reuse_stage1_mixers"}):
-            raise ConfigError("final may only hold 'stage2' (DistillConfig fields) and 'reuse_stage1_mixers'")
+        if not isinstance(self.final, dict) or sorted(set(self.final) - {"stage2", "reuse_stage1_mixers", "extra_sets"}):
+            raise ConfigError(
+                "final may only hold 'stage2' (DistillConfig fields), 'reuse_stage1_mixers' and 'extra_sets'"
+            )
         self.distill_config("final", 2)
+        self._check_extra_sets(None)
         selectors = self.selectors
         for sel in selectors:
             self.selection_config(sel)  # validates selector names and SelectionConfig fields
@@ -142,6 +145,19 @@ class RunConfig:
                 layers = self.selection_config(sel).layers or []
                 if sel == "given" and any(i >= num_layers for i in layers):
                     raise ConfigError(f"selection.layers {layers} out of range for a {num_layers}-layer teacher")
+            self._check_extra_sets(num_layers)
+
+    def _check_extra_sets(self, num_layers: int | None) -> None:
+        """``final.extra_sets``: {label: [softmax layers]} distilled and evaluated beside the selectors' sets."""
+        extra = self.final.get("extra_sets") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError("final.extra_sets must map a label to a list of softmax layers, e.g. {probe: [0, 4, 9]}")
+        for label, layers in extra.items():
+            ok = isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) and i >= 0 for i in layers)
+            if not ok or len(set(layers)) != len(layers):
+                raise ConfigError(f"final.extra_sets.{label}: expected distinct 0-based layer indices, got {layers!r}")
+            if num_layers is not None and max(layers) >= num_layers:
+                raise ConfigError(f"final.extra_sets.{label}: {layers} out of range for a {num_layers}-layer teacher")
 
     # -- derived ------------------------------------------------------------------------------
     @property

@@ -149,17 +149,23 @@ class Pipeline:
         return out
 
     def final_sets(self) -> dict[str, dict]:
-        """Distinct layer sets chosen by any (selector, budget), with who chose them."""
+        """Distinct layer sets chosen by any (selector, budget) or listed in ``final.extra_sets``, with who
+        chose them (selector ``extra`` and the set's label for the latter)."""
         from ..selection import load_selection
 
         sets: dict[str, dict] = {}
+
+        def add(layers, chosen_by: dict) -> None:
+            layers = sorted(layers)
+            item = sets.setdefault(hybrid_name(layers, self.config.linear), {"layers": layers, "chosen_by": []})
+            item["chosen_by"].append(chosen_by)
+
         for selector in self.config.selectors:
             sel = load_selection(self.run_dir / "selection" / selector)
             for label, entry in sel["budgets"].items():
-                layers = sorted(entry["layers"])
-                name = hybrid_name(layers, self.config.linear)
-                item = sets.setdefault(name, {"layers": layers, "chosen_by": []})
-                item["chosen_by"].append({"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
+                add(entry["layers"], {"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
+        for label, layers in (self.config.final.get("extra_sets") or {}).items():
+            add(layers, {"selector": "extra", "budget": str(label), "k": len(layers), "probe": None})
         return sets
 
     def final(self) -> dict:
