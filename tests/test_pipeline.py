@@ -142,7 +142,11 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "one-swap candidates" in out and "H100-hours" in out and "**total**" in out
+    assert "up to 4 final hybrids" in out  # 2 selectors x 2 budgets
     assert not (tmp_path / "run").exists()
+    path = _write(tmp_path, _config(tmp_path, final={"stage2": _stage(2), "extra_sets": {"a": [0], "b": [1, 2]}}))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "up to 6 final hybrids" in capsys.readouterr().out
 
 
 def _stage_done(run: Path, stage: str) -> bool:

@@ -80,7 +80,7 @@ def plan_run(config: RunConfig, mfu: float = 0.4) -> dict[str, Any]:
         count = layers * len(kinds)
         add("selection", f"{count} one-swap candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per, flops / per)
     budgets = config.selection.get("budgets", [0.25])
-    sets = sum(1 if s == "given" else len(budgets) for s in config.selectors)
+    sets = sum(1 if s == "given" else len(budgets) for s in config.selectors) + len(config.final.get("extra_sets") or {})
     fin = config.distill_config("final", 2)
     add("final", f"up to {sets} final hybrids x {_tokens(fin):,} tokens", sets * _tokens(fin), 8 * n)
     ev = config.eval
