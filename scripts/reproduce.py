@@ -177,6 +177,11 @@ def _run(args, work: Path, tl: Timeline) -> int:
     import yaml
 
     deadline = tl.t0 + args.deadline_minutes * 60 if args.deadline_minutes else None
+    selectors = yaml.safe_load(Path(args.config).read_text())["selection"]["selectors"]
+    if args.swap_probes and not {"ga-s2", args.swap_probes} <= set(selectors) - {"uniform", "given"}:
+        print(f"--swap-probes {args.swap_probes}: needs ga-s2 and {args.swap_probes} among the config's ranking selectors "
+              f"{selectors}", file=sys.stderr)
+        return 2
     tl.event("start", argv=sys.argv, deadline_minutes=args.deadline_minutes)
     teacher_dir = work / "pretrain" / "teacher"
 

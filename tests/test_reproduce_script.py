@@ -139,5 +139,9 @@ def test_swap_probes_exchange_the_reference_selectors_best_missing_layer(tmp_pat
     }
     selection("same", [9, 6, 7, 14, 8, 0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 15], {"12.5%": [6, 9], "25%": [6, 7, 9, 14]})
     assert reproduce.swap_probes(tmp_path, "same") == {}
+    config = _toy_pipeline_config(tmp_path / "pipe.yaml")  # a reference that is not run is refused before any work
+    work = tmp_path / "work"
+    assert reproduce.main(["run", "--work", str(work), "--config", str(tmp_path / "pipe.yaml"), "--swap-probes", "best"]) == 2
+    assert not (work / "pretrain").exists() and "best" not in config["selection"]["selectors"]
     with pytest.raises(ValueError, match="finished ga-s2 and act-mse"):
         reproduce.swap_probes(tmp_path, "act-mse")

@@ -61,7 +61,7 @@ def recall_batches(samples: Sequence, batch_size: int) -> list[list[int]]:
 
     A sample's greedy output can depend on its batch in bf16 (padding changes the kernels' rounding),
     so batches are cut within each (task, length) group, in index order: a task's scores then do not
-    depend on which other tasks are evaluated beside it, and prompts of one group need almost no padding.
+    depend on which other tasks are evaluated beside it, and a group's prompts (one token length) need no padding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
