@@ -176,9 +176,12 @@ def cmd_run(args) -> int:
 def _run(args, work: Path, tl: Timeline) -> int:
     import yaml
 
+    from hybrid_distill.selection.config import RULE_SELECTORS
+
     deadline = tl.t0 + args.deadline_minutes * 60 if args.deadline_minutes else None
-    selectors = yaml.safe_load(Path(args.config).read_text())["selection"]["selectors"]
-    if args.swap_probes and not {"ga-s2", args.swap_probes} <= set(selectors) - {"uniform", "given"}:
+    config = yaml.safe_load(Path(args.config).read_text())
+    selectors = config["selection"]["selectors"]
+    if args.swap_probes and not {"ga-s2", args.swap_probes} <= set(selectors) - set(RULE_SELECTORS):
         print(f"--swap-probes {args.swap_probes}: needs ga-s2 and {args.swap_probes} among the config's ranking selectors "
               f"{selectors}", file=sys.stderr)
         return 2
@@ -207,7 +210,6 @@ def _run(args, work: Path, tl: Timeline) -> int:
             warm.kill()
         tl.event("warmup_done", rc=warm.returncode)
 
-    config = yaml.safe_load(Path(args.config).read_text())
     config["teacher"] = str(teacher_dir)
     config["run_dir"] = str(work / "pipeline")
     config["data"] = {**config["data"], "source": str(work / "text.jsonl.gz"), "cache_dir": str(work / "tokens")}
