@@ -423,7 +423,7 @@ def analyze(work: Path) -> dict:
     run = work / "pipeline"
     state = read_json(run / "pipeline.json") or {"stages": {}, "config": {}}
     selectors = (state.get("config", {}).get("selection") or {}).get("selectors", [])
-    out: dict = {"stages": {s: {k: e.get(k) for k in ("wall_time_s", "tokens")} for s, e in state["stages"].items()}}
+    out: dict = {"stages": {s: {k: e.get(k) for k in ("wall_time_s", "compute_time_s", "tokens")} for s, e in state["stages"].items()}}
     out["timeline"] = (read_json(work / "timeline.json") or {}).get("events", [])
     pre = [json.loads(line) for line in (work / "pretrain" / "training_log.jsonl").read_text().splitlines()] \
         if (work / "pretrain" / "training_log.jsonl").is_file() else []

@@ -170,12 +170,16 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
     pipe = Pipeline(config, run_dir, progress=False)
     title = (config.report or {}).get("title") or f"hybrid-distill run: {config.teacher}"
     lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run_dir}`.", ""]
-    lines += ["## Cost per stage", "", "| stage | wall time | tokens |", "|---|---:|---:|"]
+    lines += ["## Cost per stage", "",
+              "Time: training or evaluation time summed over the stage's models, including those trained or evaluated by an "
+              "earlier invocation (resumed, or before sets were added); the selection stage's is the wall time of the "
+              "invocation that finished it.", "",
+              "| stage | time | tokens |", "|---|---:|---:|"]
     total_t = total_tok = 0.0
     for stage, entry in state["stages"].items():
         if stage == "report":
             continue
-        t, tok = entry.get("wall_time_s"), entry.get("tokens")
+        t, tok = entry.get("compute_time_s", entry.get("wall_time_s")), entry.get("tokens")
         total_t += t or 0
         total_tok += tok or 0
         lines.append(f"| {stage} | {_fmt_time(t)} | {_fmt_tokens(tok)} |")

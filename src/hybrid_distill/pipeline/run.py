@@ -103,7 +103,8 @@ class Pipeline:
         from ..distill import distill
 
         result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out)
-        return {"tokens": result.tokens, "train_time_s": result.wall_time_s, "final": result.final_model_dir,
+        return {"tokens": result.tokens, "train_time_s": result.wall_time_s, "compute_time_s": result.wall_time_s,
+                "final": result.final_model_dir,
                 "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
 
     # -- stages -------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class Pipeline:
         cfg = self.config.distill_config("final", 2).replace(progress=self.progress)
         reuse = self.config.final.get("reuse_stage1_mixers", True)
         init_from = load_student(stage1).float() if reuse else None
-        out: dict[str, Any] = {"models": {}, "tokens": 0}
+        out: dict[str, Any] = {"models": {}, "tokens": 0, "compute_time_s": 0.0}
         for name, item in self.final_sets().items():
             model_dir = self.run_dir / "models" / name
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
@@ -187,8 +188,10 @@ class Pipeline:
             res = self._distill(student, cfg, self.run_dir / "final" / name)
             if not (model_dir / "config.json").is_file():
                 save_student(student, model_dir, tokenizer=self.tokenizer, model_card=self.model_card(name, item, res))
-            out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"]}
+            out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"],
+                                   "train_time_s": res["train_time_s"]}
             out["tokens"] += res["tokens"]
+            out["compute_time_s"] += res["train_time_s"]
         return out
 
     def model_card(self, name: str, item: dict, res: dict) -> str:
@@ -219,9 +222,13 @@ class Pipeline:
         return models
 
     def eval(self) -> dict:
-        out: dict[str, Any] = {"models": {}}
+        out: dict[str, Any] = {"models": {}, "eval_time_s": {}}
         for name in self.eval_models():
-            out["models"][name] = str(self.evaluate(name))
+            dest = self.evaluate(name)
+            out["models"][name] = str(dest)
+            timings = (read_json(dest / "results.json") or {}).get("timings") or {}
+            out["eval_time_s"][name] = sum(timings.values())
+        out["compute_time_s"] = sum(out["eval_time_s"].values())
         return out
 
     def eval_settings(self) -> dict[str, Any]:
