@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         PreTrainedTokenizerFast,
     )
 
+    from hybrid_distill.fileio import atomic_write_json
     from hybrid_distill.tokenization import train_tokenizer
 
     out = Path(args.out)
@@ -705,9 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"recall {task} @ {length}: {acc:.3f}")
         report["eval_wall_s"] = time.time() - t0
     report["total_wall_s"] = time.time() - t_start
-    with open(out / "eval.json", "w") as f:
-        json.dump(report, f, indent=1)
-    log(f"recall: {json.dumps(report['recall'])}")
+    atomic_write_json(out / "eval.json", report)
+    log("recall: not evaluated (--skip-eval)" if args.skip_eval else f"recall: {json.dumps(report['recall'])}")
     return 0
 
 
