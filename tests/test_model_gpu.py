@@ -71,10 +71,11 @@ def test_fla_batched_generate_left_padding():
     fla, ref = _students({})
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 500, (n,), generator=g).cuda() for n in lengths]
-    ids = torch.zeros(2, 120, dtype=torch.long, device="cuda")
+    width = max(lengths)
+    ids = torch.zeros(2, width, dtype=torch.long, device="cuda")
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, 120 - len(p) :], mask[i, 120 - len(p) :] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         batched = fla.generate(ids, attention_mask=mask, **kw)
@@ -89,7 +90,7 @@ def test_fla_batched_generate_left_padding():
 
             floor, got = err(single, 0), err(batched, i)
             bound = 2 * floor + 1e-4
-            assert torch.equal(batched.sequences[i, 120:], seq[len(p) :]), i
+            assert torch.equal(batched.sequences[i, width:], seq[len(p) :]), i
             assert got <= bound, (i, got, floor)
             if i == 0:
                 assert err(leaky, 0) > 10 * bound, (err(leaky, 0), bound)

@@ -103,8 +103,7 @@ class Pipeline:
         from ..distill import distill
 
         result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out)
-        return {"tokens": result.tokens, "train_time_s": result.wall_time_s, "compute_time_s": result.wall_time_s,
-                "final": result.final_model_dir,
+        return {"tokens": result.tokens, "compute_time_s": result.wall_time_s, "final": result.final_model_dir,
                 "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
 
     # -- stages -------------------------------------------------------------------------------
@@ -189,9 +188,9 @@ class Pipeline:
             if not (model_dir / "config.json").is_file():
                 save_student(student, model_dir, tokenizer=self.tokenizer, model_card=self.model_card(name, item, res))
             out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"],
-                                   "train_time_s": res["train_time_s"]}
+                                   "compute_time_s": res["compute_time_s"]}
             out["tokens"] += res["tokens"]
-            out["compute_time_s"] += res["train_time_s"]
+            out["compute_time_s"] += res["compute_time_s"]
         return out
 
     def model_card(self, name: str, item: dict, res: dict) -> str:
