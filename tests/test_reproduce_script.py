@@ -57,7 +57,9 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     gate = next(e for e in timeline if e["event"] == "eval_tasks")
     assert gate["kept"] == ["kv_retrieval"] and gate["dropped"] == ["niah_single_1"]
     budgets = next(e for e in timeline if e["event"] == "budgets")
-    assert budgets["model"]["eval_seconds_per_model"] == round(5 * (1 - reproduce.RECALL_EVAL_SHARE / 2), 1)
+    teacher_s = [e["eval_seconds"] for e in timeline if e["event"] == "model_eval_done" and e["model"] == "teacher"][-1]
+    expected = max(5 * (1 - reproduce.RECALL_EVAL_SHARE / 2), reproduce.HYBRID_EVAL_VS_TEACHER * teacher_s)
+    assert budgets["model"]["eval_seconds_per_model"] == pytest.approx(expected, abs=0.1)
     every = json.loads((work / reproduce.TEACHER_ALL_TASKS / "results.json").read_text())
     assert every["config"]["tasks"] == ["kv_retrieval", "niah_single_1"]  # (niah_single_1 does not fit 256 tokens)
     for model in (work / "pipeline" / "eval").iterdir():  # teacher, all-linear and hybrids: the kept task only
@@ -94,6 +96,15 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
         names = tar.getnames()
     assert "work/pipeline/report.md" in names and "work/timeline.json" in names and "work/pretrain/teacher/config.json" in names
     assert not [n for n in names if n.endswith((".safetensors", ".gz", ".npy", ".bin")) or "/checkpoints/" in n]
+
+
+def test_eval_estimate_takes_the_larger_of_the_given_time_and_the_teachers():
+    # run 3: --eval-seconds 12, four of five tasks kept, the teacher took 31.9 s on them, each hybrid 18 s
+    ratio = reproduce.HYBRID_EVAL_VS_TEACHER
+    assert reproduce.eval_seconds_per_hybrid(12, 0.8, 31.9) == pytest.approx(ratio * 31.9)
+    assert ratio * 31.9 > 18 > 12 * (1 - reproduce.RECALL_EVAL_SHARE * 0.2)  # the teacher's bound covers what was measured
+    assert reproduce.eval_seconds_per_hybrid(None, 0.8, 31.9) == pytest.approx(ratio * 31.9)
+    assert reproduce.eval_seconds_per_hybrid(40, 0.8, 31.9) == pytest.approx(40 * (1 - reproduce.RECALL_EVAL_SHARE * 0.2))
 
 
 def test_fit_budgets_shrinks_to_the_deadline_and_never_grows():
