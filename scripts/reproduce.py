@@ -238,8 +238,8 @@ def _run(args, work: Path, tl: Timeline) -> int:
     tl.event("base_started")
     pipe.run(stages=("stage1", "stage2"))
     tl.event("base_done")
-    # The teacher's evaluation also generates the (cached) samples; the all-linear student's, which never
-    # stops early at EOS, is what each further model's evaluation costs at most.
+    # The teacher's evaluation also generates the (cached) samples; its time on the kept tasks (a second, cached
+    # evaluation when the gate drops some) sizes each hybrid's evaluation for the budget fit.
     eval_s = {}
 
     def evaluate(name: str) -> dict:
