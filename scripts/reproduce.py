@@ -226,6 +226,7 @@ def _run(args, work: Path, tl: Timeline) -> int:
     config["teacher"] = str(teacher_dir)
     config["run_dir"] = str(work / "pipeline")
     config["data"] = {**config["data"], "source": str(work / "text.jsonl.gz"), "cache_dir": str(work / "tokens")}
+    from hybrid_distill.evaluation.suite import evaluation_seconds
     from hybrid_distill.fileio import atomic_write_text
     from hybrid_distill.pipeline.config import RunConfig
     from hybrid_distill.pipeline.run import Pipeline
@@ -244,7 +245,7 @@ def _run(args, work: Path, tl: Timeline) -> int:
 
     def evaluate(name: str) -> dict:
         results = json.loads((pipe.evaluate(name) / "results.json").read_text())
-        eval_s[name] = sum(results["timings"].values())  # also right when reused
+        eval_s[name] = evaluation_seconds(results)  # also right when reused
         tl.event("model_eval_done", model=name, eval_seconds=round(eval_s[name], 1))
         return results
 

@@ -36,6 +36,11 @@ DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 # Evaluation
 
 
+def evaluation_seconds(results: dict) -> float:
+    """Time an evaluation spent on its suites (recall, NIAH, quality), from its ``results.json`` content."""
+    return sum((results.get("timings") or {}).values())
+
+
 def _parse_suite(suite: str | Iterable[str]) -> list[str]:
     parts = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else [str(s).strip() for s in suite]
     parts = [p for p in parts if p]

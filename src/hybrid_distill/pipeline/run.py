@@ -221,12 +221,13 @@ class Pipeline:
         return models
 
     def eval(self) -> dict:
+        from ..evaluation.suite import evaluation_seconds
+
         out: dict[str, Any] = {"models": {}, "eval_time_s": {}}
         for name in self.eval_models():
             dest = self.evaluate(name)
             out["models"][name] = str(dest)
-            timings = (read_json(dest / "results.json") or {}).get("timings") or {}
-            out["eval_time_s"][name] = sum(timings.values())
+            out["eval_time_s"][name] = evaluation_seconds(read_json(dest / "results.json") or {})
         out["compute_time_s"] = sum(out["eval_time_s"].values())
         return out
 
