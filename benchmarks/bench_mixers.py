@@ -2,8 +2,7 @@
 
 Shape: a Qwen2.5-1.5B-like layer (hidden 1536, 12 query heads, 2 KV heads, head_dim 128), bf16.
 Run on a GPU with fla installed:  python benchmarks/bench_mixers.py --seq 4096 --batch 1 [--markdown FILE]
-``--profile N`` also prints, per mixer, the N kernels with the most GPU time in one forward+backward (issue 3:
-which part of a GDN layer, fla's kernels or the projections and gates around them, costs 2.6x SDPA).
+Where a layer's time goes (kernel vs launch time, top kernels, CPU profile): benchmarks/explore_gdn.py.
 """
 
 from __future__ import annotations
@@ -54,17 +53,6 @@ def time_fwd_bwd(module, x, position_embeddings, iters: int, warmup: int) -> flo
     return statistics.median(times)
 
 
-def profile_fwd_bwd(module, x, position_embeddings, top: int) -> str:
-    """The ``top`` kernels by GPU time in one forward+backward, as torch.profiler's table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out, _ = module(x, attention_mask=None, position_embeddings=position_embeddings)
-        out.float().sum().backward()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seq", type=int, default=4096)
@@ -72,7 +60,6 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--markdown", help="append a results table to this Markdown file")
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each mixer's N most expensive kernels")
     args = parser.parse_args()
     device, dtype = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -87,9 +74,6 @@ def main():
         peak = torch.cuda.max_memory_allocated() / 2**30
         tokens = args.batch * args.seq
         rows.append((name, ms, tokens / ms * 1e3, peak))
-        if args.profile:
-            print(f"\n## {name}: top {args.profile} kernels of one forward+backward\n")
-            print(profile_fwd_bwd(module, x, position_embeddings, args.profile))
     header = (
         f"### Mixer forward+backward, Qwen2.5-1.5B-like layer (hidden 1536, 12 heads / 2 KV, head_dim 128), "
         f"B={args.batch}, T={args.seq}, bf16\n\n"

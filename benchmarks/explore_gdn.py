@@ -1,7 +1,11 @@
 """Issue 3 exploration: where one GDN mixer's forward+backward time goes (B=1, T=4096, Qwen2.5-1.5B layer).
 
 Times variants side by side: the mixer eager and compiled, fla's kernel alone, the projections alone,
-fla's own GatedDeltaNet layer and SDPA; for each, GPU-busy time (sum of kernel times) vs wall time.
+fla's own GatedDeltaNet layer and SDPA; for each, GPU kernel time (torch.profiler) vs wall time. A layer whose
+wall time is far above its kernel time is bound by the CPU launching kernels (benchmarks/RESULTS.md, issue 3).
+
+    python benchmarks/explore_gdn.py --top 14             # table + each variant's top kernels
+    python benchmarks/explore_gdn.py --cprofile fla_kernel # where the CPU time of one variant goes
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def timed(fn, iters=20, warmup=5):
 
 
 def busy(fn, top):
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -35,7 +40,7 @@ def busy(fn, top):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, not their CPU callers
     total = sum(e.self_device_time_total for e in events) / 1e3
     n = sum(e.count for e in events)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top) if top else ""
@@ -132,7 +137,7 @@ def main():
         pstats.Stats(prof).sort_stats("cumtime").print_stats(40)
         return
     only = set(args.only.split(",")) if args.only else None
-    print(f"| variant | wall ms | GPU-busy ms | kernels |\n|---|---:|---:|---:|")
+    print(f"| variant | wall ms | GPU kernel ms | kernels |\n|---|---:|---:|---:|")
     tables = []
     for name, fn in variants.items():
         if only and name not in only:

@@ -185,3 +185,25 @@ def test_compiled_kl_chunks_match_eager_cuda_bf16():
     torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-4)
     for a, b in zip(gc, ge):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_kl_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A broken torch.compile (no inductor/Triton) costs speed, never the run: same loss, one warning."""
+    from hybrid_distill.distill import losses
+
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("inductor unavailable")
+
+        return run
+
+    monkeypatch.setattr(losses, "_compiled_kl_terms", None)
+    monkeypatch.setattr(losses, "_compile_failed", False)
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    hs, ws, ht, wt, mask = _inputs(5)
+    args = (select_tokens(hs, mask), ws, select_tokens(ht, mask), wt)
+    with caplog.at_level("WARNING", logger=losses.__name__):
+        out = chunked_kl_div(*args, tau=2.0, chunk_size=4, compile=True)
+    ref = chunked_kl_div(*args, tau=2.0, chunk_size=4, compile=False)
+    assert out.item() == ref.item()
+    assert sum("torch.compile of the KL chunk loss failed" in r.message for r in caplog.records) == 1

@@ -13,6 +13,7 @@ stored gradients ([N, H] and [V, H], the sizes of the inputs), so no logits surv
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_CHUNK_SIZE = 1024
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,18 +188,34 @@ def kl_terms(z_s: Tensor, z_t: Tensor, tau: float, want_grad: bool) -> tuple[Ten
 
 
 _compiled_kl_terms = None
+_compile_failed = False
+
+
+def _compiled_or_eager_kl_terms(*args):
+    """The compiled `kl_terms`; if compiling fails (no working inductor/Triton), warn once and run eager."""
+    global _compiled_kl_terms, _compile_failed
+    if not _compile_failed:
+        try:
+            if _compiled_kl_terms is None:
+                _compiled_kl_terms = torch.compile(kl_terms)
+            return _compiled_kl_terms(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # an inductor/Triton failure: the eager path computes the same thing
+            _compile_failed = True
+            logger.warning(
+                "torch.compile of the KL chunk loss failed (%s: %s); using the eager path "
+                "(same result, slower). Set HYBRID_DISTILL_COMPILE_LOSS=0 to skip the attempt.",
+                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )
+    return kl_terms(*args)
 
 
 def _kl_terms_for(x: Tensor, compile: bool | None):
     """`kl_terms`, compiled when asked (or, for None, on CUDA unless HYBRID_DISTILL_COMPILE_LOSS=0)."""
-    global _compiled_kl_terms
     if compile is None:
         compile = x.is_cuda and os.environ.get("HYBRID_DISTILL_COMPILE_LOSS", "1") != "0"
-    if not compile:
-        return kl_terms
-    if _compiled_kl_terms is None:
-        _compiled_kl_terms = torch.compile(kl_terms)
-    return _compiled_kl_terms
+    return _compiled_or_eager_kl_terms if compile else kl_terms
 
 
 def chunked_kl_div(
