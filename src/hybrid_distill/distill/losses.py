@@ -163,8 +163,8 @@ def kl_terms(z_s: Tensor, z_t: Tensor, tau: float, want_grad: bool) -> tuple[Ten
     """One chunk's ``τ² Σ KL(softmax(z_t/τ) ‖ softmax(z_s/τ))`` and its gradient wrt ``z_s`` (in z_s's dtype).
 
     ``z_s``, ``z_t``: [C, V] logits in any float dtype; the arithmetic is fp32. Eager, the in-place
-    ops keep two fp32 [C, V] buffers alive; compiled, inductor fuses it into a few passes over the
-    low-precision logits (about 10x less memory traffic than eager at V = 152k).
+    ops hold three fp32 [C, V] buffers (the two upcasts and p); compiled, inductor fuses it into a few
+    passes over the low-precision logits (Stage 2 of a 152k-vocabulary model: KL phase 80 -> 37 ms).
     """
     grad_dtype = z_s.dtype
     # Always copies: the inputs are never modified (inductor's CPU backend in torch 2.11 fails on a

@@ -3,7 +3,9 @@
 FLOPs per token: a forward pass costs 2N and forward+backward 6N for N matmul parameters (embedding
 lookups excluded, the lm_head included). Stage 1 runs the teacher forward (2N) and trains only the
 mixers; Stage 2 and the final hybrids run the teacher forward and train the student (2N + 6N).
-GPU time assumes an H100 (989 TFLOP/s dense bf16) at ``mfu`` utilisation.
+GPU time assumes an H100 (989 TFLOP/s dense bf16) at ``mfu`` utilisation. The default, 30%, is what Stage 2
+measured by this count (lm_head included): 1.5B teacher, all-GDN student, 2 x 4096-token micro-batches, one
+H200 (benchmarks/RESULTS.md, issue 3). Micro-batches of 4k tokens run at about half that.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _tokens(cfg) -> int:
     return cfg.total_steps(cfg.seq_len) * cfg.global_batch_size * cfg.seq_len
 
 
-def plan_run(config: RunConfig, mfu: float = 0.4) -> dict[str, Any]:
+def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
     """The run plan: per stage its tokens, FLOPs and H100-hours at ``mfu`` (selection and final are upper
     bounds: early stopping saves candidate tokens, identical layer sets are trained once)."""
     from ..selection.config import BYPASS_SELECTORS, LEARNED_SELECTORS, candidate_kinds
