@@ -59,6 +59,11 @@ def uniform_hybrid(teacher, ratio: float):
     return f"hybrid {ratio:.1%} ({k} softmax)", student
 
 
+def _gdn_step_kernel(args) -> str:
+    kernels = args.linear_kernels or ("torch" if args.compile else "fla")
+    return "the compiled PyTorch recurrence" if kernels == "torch" else "fla's fused recurrent kernel"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contexts", default="1024,4096,8192,16384,32768")
@@ -68,6 +73,10 @@ def main():
     parser.add_argument("--decode", choices=["static", "hf"], default="static")
     parser.add_argument("--prefill-rows", type=int, default=None, help="prompt rows per prefill forward (bounds memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
+    parser.add_argument(
+        "--linear-kernels", choices=["torch", "fla", "auto"], default=None,
+        help="GDN kernels inside the static step (default: torch with --compile, else the model's backend: fla)",
+    )
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     parser.add_argument("--plot")
@@ -78,9 +87,7 @@ def main():
 
     teacher = qwen25_teacher()
     models = {"teacher": teacher, **dict(uniform_hybrid(teacher, r) for r in ratios)}
-    if args.compile:
-        torch._dynamo.config.cache_size_limit = 64  # one compiled step per (model, buffer shape)
-    else:  # warm up kernels (fla autotuning / compilation) at every batch size before timing
+    if not args.compile:  # warm up kernels (fla autotuning / compilation) at every batch size before timing
         for model in models.values():
             for b in batches:
                 measure(model, "warmup", 256, b, decode_steps=2, warmup_steps=3, decode=args.decode)
@@ -95,7 +102,7 @@ def main():
                 torch.cuda.empty_cache()
             for name, model in models.items():
                 r = measure(model, name, ctx, b, decode_steps=args.decode_steps, decode=args.decode,
-                            prefill_rows=args.prefill_rows, compile=args.compile)
+                            prefill_rows=args.prefill_rows, compile=args.compile, linear_kernels=args.linear_kernels)
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
     table = results_markdown(results, baseline="teacher")
@@ -104,11 +111,12 @@ def main():
         f"- {provenance()}\n"
         f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches} "
         f"--ratios {args.ratios} --decode {args.decode}" + (f" --prefill-rows {args.prefill_rows}" if args.prefill_rows else "")
-        + (" --compile" if args.compile else "") + "`\n"
+        + (" --compile" if args.compile else "")
+        + (f" --linear-kernels {args.linear_kernels}" if args.linear_kernels else "") + "`\n"
         + (
             "- prefill: the prompt through the model's forward (`logits_to_keep=1`) and its cache copied into preallocated "
             f"buffers; decode: mean step time over {args.decode_steps} greedy steps of `StaticDecoder` (static KV buffers for "
-            "softmax layers, fla fused recurrent kernel for GDN layers, one CUDA graph per step, same code for teacher and "
+            f"softmax layers, {_gdn_step_kernel(args)} for GDN layers, one CUDA graph per step, same code for teacher and "
             "hybrids); cache = bytes of the preallocated buffers.\n\n"
             if args.decode == "static"
             else "- prefill: one forward over the prompt with `logits_to_keep=1`; decode: median per-step time of "

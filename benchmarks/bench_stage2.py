@@ -133,6 +133,7 @@ def trainer_run(
     chunk: int,
     ac: bool,
     device: torch.device,
+    compile_layers: str = "off",
 ) -> dict:
     """Tokens/s (median over steps after `warmup`) and peak memory of `distill` (stage 2)."""
     global_batch = batch * accum
@@ -148,6 +149,7 @@ def trainer_run(
         micro_batch_size=batch,
         kl_chunk_size=chunk,
         activation_checkpointing=ac,
+        compile_layers=compile_layers,
         progress=False,
         save_final_model=False,
         eval_max_batches=0,
@@ -210,6 +212,10 @@ def main():
     parser.add_argument("--iters", type=int, default=5, help="timed iterations of the breakdown")
     parser.add_argument("--chunk", type=int, default=1024, help="kl_chunk_size (tokens per lm_head chunk)")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--compile-layers", choices=["off", "teacher", "all"], default="off",
+        help="DistillConfig.compile_layers: torch.compile the decoder layers of the teacher / both (the breakdown then runs compiled too)",
+    )
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of this script)")
     parser.add_argument("--markdown", help="append the results table to this Markdown file")
@@ -240,6 +246,7 @@ def main():
             args.chunk,
             args.activation_checkpointing,
             device,
+            args.compile_layers,
         )
         tflops = r["tokens_per_s"] * flops_tok / 1e12
         tflops_head = r["tokens_per_s"] * flops_tok_head / 1e12
@@ -265,6 +272,7 @@ def main():
         f"{flops_tok_head / 1e9:.2f} GFLOP",
         f"- peak: {NOMINAL_PEAK_TFLOPS:.0f} TFLOP/s nominal dense bf16; {peak_note}",
         f"- kl_chunk_size {args.chunk}; activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+        f"compiled decoder layers: {args.compile_layers}; "
         f"trainer runs of {args.steps} steps, first {args.warmup} left out",
         "",
         "| micro-batches/step | tokens/step | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured peak) "

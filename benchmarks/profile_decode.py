@@ -5,6 +5,10 @@ step (host clock after synchronize), GPU kernel time per step (torch.profiler, s
 the kernel time by category (attention, KV-cache copies, fla recurrent, matmuls, other). Wall >> kernel
 time means the step is bound by host-side (Python / launch) overhead, not by the GPU.
     python benchmarks/profile_decode.py --context 32768 --batch 8 --ratio 0.25
+
+``--static`` profiles `StaticDecoder` instead of HF's eager loop: the wall time is a CUDA-graph replay
+per step and the kernels are those of the (``--compile``d) step function called without the graph.
+``--linear-kernels torch fla`` profiles the hybrid once per linear-kernel backend.
 """
 
 from __future__ import annotations
@@ -50,13 +54,26 @@ def profile(model, context: int, batch: int, steps: int) -> dict:
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t) * 1e3)
     walls = walls[3:]
+
+    def one_step():
+        nonlocal out, token
+        out = model(token, use_cache=True, **{CACHE_ARG: cache})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    stats = _kernel_stats(one_step, steps)
+    del cache, out
+    torch.cuda.empty_cache()
+    return {"wall_ms_per_step": statistics.median(walls), **stats}
+
+
+def _kernel_stats(step_fn, steps: int) -> dict:
+    """Kernel time by category, kernels per step and the top kernels of ``steps`` calls of ``step_fn``."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            out = model(token, use_cache=True, **{CACHE_ARG: cache})
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            step_fn()
         torch.cuda.synchronize()
     by_cat: dict[str, float] = {}
     top = []
@@ -71,15 +88,36 @@ def profile(model, context: int, batch: int, steps: int) -> dict:
         by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + dev / 1e3 / steps
         top.append((dev / 1e3 / steps, evt.key[:90], evt.count // steps))
     top.sort(reverse=True)
-    del cache, out
-    torch.cuda.empty_cache()
     return {
-        "wall_ms_per_step": statistics.median(walls),
         "kernel_ms_per_step": sum(by_cat.values()),
         "kernels_per_step": kernels / steps,
         "kernel_ms_by_category": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"ms": round(ms, 3), "name": n, "calls": c} for ms, n, c in top[:8]],
+        "top_kernels": [{"ms": round(ms, 3), "name": n, "calls": c} for ms, n, c in top[:12]],
     }
+
+
+@torch.no_grad()
+def profile_static(model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None) -> dict:
+    from hybrid_distill.modeling.static_decode import DECODE_ATTENTION, StaticDecoder, _attention_implementation, _linear_kernel_backend
+
+    dec = StaticDecoder(model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels)
+    dec.prefill(torch.randint(3, 1000, (batch, context), device="cuda"), rows_per_forward=1)
+    for _ in range(3):  # two warm-up steps, then the capture
+        dec.step()
+    walls = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dec.step()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t) * 1e3)
+    with _attention_implementation(model.config, DECODE_ATTENTION), _linear_kernel_backend(model, dec.linear_kernels):
+        stats = _kernel_stats(lambda: dec._step_fn(), steps)  # the step function itself: its kernels are visible
+    del dec
+    if compile:
+        torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return {"wall_ms_per_step": statistics.median(walls), **stats}
 
 
 def main():
@@ -88,13 +126,22 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--static", action="store_true", help="profile StaticDecoder (CUDA-graph step) instead of HF's loop")
+    parser.add_argument("--compile", action="store_true", help="with --static: torch.compile the step")
+    parser.add_argument("--linear-kernels", nargs="+", default=[None], help="with --static: hybrid runs per backend (torch, fla, auto)")
     parser.add_argument("--json")
     args = parser.parse_args()
     teacher = qwen25_teacher()
+    hybrid_name, hybrid = uniform_hybrid(teacher, args.ratio)
+    runs = [("teacher", teacher, None)]
+    runs += [(hybrid_name + (f", {lk} kernels" if lk else ""), hybrid, lk) for lk in (args.linear_kernels if args.static else [None])]
     results = {}
-    for name, model in (("teacher", teacher), uniform_hybrid(teacher, args.ratio)):
-        profile(model, 256, args.batch, 2)  # warm-up
-        results[name] = profile(model, args.context, args.batch, args.steps)
+    for name, model, lk in runs:
+        if args.static:
+            results[name] = profile_static(model, args.context, args.batch, args.steps, args.compile, lk)
+        else:
+            profile(model, 256, args.batch, 2)  # warm-up
+            results[name] = profile(model, args.context, args.batch, args.steps)
         print(name, json.dumps(results[name], indent=1), flush=True)
     print(f"\n| model (ctx {args.context}, batch {args.batch}) | wall ms/step | GPU kernel ms/step | kernels/step | " + " | ".join(c for c, _ in CATEGORIES) + " | other |")
     print("|---|---:|---:|---:|" + "---:|" * (len(CATEGORIES) + 1))

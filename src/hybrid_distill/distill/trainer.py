@@ -31,6 +31,7 @@ from torch import nn
 
 from ..data.loader import SplitBatchesMixin
 from . import distributed as hd_dist
+from .compiling import compile_decoder_layers
 from .config import DistillConfig, config_from_args, resume_mismatch
 from .stages import evaluate_kl, evaluate_stage, make_stage, mixer_parameter_names, unpack_batch
 
@@ -612,6 +613,10 @@ def distill(
     mixer_names = mixer_parameter_names(student)
     if config.activation_checkpointing and config.stage != 1:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.stage != 1:  # Stage 1 calls the mixers on their own, not the layers
+        for model in ((student, teacher) if config.compile_layers == "all" else (teacher,) if config.compile_layers == "teacher" else ()):
+            if model is not None:
+                compile_decoder_layers(model)
     use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
     if use_fsdp:
         if not hd_dist.is_initialized():

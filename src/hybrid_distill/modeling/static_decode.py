@@ -37,9 +37,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     query [B, Hq, 1, D]; key/value [B, Hkv, S, D]; attention_mask bool, broadcastable to
     [B, 1, 1, S], True where the key is visible. Returns ([B, 1, Hq, D], None).
 
-    Scores are one GEMM per KV head over the query group; the probabilities-times-values product
-    is split over blocks of KEY_BLOCK keys and summed (split-K), since one [G, S] x [S, D] GEMM per
-    head has too few output tiles to keep the GPU's memory bandwidth busy at long S.
+    Scores are one GEMM per KV head over the query group. The softmax and the probabilities-times-
+    values product then run per block of KEY_BLOCK keys, merged by their maxima and sums (flash-
+    decoding's split-K): one [G, S] x [S, D] GEMM per head has too few output tiles to keep the GPU's
+    memory bandwidth busy at long S, and a softmax over S in one row per query head (B·Hq rows) has
+    too little parallelism; per-block rows have plenty.
     """
     B, Hq, T, D = query.shape
     if T != 1:
@@ -50,14 +52,21 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     q = query.reshape(B, Hkv, G, D)  # query head h reads KV head h // G, as repeat_kv
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
     scores = scores.masked_fill(~attention_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    if S % KEY_BLOCK == 0 and S > KEY_BLOCK:
-        n = S // KEY_BLOCK
-        blocks = probs.view(B, Hkv, G, n, KEY_BLOCK).transpose(2, 3)  # [B, Hkv, n, G, KEY_BLOCK]
-        out = torch.matmul(blocks, value.view(B, Hkv, n, KEY_BLOCK, D)).float().sum(2).to(value.dtype)
-    else:
-        out = torch.matmul(probs, value)  # [B, Hkv, G, D]
-    return out.reshape(B, 1, Hq, D), None
+    if S % KEY_BLOCK or S <= KEY_BLOCK:
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        return torch.matmul(probs, value).reshape(B, 1, Hq, D), None  # [B, Hkv, G, D]
+    n = S // KEY_BLOCK
+    blocks = scores.view(B, Hkv, G, n, KEY_BLOCK)
+    block_max = blocks.amax(-1, keepdim=True)  # -inf for a block with no visible key
+    block_max = block_max.masked_fill(torch.isinf(block_max), 0.0)
+    probs = torch.exp(blocks - block_max)  # [B, Hkv, G, n, KEY_BLOCK], unnormalised per block
+    block_sum = probs.sum(-1)  # [B, Hkv, G, n]
+    block_out = torch.matmul(probs.to(value.dtype).transpose(2, 3), value.view(B, Hkv, n, KEY_BLOCK, D))  # [B, Hkv, n, G, D]
+    block_max = block_max.squeeze(-1)
+    weight = torch.exp(block_max - block_max.amax(-1, keepdim=True)) * (block_sum > 0)  # [B, Hkv, G, n]
+    out = (block_out.float() * weight.transpose(2, 3)[..., None]).sum(2)  # [B, Hkv, G, D]
+    out = out / (block_sum * weight).sum(-1)[..., None]
+    return out.to(value.dtype).reshape(B, 1, Hq, D), None
 
 
 def _register_attention() -> None:
@@ -130,6 +139,21 @@ def _attention_implementation(config, name: str):
         config._attn_implementation = old
 
 
+@contextmanager
+def _linear_kernel_backend(model, backend: str | None):
+    """Run the linear mixers with ``backend`` ("torch", "fla", "auto") instead of their configured one."""
+    options = {id(m.options): m.options for m in model.modules() if isinstance(getattr(m, "options", None), dict) and hasattr(m, "_kernel")}
+    old = {key: opts.get("kernel_backend") for key, opts in options.items()}
+    if backend is not None:
+        for opts in options.values():
+            opts["kernel_backend"] = backend
+    try:
+        yield
+    finally:
+        for key, opts in options.items():
+            opts["kernel_backend"] = old[key]
+
+
 class StaticDecoder:
     """Greedy decoding of a causal LM with a preallocated cache (and a CUDA graph on CUDA).
 
@@ -140,9 +164,21 @@ class StaticDecoder:
     and of equal length. ``cuda_graph=None`` captures a graph when the model is on CUDA.
     ``compile=True`` runs the step through ``torch.compile`` (fuses the many small element-wise
     kernels of a step; the first step compiles, which takes a while).
+
+    ``linear_kernels``: the linear mixers' backend inside the step. ``None`` = "torch" when compiling
+    (the one-token recurrence compiles into the step's graph instead of breaking it at each fla call
+    into separately launched pieces), else the model's own ``kernel_backend``.
     """
 
-    def __init__(self, model, batch_size: int, max_length: int, cuda_graph: bool | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_length: int,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
+        linear_kernels: str | None = None,
+    ):
         _register_attention()
         self.model = model.eval()
         self.config = model.config
@@ -162,6 +198,13 @@ class StaticDecoder:
         self.length = 0
         self.graph = None
         self._eager_steps = 0
+        if linear_kernels not in (None, "auto", "torch", "fla"):
+            raise ValueError(f"linear_kernels must be None, 'auto', 'torch' or 'fla', got {linear_kernels!r}")
+        self.linear_kernels = "torch" if linear_kernels is None and compile else linear_kernels
+        if compile:
+            from ..compile_config import relax_recompile_limits
+
+            relax_recompile_limits()  # with fla kernels the step breaks at each mixer, whose frames recompile per layer
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     # -- prefill -----------------------------------------------------------------------------
@@ -250,7 +293,7 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            with _attention_implementation(self.config, DECODE_ATTENTION):
+            with _attention_implementation(self.config, DECODE_ATTENTION), _linear_kernel_backend(self.model, self.linear_kernels):
                 if self.use_graph and self._eager_steps >= 2:  # kernels tuned and compiled by the eager steps
                     self._capture()
                     self.graph.replay()
