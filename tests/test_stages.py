@@ -276,6 +276,26 @@ def test_stage2_compiled_layers_follow_the_eager_loss_curve(tmp_path, monkeypatc
         DistillConfig(stage=2, compile_layers=True)
 
 
+def test_stage1_runs_a_teacher_compiled_by_an_earlier_stage2(monkeypatch):
+    """A pipeline can run Stage 1 after a Stage 2 compiled the shared teacher's layers; its hooks
+    (and the early stop) must see the same tensors as with an uncompiled teacher."""
+    from hybrid_distill.distill import compiling
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager_decomp_partition")
+    ids = _tokens()
+    losses = []
+    for compiled in (False, True):
+        student, teacher = _pair("llama-gqa", ("gdn", "gla", "softmax", "softmax"))
+        if compiled:
+            compiling.compile_decoder_layers(teacher)
+            with torch.no_grad():
+                teacher(ids)  # compiles
+        stage = Stage1Alignment(student, teacher, DistillConfig(stage=1))
+        losses.append(stage.run(ids, None, grad_scale=None))
+        stage.close()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
 @pytest.mark.gpu
 def test_stage2_compiled_layers_with_inductor_and_fla_cuda(tmp_path):
     """On a GPU: inductor-compiled decoder layers around fla's kernels train the eager trajectory (bf16)."""

@@ -613,8 +613,8 @@ def distill(
     mixer_names = mixer_parameter_names(student)
     if config.activation_checkpointing and config.stage != 1:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.stage != 1:  # Stage 1 calls the mixers on their own, not the layers
-        for model in ((student, teacher) if config.compile_layers == "all" else (teacher,) if config.compile_layers == "teacher" else ()):
+    if config.stage != 1 and config.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
+        for model in (teacher, student if config.compile_layers == "all" else None):
             if model is not None:
                 compile_decoder_layers(model)
     use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)

@@ -142,7 +142,8 @@ def _attention_implementation(config, name: str):
 @contextmanager
 def _linear_kernel_backend(model, backend: str | None):
     """Run the linear mixers with ``backend`` ("torch", "fla", "auto") instead of their configured one."""
-    options = {id(m.options): m.options for m in model.modules() if isinstance(getattr(m, "options", None), dict) and hasattr(m, "_kernel")}
+    mixers = [m for m in model.modules() if hasattr(m, "_kernel") and isinstance(getattr(m, "options", None), dict)]
+    options = {id(m.options): m.options for m in mixers}  # usually one dict, the config's, shared by all
     old = {key: opts.get("kernel_backend") for key, opts in options.items()}
     if backend is not None:
         for opts in options.values():
