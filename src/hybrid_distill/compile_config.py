@@ -10,15 +10,17 @@ import torch
 _MIN_CACHE_SIZE = 256
 
 
-def relax_recompile_limits() -> None:
-    """Let one compiled graph serve every layer of a type, and let deep models compile every layer.
+def relax_recompile_limits(unspecialize_module_ints: bool = True) -> None:
+    """Let deep models compile every layer, and (``unspecialize_module_ints``) one graph serve all
+    layers of a type.
 
-    Integer module attributes (``layer_idx``) become graph inputs instead of constants (otherwise
-    each layer gets its own cache entry, all of whose guards are checked on every call), and the
-    recompile limits are raised to cover what still recompiles per layer.
+    The recompile limits are raised to cover what recompiles per layer. With
+    ``unspecialize_module_ints``, integer module attributes (``layer_idx``) become graph inputs
+    instead of constants (otherwise each layer gets its own cache entry, all of whose guards are
+    checked on every call).
     """
     dynamo = torch._dynamo.config
-    if hasattr(dynamo, "allow_unspec_int_on_nn_module"):
+    if unspecialize_module_ints and hasattr(dynamo, "allow_unspec_int_on_nn_module"):
         dynamo.allow_unspec_int_on_nn_module = True
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, _MIN_CACHE_SIZE)
     if hasattr(dynamo, "accumulated_cache_size_limit"):

@@ -205,7 +205,8 @@ class StaticDecoder:
         if compile:
             from ..compile_config import relax_recompile_limits
 
-            relax_recompile_limits()  # with fla kernels the step breaks at each mixer, whose frames recompile per layer
+            # With fla kernels the step breaks at each mixer, whose frames recompile per layer.
+            relax_recompile_limits(unspecialize_module_ints=False)
         self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     # -- prefill -----------------------------------------------------------------------------
