@@ -98,7 +98,7 @@ def _kernel_stats(step_fn, steps: int) -> dict:
 
 @torch.no_grad()
 def profile_static(model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None) -> dict:
-    from hybrid_distill.modeling.static_decode import DECODE_ATTENTION, StaticDecoder, _attention_implementation, _linear_kernel_backend
+    from hybrid_distill.modeling.static_decode import StaticDecoder
 
     dec = StaticDecoder(model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels)
     dec.prefill(torch.randint(3, 1000, (batch, context), device="cuda"), rows_per_forward=1)
@@ -111,8 +111,7 @@ def profile_static(model, context: int, batch: int, steps: int, compile: bool, l
         dec.step()
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t) * 1e3)
-    with _attention_implementation(model.config, DECODE_ATTENTION), _linear_kernel_backend(model, dec.linear_kernels):
-        stats = _kernel_stats(lambda: dec._step_fn(), steps)  # the step function itself: its kernels are visible
+    stats = _kernel_stats(lambda: dec.step(graph=False), steps)  # the step function itself: its kernels are visible
     del dec
     if compile:
         torch._dynamo.reset()

@@ -298,11 +298,12 @@ def test_stage1_runs_a_teacher_compiled_by_an_earlier_stage2(monkeypatch):
 
 @pytest.mark.gpu
 def test_stage2_compiled_layers_with_inductor_and_fla_cuda(tmp_path):
-    """On a GPU: inductor-compiled decoder layers around fla's kernels train the eager trajectory (bf16)."""
+    """On a GPU: inductor-compiled decoder layers (the teacher's; and the student's around fla's kernels)
+    train the eager trajectory (bf16)."""
     # 12 heads of 128 as a Qwen2.5-1.5B layer: the carried fla kernel cache covers this shape.
     teacher = tiny_teacher("qwen2-bias-tied", hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=512)
     students = {}
-    for compiled in ("off", "all"):
+    for compiled in ("off", "teacher", "all"):  # "off" first: the later runs compile the shared teacher
         torch.manual_seed(0)
         students[compiled] = build_student(teacher, ["gdn", "softmax", "gdn", "gdn"], {"kernel_backend": "fla"}).float()
     data = TensorTokenDataset(_tokens(12, 256))
@@ -314,5 +315,7 @@ def test_stage2_compiled_layers_with_inductor_and_fla_cuda(tmp_path):
         )
         distill(student, teacher, data, cfg, tmp_path / f"compiled-{compiled}")
         curves[compiled] = [r["loss"] for r in read_metrics(tmp_path / f"compiled-{compiled}")]
-    assert all(layer._compiled_call_impl is not None for layer in students["all"].model.layers)
+    assert all(layer._compiled_call_impl is not None for layer in [*students["all"].model.layers, *teacher.model.layers])
+    assert all(layer._compiled_call_impl is None for layer in students["teacher"].model.layers)
+    assert curves["teacher"] == pytest.approx(curves["off"], rel=2e-2)
     assert curves["all"] == pytest.approx(curves["off"], rel=2e-2)

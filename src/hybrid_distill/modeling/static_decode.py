@@ -286,36 +286,42 @@ class StaticDecoder:
         self.position.add_(1)
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Feed the last chosen tokens, return the next ones [B] (a view of a static buffer)."""
+    def step(self, graph: bool = True) -> torch.Tensor:
+        """Feed the last chosen tokens, return the next ones [B] (a view of a static buffer).
+
+        ``graph=False`` runs the step function itself (compiled if asked) even where a CUDA graph
+        is captured, e.g. to see its kernels in a profiler.
+        """
         if self.cache is None:
             raise RuntimeError("call prefill() before step()")
         if self.length >= self.max_length:
             raise ValueError(f"the static cache is full (max_length={self.max_length}); build a larger StaticDecoder")
-        if self.graph is not None:
+        if graph and self.graph is not None:
             self.graph.replay()
+        elif graph and self.use_graph and self._eager_steps >= 2:  # kernels tuned and compiled by the eager steps
+            self._capture()
+            self.graph.replay()
+        elif graph and self.use_graph:  # warm-up on a side stream, as CUDA-graph capture requires
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._run_step_function()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._eager_steps += 1
         else:
-            with _attention_implementation(self.config, DECODE_ATTENTION), _linear_kernel_backend(self.model, self.linear_kernels):
-                if self.use_graph and self._eager_steps >= 2:  # kernels tuned and compiled by the eager steps
-                    self._capture()
-                    self.graph.replay()
-                elif self.use_graph:  # warm-up on a side stream, as CUDA-graph capture requires
-                    stream = torch.cuda.Stream(self.device)
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):
-                        self._step_fn()
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    self._eager_steps += 1
-                else:
-                    self._step_fn()
+            self._run_step_function()
         self.length += 1
         return self.next_tokens
+
+    def _run_step_function(self) -> None:
+        with _attention_implementation(self.config, DECODE_ATTENTION), _linear_kernel_backend(self.model, self.linear_kernels):
+            self._step_fn()
 
     def _capture(self) -> None:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step_fn()
+            self._run_step_function()
         self.graph = graph
 
     @torch.no_grad()
