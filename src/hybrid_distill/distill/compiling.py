@@ -8,7 +8,7 @@ around it). Inductor then fuses what eager runs as separate kernels: RMSNorm, Sw
 adds, rotary embeddings, the mixers' gates and norms.
 
 Measured on an H200 (benchmarks/RESULTS.md, Stage 2 of a Qwen2.5-1.5B shape, 2×4096 tokens): the
-frozen teacher's forward drops from 59 to 43 ms, +4% tokens/s for the step ("teacher"). Compiling
+frozen teacher's forward drops from 61 to 43 ms, +4% tokens/s for the step ("teacher"). Compiling
 the student too ("all") makes its forward 70 → 164 ms and its backward 155 → 319 ms: with fla's
 kernels as graph breaks each layer splits into several small compiled graphs, whose overhead
 outweighs the fusion. So "teacher" is the setting to use; "all" stays available to try with other

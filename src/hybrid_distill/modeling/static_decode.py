@@ -139,20 +139,26 @@ def _attention_implementation(config, name: str):
         config._attn_implementation = old
 
 
-@contextmanager
-def _linear_kernel_backend(model, backend: str | None):
-    """Run the linear mixers with ``backend`` ("torch", "fla", "auto") instead of their configured one."""
+def _mixer_options(model) -> list[dict]:
+    """The distinct ``options`` dicts of the model's linear mixers (usually one: the config's, shared by all)."""
     mixers = [m for m in model.modules() if hasattr(m, "_kernel") and isinstance(getattr(m, "options", None), dict)]
-    options = {id(m.options): m.options for m in mixers}  # usually one dict, the config's, shared by all
-    old = {key: opts.get("kernel_backend") for key, opts in options.items()}
-    if backend is not None:
-        for opts in options.values():
-            opts["kernel_backend"] = backend
+    return list({id(m.options): m.options for m in mixers}.values())
+
+
+@contextmanager
+def _linear_kernel_backend(options: list[dict], backend: str | None):
+    """Run the linear mixers owning ``options`` with ``backend`` ("torch", "fla", "auto") instead of their own."""
+    if backend is None:
+        yield
+        return
+    old = [opts.get("kernel_backend") for opts in options]
+    for opts in options:
+        opts["kernel_backend"] = backend
     try:
         yield
     finally:
-        for key, opts in options.items():
-            opts["kernel_backend"] = old[key]
+        for opts, value in zip(options, old):
+            opts["kernel_backend"] = value
 
 
 class StaticDecoder:
@@ -202,6 +208,7 @@ class StaticDecoder:
         if linear_kernels not in (None, "auto", "torch", "fla"):
             raise ValueError(f"linear_kernels must be None, 'auto', 'torch' or 'fla', got {linear_kernels!r}")
         self.linear_kernels = "torch" if linear_kernels is None and compile else linear_kernels
+        self._linear_options = _mixer_options(model) if self.linear_kernels is not None else []
         if compile:
             from ..compile_config import relax_recompile_limits
 
@@ -314,7 +321,7 @@ class StaticDecoder:
         return self.next_tokens
 
     def _run_step_function(self) -> None:
-        with _attention_implementation(self.config, DECODE_ATTENTION), _linear_kernel_backend(self.model, self.linear_kernels):
+        with _attention_implementation(self.config, DECODE_ATTENTION), _linear_kernel_backend(self._linear_options, self.linear_kernels):
             self._step_fn()
 
     def _capture(self) -> None:
