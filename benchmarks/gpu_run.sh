@@ -17,7 +17,7 @@ for what in "$@"; do
     mixers) python3 benchmarks/bench_mixers.py --seq 4096 --batch 1 --markdown "$OUT/results-mixers.md" 2>&1 | tee "$OUT/bench-mixers.log" ;;
     explore) (cd benchmarks && python3 explore_gdn.py --top 14) 2>&1 | tee "$OUT/explore-gdn.log" ;;
     inference) python3 benchmarks/bench_inference.py --markdown "$OUT/results-inference.md" --json "$OUT/inference.json" --plot "$OUT/inference.png" 2>&1 | tee "$OUT/bench-inference.log" ;;
-    stage2) python3 benchmarks/bench_stage2.py --seq 4096 --batch 2 --accum 1 4 --steps 6 --iters 3 --compile-layers teacher --markdown "$OUT/results-stage2.md" 2>&1 | tee "$OUT/bench-stage2.log" ;;
+    stage2) python3 benchmarks/bench_stage2.py --seq 4096 --batch 2 --accum 1 4 --steps 6 --iters 3 --compile-layers all --markdown "$OUT/results-stage2.md" 2>&1 | tee "$OUT/bench-stage2.log" ;;
     *) echo "unknown step $what" ;;
   esac
 done

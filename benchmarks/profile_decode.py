@@ -24,6 +24,7 @@ from bench_inference import qwen25_teacher, uniform_hybrid
 
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("fla chunk", ("chunk", "tilelang", "l2norm", "solve_tril", "wy_fast")),  # training / prefill
     ("fla recurrent", ("fused_recurrent", "gated_delta")),
     ("kv cat/copy", ("cat", "copy", "elementwise_kernel_with_index", "Memcpy")),
     ("matmul", ("gemm", "gemv", "sm90", "cutlass", "cublas", "nvjet")),
@@ -66,7 +67,7 @@ def profile(model, context: int, batch: int, steps: int) -> dict:
     return {"wall_ms_per_step": statistics.median(walls), **stats}
 
 
-def _kernel_stats(step_fn, steps: int) -> dict:
+def _kernel_stats(step_fn, steps: int, top_n: int = 12) -> dict:
     """Kernel time by category, kernels per step and the top kernels of ``steps`` calls of ``step_fn``."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
@@ -92,7 +93,7 @@ def _kernel_stats(step_fn, steps: int) -> dict:
         "kernel_ms_per_step": sum(by_cat.values()),
         "kernels_per_step": kernels / steps,
         "kernel_ms_by_category": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"ms": round(ms, 3), "name": n, "calls": c} for ms, n, c in top[:12]],
+        "top_kernels": [{"ms": round(ms, 3), "name": n, "calls": c} for ms, n, c in top[:top_n]],
     }
 
 

@@ -309,6 +309,26 @@ def test_backend_fla_raises_clearly_on_cpu():
         ops.gated_delta_rule(**x, backend="triton")
 
 
+def test_fla_availability_is_a_constant_to_torch_compile(monkeypatch):
+    """Traced, the availability check's ``import`` was a graph break in every linear mixer's forward; it
+    split each compiled student layer into small graphs and made Stage 2 with compiled student layers
+    slower than eager on an H200 (benchmarks/RESULTS.md, Stage-2 fourth pass)."""
+    import importlib
+
+    def status_with_an_import():
+        importlib.import_module("json")  # dynamo cannot trace import_module: a graph break if traced
+        return True, ""
+
+    monkeypatch.setattr(ops, "_fla_status", status_with_an_import)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(lambda x: x + 1 if ops.fla_available() else x - 1, backend="eager")(torch.zeros(2))
+    assert torch.equal(out, torch.ones(2))
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("T", [5, 40])
 def test_auto_on_cpu_uses_torch(T):
     x = gdn_inputs(T=T, dtype=torch.float32)

@@ -255,23 +255,26 @@ def test_stage2_compiled_layers_follow_the_eager_loss_curve(tmp_path, monkeypatc
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager_decomp_partition")
     data = TensorTokenDataset(_tokens(16, 12))
     curves, graphs = {}, {}
-    for mode in ("off", "teacher", "all"):
+    for run in ("off", "teacher", "all", "all+checkpointing"):
+        mode = run.split("+")[0]
         student, teacher = _pair(mixers=("gdn", "softmax", "gla", "gdn", "gdn", "softmax"), num_hidden_layers=6)
         cfg = DistillConfig(
             stage=2, target_tokens=4 * 12 * 3, global_batch_size=4, lr_other=1e-3, progress=False,
             save_final_model=False, eval_max_batches=0, compile_layers=mode,
+            activation_checkpointing=run.endswith("checkpointing"),
         )
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        distill(student, teacher, data, cfg, tmp_path / mode)
-        curves[mode] = [r["loss"] for r in read_metrics(tmp_path / mode)]
-        graphs[mode] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        distill(student, teacher, data, cfg, tmp_path / run)
+        curves[run] = [r["loss"] for r in read_metrics(tmp_path / run)]
+        graphs[run] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         assert all((layer._compiled_call_impl is not None) == (mode == "all") for layer in student.model.layers)
         assert all((layer._compiled_call_impl is not None) == (mode != "off") for layer in teacher.model.layers)
-    assert curves["teacher"] == pytest.approx(curves["off"], rel=1e-5)
-    assert curves["all"] == pytest.approx(curves["off"], rel=1e-5)
+    for run in ("teacher", "all", "all+checkpointing"):
+        assert curves[run] == pytest.approx(curves["off"], rel=1e-5), run
     # one graph for the (no-grad) teacher layers; one per student layer type: GDN, softmax, GLA
     assert (graphs["off"], graphs["teacher"], graphs["all"]) == (0, 1, 4)
+    assert graphs["all+checkpointing"] <= 2 * graphs["all"]
     with pytest.raises(ConfigError, match="compile_layers"):
         DistillConfig(stage=2, compile_layers=True)
 

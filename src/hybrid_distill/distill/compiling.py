@@ -7,12 +7,12 @@ does), and leaves fla's Triton kernels as they are (`hybrid_ops` marks them
 around it). Inductor then fuses what eager runs as separate kernels: RMSNorm, SwiGLU, residual
 adds, rotary embeddings, the mixers' gates and norms.
 
-Measured on an H200 (benchmarks/RESULTS.md, Stage 2 of a Qwen2.5-1.5B shape, 2×4096 tokens): the
-frozen teacher's forward drops from 61 to 43 ms, +4% tokens/s for the step ("teacher"). Compiling
-the student too ("all") makes its forward 70 → 164 ms and its backward 155 → 319 ms: with fla's
-kernels as graph breaks each layer splits into several small compiled graphs, whose overhead
-outweighs the fusion. So "teacher" is the setting to use; "all" stays available to try with other
-torch / fla versions.
+Measured on an H200 (benchmarks/RESULTS.md, Stage 2 of a Qwen2.5-1.5B shape, 2×4096 tokens per
+micro-batch): compiling the frozen teacher ("teacher") takes its forward from 61 to 43 ms; compiling
+the student too ("all") takes the student's forward + backward from 227 to 161–165 ms, the step from
+24.5k to 30–31k tokens/s and peak memory from 60.6 to 47.6 GiB. "all" is the setting to use. (It
+was slower than eager until `hybrid_ops.fla_available` became a constant to dynamo: traced, its
+``import`` split every mixer into several small graphs.)
 """
 
 from __future__ import annotations

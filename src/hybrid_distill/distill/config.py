@@ -94,7 +94,8 @@ class DistillConfig:
     fsdp: str = "auto"  # "auto" (on when world_size > 1), "on", "off" (replicas + all-reduced gradients)
     activation_checkpointing: bool = False
     # torch.compile decoder layers (Stages 2 and 3; the first steps compile): "off", "teacher" (the frozen
-    # teacher only; +4% Stage-2 tokens/s on an H200) or "all" (teacher and student; slower with fla kernels)
+    # teacher only) or "all" (teacher and student; on an H200 Stage 2 of a 1.5B shape went 24.5k -> 30-31k
+    # tokens/s, and its peak memory 60.6 -> 47.6 GiB)
     compile_layers: str = "off"
     seed: int = 0
 

@@ -63,6 +63,9 @@ def _fla_status() -> Tuple[bool, str]:
     return True, ""
 
 
+# A constant to torch.compile: traced, the import in `_fla_status` would be a graph break in every
+# linear mixer's forward.
+@torch.compiler.assume_constant_result
 def fla_available() -> bool:
     """Whether CUDA is available and fla's kernels import (cached; never imports fla without CUDA)."""
     return _fla_status()[0]
@@ -74,8 +77,8 @@ def _use_fla(backend: str, x: Tensor) -> bool:
     if backend == "auto":
         return x.is_cuda and fla_available()
     if backend == "fla":
-        ok, why = _fla_status()
-        if not ok:
+        if not fla_available():
+            why = _fla_status()[1]
             raise RuntimeError(
                 f"backend='fla' needs flash-linear-attention with Triton and a CUDA GPU, but {why}. "
                 f"Install it with `{_FLA_INSTALL_HINT}`, or use backend='torch' / 'auto'."
