@@ -29,9 +29,14 @@ def worker(out_dir: str, device: str = "cpu") -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     ctx = hd_dist.init_distributed(device)
-    # fp32 everywhere and PyTorch's mixer kernels on the GPU too: the test is about data parallelism, and
-    # fla's kernels would first compile for these tiny shapes for minutes.
-    student_options = {"kernel_backend": "torch"}
+
+    def fresh_pair():
+        teacher = tiny_teacher("llama-gqa")
+        torch.manual_seed(0)
+        # PyTorch's mixer kernels on the GPU too: the test is about data parallelism, and fla's kernels
+        # would first compile for these tiny shapes for minutes.
+        return teacher, build_student(teacher, ["gdn", "softmax", "gla", "gdn"], {"kernel_backend": "torch"})
+
     out = Path(out_dir)
     tokens = torch.randint(3, 512, (36, SEQ), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
@@ -40,9 +45,7 @@ def worker(out_dir: str, device: str = "cpu") -> None:
     # Same global batch: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2.
     summary = {"world_size": ctx.world_size}
     for stage in (1, 2):
-        teacher = tiny_teacher("llama-gqa")
-        torch.manual_seed(0)
-        student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"], student_options)
+        teacher, student = fresh_pair()
         cfg = DistillConfig(
             stage=stage,
             target_tokens=GLOBAL * SEQ * 5,
@@ -70,15 +73,11 @@ def worker(out_dir: str, device: str = "cpu") -> None:
                     p = out / "stage2_resume" / name
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             hd_dist.barrier()
-            teacher = tiny_teacher("llama-gqa")
-            torch.manual_seed(0)
-            student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"], student_options)
+            teacher, student = fresh_pair()
             again = distill(student, teacher, data, cfg, out / "stage2_resume")
             summary["resumed_from"] = again.resumed_from_step
     if ctx.world_size > 1:  # fsdp="off": replicated models, gradients averaged by all-reduce
-        teacher = tiny_teacher("llama-gqa")
-        torch.manual_seed(0)
-        student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"], student_options)
+        teacher, student = fresh_pair()
         distill(student, teacher, data, cfg.replace(fsdp="off", save_every_tokens=None), out / "stage2_replicated")
         summary["replicated_sharded"] = hd_dist.is_sharded(student)
     if ctx.is_main:
