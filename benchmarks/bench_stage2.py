@@ -122,6 +122,16 @@ def build_models(device: torch.device, tiny: bool):
     return teacher, student
 
 
+def device_and_models(parser: argparse.ArgumentParser, args) -> tuple[torch.device, object, object]:
+    """The CUDA device (CPU only with ``--tiny``, whose ``--seq`` is capped at 64) and `build_models` on it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        parser.error("needs a CUDA GPU (use --tiny for a CPU smoke test)")
+    if args.tiny:
+        args.seq = min(args.seq, 64)
+    return (device, *build_models(device, args.tiny))
+
+
 def trainer_run(
     teacher,
     student,
@@ -221,12 +231,7 @@ def main():
     parser.add_argument("--markdown", help="append the results table to this Markdown file")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.tiny:
-        parser.error("needs a CUDA GPU (use --tiny for a CPU smoke test)")
-    if args.tiny:
-        args.seq = min(args.seq, 64)
-    teacher, student = build_models(device, args.tiny)
+    device, teacher, student = device_and_models(parser, args)
     n_t, n_s = non_embedding_params(teacher), non_embedding_params(student)
     vh = teacher.config.vocab_size * teacher.config.hidden_size
     flops_tok = 2 * n_t + 6 * n_s

@@ -17,7 +17,7 @@ import json
 import statistics
 
 import torch
-from bench_stage2 import Timer, build_models
+from bench_stage2 import Timer, device_and_models
 from profile_decode import _kernel_stats
 
 from hybrid_distill.distill.compiling import compile_decoder_layers
@@ -60,12 +60,7 @@ def main():
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.tiny:
-        parser.error("needs a CUDA GPU (use --tiny for a CPU smoke test)")
-    if args.tiny:
-        args.seq = min(args.seq, 64)
-    teacher, student = build_models(device, args.tiny)
+    device, teacher, student = device_and_models(parser, args)
     del teacher
     ids = torch.randint(0, student.config.vocab_size, (args.batch, args.seq), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
