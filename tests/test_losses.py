@@ -207,3 +207,34 @@ def test_kl_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     ref = chunked_kl_div(*args, tau=2.0, chunk_size=4, compile=False)
     assert out.item() == ref.item()
     assert sum("torch.compile of the KL chunk loss failed" in r.message for r in caplog.records) == 1
+
+
+def test_add_product_fp32_matches_the_fp32_product():
+    """acc += a @ b: exact addmm for fp32 inputs; bf16 inputs off CUDA add a bf16-rounded product."""
+    from hybrid_distill.distill.losses import add_product_fp32_
+
+    g = torch.Generator().manual_seed(0)
+    acc, a, b = torch.randn(40, 24, generator=g), torch.randn(40, 16, generator=g), torch.randn(16, 24, generator=g)
+    out = acc.clone()
+    add_product_fp32_(out, a, b)
+    torch.testing.assert_close(out, acc + a @ b)
+    low = acc.clone()
+    add_product_fp32_(low, a.bfloat16(), b.bfloat16())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, acc + (a.bfloat16() @ b.bfloat16()).float())
+
+
+@pytest.mark.gpu
+def test_add_product_fp32_accumulates_in_fp32_on_cuda():
+    """On CUDA the lm_head weight gradient of bf16 chunks is accumulated by one fp32-output GEMM."""
+    from hybrid_distill.distill import losses
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    acc = torch.randn(4096, 512, device="cuda", generator=g)
+    a = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16()
+    b = torch.randn(1024, 512, device="cuda", generator=g).bfloat16()
+    ref = acc.double() + a.double() @ b.double()
+    out = acc.clone()
+    losses.add_product_fp32_(out, a, b)
+    assert losses._fp32_accumulating_addmm is True
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5  # a bf16-rounded product: ~1.6e-3

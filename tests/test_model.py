@@ -208,3 +208,25 @@ def test_init_from_reuses_mixers_of_matching_layers():
         all_linear.model.layers[2].self_attn.a_proj.weight.fill_(0.123)
     hybrid = build_student(teacher, ["gdn", "softmax", "gdn", "softmax"], init_from=all_linear)
     assert torch.equal(hybrid.model.layers[2].self_attn.a_proj.weight, all_linear.model.layers[2].self_attn.a_proj.weight)
+
+
+def test_forward_without_position_ids_never_reads_the_device_on_the_host(monkeypatch):
+    """Packed-document detection (a host read of a device tensor, i.e. a sync) runs only on the caller's position ids."""
+    import transformers.masking_utils as masking_utils
+
+    teacher = tiny_teacher("qwen2-bias-tied")
+    torch.manual_seed(0)
+    student = build_student(teacher, ["gdn", "softmax", "gla", "softmax"]).eval()
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = student(ids, use_cache=False).logits  # training's setting (no cache: detection would run)
+    calls = []
+    original = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        out = student(ids, use_cache=False).logits
+        assert calls == []
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        positions = torch.arange(16).unsqueeze(0)
+        torch.testing.assert_close(student(ids, position_ids=positions, use_cache=False).logits, ref, rtol=1e-6, atol=1e-6)
+    assert calls, "position ids the caller passes still go to packed-document detection"

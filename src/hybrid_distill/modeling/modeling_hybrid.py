@@ -507,11 +507,13 @@ class HybridModelMixin(HybridInitMixin):
             raise TypeError(
                 f"Hybrid students need a HybridCache, got {type(past_key_values).__name__}; pass none and one is created."
             )
+        # Masks see only position ids the caller passed: from any position ids transformers tries to
+        # infer packed documents, reading a device tensor on the host (a sync in every forward).
+        layer_masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        layer_masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer, mask in zip(self.layers[: self.config.num_hidden_layers], layer_masks):
