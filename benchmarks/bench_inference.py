@@ -77,6 +77,10 @@ def main():
         "--linear-kernels", choices=["torch", "fla", "auto"], default=None,
         help="GDN kernels inside the static step (default: torch with --compile, else the model's backend: fla)",
     )
+    parser.add_argument(
+        "--no-fuse-projections", action="store_true",
+        help="StaticDecoder(fuse_projections=False): one GEMM per input projection in the step",
+    )
     parser.add_argument("--markdown")
     parser.add_argument("--json")
     parser.add_argument("--plot")
@@ -102,7 +106,8 @@ def main():
                 torch.cuda.empty_cache()
             for name, model in models.items():
                 r = measure(model, name, ctx, b, decode_steps=args.decode_steps, decode=args.decode,
-                            prefill_rows=args.prefill_rows, compile=args.compile, linear_kernels=args.linear_kernels)
+                            prefill_rows=args.prefill_rows, compile=args.compile, linear_kernels=args.linear_kernels,
+                            fuse_projections=not args.no_fuse_projections)
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
     table = results_markdown(results, baseline="teacher")
@@ -112,7 +117,8 @@ def main():
         f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches} "
         f"--ratios {args.ratios} --decode {args.decode}" + (f" --prefill-rows {args.prefill_rows}" if args.prefill_rows else "")
         + (" --compile" if args.compile else "")
-        + (f" --linear-kernels {args.linear_kernels}" if args.linear_kernels else "") + "`\n"
+        + (f" --linear-kernels {args.linear_kernels}" if args.linear_kernels else "")
+        + (" --no-fuse-projections" if args.no_fuse_projections else "") + "`\n"
         + (
             "- prefill: the prompt through the model's forward (`logits_to_keep=1`) and its cache copied into preallocated "
             f"buffers; decode: mean step time over {args.decode_steps} greedy steps of `StaticDecoder` (static KV buffers for "

@@ -8,7 +8,8 @@ time means the step is bound by host-side (Python / launch) overhead, not by the
 
 ``--static`` profiles `StaticDecoder` instead of HF's eager loop: the wall time is a CUDA-graph replay
 per step and the kernels are those of the (``--compile``d) step function called without the graph.
-``--linear-kernels torch fla`` profiles the hybrid once per linear-kernel backend.
+``--linear-kernels torch fla`` profiles the hybrid once per linear-kernel backend, and
+``--fuse-projections on off`` both models with and without the step's one-GEMM input projections.
 """
 
 from __future__ import annotations
@@ -98,10 +99,14 @@ def _kernel_stats(step_fn, steps: int, top_n: int = 12) -> dict:
 
 
 @torch.no_grad()
-def profile_static(model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None) -> dict:
+def profile_static(
+    model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None, fuse_projections: bool = True
+) -> dict:
     from hybrid_distill.modeling.static_decode import StaticDecoder
 
-    dec = StaticDecoder(model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels)
+    dec = StaticDecoder(
+        model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels, fuse_projections=fuse_projections
+    )
     dec.prefill(torch.randint(3, 1000, (batch, context), device="cuda"), rows_per_forward=1)
     for _ in range(3):  # two warm-up steps, then the capture
         dec.step()
@@ -129,16 +134,27 @@ def main():
     parser.add_argument("--static", action="store_true", help="profile StaticDecoder (CUDA-graph step) instead of HF's loop")
     parser.add_argument("--compile", action="store_true", help="with --static: torch.compile the step")
     parser.add_argument("--linear-kernels", nargs="+", default=[None], help="with --static: hybrid runs per backend (torch, fla, auto)")
+    parser.add_argument(
+        "--fuse-projections", nargs="+", choices=["on", "off"], default=["on"],
+        help="with --static: StaticDecoder(fuse_projections=...) settings to profile, each for teacher and hybrid",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     teacher = qwen25_teacher()
     hybrid_name, hybrid = uniform_hybrid(teacher, args.ratio)
-    runs = [("teacher", teacher, None)]
-    runs += [(hybrid_name + (f", {lk} kernels" if lk else ""), hybrid, lk) for lk in (args.linear_kernels if args.static else [None])]
+    fuse_settings = args.fuse_projections if args.static else ["on"]
+    runs = []
+    for fuse in fuse_settings:
+        suffix = ", unfused projections" if fuse == "off" else ""
+        runs.append(("teacher" + suffix, teacher, None, fuse == "on"))
+        runs += [
+            (hybrid_name + (f", {lk} kernels" if lk else "") + suffix, hybrid, lk, fuse == "on")
+            for lk in (args.linear_kernels if args.static else [None])
+        ]
     results = {}
-    for name, model, lk in runs:
+    for name, model, lk, fuse in runs:
         if args.static:
-            results[name] = profile_static(model, args.context, args.batch, args.steps, args.compile, lk)
+            results[name] = profile_static(model, args.context, args.batch, args.steps, args.compile, lk, fuse)
         else:
             profile(model, 256, args.batch, 2)  # warm-up
             results[name] = profile(model, args.context, args.batch, args.steps)

@@ -163,3 +163,26 @@ def test_compiled_cuda_graph_decode_matches_eager_static_decode():
     # greedy decoding then diverges, so compare the first tokens and the teacher-forced agreement
     assert torch.equal(new_compiled[:, :4], new_eager[:, :4])
     assert (new_compiled == _teacher_forced_argmax(model, ids, new_compiled)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "qwen3-qknorm"])
+def test_fused_projections_replace_the_per_projection_gemms_and_change_nothing(variant):
+    """With fuse_projections the step never calls q/k/v (nor gate) projections on their own; tokens and the
+    model afterwards are as without."""
+    model = build_student(tiny_teacher(variant), HYBRID, {"swa_window": 8})
+    projections = [m for name, m in model.named_modules() if name.endswith(("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.0"))]
+    attentions = [layer.self_attn for layer in model.model.layers]
+    ids = _ids()
+    tokens = {}
+    for fuse in (False, True):
+        dec = StaticDecoder(model, batch_size=3, max_length=48, fuse_projections=fuse)
+        dec.prefill(ids)
+        calls = []
+        hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in projections]
+        tokens[fuse] = torch.stack([dec.step().clone() for _ in range(6)], dim=1)
+        for h in hooks:
+            h.remove()
+        assert (len(calls) == 0) == fuse, (fuse, len(calls))
+        assert [layer.self_attn for layer in model.model.layers] == attentions
+        assert all(getattr(a, "fused_projection", None) is None for a in attentions)
+    assert torch.equal(tokens[True], tokens[False])

@@ -80,6 +80,7 @@ def measure(
     prefill_rows: int | None = None,
     compile: bool = False,
     linear_kernels: str | None = None,
+    fuse_projections: bool = True,
 ):
     """Prefill `batch` random prompts of `context` tokens, then decode `decode_steps` tokens greedily.
 
@@ -88,7 +89,8 @@ def measure(
     that of the preallocated buffers. ``decode="hf"``: the model's own cache grown step by step in
     eager mode, median per-step time. ``prefill_rows`` prefills that many rows per forward and
     ``compile`` runs the step through torch.compile and ``linear_kernels`` picks the linear mixers'
-    backend inside the step (static only; see `StaticDecoder`).
+    backend inside the step and ``fuse_projections`` its one-GEMM input projections (static only; see
+    `StaticDecoder`).
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -100,7 +102,10 @@ def measure(
         if decode == "static":
             from ..modeling.static_decode import StaticDecoder
 
-            dec = StaticDecoder(model, batch, context + warmup_steps + decode_steps + 1, compile=compile, linear_kernels=linear_kernels)
+            dec = StaticDecoder(
+                model, batch, context + warmup_steps + decode_steps + 1, compile=compile, linear_kernels=linear_kernels,
+                fuse_projections=fuse_projections,
+            )
             _, prefill_ms = _timed(lambda: dec.prefill(ids, prefill_rows))
             for _ in range(warmup_steps):
                 dec.step()

@@ -205,6 +205,16 @@ class ShortConvolution(nn.Module):
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - pad :]
 
 
+def stack_linear_maps(maps: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """(weight, bias or None, output sizes) of one linear map computing all of ``maps`` [(weight, bias)]
+    side by side; maps without a bias get zeros when another has one."""
+    weight = torch.cat([w for w, _ in maps])
+    bias = None
+    if any(b is not None for _, b in maps):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in maps])
+    return weight, bias, tuple(w.shape[0] for w, _ in maps)
+
+
 def _repeat_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, T, Hkv, D] -> [B, T, Hkv * n_rep, D]; query head h uses KV head h // n_rep (as HF's repeat_kv)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
@@ -218,6 +228,9 @@ class LinearAttentionMixer(nn.Module):
 
     # Parameters kept in fp32 even when the model is cast to bf16/fp16.
     fp32_parameters: tuple[str, ...] = ()
+    # (weight, bias, names, sizes) of all input projections stacked, set by a decoder for its steps
+    # (see `fused_input_projection`); None: one GEMM per projection.
+    fused_projection: tuple | None = None
 
     def __init__(self, config, layer_idx: int, attention: nn.Module, *, use_short_conv: bool, use_output_gate: bool):
         super().__init__()
@@ -278,12 +291,42 @@ class LinearAttentionMixer(nn.Module):
                 param.data = old.to(param.device)
         return self
 
+    # -- input projections -------------------------------------------------------------------------
+    def input_projections(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, weight, bias) of every linear map `forward` applies to the layer input."""
+        maps = [(name, proj.weight, proj.bias) for name, proj in (("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj))]
+        maps += self._gate_input_projections()
+        if self.use_output_gate:
+            maps.append(("g", self.g_proj.weight, None))
+        return maps
+
+    def _gate_input_projections(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        return []
+
+    def fused_input_projection(self) -> tuple:
+        """All input projections stacked for one GEMM: (weight, bias or None, names, sizes).
+
+        A decode step at a few rows reads each projection's weights in a GEMM of its own, most of them
+        too small to use the memory bandwidth; one GEMM over the stacked weights reads them in one pass.
+        Install the result as ``fused_projection`` (a copy of the weights: re-make it after training).
+        """
+        maps = self.input_projections()
+        weight, bias, sizes = stack_linear_maps([(w, b) for _, w, b in maps])
+        return weight, bias, tuple(n for n, _, _ in maps), sizes
+
+    def _projections(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> projection of ``x`` from the installed fused GEMM ({} when none is installed)."""
+        if self.fused_projection is None:
+            return {}
+        weight, bias, names, sizes = self.fused_projection
+        return dict(zip(names, F.linear(x, weight, bias).split(sizes, dim=-1)))
+
     # -- forward ---------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, mask: torch.Tensor | None, conv_states: dict, cu_seqlens):
+    def _project(self, x: torch.Tensor, mask: torch.Tensor | None, conv_states: dict, cu_seqlens, proj: dict):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = (proj["q"] if proj else self.q_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        k = (proj["k"] if proj else self.k_proj(x)).view(B, T, self.num_kv_heads, self.head_dim)
+        v = (proj["v"] if proj else self.v_proj(x)).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if mask is not None:  # padded positions must not write into the state (biases make them non-zero)
@@ -302,11 +345,12 @@ class LinearAttentionMixer(nn.Module):
 
     _qkv_activation = "identity"
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _output(self, o: torch.Tensor, x: torch.Tensor, proj: dict) -> torch.Tensor:
         B, T = x.shape[:2]
         o = rms_norm(o, self.o_norm_weight, self.eps)
         if self.use_output_gate:
-            o = o * F.silu(self.g_proj(x).view(B, T, self.num_heads, self.head_dim))
+            g = proj["g"] if proj else self.g_proj(x)
+            o = o * F.silu(g.view(B, T, self.num_heads, self.head_dim))
         return self.o_proj(o.reshape(B, T, -1))
 
     def forward(
@@ -320,12 +364,13 @@ class LinearAttentionMixer(nn.Module):
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         prev_state = layer.recurrent_state if layer is not None and layer.seen_tokens > 0 else None
         conv_states = layer.conv_states if layer is not None and layer.seen_tokens > 0 else {}
-        q, k, v, new_conv = self._project(hidden_states, mask, conv_states, cu_seqlens)
-        gates = self._gates(hidden_states, mask)
+        proj = self._projections(hidden_states)
+        q, k, v, new_conv = self._project(hidden_states, mask, conv_states, cu_seqlens, proj)
+        gates = self._gates(hidden_states, mask, proj)
         o, final_state = self._kernel(q, k, v, gates, prev_state, layer is not None, cu_seqlens)
         if layer is not None:
             layer.update_state(final_state, new_conv, T)
-        return self._output(o, hidden_states), None
+        return self._output(o, hidden_states, proj), None
 
 
 class GatedDeltaNetMixer(LinearAttentionMixer):
@@ -363,10 +408,14 @@ class GatedDeltaNetMixer(LinearAttentionMixer):
         init.copy_(self.A_log, torch.log(a))
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
-    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None):
+    def _gate_input_projections(self):
         # One GEMM for both: with H (e.g. 12) outputs each, rows of H bf16 values are not 16-byte
         # aligned and cuBLAS falls back to a slow kernel (16 us per call at 8 rows, ~17% of a decode step).
-        a, b = F.linear(x, torch.cat([self.a_proj.weight, self.b_proj.weight])).float().chunk(2, dim=-1)
+        return [("ab", torch.cat([self.a_proj.weight, self.b_proj.weight]), None)]
+
+    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None, proj: dict):
+        ab = proj["ab"] if proj else F.linear(x, self._gate_input_projections()[0][1])
+        a, b = ab.float().chunk(2, dim=-1)
         beta = torch.sigmoid(b)
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         if mask is not None:  # padded positions: no write (beta=0), no decay (g=0)
@@ -407,9 +456,13 @@ class GLAMixer(LinearAttentionMixer):
         )
         self.init_new_parameters()
 
-    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None):
+    def _gate_input_projections(self):
+        return [("gk", self.gk_proj[0].weight, None)]  # the low-rank map's first factor
+
+    def _gates(self, x: torch.Tensor, mask: torch.Tensor | None, proj: dict):
         B, T, _ = x.shape
-        gk = F.logsigmoid(self.gk_proj(x).float()).view(B, T, self.num_heads, self.head_dim) / self.gate_logit_normalizer
+        low_rank = proj["gk"] if proj else self.gk_proj[0](x)
+        gk = F.logsigmoid(self.gk_proj[1](low_rank).float()).view(B, T, self.num_heads, self.head_dim) / self.gate_logit_normalizer
         if mask is not None:
             gk = gk * mask[:, :, None, None].to(gk.dtype)
         return gk
