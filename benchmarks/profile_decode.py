@@ -2,7 +2,7 @@
 
 Prefills `batch` x `context` random tokens, then for a few greedy decode steps reports: wall time per
 step (host clock after synchronize), GPU kernel time per step (torch.profiler, summed over kernels) and
-the kernel time by category (attention, KV-cache copies, fla recurrent, matmuls, other). Wall >> kernel
+the kernel time by category (`CATEGORIES`: attention, fla, inductor-fused, KV-cache copies, matmuls, other). Wall >> kernel
 time means the step is bound by host-side (Python / launch) overhead, not by the GPU.
     python benchmarks/profile_decode.py --context 32768 --batch 8 --ratio 0.25
 
@@ -23,16 +23,23 @@ import torch
 from hybrid_distill.modeling import CACHE_ARG, output_cache
 from bench_inference import qwen25_teacher, uniform_hybrid
 
+# Kernels are classified by name, first match wins. `decode_attention`'s q·kᵀ and p·v are GEMMs and land
+# in "matmul" (with the projections and MLPs); its softmax is an inductor kernel with a max reduction
+# ("amax") when the step is compiled. Other inductor kernels (norms, gates, recurrences, residuals) have
+# names like "triton_poi_fused__to_copy_add_..." and are not cache copies.
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("fla chunk", ("chunk", "tilelang", "l2norm", "solve_tril", "wy_fast")),  # training / prefill
     ("fla recurrent", ("fused_recurrent", "gated_delta")),
+    ("attn softmax (inductor)", ("triton_red_fused_amax", "triton_per_fused_amax", "_amax_")),
+    ("inductor fused", ("triton_poi_fused", "triton_red_fused", "triton_per_fused")),
     ("kv cat/copy", ("cat", "copy", "elementwise_kernel_with_index", "Memcpy")),
     ("matmul", ("gemm", "gemv", "sm90", "cutlass", "cublas", "nvjet")),
 )
 
 
 def category(name: str) -> str:
+    """The `CATEGORIES` entry of a CUDA kernel's name (case-insensitive substring match), else "other"."""
     low = name.lower()
     for cat, keys in CATEGORIES:
         if any(k.lower() in low for k in keys):

@@ -29,6 +29,21 @@ def _teacher_forced_argmax(model, ids, new):
     return logits[:, ids.shape[1] - 1 : -1].argmax(-1)
 
 
+def _assert_diverge_only_at_near_ties(model, ids, a, b, rel=0.02):
+    """Greedy runs `a` and `b` [B, n] of `ids` may part only where the model's logits nearly tie: at each
+    row's first differing token the two choices' logits (one full forward over the shared prefix)
+    differ by at most `rel` of the largest |logit|."""
+    for row in range(a.shape[0]):
+        differ = (a[row] != b[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        j = int(differ[0])
+        with torch.no_grad():
+            logits = model(torch.cat([ids[row], a[row, :j]]).unsqueeze(0)).logits[0, -1].float()
+        gap = (logits[a[row, j]] - logits[b[row, j]]).abs().item()
+        assert gap <= rel * logits.abs().max().item(), (row, j, gap, logits.abs().max().item())
+
+
 @pytest.mark.parametrize("variant", list(TINY_TEACHER_VARIANTS))
 @pytest.mark.parametrize("kind", ["teacher", "hybrid"])
 def test_static_decode_equals_hf_generate(variant, kind):
@@ -159,9 +174,11 @@ def test_compiled_cuda_graph_decode_matches_eager_static_decode():
     new_compiled = compiled.generate(ids, 24)
     assert compiled.graph is not None
     new_eager = StaticDecoder(model, 4, 400, cuda_graph=False).generate(ids, 24)
-    # bf16, different kernels (inductor + torch recurrence vs fla): near-ties may flip a token, and
-    # greedy decoding then diverges, so compare the first tokens and the teacher-forced agreement
-    assert torch.equal(new_compiled[:, :4], new_eager[:, :4])
+    # bf16, different kernels (inductor + torch recurrence vs fla): a near-tie may flip a token (seen on an
+    # H200 at the 4th token of one row), and greedy decoding then diverges; so the runs may part only at
+    # near-ties, and the compiled tokens must be what a full forward picks
+    assert torch.equal(new_compiled[:, 0], new_eager[:, 0])  # from the same prefill
+    _assert_diverge_only_at_near_ties(model, ids, new_compiled, new_eager)
     assert (new_compiled == _teacher_forced_argmax(model, ids, new_compiled)).float().mean() > 0.9
 
 
