@@ -162,15 +162,17 @@ def test_cuda_graph_decode_equals_eager_static_decode(options):
 
 
 @pytest.mark.gpu
-def test_compiled_cuda_graph_decode_matches_eager_static_decode():
-    """The compiled step (torch one-token recurrences inside the graph, no fla graph breaks)."""
+@pytest.mark.parametrize("linear_kernels", ["torch", None])
+def test_compiled_cuda_graph_decode_matches_eager_static_decode(linear_kernels):
+    """The compiled step: torch one-token recurrences inside the graph, or (the default, the model's
+    "auto" backend) fla's fused recurrent kernels between compiled pieces."""
     teacher = tiny_teacher(
         "qwen2-bias-tied", hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=512
     )
     model = build_student(teacher, HYBRID, {"swa_window": 64, "gdn_use_short_conv": True}).cuda().to(torch.bfloat16)
     ids = torch.randint(3, 500, (4, 300), device="cuda")
-    compiled = StaticDecoder(model, 4, 400, compile=True)
-    assert compiled.linear_kernels == "torch"
+    compiled = StaticDecoder(model, 4, 400, compile=True, linear_kernels=linear_kernels)
+    assert compiled.linear_kernels == linear_kernels
     new_compiled = compiled.generate(ids, 24)
     assert compiled.graph is not None
     new_eager = StaticDecoder(model, 4, 400, cuda_graph=False).generate(ids, 24)

@@ -205,9 +205,10 @@ class StaticDecoder:
     ``compile=True`` runs the step through ``torch.compile`` (fuses the many small element-wise
     kernels of a step; the first step compiles, which takes a while).
 
-    ``linear_kernels``: the linear mixers' backend inside the step. ``None`` = "torch" when compiling
-    (the one-token recurrence compiles into the step's graph instead of breaking it at each fla call
-    into separately launched pieces), else the model's own ``kernel_backend``.
+    ``linear_kernels``: the linear mixers' backend inside the step; ``None`` = the model's own
+    ``kernel_backend`` (default "auto": fla's fused recurrent kernels on CUDA). "torch" compiles the
+    one-token recurrence into the step's graph instead of breaking the graph at each fla call; on an
+    H200 (1.5B, 32k x 8, CUDA graph per step) fla's kernels were the faster of the two, 2.76 vs 2.93 ms.
 
     ``fuse_projections``: each layer's projections of its input (q/k/v; for linear mixers also their
     gate and output-gate projections) run as one GEMM in the step, from stacked copies of the weights
@@ -246,7 +247,7 @@ class StaticDecoder:
         self._eager_steps = 0
         if linear_kernels not in (None, "auto", "torch", "fla"):
             raise ValueError(f"linear_kernels must be None, 'auto', 'torch' or 'fla', got {linear_kernels!r}")
-        self.linear_kernels = "torch" if linear_kernels is None and compile else linear_kernels
+        self.linear_kernels = linear_kernels
         self._linear_options = _mixer_options(model) if self.linear_kernels is not None else []
         self._fused_layers = self._fuse_projections() if fuse_projections else []
         if compile:
