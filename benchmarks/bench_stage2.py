@@ -172,8 +172,11 @@ def trainer_run(
         distill(student, teacher, data, config, run_dir)
         rows = read_metrics(run_dir)
     tps = [r["tokens_per_s"] for r in rows[warmup:]] or [rows[-1]["tokens_per_s"]]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"tokens_per_s": statistics.median(tps), "peak_gib": peak, "loss": rows[-1]["loss"]}
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    # what the caching allocator held at most: what must fit on the GPU (allocated + cache + fragmentation)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
+    return {"tokens_per_s": statistics.median(tps), "peak_gib": peak, "reserved_gib": reserved, "loss": rows[-1]["loss"]}
 
 
 def breakdown(
@@ -281,15 +284,15 @@ def main():
         f"trainer runs of {args.steps} steps, first {args.warmup} left out",
         "",
         "| micro-batches/step | tokens/step | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured peak) "
-        "| MFU incl. lm_head (nominal) | peak GiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| MFU incl. lm_head (nominal) | peak GiB allocated | peak GiB reserved |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for accum, r, tflops, tflops_head in rows:
         mfu_m = f"{100 * tflops / measured_peak:.1f}%" if measured_peak else "n/a"
         lines.append(
             f"| {accum} | {accum * args.batch * args.seq:,} | {r['tokens_per_s']:,.0f} | {tflops:.1f} | "
             f"{100 * tflops / NOMINAL_PEAK_TFLOPS:.1f}% | {mfu_m} | {100 * tflops_head / NOMINAL_PEAK_TFLOPS:.1f}% | "
-            f"{r['peak_gib']:.1f} |"
+            f"{r['peak_gib']:.1f} | {r['reserved_gib']:.1f} |"
         )
     if phases:
         total = sum(phases.values())
