@@ -129,6 +129,9 @@ def main():
             f"{args.decode_steps} greedy single-token steps through the model's cache in eager mode (HF `DynamicLayer` KV "
             "cache for softmax layers, fla fused recurrent kernel for GDN layers); cache = bytes held after decoding.\n\n"
         )
+        + "- min read = the least bytes a step must read at this context (weights, visible keys/values, linear states "
+        "read and written), read TB/s = that per step time; bandwidth-bound speed-up = the teacher's min read over the "
+        "model's, what the speed-up would be if both steps ran at the same bandwidth.\n\n"
     )
     publish(header + table, args.markdown)
     if args.json:

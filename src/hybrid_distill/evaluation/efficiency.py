@@ -26,6 +26,12 @@ class EfficiencyResult:
     cache_gib: float
     peak_gib: float
     oom: bool = False
+    min_read_gib: float = float("nan")  # least bytes a decode step must read (`decode_step_min_bytes`)
+
+    @property
+    def read_tb_per_s(self) -> float:
+        """The decode step's effective memory bandwidth: `min_read_gib` per step time, in TB/s."""
+        return self.min_read_gib * 2**30 / (self.decode_ms_per_step * 1e-3) / 1e12
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +52,35 @@ def cache_bytes(cache) -> int:
             add(getattr(layer, name, None))
         for t in getattr(layer, "conv_states", {}).values():
             add(t)
+    return total
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except an input embedding matrix that
+    is not tied to the lm_head (the lookup reads only the batch's rows)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or p is head)
+
+
+def decode_step_min_bytes(model, cache, tokens: int) -> int:
+    """The least bytes a decode step must read with ``tokens`` tokens in ``cache`` (a `StaticDecoder`'s
+    or the model's own): the weights (`decode_weight_bytes`); per softmax layer the keys and values
+    of the visible tokens (a sliding layer's window), whatever the buffers' allocated length; per
+    linear layer its recurrent and conv states, read and written once each. Decode at a few rows per
+    step is bound by memory bandwidth, so the ratio of two models' bytes bounds their speed-up.
+    """
+    from ..modeling.static_decode import layer_kinds
+
+    total = decode_weight_bytes(model)
+    for layer, (kind, window) in zip(cache.layers, layer_kinds(model.config)):
+        if kind == "linear":
+            states = [layer.recurrent_state, *getattr(layer, "conv_states", {}).values()]
+            total += 2 * sum(t.numel() * t.element_size() for t in states if isinstance(t, torch.Tensor))
+            continue
+        keys = layer.keys  # [B, Hkv, n, D]
+        visible = tokens if window is None else min(tokens, window)
+        total += 2 * keys.shape[0] * keys.shape[1] * keys.shape[3] * keys.element_size() * visible
     return total
 
 
@@ -116,6 +151,7 @@ def measure(
 
             _, total_ms = _timed(run)
             ms, cache_size = total_ms / decode_steps, cache_bytes(dec.cache)
+            min_read = decode_step_min_bytes(model, dec.cache, context)
             del dec, run
             if compile:  # compiled code keeps references to the decoder's buffers
                 torch._dynamo.reset()
@@ -130,10 +166,11 @@ def measure(
                 if i >= warmup_steps:
                     step_ms.append(t)
             ms, cache_size = statistics.median(step_ms), cache_bytes(cache)
+            min_read = decode_step_min_bytes(model, cache, context)
             del out, cache
         result = EfficiencyResult(
             name, context, batch, prefill_ms, ms, batch / ms * 1e3, cache_size / 2**30,
-            torch.cuda.max_memory_allocated() / 2**30,
+            torch.cuda.max_memory_allocated() / 2**30, min_read_gib=min_read / 2**30,
         )
     except torch.cuda.OutOfMemoryError:
         result = EfficiencyResult(name, context, batch, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), oom=True)
@@ -142,28 +179,36 @@ def measure(
 
 
 def results_markdown(results: list[EfficiencyResult], baseline: str | None = None) -> str:
-    """A Markdown table; with `baseline`, adds decode speed-up and cache ratio against that model."""
+    """A Markdown table; with `baseline`, adds decode speed-up and cache ratio against that model, and the
+    speed-up the bytes each step must read allow (`decode_step_min_bytes`: the bandwidth bound)."""
     base = {(r.context, r.batch): r for r in results if r.model == baseline and not r.oom}
-    head = "| model | context | batch | prefill ms | decode ms/step | decode tok/s | cache GiB | peak GiB |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    head = (
+        "| model | context | batch | prefill ms | decode ms/step | decode tok/s | cache GiB | peak GiB "
+        "| min read GiB/step | read TB/s |"
+    )
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if baseline:
-        head += " decode speed-up | cache / teacher |"
-        sep += "---:|---:|"
+        head += " decode speed-up | bandwidth-bound speed-up | cache / teacher |"
+        sep += "---:|---:|---:|"
     lines = [head, sep]
     for r in results:
         if r.oom:
-            lines.append(f"| {r.model} | {r.context} | {r.batch} | OOM | | | | |" + (" | |" if baseline else ""))
+            lines.append(f"| {r.model} | {r.context} | {r.batch} | OOM | | | | | | |" + (" | | |" if baseline else ""))
             continue
         row = (
             f"| {r.model} | {r.context} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
-            f"{r.decode_tokens_per_s:,.0f} | {r.cache_gib:.3f} | {r.peak_gib:.2f} |"
+            f"{r.decode_tokens_per_s:,.0f} | {r.cache_gib:.3f} | {r.peak_gib:.2f} | {r.min_read_gib:.3f} | "
+            f"{r.read_tb_per_s:.2f} |"
         )
         if baseline:
             b = base.get((r.context, r.batch))
             if b is None:
-                row += " | |"
+                row += " | | |"
             else:
-                row += f" {b.decode_ms_per_step / r.decode_ms_per_step:.2f}x | {r.cache_gib / b.cache_gib:.1%} |"
+                row += (
+                    f" {b.decode_ms_per_step / r.decode_ms_per_step:.2f}x | {b.min_read_gib / r.min_read_gib:.2f}x | "
+                    f"{r.cache_gib / b.cache_gib:.1%} |"
+                )
         lines.append(row)
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,66 @@
+"""The efficiency benchmark's byte count: what a decode step must read, its bandwidth bound."""
+
+import pytest
+import torch
+
+from hybrid_distill.evaluation.efficiency import (
+    EfficiencyResult,
+    decode_step_min_bytes,
+    decode_weight_bytes,
+    results_markdown,
+)
+from hybrid_distill.modeling import output_cache
+from hybrid_distill.modeling.static_decode import StaticDecoder
+from hybrid_distill.surgery import build_student
+from hybrid_distill.tiny_teachers import tiny_teacher
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "llama-gqa"])
+def test_decode_weight_bytes_count_a_tied_matrix_once_and_skip_an_untied_embedding(variant):
+    model = tiny_teacher(variant)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    every = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix is listed once
+    tied = embedding is head
+    assert tied == (variant == "qwen2-bias-tied")
+    assert decode_weight_bytes(model) == every - (0 if tied else embedding.numel() * embedding.element_size())
+
+
+def _expected_bytes(model, cache, tokens, window):
+    total = decode_weight_bytes(model)
+    kinds = {i: m for i, m in enumerate(["gdn", "softmax", "gla", "swa"])}
+    for i, layer in enumerate(cache.layers):
+        if kinds[i] in ("gdn", "gla"):
+            states = [layer.recurrent_state, *getattr(layer, "conv_states", {}).values()]
+            total += 2 * sum(t.numel() * t.element_size() for t in states)
+        else:
+            B, H, _, D = layer.keys.shape
+            n = tokens if kinds[i] == "softmax" else min(tokens, window)
+            total += 2 * B * H * D * layer.keys.element_size() * n
+    return total
+
+
+def test_decode_step_min_bytes_counts_visible_keys_and_states_for_static_and_hf_caches():
+    model = build_student(tiny_teacher("llama-gqa"), ["gdn", "softmax", "gla", "swa"], {"swa_window": 8, "gdn_use_short_conv": True})
+    ids = torch.randint(3, 500, (3, 29), generator=torch.Generator().manual_seed(0))
+    dec = StaticDecoder(model, batch_size=3, max_length=64)
+    dec.prefill(ids)
+    static = decode_step_min_bytes(model, dec.cache, 29)
+    assert static == _expected_bytes(model, dec.cache, 29, 8)
+    # the static buffers are longer than the prompt (rounded up to a key block): only visible keys count
+    kv = dec.cache.layers[1].keys
+    assert kv.shape[2] > 29 and static < decode_weight_bytes(model) + 2 * kv.nbytes * 2 + 2 * sum(
+        t.nbytes for i in (0, 2) for t in [dec.cache.layers[i].recurrent_state, *dec.cache.layers[i].conv_states.values()]
+    )
+    with torch.no_grad():
+        hf_cache = output_cache(model(ids, use_cache=True))
+    assert decode_step_min_bytes(model, hf_cache, 29) == static  # same model, same tokens: same bytes
+
+
+def test_results_table_shows_the_bandwidth_bound_against_the_baseline():
+    gib = 2**30
+    teacher = EfficiencyResult("teacher", 32768, 8, 1.0, 4.0, 2000.0, 7.0, 16.0, min_read_gib=10.0)
+    hybrid = EfficiencyResult("hybrid", 32768, 8, 1.0, 2.0, 4000.0, 2.0, 17.0, min_read_gib=4.0)
+    assert hybrid.read_tb_per_s == pytest.approx(4.0 * gib / 2e-3 / 1e12)
+    row = results_markdown([teacher, hybrid], baseline="teacher").splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "hybrid" and cells[8] == "4.000" and cells[10:] == ["2.00x", "2.50x", "28.6%"]
