@@ -46,11 +46,7 @@ def test_decode_step_min_bytes_counts_visible_keys_and_states_for_static_and_hf_
     dec.prefill(ids)
     static = decode_step_min_bytes(model, dec.cache, 29)
     assert static == _expected_bytes(model, dec.cache, 29, 8)
-    # the static buffers are longer than the prompt (rounded up to a key block): only visible keys count
-    kv = dec.cache.layers[1].keys
-    assert kv.shape[2] > 29 and static < decode_weight_bytes(model) + 2 * kv.nbytes * 2 + 2 * sum(
-        t.nbytes for i in (0, 2) for t in [dec.cache.layers[i].recurrent_state, *dec.cache.layers[i].conv_states.values()]
-    )
+    assert dec.cache.layers[1].keys.shape[2] > 29  # longer buffers (a key block): counting them would differ
     with torch.no_grad():
         hf_cache = output_cache(model(ids, use_cache=True))
     assert decode_step_min_bytes(model, hf_cache, 29) == static  # same model, same tokens: same bytes
