@@ -12,6 +12,8 @@ matmul peak measured on the spot. A second column adds the lm_head matmuls (2·V
 6·V·H student), which are large at V=152k. Softmax-attention FLOPs of the teacher are not counted.
 
     python benchmarks/bench_stage2.py --seq 4096 --batch 2 --accum 1 4 --markdown results.md
+    python benchmarks/bench_stage2.py --batch 4 --compile-layers all --memory-cap-gib 79.11 --profile 30
+        # within an 80 GB H100's memory on a bigger GPU; one step's kernels by category
     python benchmarks/bench_stage2.py --tiny            # CPU smoke test of the script itself
 """
 
@@ -179,19 +181,17 @@ def trainer_run(
     return {"tokens_per_s": statistics.median(tps), "peak_gib": peak, "reserved_gib": reserved, "loss": rows[-1]["loss"]}
 
 
-def breakdown(
-    teacher, student, seq: int, batch: int, chunk: int, iters: int, warmup: int, device: torch.device
-) -> dict:
-    """Median ms per phase of one Stage-2 step (one micro-batch), the same calls as the trainer makes."""
+def stage2_step(teacher, student, seq: int, batch: int, chunk: int, device: torch.device):
+    """A function running one Stage-2 step (one micro-batch) phase by phase, the same calls as the trainer
+    makes; it marks the phases on the `Timer` it is given."""
     config = DistillConfig(stage=2)
     optimizer = build_optimizer(student, config, mixer_parameter_names(student))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    timer = Timer(device)
     ids = torch.randint(0, teacher.config.vocab_size, (batch, seq), device=device)
     hidden = teacher.config.hidden_size
-    runs: list[dict[str, float]] = []
-    for i in range(warmup + iters):
+
+    def step(timer: Timer) -> None:
         timer.start()
         with autocast:
             with torch.no_grad():
@@ -209,10 +209,67 @@ def breakdown(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.mark("optimizer (clip + AdamW)")
+
+    return step
+
+
+def breakdown(step, iters: int, warmup: int, device: torch.device) -> dict:
+    """Median ms per phase of ``iters`` calls of a `stage2_step` function after ``warmup`` calls."""
+    timer = Timer(device)
+    runs: list[dict[str, float]] = []
+    for i in range(warmup + iters):
+        step(timer)
+        phases = timer.phases_ms()
         if i >= warmup:
-            runs.append(timer.phases_ms())
-        del t_hidden, t_head, s_hidden, loss
+            runs.append(phases)
     return {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+
+
+# Kernel categories (profile_decode.category) whose time an 80 GB H100 would not change: tensor-core GEMMs
+# and fused attention run at the same clocks and peak on an H100 and an H200 (989 TFLOP/s dense bf16).
+COMPUTE_BOUND_CATEGORIES = ("matmul", "attention")
+
+
+def kernel_profile(step, device: torch.device, top: int) -> dict:
+    """Kernel time of one `stage2_step` call by category (profile_decode's), and the top kernels."""
+    from profile_decode import _kernel_stats
+
+    timer = Timer(device)
+    stats = _kernel_stats(lambda: step(timer), steps=1, top_n=top)
+    by_cat = stats["kernel_ms_by_category"]
+    stats["compute_bound_ms"] = sum(ms for cat, ms in by_cat.items() if cat in COMPUTE_BOUND_CATEGORIES)
+    stats["other_ms"] = stats["kernel_ms_per_step"] - stats["compute_bound_ms"]
+    return stats
+
+
+def cap_device_memory(device: torch.device, cap_gib: float, headroom_gib: float = 0.5) -> float:
+    """Let this process use at most ``cap_gib`` of device memory in all, as on a GPU of that size.
+
+    The caching allocator is limited (``set_per_process_memory_fraction``) to ``cap_gib`` minus what the
+    process already holds outside it (CUDA context, cuBLAS, loaded kernels) minus ``headroom_gib`` for
+    kernels loaded later. Returns the allocator's limit in GiB; going over it raises an out-of-memory
+    error, as the smaller GPU would.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    free, _ = torch.cuda.mem_get_info(index)
+    outside_allocator = (total - free) - torch.cuda.memory_reserved(index)
+    limit = cap_gib * 2**30 - outside_allocator - headroom_gib * 2**30
+    if not 0 < limit <= total:
+        raise ValueError(
+            f"--memory-cap-gib {cap_gib} leaves {limit / 2**30:.1f} GiB for the allocator on a "
+            f"{total / 2**30:.1f} GiB GPU; pick a cap between {(outside_allocator / 2**30) + headroom_gib + 1:.0f} "
+            f"and {total / 2**30:.1f} GiB"
+        )
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
+    return limit / 2**30
+
+
+def device_memory_in_use_gib(device: torch.device) -> float:
+    """Device memory in use on the GPU (``mem_get_info``: every process; in the benchmark, this one's
+    allocator reservations, CUDA context and loaded kernels)."""
+    free, total = torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())
+    return (total - free) / 2**30
 
 
 def main():
@@ -230,6 +287,14 @@ def main():
         help="DistillConfig.compile_layers: torch.compile the decoder layers of the teacher / both (the breakdown then runs compiled too)",
     )
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument(
+        "--memory-cap-gib", type=float,
+        help="use at most this much device memory in all, as on a smaller GPU (79.11 = an 80 GB H100's capacity)",
+    )
+    parser.add_argument(
+        "--profile", type=int, metavar="TOP", default=0,
+        help="also profile one step's kernels (time by category, compute-bound share, TOP kernels)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of this script)")
     parser.add_argument("--markdown", help="append the results table to this Markdown file")
     args = parser.parse_args()
@@ -240,6 +305,12 @@ def main():
     flops_tok = 2 * n_t + 6 * n_s
     flops_tok_head = flops_tok + 8 * vh
     measured_peak = measure_matmul_peak(device)
+    cap_note = "none"
+    if args.memory_cap_gib:
+        if device.type != "cuda":
+            parser.error("--memory-cap-gib needs a CUDA GPU")
+        limit = cap_device_memory(device, args.memory_cap_gib)
+        cap_note = f"{args.memory_cap_gib:g} GiB in all (caching allocator limited to {limit:.2f} GiB)"
 
     rows = []
     for accum in args.accum:
@@ -263,11 +334,12 @@ def main():
             f"accum={accum}: {r['tokens_per_s']:,.0f} tok/s, {tflops:.1f} TFLOP/s, peak {r['peak_gib']:.1f} GiB",
             flush=True,
         )
-    phases = (
-        None
-        if args.no_breakdown
-        else breakdown(teacher, student, args.seq, args.batch, args.chunk, args.iters, args.warmup, device)
+    step = None if args.no_breakdown and not args.profile else stage2_step(
+        teacher, student, args.seq, args.batch, args.chunk, device
     )
+    phases = None if args.no_breakdown else breakdown(step, args.iters, args.warmup, device)
+    kernels = kernel_profile(step, device, args.profile) if args.profile and device.type == "cuda" else None
+    in_use = device_memory_in_use_gib(device) if device.type == "cuda" else float("nan")
 
     peak_note = f"{measured_peak:.0f} TFLOP/s measured (8192³ bf16 matmul)" if measured_peak else "n/a"
     lines = [
@@ -282,6 +354,7 @@ def main():
         f"- kl_chunk_size {args.chunk}; activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
         f"compiled decoder layers: {args.compile_layers}; "
         f"trainer runs of {args.steps} steps, first {args.warmup} left out",
+        f"- memory cap: {cap_note}; device memory in use at the end (allocator cache included): {in_use:.1f} GiB",
         "",
         "| micro-batches/step | tokens/step | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured peak) "
         "| MFU incl. lm_head (nominal) | peak GiB allocated | peak GiB reserved |",
@@ -306,6 +379,20 @@ def main():
         ]
         lines += [f"| {name} | {ms:.1f} | {100 * ms / total:.0f}% |" for name, ms in phases.items()]
         lines.append(f"| total | {total:.1f} | 100% |")
+    if kernels:
+        k_total = kernels["kernel_ms_per_step"]
+        lines += [
+            "",
+            f"Kernels of one step (torch.profiler, one micro-batch): {k_total:.1f} ms in "
+            f"{kernels['kernels_per_step']:.0f} kernels; compute-bound ({', '.join(COMPUTE_BOUND_CATEGORIES)}) "
+            f"{kernels['compute_bound_ms']:.1f} ms, the rest {kernels['other_ms']:.1f} ms.",
+            "",
+            "| kernel category | ms | share |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {cat} | {ms:.1f} | {100 * ms / k_total:.0f}% |" for cat, ms in kernels["kernel_ms_by_category"].items()]
+        lines += ["", "| top kernel | calls | ms |", "|---|---:|---:|"]
+        lines += [f"| `{k['name']}` | {k['calls']} | {k['ms']:.2f} |" for k in kernels["top_kernels"]]
     table = "\n".join(lines) + "\n"
     publish(table, args.markdown)
 

@@ -25,14 +25,15 @@ from bench_inference import qwen25_teacher, uniform_hybrid
 
 # Kernels are classified by name, first match wins. `decode_attention`'s q·kᵀ and p·v are GEMMs and land
 # in "matmul" (with the projections and MLPs); its softmax is an inductor kernel with a max reduction
-# ("amax") when the step is compiled. Other inductor kernels (norms, gates, recurrences, residuals) have
-# names like "triton_poi_fused__to_copy_add_..." and are not cache copies.
+# ("amax") when the step is compiled. Other inductor kernels (norms, gates, recurrences, residuals, Stage 2's
+# KL, whose online-softmax kernels have "softmax" in their names) have names like
+# "triton_poi_fused__to_copy_add_..." and are neither attention nor cache copies.
 CATEGORIES = (
+    ("attn softmax (inductor)", ("triton_red_fused_amax", "triton_per_fused_amax", "_amax_")),
+    ("inductor fused", ("triton_poi_fused", "triton_red_fused", "triton_per_fused")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("fla chunk", ("chunk", "tilelang", "l2norm", "solve_tril", "wy_fast")),  # training / prefill
     ("fla recurrent", ("fused_recurrent", "gated_delta")),
-    ("attn softmax (inductor)", ("triton_red_fused_amax", "triton_per_fused_amax", "_amax_")),
-    ("inductor fused", ("triton_poi_fused", "triton_red_fused", "triton_per_fused")),
     ("kv cat/copy", ("cat", "copy", "elementwise_kernel_with_index", "Memcpy")),
     ("matmul", ("gemm", "gemv", "sm90", "cutlass", "cublas", "nvjet")),
 )
@@ -91,8 +92,8 @@ def _kernel_stats(step_fn, steps: int, top_n: int = 12) -> dict:
         dev = getattr(evt, "self_device_time_total", None)
         if dev is None:
             dev = getattr(evt, "self_cuda_time_total", 0)
-        if not dev or evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if not dev or evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
+            continue  # not a kernel (user annotations such as "Optimizer.step#AdamW.step" span kernels)
         kernels += evt.count
         by_cat[category(evt.key)] = by_cat.get(category(evt.key), 0.0) + dev / 1e3 / steps
         top.append((dev / 1e3 / steps, evt.key[:90], evt.count // steps))

@@ -23,5 +23,33 @@ def test_decode_profile_kernel_categories():
         "fused_recurrent_gated_delta_rule_fwd_kernel": "fla recurrent",
         "chunk_gated_delta_rule_fwd_kernel_h_blockdim64": "fla chunk",
         "Memset (Device)": "other",
+        # Stage 2 (H200 profile, session 13): the compiled KL chunk is an online-softmax inductor kernel
+        "triton_red_fused__to_copy_exp_log_mul_prepare_softmax_online_sub_sum_0": "inductor fused",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1": "attention",
+        "kernel_kernel": "other",  # fla's TileLang backward: its generated name says nothing
     }
     assert {name: category(name) for name in named} == named
+
+
+def test_stage2_memory_cap_leaves_room_for_memory_outside_the_allocator(monkeypatch):
+    import types
+
+    import pytest
+    import torch
+    from bench_stage2 import cap_device_memory
+
+    gib = 2**30
+    total = 139.8 * gib
+    set_calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=total))
+    # 4 GiB in use, 3 of them the allocator's: 1 GiB (context, cuBLAS, kernels) lies outside it
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (total - 4 * gib, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: set_calls.append((f, i)))
+
+    limit = cap_device_memory(torch.device("cuda"), 79.11)
+    assert limit == pytest.approx(79.11 - 1.0 - 0.5)
+    assert set_calls == [(pytest.approx(limit * gib / total), 0)]
+    with pytest.raises(ValueError, match="--memory-cap-gib 1"):
+        cap_device_memory(torch.device("cuda"), 1.0)
