@@ -202,6 +202,51 @@ def test_resume_refuses_changed_config(tmp_path):
     assert result.resumed_from_step == 4 and result.steps == 5
 
 
+def test_out_of_memory_names_the_fixes_and_the_run_resumes_with_smaller_micro_batches(tmp_path, monkeypatch):
+    """An OOM in step 5 says what to change and where the run resumes; with half the micro-batch size the
+    resumed run finishes on the uninterrupted run's loss curve."""
+    from hybrid_distill.distill import trainer
+
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 6, save_every_tokens=GLOBAL * SEQ * 2, eval_max_batches=0)
+    student, teacher = _models()
+    distill(student, teacher, _data(), cfg, tmp_path / "ref")
+
+    real_make_stage = trainer.make_stage
+    calls = {"n": 0}
+
+    def oom_in_step_5(*args, **kwargs):
+        stage = real_make_stage(*args, **kwargs)
+        run = stage.run
+
+        def run_or_fail(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 9:  # step 5's first micro-batch (2 per step)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+            return run(*a, **k)
+
+        stage.run = run_or_fail
+        return stage
+
+    monkeypatch.setattr(trainer, "make_stage", oom_in_step_5)
+    student, teacher = _models()
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        distill(student, teacher, _data(), cfg, tmp_path / "run")
+    message = str(info.value)
+    assert "Stage 2 ran out of memory in step 5 with micro-batches of 2 x 16 tokens" in message
+    assert "resumes from step_00000004" in message
+    assert "micro_batch_size: 1" in message and "activation_checkpointing: true" in message
+    assert "kl_chunk_size: 512" in message and "expandable_segments" in message
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+    monkeypatch.setattr(trainer, "make_stage", real_make_stage)
+    student, teacher = _models()
+    result = distill(student, teacher, _data(), cfg.replace(micro_batch_size=1), tmp_path / "run")
+    assert result.resumed_from_step == 4 and result.steps == 6
+    got = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    want = [r["loss"] for r in read_metrics(tmp_path / "ref")]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_token_budget_and_metrics(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 2 + 1, save_every_tokens=None, log_every_steps=2)

@@ -522,6 +522,37 @@ def _optimizer_step(optimizer, scheduler, params, grad_clip: float | None, step:
     return grad_norm
 
 
+def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, step: int, run_dir: Path, device) -> str:
+    """What to change after an out-of-memory error, and where the run will resume (only fields a
+    checkpoint may be resumed with are suggested)."""
+    usage = ""
+    if device.type == "cuda":
+        gib = 2**30
+        total = torch.cuda.get_device_properties(device).total_memory
+        allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        usage = f" (peak {allocated / gib:.1f} GiB allocated, {reserved / gib:.1f} GiB reserved, of {total / gib:.1f} GiB)"
+    ckpt = latest_checkpoint(run_dir)
+    where = f"it resumes from {ckpt.name}" if ckpt is not None else "no checkpoint was written yet, so it starts over"
+    fixes = []
+    if micro > 1:
+        fixes.append(f"micro_batch_size: {micro // 2} (same global batch, more micro-batches per step)")
+    if not config.activation_checkpointing and config.stage != 1:
+        fixes.append("activation_checkpointing: true")
+    if config.stage in (2, 3) and config.kl_chunk_size > 256:
+        fixes.append(f"kl_chunk_size: {config.kl_chunk_size // 2} (tokens per lm_head chunk)")
+    if config.compile_layers != "all" and config.stage != 1:
+        fixes.append("compile_layers: all (its fused kernels keep fewer activations)")
+    fixes.append(
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment, when much more memory is "
+        "reserved than allocated (fragmentation)"
+    )
+    return (
+        f"Stage {config.stage} ran out of memory in step {step + 1} with micro-batches of {micro} x {seq_len} "
+        f"tokens per process{usage}. Re-run the same command after one of these changes; {where}:\n  - "
+        + "\n  - ".join(fixes)
+    )
+
+
 def _crossed(before: int, after: int, every: int | None) -> bool:
     """Whether a multiple of ``every`` tokens lies in (before, after]."""
     return bool(every) and after // every > before // every
@@ -764,6 +795,8 @@ def distill(
 
         if eval_set and not paused:
             eval_name, eval_value = log_eval(step, tokens, elapsed_before + time.perf_counter() - session_start)
+    except torch.OutOfMemoryError as exc:
+        raise torch.OutOfMemoryError(out_of_memory_advice(config, micro, seq_len, step, run_dir, device)) from exc
     finally:
         if bar is not None:
             bar.close()
