@@ -18,7 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import provenance, publish
 
-from hybrid_distill.evaluation.efficiency import measure, plot_efficiency, results_markdown
+from hybrid_distill.evaluation.efficiency import fit_step_cost, measure, plot_efficiency, results_markdown
 from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
 
 QWEN25_15B = dict(
@@ -111,6 +111,11 @@ def main():
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
     table = results_markdown(results, baseline="teacher")
+    fits = fit_step_cost(results)
+    if fits:
+        table += "\nStep time as a fixed cost plus the min read at one bandwidth (`fit_step_cost`):\n" + "".join(
+            f"- {fit.describe()}\n" for fit in fits
+        )
     header = (
         "### Inference efficiency: Qwen2.5-1.5B-shaped teacher vs GDN hybrids (uniformly placed softmax layers)\n\n"
         f"- {provenance()}\n"
@@ -138,7 +143,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in results], f, indent=1)
     if args.plot:
-        plot_efficiency(results, args.plot, batch=max(batches))
+        plot_efficiency(results, args.plot, batch=max(batches), baseline="teacher")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from hybrid_distill.evaluation.efficiency import (
     EfficiencyResult,
     decode_step_min_bytes,
     decode_weight_bytes,
+    fit_step_cost,
     results_markdown,
 )
 from hybrid_distill.modeling import output_cache
@@ -60,3 +61,35 @@ def test_results_table_shows_the_bandwidth_bound_against_the_baseline():
     row = results_markdown([teacher, hybrid], baseline="teacher").splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "hybrid" and cells[8] == "4.000" and cells[10:] == ["2.00x", "2.50x", "28.6%"]
+
+
+def _row(model, context, batch, ms, gib):
+    return EfficiencyResult(model, context, batch, 1.0, ms, 1000.0 / ms * batch, 1.0, 2.0, min_read_gib=gib)
+
+
+def test_step_cost_fit_recovers_a_fixed_cost_and_a_bandwidth():
+    fixed, ms_per_gib = 1.25, 0.3
+    rows = [_row(m, c, 8, fixed + ms_per_gib * g, g) for m, c, g in
+            [("teacher", 32768, 9.9), ("hybrid", 32768, 5.0), ("teacher", 131072, 30.9), ("hybrid", 131072, 10.2)]]
+    rows.append(_row("teacher", 32768, 1, 2.0, 4.0))  # one point at batch 1: no fit for it
+    rows.append(EfficiencyResult("hybrid", 131072, 1, 0, 0, 0, 0, 0, oom=True))
+    (fit,) = fit_step_cost(rows)
+    assert fit.batch == 8 and fit.rows == 4
+    assert fit.fixed_ms == pytest.approx(fixed) and fit.max_rel_error < 1e-9
+    assert fit.tb_per_s == pytest.approx(2**30 / (ms_per_gib * 1e-3) / 1e12)
+    assert "1.25 ms fixed per step" in fit.describe()
+    rows[1] = _row("hybrid", 32768, 8, 5.0, 5.0)  # off the line: the fit reports how far
+    assert fit_step_cost(rows)[0].max_rel_error > 0.1
+
+
+def test_efficiency_plot_has_a_speed_up_panel_against_the_baseline(tmp_path):
+    import matplotlib.image
+
+    from hybrid_distill.evaluation.efficiency import plot_efficiency
+
+    rows = [_row("teacher", 4096, 8, 3.0, 5.0), _row("hybrid", 4096, 8, 2.0, 3.0),
+            _row("teacher", 32768, 8, 4.2, 9.9), _row("hybrid", 32768, 8, 2.8, 5.0)]
+    plot_efficiency(rows, str(tmp_path / "two.png"), batch=8)
+    plot_efficiency(rows, str(tmp_path / "three.png"), batch=8, baseline="teacher")
+    two, three = (matplotlib.image.imread(str(tmp_path / f"{n}.png")) for n in ("two", "three"))
+    assert three.shape[1] > 1.4 * two.shape[1]  # a third panel

@@ -213,25 +213,74 @@ def results_markdown(results: list[EfficiencyResult], baseline: str | None = Non
     return "\n".join(lines) + "\n"
 
 
-def plot_efficiency(results: list[EfficiencyResult], path: str, batch: int) -> None:
-    """Decode tokens/s and cache size against context length, one line per model."""
+@dataclass
+class StepCostFit:
+    """``decode ms/step ≈ fixed_ms + min read / bandwidth``, least squares over one batch size's rows."""
+
+    batch: int
+    fixed_ms: float  # per-step cost that does not grow with the bytes read (kernel launches, tails, syncs)
+    tb_per_s: float  # the bandwidth at which the step streams its bytes beyond that
+    max_rel_error: float  # largest |fit - measured| / measured over the rows
+    rows: int
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch}: {self.fixed_ms:.2f} ms fixed per step + the min read at {self.tb_per_s:.2f} TB/s "
+            f"(least squares over {self.rows} rows, largest deviation {self.max_rel_error:.1%})"
+        )
+
+
+def fit_step_cost(results: list[EfficiencyResult]) -> list[StepCostFit]:
+    """Per batch size, fit each decode step's time as a fixed cost plus its `min_read_gib` at one bandwidth.
+
+    It splits a step into what more bandwidth would speed up and what it would not; with the same fixed cost
+    for two models, their speed-up is (fixed + teacher bytes / bw) / (fixed + model bytes / bw), below the
+    bandwidth bound. Batch sizes with fewer than two distinct byte counts give no fit.
+    """
+    fits = []
+    for batch in sorted({r.batch for r in results}):
+        rows = [r for r in results if r.batch == batch and not r.oom and r.min_read_gib == r.min_read_gib]
+        if len({r.min_read_gib for r in rows}) < 2:
+            continue
+        x = torch.tensor([[1.0, r.min_read_gib] for r in rows], dtype=torch.float64)
+        y = torch.tensor([r.decode_ms_per_step for r in rows], dtype=torch.float64)
+        fixed, ms_per_gib = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).tolist()
+        pred = x @ torch.tensor([fixed, ms_per_gib], dtype=torch.float64)
+        rel = ((pred - y).abs() / y).max().item()
+        tb_per_s = 2**30 / (ms_per_gib * 1e-3) / 1e12 if ms_per_gib > 0 else float("inf")
+        fits.append(StepCostFit(batch, fixed, tb_per_s, rel, len(rows)))
+    return fits
+
+
+def plot_efficiency(results: list[EfficiencyResult], path: str, batch: int, baseline: str | None = None) -> None:
+    """Decode tokens/s and cache size against context length, one line per model; with ``baseline``, a third
+    panel: each model's decode speed-up over it (solid) and the bandwidth-bound speed-up (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    base = {r.context: r for r in results if r.model == baseline and r.batch == batch and not r.oom}
+    panels = ["decode tokens/s", "cache GiB"] + (["decode speed-up (dashed: bandwidth bound)"] if base else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for model in dict.fromkeys(r.model for r in results):
         rows = sorted((r for r in results if r.model == model and r.batch == batch and not r.oom), key=lambda r: r.context)
         if not rows:
             continue
         ctx = [r.context for r in rows]
-        axes[0].plot(ctx, [r.decode_tokens_per_s for r in rows], marker="o", label=model)
+        (line,) = axes[0].plot(ctx, [r.decode_tokens_per_s for r in rows], marker="o", label=model)
         axes[1].plot(ctx, [r.cache_gib for r in rows], marker="o", label=model)
-    for ax, title in zip(axes, ("decode tokens/s", "cache GiB")):
+        paired = [(r, base[r.context]) for r in rows if r.context in base]
+        if base and model != baseline and paired:
+            ctx_b = [r.context for r, _ in paired]
+            axes[2].plot(ctx_b, [b.decode_ms_per_step / r.decode_ms_per_step for r, b in paired], marker="o",
+                         color=line.get_color(), label=model)
+            axes[2].plot(ctx_b, [b.min_read_gib / r.min_read_gib for r, b in paired], linestyle="--",
+                         color=line.get_color())
+    for ax, title in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
-        ax.set_title(f"{title} (batch {batch})")
+        ax.set_title(f"{title} (batch {batch})", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
