@@ -242,6 +242,10 @@ def kernel_profile(step, device: torch.device, top: int) -> dict:
     return stats
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def cap_device_memory(device: torch.device, cap_gib: float, headroom_gib: float = 0.5) -> float:
     """Let this process use at most ``cap_gib`` of device memory in all, as on a GPU of that size.
 
@@ -250,7 +254,7 @@ def cap_device_memory(device: torch.device, cap_gib: float, headroom_gib: float 
     kernels loaded later. Returns the allocator's limit in GiB; going over it raises an out-of-memory
     error, as the smaller GPU would.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     free, _ = torch.cuda.mem_get_info(index)
     outside_allocator = (total - free) - torch.cuda.memory_reserved(index)
@@ -268,7 +272,7 @@ def cap_device_memory(device: torch.device, cap_gib: float, headroom_gib: float 
 def device_memory_in_use_gib(device: torch.device) -> float:
     """Device memory in use on the GPU (``mem_get_info``: every process; in the benchmark, this one's
     allocator reservations, CUDA context and loaded kernels)."""
-    free, total = torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(_cuda_index(device))
     return (total - free) / 2**30
 
 

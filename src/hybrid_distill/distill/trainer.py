@@ -522,7 +522,7 @@ def _optimizer_step(optimizer, scheduler, params, grad_clip: float | None, step:
     return grad_norm
 
 
-def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, step: int, run_dir: Path, device) -> str:
+def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, when: str, run_dir: Path, device) -> str:
     """What to change after an out-of-memory error, and where the run will resume (only fields a
     checkpoint may be resumed with are suggested)."""
     usage = ""
@@ -547,7 +547,7 @@ def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, step: 
         "reserved than allocated (fragmentation)"
     )
     return (
-        f"Stage {config.stage} ran out of memory in step {step + 1} with micro-batches of {micro} x {seq_len} "
+        f"Stage {config.stage} ran out of memory {when} with micro-batches of {micro} x {seq_len} "
         f"tokens per process{usage}. Re-run the same command after one of these changes; {where}:\n  - "
         + "\n  - ".join(fixes)
     )
@@ -796,7 +796,8 @@ def distill(
         if eval_set and not paused:
             eval_name, eval_value = log_eval(step, tokens, elapsed_before + time.perf_counter() - session_start)
     except torch.OutOfMemoryError as exc:
-        raise torch.OutOfMemoryError(out_of_memory_advice(config, micro, seq_len, step, run_dir, device)) from exc
+        when = f"in step {step + 1}" if step < total_steps else "in its final evaluation"
+        raise torch.OutOfMemoryError(out_of_memory_advice(config, micro, seq_len, when, run_dir, device)) from exc
     finally:
         if bar is not None:
             bar.close()
