@@ -7,6 +7,7 @@ what a serving engine does) or through the model's own HF cache in eager mode (w
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,14 @@ class EfficiencyResult:
     def read_tb_per_s(self) -> float:
         """The decode step's effective memory bandwidth: `min_read_gib` per step time, in TB/s."""
         return self.min_read_gib * 2**30 / (self.decode_ms_per_step * 1e-3) / 1e12
+
+    def speed_up_over(self, base: "EfficiencyResult") -> float:
+        """Decode speed-up over ``base`` (its step time over this one's)."""
+        return base.decode_ms_per_step / self.decode_ms_per_step
+
+    def bandwidth_bound_over(self, base: "EfficiencyResult") -> float:
+        """The speed-up over ``base`` if both steps read their `min_read_gib` at the same bandwidth."""
+        return base.min_read_gib / self.min_read_gib
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +215,7 @@ def results_markdown(results: list[EfficiencyResult], baseline: str | None = Non
                 row += " | | |"
             else:
                 row += (
-                    f" {b.decode_ms_per_step / r.decode_ms_per_step:.2f}x | {b.min_read_gib / r.min_read_gib:.2f}x | "
+                    f" {r.speed_up_over(b):.2f}x | {r.bandwidth_bound_over(b):.2f}x | "
                     f"{r.cache_gib / b.cache_gib:.1%} |"
                 )
         lines.append(row)
@@ -239,7 +248,7 @@ def fit_step_cost(results: list[EfficiencyResult]) -> list[StepCostFit]:
     """
     fits = []
     for batch in sorted({r.batch for r in results}):
-        rows = [r for r in results if r.batch == batch and not r.oom and r.min_read_gib == r.min_read_gib]
+        rows = [r for r in results if r.batch == batch and not r.oom and not math.isnan(r.min_read_gib)]
         if len({r.min_read_gib for r in rows}) < 2:
             continue
         x = torch.tensor([[1.0, r.min_read_gib] for r in rows], dtype=torch.float64)
@@ -273,9 +282,9 @@ def plot_efficiency(results: list[EfficiencyResult], path: str, batch: int, base
         paired = [(r, base[r.context]) for r in rows if r.context in base]
         if base and model != baseline and paired:
             ctx_b = [r.context for r, _ in paired]
-            axes[2].plot(ctx_b, [b.decode_ms_per_step / r.decode_ms_per_step for r, b in paired], marker="o",
+            axes[2].plot(ctx_b, [r.speed_up_over(b) for r, b in paired], marker="o",
                          color=line.get_color(), label=model)
-            axes[2].plot(ctx_b, [b.min_read_gib / r.min_read_gib for r, b in paired], linestyle="--",
+            axes[2].plot(ctx_b, [r.bandwidth_bound_over(b) for r, b in paired], linestyle="--",
                          color=line.get_color())
     for ax, title in zip(axes, panels):
         ax.set_xscale("log", base=2)
