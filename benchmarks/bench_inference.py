@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 import torch
 import torch._dynamo
@@ -105,11 +107,13 @@ def main():
                     gdn_model(torch.randint(3, 1000, (rows, ctx), device="cuda"), use_cache=True, logits_to_keep=1)
                 torch.cuda.empty_cache()
             for name, model in models.items():
+                t0 = time.perf_counter()
                 r = measure(model, name, ctx, b, decode_steps=args.decode_steps, decode=args.decode,
                             prefill_rows=args.prefill_rows, compile=args.compile, linear_kernels=args.linear_kernels,
                             fuse_projections=not args.no_fuse_projections)
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
+                print(f"  ({name}, {ctx} x {b}: {time.perf_counter() - t0:.0f} s with compile and prefill)", file=sys.stderr, flush=True)
     table = results_markdown(results, baseline="teacher")
     fits = fit_step_cost(results)
     if fits:

@@ -28,6 +28,7 @@ import torch
 from common import provenance, publish
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from hybrid_distill.cuda_allocator import expandable_segments_configured, prefer_expandable_segments
 from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill, read_metrics
 from hybrid_distill.distill.distributed import forward_hidden
 from hybrid_distill.distill.losses import chunked_kl_div
@@ -276,6 +277,12 @@ def device_memory_in_use_gib(device: torch.device) -> float:
     return (total - free) / 2**30
 
 
+def _segments_note(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "n/a (no CUDA)"
+    return "expandable" if expandable_segments_configured() else "fixed-size (the allocator's default)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=4096)
@@ -299,9 +306,15 @@ def main():
         "--profile", type=int, metavar="TOP", default=0,
         help="also profile one step's kernels (time by category, compute-bound share, TOP kernels)",
     )
+    parser.add_argument(
+        "--no-expandable-segments", action="store_true",
+        help="keep the allocator's default fixed-size segments (hybrid-distill turns expandable segments on)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of this script)")
     parser.add_argument("--markdown", help="append the results table to this Markdown file")
     args = parser.parse_args()
+    if not args.no_expandable_segments:
+        prefer_expandable_segments()  # as the command line does; before the first CUDA tensor
 
     device, teacher, student = device_and_models(parser, args)
     n_t, n_s = non_embedding_params(teacher), non_embedding_params(student)
@@ -358,7 +371,8 @@ def main():
         f"- kl_chunk_size {args.chunk}; activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
         f"compiled decoder layers: {args.compile_layers}; "
         f"trainer runs of {args.steps} steps, first {args.warmup} left out",
-        f"- memory cap: {cap_note}; device memory in use at the end (allocator cache included): {in_use:.1f} GiB",
+        f"- memory cap: {cap_note}; device memory in use at the end (allocator cache included): {in_use:.1f} GiB; "
+        f"allocator segments: {_segments_note(device)}",
         "",
         "| micro-batches/step | tokens/step | tokens/s | TFLOP/s | MFU (nominal) | MFU (measured peak) "
         "| MFU incl. lm_head (nominal) | peak GiB allocated | peak GiB reserved |",

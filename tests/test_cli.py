@@ -35,3 +35,26 @@ def test_distill_stage1_then_stage2(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["eval_metric"]
     assert main(args) == 0  # a finished run is a no-op that returns its result
     assert json.loads(capsys.readouterr().out)["already_done"] is True
+
+
+def test_command_line_turns_on_expandable_segments_unless_the_allocator_is_configured(tmp_path, monkeypatch):
+    from hybrid_distill.cuda_allocator import (
+        ALLOCATOR_ENV_VARS,
+        expandable_segments_configured,
+        prefer_expandable_segments,
+    )
+
+    for name in ALLOCATOR_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert not expandable_segments_configured()
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert expandable_segments_configured()
+
+    user = {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not prefer_expandable_segments(user) and user == {"PYTORCH_ALLOC_CONF": "max_split_size_mb:512"}
+    assert not expandable_segments_configured(user)
+    assert expandable_segments_configured({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64, expandable_segments:True"})
+    # torch reads the first variable that is set; a later one does not count
+    assert not expandable_segments_configured(
+        {"PYTORCH_ALLOC_CONF": "expandable_segments:False", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    )

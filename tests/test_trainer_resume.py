@@ -205,8 +205,11 @@ def test_resume_refuses_changed_config(tmp_path):
 def test_out_of_memory_names_the_fixes_and_the_run_resumes_with_smaller_micro_batches(tmp_path, monkeypatch):
     """An OOM in step 5 says what to change and where the run resumes; with half the micro-batch size the
     resumed run finishes on the uninterrupted run's loss curve."""
+    from hybrid_distill.cuda_allocator import ALLOCATOR_ENV_VARS
     from hybrid_distill.distill import trainer
 
+    for name in ALLOCATOR_ENV_VARS:  # unconfigured allocator: the advice names expandable segments
+        monkeypatch.delenv(name, raising=False)
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 6, save_every_tokens=GLOBAL * SEQ * 2, eval_max_batches=0)
     student, teacher = _models()
     distill(student, teacher, _data(), cfg, tmp_path / "ref")

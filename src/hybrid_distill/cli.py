@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cuda_allocator import prefer_expandable_segments
+
+    prefer_expandable_segments()  # before any command initializes CUDA
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

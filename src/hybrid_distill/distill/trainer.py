@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cuda_allocator import expandable_segments_configured
 from ..data.loader import SplitBatchesMixin
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
@@ -542,10 +543,11 @@ def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, when: 
         fixes.append(f"kl_chunk_size: {config.kl_chunk_size // 2} (tokens per lm_head chunk)")
     if config.compile_layers != "all" and config.stage != 1:
         fixes.append("compile_layers: all (its fused kernels keep fewer activations)")
-    fixes.append(
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment, when much more memory is "
-        "reserved than allocated (fragmentation)"
-    )
+    if not expandable_segments_configured():  # the command line sets it unless the user configured the allocator
+        fixes.append(
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment, when much more memory is "
+            "reserved than allocated (fragmentation)"
+        )
     return (
         f"Stage {config.stage} ran out of memory {when} with micro-batches of {micro} x {seq_len} "
         f"tokens per process{usage}. Re-run the same command after one of these changes; {where}:\n  - "
