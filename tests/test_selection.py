@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import os
 from pathlib import Path
 
 import pytest
@@ -279,12 +280,19 @@ def _os_getpid_of(_):  # module-level: picklable by reference; spawned workers i
 
 
 @pytest.mark.parametrize("name", ["ray", "slurm"])
-def test_cluster_executors(name, tmp_path):
+def test_cluster_executors(name, tmp_path, monkeypatch):
     pytest.importorskip("ray" if name == "ray" else "submitit")
+    from hybrid_distill.cuda_allocator import ALLOCATOR_ENV_VARS
+
+    for var in ALLOCATOR_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
     options = {"init_options": {"num_cpus": 2, "include_dashboard": False}} if name == "ray" else {"cluster": "local", "timeout_min": 5}
     ex = make_executor(name, retries=1, options=options, folder=tmp_path / "logs", progress=False)
     try:
         outs = ex.map(operator.neg, [1, 2]) + ex.map(math.sqrt, [-1.0])
+        # Set after Ray started its workers: only the executor can hand it on (as to workers on other nodes).
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        confs = ex.map(os.getenv, ["PYTORCH_CUDA_ALLOC_CONF"])
     finally:
         ex.close()
         if name == "ray":
@@ -293,6 +301,18 @@ def test_cluster_executors(name, tmp_path):
             ray.shutdown()
     assert [o.value for o in outs[:2]] == [-1, -2]
     assert not outs[2].ok and outs[2].attempts == 2 and "math domain error" in outs[2].error
+    assert confs[0].value == "expandable_segments:True", confs[0].error
+
+
+def test_worker_keeps_its_own_allocator_settings(monkeypatch):
+    from hybrid_distill.selection.executors import _call
+
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # unset for torch; monkeypatch restores it afterwards
+    driver = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert not _call(os.getenv, "PYTORCH_CUDA_ALLOC_CONF", driver)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    assert _call(os.getenv, "PYTORCH_CUDA_ALLOC_CONF", driver) == "expandable_segments:True"
 
 
 def test_candidates_warm_up_by_default():

@@ -19,10 +19,15 @@ def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -
     The allocator reads the variable when CUDA is first used, so call this before that. Returns
     whether the setting was added.
     """
-    if any(environ.get(name) for name in ALLOCATOR_ENV_VARS):
+    if configured_allocator_env(environ):
         return False
     environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
     return True
+
+
+def configured_allocator_env(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """The allocator variables set in ``environ`` (to hand on to worker processes)."""
+    return {name: environ[name] for name in ALLOCATOR_ENV_VARS if environ.get(name)}
 
 
 def expandable_segments_configured(environ: MutableMapping[str, str] = os.environ) -> bool:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cuda_allocator import configured_allocator_env
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,11 +45,13 @@ class Executor:
     def __init__(self, retries: int = 1, progress: bool = True):
         self.retries = retries
         self.progress = progress
+        self._allocator_env: dict[str, str] = {}
 
     def _run_batch(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[JobOutcome]:
         raise NotImplementedError
 
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[JobOutcome]:
+        self._allocator_env = configured_allocator_env()  # what _call applies in worker processes
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))
         for attempt in range(1, self.retries + 2):
@@ -119,7 +123,12 @@ def _init_worker(gpu_queue, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _call(fn, job):
+def _call(fn, job, allocator_env: dict[str, str] | None = None):
+    """``fn(job)`` in a worker process, with the driver's CUDA allocator settings (expandable segments)
+    unless the worker's environment configures the allocator itself: Ray and Slurm workers on other
+    nodes do not inherit the driver's environment."""
+    if allocator_env and not configured_allocator_env():
+        os.environ.update(allocator_env)  # read when the job first uses CUDA
     return fn(job)
 
 
@@ -158,7 +167,7 @@ class LocalExecutor(Executor):
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._pool_or_new()
-        futures = {pool.submit(_call, fn, job): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(_call, fn, job, self._allocator_env): i for i, job in enumerate(jobs)}
         out: list[JobOutcome | None] = [None] * len(jobs)
         broken = False
         for fut in _progress(as_completed(futures), self.progress, "candidates"):
@@ -203,7 +212,7 @@ class RayExecutor(Executor):
 
     def _run_batch(self, fn, jobs):
         remote = self.ray.remote(**self.options)(_call)
-        refs = [remote.remote(fn, job) for job in jobs]
+        refs = [remote.remote(fn, job, self._allocator_env) for job in jobs]
         out = []
         for ref in _progress(refs, self.progress, "candidates"):
             try:
@@ -233,7 +242,7 @@ class SlurmExecutor(Executor):
         self.executor.update_parameters(**{**defaults, **options})
 
     def _run_batch(self, fn, jobs):
-        submitted = [self.executor.submit(_call, fn, job) for job in jobs]
+        submitted = [self.executor.submit(_call, fn, job, self._allocator_env) for job in jobs]
         out = []
         for job in _progress(submitted, self.progress, "candidates"):
             try:
