@@ -32,9 +32,9 @@ def configured_allocator_env(environ: MutableMapping[str, str] = os.environ) -> 
 
 def expandable_segments_configured(environ: MutableMapping[str, str] = os.environ) -> bool:
     """Whether the environment asks the allocator for expandable segments."""
-    for name in ALLOCATOR_ENV_VARS:
-        value = environ.get(name)
-        if value:  # torch uses the first one set
-            settings = dict(item.split(":", 1) for item in value.replace(" ", "").split(",") if ":" in item)
-            return settings.get("expandable_segments", "").lower() == "true"
-    return False
+    configured = configured_allocator_env(environ)
+    if not configured:
+        return False
+    value = next(iter(configured.values()))  # torch uses the first one set
+    settings = dict(item.split(":", 1) for item in value.replace(" ", "").split(",") if ":" in item)
+    return settings.get("expandable_segments", "").lower() == "true"
