@@ -76,6 +76,10 @@ def main():
     parser.add_argument("--prefill-rows", type=int, default=None, help="prompt rows per prefill forward (bounds memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
     parser.add_argument(
+        "--compile-mode", default=None,
+        help="torch.compile mode of the step with --compile, e.g. max-autotune-no-cudagraphs (default: inductor's default)",
+    )
+    parser.add_argument(
         "--linear-kernels", choices=["torch", "fla", "auto"], default=None,
         help="GDN kernels inside the static step (default: the model's backend, fla on CUDA)",
     )
@@ -110,7 +114,7 @@ def main():
                 t0 = time.perf_counter()
                 r = measure(model, name, ctx, b, decode_steps=args.decode_steps, decode=args.decode,
                             prefill_rows=args.prefill_rows, compile=args.compile, linear_kernels=args.linear_kernels,
-                            fuse_projections=not args.no_fuse_projections)
+                            fuse_projections=not args.no_fuse_projections, compile_mode=args.compile_mode)
                 results.append(r)
                 print(json.dumps(r.to_dict()), flush=True)
                 print(f"  ({name}, {ctx} x {b}: {time.perf_counter() - t0:.0f} s with compile and prefill)", file=sys.stderr, flush=True)
@@ -126,6 +130,7 @@ def main():
         f"- command: `python benchmarks/bench_inference.py --contexts {args.contexts} --batches {args.batches} "
         f"--ratios {args.ratios} --decode {args.decode}" + (f" --prefill-rows {args.prefill_rows}" if args.prefill_rows else "")
         + (" --compile" if args.compile else "")
+        + (f" --compile-mode {args.compile_mode}" if args.compile_mode else "")
         + (f" --linear-kernels {args.linear_kernels}" if args.linear_kernels else "")
         + (" --no-fuse-projections" if args.no_fuse_projections else "") + "`\n"
         + (

@@ -108,12 +108,14 @@ def _kernel_stats(step_fn, steps: int, top_n: int = 12) -> dict:
 
 @torch.no_grad()
 def profile_static(
-    model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None, fuse_projections: bool = True
+    model, context: int, batch: int, steps: int, compile: bool, linear_kernels: str | None, fuse_projections: bool = True,
+    compile_mode: str | None = None,
 ) -> dict:
     from hybrid_distill.modeling.static_decode import StaticDecoder
 
     dec = StaticDecoder(
-        model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels, fuse_projections=fuse_projections
+        model, batch, context + 4 * steps + 16, compile=compile, linear_kernels=linear_kernels,
+        fuse_projections=fuse_projections, compile_mode=compile_mode,
     )
     dec.prefill(torch.randint(3, 1000, (batch, context), device="cuda"), rows_per_forward=1)
     for _ in range(3):  # two warm-up steps, then the capture
@@ -141,6 +143,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--static", action="store_true", help="profile StaticDecoder (CUDA-graph step) instead of HF's loop")
     parser.add_argument("--compile", action="store_true", help="with --static: torch.compile the step")
+    parser.add_argument("--compile-mode", default=None, help="with --compile: torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--linear-kernels", nargs="+", default=[None], help="with --static: hybrid runs per backend (torch, fla, auto)")
     parser.add_argument(
         "--fuse-projections", nargs="+", choices=["on", "off"], default=["on"],
@@ -162,7 +165,9 @@ def main():
     results = {}
     for name, model, lk, fuse in runs:
         if args.static:
-            results[name] = profile_static(model, args.context, args.batch, args.steps, args.compile, lk, fuse)
+            results[name] = profile_static(
+                model, args.context, args.batch, args.steps, args.compile, lk, fuse, compile_mode=args.compile_mode
+            )
         else:
             profile(model, 256, args.batch, 2)  # warm-up
             results[name] = profile(model, args.context, args.batch, args.steps)

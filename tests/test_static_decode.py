@@ -144,6 +144,26 @@ def test_clear_errors():
         StaticDecoder(model, 3, 32, cuda_graph=True)
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
+    model = tiny_teacher("llama-gqa")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (seen.append(kw), fn)[1])
+    StaticDecoder(model, 3, 32, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    StaticDecoder(model, 3, 32, compile=True)
+    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}, {"dynamic": False, "mode": None}]
+    with pytest.raises(ValueError, match="needs compile=True"):
+        StaticDecoder(model, 3, 32, compile_mode="max-autotune-no-cudagraphs")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_with_their_own_cuda_graphs_are_refused_with_the_decoders_graph(mode):
+    model = tiny_teacher("llama-gqa").cuda()
+    with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+        StaticDecoder(model, 3, 32, compile=True, compile_mode=mode)
+    StaticDecoder(model, 3, 32, compile=True, compile_mode=mode, cuda_graph=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [{}, {"gdn_use_short_conv": True}])
 def test_cuda_graph_decode_equals_eager_static_decode(options):

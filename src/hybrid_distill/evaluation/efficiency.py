@@ -125,6 +125,7 @@ def measure(
     compile: bool = False,
     linear_kernels: str | None = None,
     fuse_projections: bool = True,
+    compile_mode: str | None = None,
 ):
     """Prefill `batch` random prompts of `context` tokens, then decode `decode_steps` tokens greedily.
 
@@ -132,9 +133,9 @@ def measure(
     include the capture); the decode time is the mean over the timed steps, and the cache size is
     that of the preallocated buffers. ``decode="hf"``: the model's own cache grown step by step in
     eager mode, median per-step time. ``prefill_rows`` prefills that many rows per forward and
-    ``compile`` runs the step through torch.compile and ``linear_kernels`` picks the linear mixers'
-    backend inside the step and ``fuse_projections`` its one-GEMM input projections (static only; see
-    `StaticDecoder`).
+    ``compile`` runs the step through torch.compile (in ``compile_mode``), ``linear_kernels`` picks the
+    linear mixers' backend inside the step and ``fuse_projections`` its one-GEMM input projections (static
+    only; see `StaticDecoder`).
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -148,7 +149,7 @@ def measure(
 
             dec = StaticDecoder(
                 model, batch, context + warmup_steps + decode_steps + 1, compile=compile, linear_kernels=linear_kernels,
-                fuse_projections=fuse_projections,
+                fuse_projections=fuse_projections, compile_mode=compile_mode,
             )
             _, prefill_ms = _timed(lambda: dec.prefill(ids, prefill_rows))
             for _ in range(warmup_steps):

@@ -194,6 +194,10 @@ def _linear_kernel_backend(options: list[dict], backend: str | None):
             opts["kernel_backend"] = value
 
 
+# torch.compile modes whose code replays its own CUDA graphs (cudagraph trees).
+_GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 class StaticDecoder:
     """Greedy decoding of a causal LM with a preallocated cache (and a CUDA graph on CUDA).
 
@@ -203,7 +207,10 @@ class StaticDecoder:
     Works for HF Llama/Qwen2/Qwen3/Mistral teachers and for hybrid students; prompts are unpadded
     and of equal length. ``cuda_graph=None`` captures a graph when the model is on CUDA.
     ``compile=True`` runs the step through ``torch.compile`` (fuses the many small element-wise
-    kernels of a step; the first step compiles, which takes a while).
+    kernels of a step; the first step compiles, which takes a while). ``compile_mode`` is passed to
+    it: "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS for the
+    step's few-row GEMMs (minutes more of compiling). Modes that capture CUDA graphs themselves
+    ("reduce-overhead", "max-autotune") are refused while this decoder captures its own.
 
     ``linear_kernels``: the linear mixers' backend inside the step; ``None`` = the model's own
     ``kernel_backend`` (default "auto": fla's fused recurrent kernels on CUDA). "torch" compiles the
@@ -225,6 +232,7 @@ class StaticDecoder:
         compile: bool = False,
         linear_kernels: str | None = None,
         fuse_projections: bool = True,
+        compile_mode: str | None = None,
     ):
         _register_attention()
         self.model = model.eval()
@@ -255,7 +263,14 @@ class StaticDecoder:
 
             # With fla kernels the step breaks at each mixer, whose frames recompile per layer.
             relax_recompile_limits(unspecialize_module_ints=False)
-        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        if compile_mode is not None and not compile:
+            raise ValueError(f"compile_mode={compile_mode!r} needs compile=True")
+        if compile_mode in _GRAPHING_COMPILE_MODES and self.use_graph:
+            raise ValueError(
+                f"compile_mode={compile_mode!r} captures CUDA graphs itself, and so does this decoder: use "
+                "'max-autotune-no-cudagraphs' (or the default mode), or cuda_graph=False"
+            )
+        self._step_fn = torch.compile(self._step, dynamic=False, mode=compile_mode) if compile else self._step
 
     @torch.no_grad()
     def _fuse_projections(self) -> list[tuple[nn.Module, str, Any]]:
