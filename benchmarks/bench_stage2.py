@@ -20,6 +20,7 @@ matmul peak measured on the spot. A second column adds the lm_head matmuls (2·V
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -313,7 +314,9 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of this script)")
     parser.add_argument("--markdown", help="append the results table to this Markdown file")
     args = parser.parse_args()
-    if not args.no_expandable_segments:
+    if args.no_expandable_segments:  # configured, so the trainer leaves the allocator alone
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    else:
         prefer_expandable_segments()  # as the command line does; before the first CUDA tensor
 
     device, teacher, student = device_and_models(parser, args)

@@ -1,9 +1,11 @@
-"""CUDA caching-allocator settings the command line applies before torch touches the GPU."""
+"""CUDA caching-allocator settings: expandable segments unless the user configured the allocator."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import MutableMapping
+
+import torch
 
 # torch reads the first of these that is set (PYTORCH_ALLOC_CONF from torch 2.9 on, the others before).
 ALLOCATOR_ENV_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
@@ -22,6 +24,23 @@ def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -
     if configured_allocator_env(environ):
         return False
     environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    return True
+
+
+def prefer_expandable_segments_in_process(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """`prefer_expandable_segments` for a process that may be using CUDA already (the Python API).
+
+    Besides the environment (read by the allocator at CUDA's start and inherited by child processes),
+    the setting goes to the running allocator, whose segments made from then on grow in place; those
+    made before keep their fixed size. Returns whether the setting was added.
+    """
+    if not prefer_expandable_segments(environ):
+        return False
+    if torch.cuda.is_available():
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9
+        if setter is None:
+            setter = torch.cuda.memory._set_allocator_settings
+        setter(EXPANDABLE_SEGMENTS)
     return True
 
 

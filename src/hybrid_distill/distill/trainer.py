@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cuda_allocator import expandable_segments_configured
+from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
 from ..data.loader import SplitBatchesMixin
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
@@ -543,7 +543,7 @@ def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, when: 
         fixes.append(f"kl_chunk_size: {config.kl_chunk_size // 2} (tokens per lm_head chunk)")
     if config.compile_layers != "all" and config.stage != 1:
         fixes.append("compile_layers: all (its fused kernels keep fewer activations)")
-    if not expandable_segments_configured():  # the command line sets it unless the user configured the allocator
+    if not expandable_segments_configured():  # on unless the user configured the allocator otherwise
         fixes.append(
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment, when much more memory is "
             "reserved than allocated (fragmentation)"
@@ -629,6 +629,8 @@ def distill(
 
     torch.manual_seed(config.seed)
     device = ctx.device
+    if device.type == "cuda" and prefer_expandable_segments_in_process():
+        logger.info("CUDA allocator: expandable segments on (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)")
     bf16, autocast = _autocast(config, device)
     if teacher is not None:
         teacher.to(device)
