@@ -136,7 +136,7 @@ def main():
         pstats.Stats(prof).sort_stats("cumtime").print_stats(40)
         return
     only = set(args.only.split(",")) if args.only else None
-    print(f"| variant | wall ms | GPU kernel ms | kernels |\n|---|---:|---:|---:|")
+    print("| variant | wall ms | GPU kernel ms | kernels |\n|---|---:|---:|---:|")
     tables = []
     for name, fn in variants.items():
         if only and name not in only:

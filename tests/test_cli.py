@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from hybrid_distill.cli import main
 

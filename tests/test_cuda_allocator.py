@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from hybrid_distill import cuda_allocator
 from hybrid_distill.cuda_allocator import ALLOCATOR_ENV_VARS, EXPANDABLE_SEGMENTS, prefer_expandable_segments_in_process

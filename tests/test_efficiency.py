@@ -93,3 +93,63 @@ def test_efficiency_plot_has_a_speed_up_panel_against_the_baseline(tmp_path):
     plot_efficiency(rows, str(tmp_path / "three.png"), batch=8, baseline="teacher")
     two, three = (matplotlib.image.imread(str(tmp_path / f"{n}.png")) for n in ("two", "three"))
     assert three.shape[1] > 1.4 * two.shape[1]  # a third panel
+
+
+def test_run_efficiency_on_cpu_measures_model_and_teacher_side_by_side():
+    """Off CUDA the suite still runs (wall-clock timing, no peak memory); the byte and cache columns are exact."""
+    import json
+    import math
+
+    from hybrid_distill.evaluation.efficiency import efficiency_markdown, run_efficiency
+
+    torch.manual_seed(0)
+    teacher = tiny_teacher("llama-gqa", num_hidden_layers=2)
+    student = build_student(teacher, ["gdn", "softmax"])
+    # contexts whose static buffers differ in size (buffers come in blocks of KEY_BLOCK keys)
+    section = run_efficiency(student, [32, 600], [1, 2], teacher=teacher, model_name="hybrid", decode_steps=3)
+    rows = [EfficiencyResult.from_dict(r) for r in json.loads(json.dumps(section["rows"]))]
+    assert [(r.model, r.context, r.batch) for r in rows] == [
+        (m, c, b) for c in (32, 600) for b in (1, 2) for m in ("teacher", "hybrid")
+    ]
+    assert section["baseline"] == "teacher" and section["model"] == "hybrid" and section["device"] == "cpu"
+    assert all(r.decode_ms_per_step > 0 and r.prefill_ms > 0 and math.isnan(r.peak_gib) and not r.oom for r in rows)
+    by = {(r.model, r.context, r.batch): r for r in rows}
+    # the GDN layer's state does not grow with the context; the teacher's second KV layer does
+    for b in (1, 2):
+        t_short, t_long, h_short, h_long = (by[m, c, b] for m in ("teacher", "hybrid") for c in (32, 600))
+        assert t_long.cache_gib > t_short.cache_gib
+        assert h_long.cache_gib - h_short.cache_gib == pytest.approx((t_long.cache_gib - t_short.cache_gib) / 2)
+        assert h_long.bandwidth_bound_over(t_long) > max(1.0, h_short.bandwidth_bound_over(t_short))
+    table = efficiency_markdown(json.loads(json.dumps(section)))
+    assert "| hybrid | 600 | 2 |" in table and "cache / teacher" in table
+    assert "| – |" in table  # peak memory: not measured off CUDA
+    with pytest.raises(ValueError, match="baseline"):
+        run_efficiency(student, [32], [1], teacher=teacher, model_name="teacher")
+    with pytest.raises(ValueError, match="positive"):
+        run_efficiency(student, [0], [1])
+
+
+def test_step_cost_fit_without_a_bandwidth_term_says_so():
+    from hybrid_distill.evaluation.efficiency import StepCostFit
+
+    assert "does not grow with the bytes read" in StepCostFit(1, 2.0, float("inf"), 0.1, 3).describe()
+    assert "does not grow with the bytes read" in StepCostFit(1, 2.0, float("nan"), 0.1, 3).describe()
+
+
+def test_run_efficiency_measures_one_dtype_for_model_and_teacher():
+    from hybrid_distill.evaluation.efficiency import run_efficiency
+
+    teacher = tiny_teacher("llama-gqa", num_hidden_layers=2)
+    student = build_student(teacher, ["gdn", "softmax"]).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="one dtype"):
+        run_efficiency(student, [16], [1], teacher=teacher, model_name="hybrid", decode_steps=1)
+    section = run_efficiency(student, [16], [1], teacher=teacher, model_name="hybrid", decode_steps=1, dtype="bfloat16")
+    assert section["dtype"] == "bfloat16" and len(section["rows"]) == 2
+    assert next(teacher.parameters()).dtype == torch.float32  # measured on a copy
+
+
+def test_step_cost_fit_can_require_more_rows_than_two():
+    rows = [_row("teacher", 32768, 8, 4.0, 9.9), _row("hybrid", 32768, 8, 2.8, 5.0)]
+    assert len(fit_step_cost(rows)) == 1 and fit_step_cost(rows, min_rows=3) == []
+    rows.append(_row("hybrid", 131072, 8, 4.4, 10.2))
+    assert len(fit_step_cost(rows, min_rows=3)) == 1

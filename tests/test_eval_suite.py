@@ -11,7 +11,7 @@ import torch
 from hybrid_distill.evaluation.compare import compare_results
 from hybrid_distill.evaluation.quality import evaluate_quality, heldout_batches, perplexity, teacher_student_kl
 from hybrid_distill.evaluation.scoring import aggregate
-from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, run_eval_from_args
+from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, parse_suite, run_eval_from_args
 from hybrid_distill.tiny_teachers import tiny_teacher
 from hybrid_distill.tokenization import tiny_tokenizer
 
@@ -157,6 +157,54 @@ def test_cli_eval_tiny_model_with_quality_and_compare(tmp_path, monkeypatch, cap
     assert comp["metrics"]["quality/kl"]["tiny:llama-gqa"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(FileNotFoundError):
         compare_results([tmp_path / "missing"], tmp_path / "cmp2")
+
+
+def test_cli_efficiency_suite_with_teacher_baseline_and_compare(tmp_path):
+    """`--suite efficiency` measures the model beside its teacher and writes table, plot and comparable metrics;
+    `all` leaves it out (it times the device)."""
+    parser = argparse.ArgumentParser(prog="hybrid-distill")
+    add_eval_arguments(parser)
+    out = tmp_path / "eff"
+    args = parser.parse_args(["--model", "tiny:qwen2-bias-tied", "--teacher", "tiny:qwen2-bias-tied", "--suite", "efficiency",
+                              "--lengths", "48", "--efficiency-batches", "1,3", "--decode-steps", "2", "--out", str(out),
+                              "--device", "cpu", "--tokenizer", "tiny"])
+    assert run_eval_from_args(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    eff = res["efficiency"]
+    assert res["suites"] == ["efficiency"] and res["config"]["efficiency_batches"] == [1, 3]
+    assert [(r["model"], r["context"], r["batch"]) for r in eff["rows"]] == [
+        ("teacher", 48, 1), ("tiny:qwen2-bias-tied", 48, 1), ("teacher", 48, 3), ("tiny:qwen2-bias-tied", 48, 3)
+    ]
+    assert all(r["peak_gib"] is None and r["decode_ms_per_step"] > 0 for r in eff["rows"])  # CPU: no peak memory
+    summary = (out / "summary.md").read_text()
+    assert "## Inference efficiency" in summary and "decode speed-up" in summary and "![efficiency](efficiency.png)" in summary
+    assert (out / "efficiency.png").stat().st_size > 0
+
+    comp = compare_results([out, out], tmp_path / "cmp", names=["a", "b"])
+    metrics = comp["metrics"]
+    assert set(metrics) == {f"efficiency/{k}@48x{b}" for k in ("decode_tok_s", "prefill_ms", "cache_gib", "peak_gib")
+                            for b in (1, 3)}
+    assert metrics["efficiency/cache_gib@48x3"]["a"] == eff["rows"][3]["cache_gib"]  # the model's row, not the teacher's
+    assert parse_suite("all") == ["recall", "niah", "quality"]
+    assert parse_suite("all,efficiency") == ["recall", "niah", "quality", "efficiency"]
+
+
+def test_compare_orders_lengths_by_value_and_bolds_the_lower_cost(tmp_path):
+    def run(name, tok_s, cache):
+        rows = [{"model": name, "context": c, "batch": 8, "prefill_ms": 1.0, "decode_ms_per_step": 1.0,
+                 "decode_tokens_per_s": tok_s, "cache_gib": cache, "peak_gib": 2.0, "oom": False, "min_read_gib": 1.0}
+                for c in (4096, 16384)]
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"model": name, "efficiency": {"model": name, "rows": rows}}))
+        return d
+
+    comp = compare_results([run("fast", 300.0, 1.0), run("slow", 100.0, 4.0)], tmp_path / "cmp")
+    keys = list(comp["metrics"])
+    assert keys.index("efficiency/cache_gib@4096x8") < keys.index("efficiency/cache_gib@16384x8")
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| efficiency/decode_tok_s@4096x8 | **300.0** | 100.0 |" in md
+    assert "| efficiency/cache_gib@4096x8 | **1.000** | 4.000 |" in md
 
 
 def test_lm_eval_bridge_error_or_available(model, tok):

@@ -131,9 +131,19 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     fails(r"final\.extra_sets\.p: .*out of range for a 4-layer", final={"extra_sets": {"p": [1, 4]}})
     fails(r"final\.extra_sets\.p: expected distinct", final={"extra_sets": {"p": [1, 1]}})
     fails(r"final\.extra_sets must map", final={"extra_sets": [[0, 1]]})
+    fails(r"eval\.suite: unknown suite part.*speed", eval={"suite": ["recall", "speed"]})
     assert not (tmp_path / "run").exists()
     path = _write(tmp_path, _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [0.99]}))
     assert main(["run", str(path)]) == 2 and not (tmp_path / "run").exists()
+
+
+def test_efficiency_settings_join_the_eval_settings_only_with_the_efficiency_suite(tmp_path):
+    plain = Pipeline(RunConfig.from_dict(_config(tmp_path, eval={"suite": ["recall"]})), progress=False)
+    assert "efficiency_batches" not in plain.eval_settings()  # runs without it keep their recorded settings
+    cfg = _config(tmp_path, eval={"suite": "recall,efficiency", "efficiency_batches": [1, 4], "decode_steps": 8})
+    settings = Pipeline(RunConfig.from_dict(cfg), progress=False).eval_settings()
+    assert settings["efficiency_batches"] == [1, 4] and settings["decode_steps"] == 8
+    assert settings["efficiency_lengths"] is None and settings["compile_decode"] is False
 
 
 def test_bad_text_field_is_named_before_training(tmp_path):
@@ -228,3 +238,22 @@ def test_embedded_default_reduced(tmp_path):
     teacher = json.loads((tmp_path / "run/eval/teacher/results.json").read_text())
     assert teacher["recall"]["aggregate"]["overall"] >= 0.8  # the shipped teacher solves the recall tasks
     assert "hybrid-gdn-k3" in (tmp_path / "run/report.md").read_text()
+
+
+def test_report_efficiency_table_uses_the_teacher_measured_beside_each_model():
+    from hybrid_distill.pipeline.report import efficiency_table
+
+    def row(model, ctx, batch, tok_s, cache, oom=False):
+        return {"model": model, "context": ctx, "batch": batch, "decode_tokens_per_s": tok_s, "cache_gib": cache, "oom": oom}
+
+    sections = {
+        "teacher": {"model": "teacher-self", "baseline": None, "rows": [row("teacher-self", 4096, 8, 1000.0, 1.0)]},
+        "hybrid": {"model": "hybrid", "baseline": "teacher", "rows": [
+            row("teacher", 4096, 8, 900.0, 1.0), row("hybrid", 4096, 8, 1800.0, 0.25),
+            row("teacher", 32768, 8, 0.0, 0.0, oom=True), row("hybrid", 32768, 8, 1500.0, 0.5),
+        ]},
+    }
+    lines = efficiency_table(sections)
+    assert lines[4] == "| model | 4096 × 8: tok/s (× teacher), cache (/ teacher) | 32768 × 8: tok/s (× teacher), cache (/ teacher) |"
+    assert lines[6] == "| teacher | 1,000, 1 GiB | – |"
+    assert lines[7] == "| hybrid | 1,800 (2.00x), 0.25 GiB (25%) | 1,500, 0.5 GiB |"  # the baseline ran out of memory there

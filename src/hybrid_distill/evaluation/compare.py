@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,39 @@ def _metrics(res: dict[str, Any]) -> dict[str, float]:
         for k in ("perplexity", "nll", "teacher_perplexity", "kl"):
             if k in q:
                 m[f"quality/{k}"] = q[k]
+    eff = res.get("efficiency")
+    if eff:
+        for r in eff.get("rows", []):
+            if r.get("model") != eff.get("model") or r.get("oom"):  # the run's own model, not its baseline
+                continue
+            at = f"@{r['context']}x{r['batch']}"
+            for k, field in _EFFICIENCY_FIELDS.items():
+                m[f"efficiency/{k}{at}"] = r.get(field)
     return m
+
+
+# compared metric -> EfficiencyResult field
+_EFFICIENCY_FIELDS = {"decode_tok_s": "decode_tokens_per_s", "prefill_ms": "prefill_ms", "cache_gib": "cache_gib",
+                      "peak_gib": "peak_gib"}
+_LOWER_BETTER = ("quality/perplexity", "quality/nll", "quality/kl", "quality/teacher_perplexity", "efficiency/prefill_ms",
+                 "efficiency/cache_gib", "efficiency/peak_gib")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.split("@")[0] in _LOWER_BETTER
+
+
+def _natural(key: str) -> list:
+    """Sort key that orders numbers by value (``@4096`` before ``@16384``)."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def _digits(metric: str) -> int:
+    if metric.startswith("quality"):
+        return 4
+    if metric.startswith("efficiency/") and not metric.startswith("efficiency/cache"):
+        return 1 if not metric.startswith("efficiency/peak") else 2
+    return 3
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -107,23 +140,23 @@ def compare_results(
         for k in m:
             if k not in keys:
                 keys.append(k)
-    order = {"recall": 0, "niah": 1, "quality": 2}
-    keys.sort(key=lambda k: (order.get(k.split("/")[0], 9), "@" in k, k))
+    order = {"recall": 0, "niah": 1, "quality": 2, "efficiency": 3}
+    keys.sort(key=lambda k: (order.get(k.split("/")[0], 9), "@" in k and not k.startswith("efficiency"), _natural(k)))
     metrics = {k: {n: per_model[n].get(k) for n in names} for k in keys}
 
-    lower_better = {"quality/perplexity", "quality/nll", "quality/kl", "quality/teacher_perplexity"}
     lines = ["# Model comparison", "", "| metric | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for k in keys:
         vals = metrics[k]
         finite = [v for v in vals.values() if isinstance(v, (int, float)) and not math.isnan(v)]
-        best = (min(finite) if k in lower_better else max(finite)) if len(finite) > 1 else None
+        best = (min(finite) if _lower_is_better(k) else max(finite)) if len(finite) > 1 else None
         cells = []
         for n in names:
             v = vals[n]
-            s = _fmt(float(v) if isinstance(v, (int, float)) else v, 4 if k.startswith("quality") else 3)
+            s = _fmt(float(v) if isinstance(v, (int, float)) else v, _digits(k))
             cells.append(f"**{s}**" if best is not None and v == best else s)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", "Bold: best per row (lower is better for perplexity, NLL and KL).", "", "![comparison](comparison.png)", ""]
+    lines += ["", "Bold: best per row (lower is better for perplexity, NLL, KL, prefill time and memory; efficiency rows "
+              "are `@context x batch`).", "", "![comparison](comparison.png)", ""]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,10 @@ what a serving engine does) or through the model's own HF cache in eager mode (w
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +46,11 @@ class EfficiencyResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EfficiencyResult":
+        """Inverse of `to_dict`, also after JSON, which stores NaN (unmeasured) as null."""
+        return cls(**{k: (math.nan if v is None and k not in ("model", "oom") else v) for k, v in d.items()})
 
 
 def cache_bytes(cache) -> int:
@@ -93,21 +100,21 @@ def decode_step_min_bytes(model, cache, tokens: int) -> int:
     return total
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 DECODE_MODES = ("static", "hf")
 
 
-def _timed(fn):
+def _timed(fn, device: torch.device):
+    """``(fn(), milliseconds)``: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - start) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _sync()
+    torch.cuda.synchronize(device)
     start.record()
     out = fn()
     end.record()
-    _sync()
+    torch.cuda.synchronize(device)
     return out, start.elapsed_time(end)
 
 
@@ -140,9 +147,11 @@ def measure(
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     device = next(model.parameters()).device
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(3, vocab_limit, (batch, context), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.randint(3, min(vocab_limit, model.config.vocab_size), (batch, context), device=device)
     try:
         if decode == "static":
             from ..modeling.static_decode import StaticDecoder
@@ -151,7 +160,7 @@ def measure(
                 model, batch, context + warmup_steps + decode_steps + 1, compile=compile, linear_kernels=linear_kernels,
                 fuse_projections=fuse_projections, compile_mode=compile_mode,
             )
-            _, prefill_ms = _timed(lambda: dec.prefill(ids, prefill_rows))
+            _, prefill_ms = _timed(lambda: dec.prefill(ids, prefill_rows), device)
             for _ in range(warmup_steps):
                 dec.step()
 
@@ -159,19 +168,19 @@ def measure(
                 for _ in range(decode_steps):
                     dec.step()
 
-            _, total_ms = _timed(run)
+            _, total_ms = _timed(run, device)
             ms, cache_size = total_ms / decode_steps, cache_bytes(dec.cache)
             min_read = decode_step_min_bytes(model, dec.cache, context)
             del dec, run
             if compile:  # compiled code keeps references to the decoder's buffers
                 torch._dynamo.reset()
         else:
-            out, prefill_ms = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            out, prefill_ms = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1), device)
             cache = output_cache(out)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             step_ms = []
             for i in range(warmup_steps + decode_steps):
-                out, t = _timed(lambda: model(token, use_cache=True, **{CACHE_ARG: cache}))
+                out, t = _timed(lambda: model(token, use_cache=True, **{CACHE_ARG: cache}), device)
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
                 if i >= warmup_steps:
                     step_ms.append(t)
@@ -180,12 +189,17 @@ def measure(
             del out, cache
         result = EfficiencyResult(
             name, context, batch, prefill_ms, ms, batch / ms * 1e3, cache_size / 2**30,
-            torch.cuda.max_memory_allocated() / 2**30, min_read_gib=min_read / 2**30,
+            torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan, min_read_gib=min_read / 2**30,
         )
     except torch.cuda.OutOfMemoryError:
         result = EfficiencyResult(name, context, batch, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), oom=True)
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
+
+
+def _gib(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.2f}"  # peak memory is measured on CUDA only
 
 
 def results_markdown(results: list[EfficiencyResult], baseline: str | None = None) -> str:
@@ -207,7 +221,7 @@ def results_markdown(results: list[EfficiencyResult], baseline: str | None = Non
             continue
         row = (
             f"| {r.model} | {r.context} | {r.batch} | {r.prefill_ms:.1f} | {r.decode_ms_per_step:.2f} | "
-            f"{r.decode_tokens_per_s:,.0f} | {r.cache_gib:.3f} | {r.peak_gib:.2f} | {r.min_read_gib:.3f} | "
+            f"{r.decode_tokens_per_s:,.0f} | {r.cache_gib:.3f} | {_gib(r.peak_gib)} | {r.min_read_gib:.3f} | "
             f"{r.read_tb_per_s:.2f} |"
         )
         if baseline:
@@ -223,6 +237,98 @@ def results_markdown(results: list[EfficiencyResult], baseline: str | None = Non
     return "\n".join(lines) + "\n"
 
 
+BASELINE_NAME = "teacher"
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+@torch.no_grad()
+def run_efficiency(
+    model,
+    contexts,
+    batches,
+    *,
+    teacher=None,
+    model_name: str = "model",
+    decode_steps: int = 32,
+    compile: bool = False,
+    prefill_rows: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = False,
+) -> dict:
+    """`measure` ``model`` (and ``teacher``, the baseline, in the same process) at every context x batch.
+
+    Decode goes through `StaticDecoder` (static KV buffers, the linear mixers' own kernels, a CUDA
+    graph per step on a GPU). Before timing, each model decodes a short prompt at every batch size and, on a
+    GPU, runs an untimed prefill of the timed prefill's shape at every point, so first-call costs (fla's
+    autotuning per shape: 12.6 s in one 4096 x 8 prefill on an H200; cuBLAS set-up) stay out of the numbers.
+    Returns ``{"rows", "baseline", "fits", "device", ...}`` (rows as `EfficiencyResult` dicts; ``fits``:
+    `fit_step_cost` per batch size with three rows or more).
+
+    ``dtype`` (e.g. bf16, what is served) measures copies of the models in that dtype where theirs differs
+    (the copies cost their memory while they are measured); without it both must already share a dtype.
+    """
+    from tqdm.auto import tqdm
+
+    contexts, batches = [int(c) for c in contexts], [int(b) for b in batches]
+    if not contexts or not batches or min(contexts + batches) < 1:
+        raise ValueError(f"contexts and batches must be positive integers, got {contexts} and {batches}")
+    if teacher is not None and model_name == BASELINE_NAME:
+        raise ValueError(f"model_name {BASELINE_NAME!r} is the baseline's; give the model another name")
+    models = ([(BASELINE_NAME, teacher)] if teacher is not None else []) + [(model_name, model)]
+    if dtype is not None:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        models = [(name, m if _dtype(m) == dtype else copy.deepcopy(m).to(dtype)) for name, m in models]
+    if len({_dtype(m) for _, m in models}) > 1:
+        raise ValueError(
+            f"the model is in {_dtype(model)} and the teacher in {_dtype(teacher)}: measure both in one dtype "
+            "(dtype=torch.bfloat16; `hybrid-distill eval --efficiency-dtype bfloat16`)"
+        )
+    model = models[-1][1]
+    device = next(model.parameters()).device
+    for _, m in models:
+        for b in batches:
+            measure(m, "warm-up", min(16, min(contexts)), b, decode_steps=2, warmup_steps=2, compile=compile)
+    rows = []
+    points = [(c, b) for c in contexts for b in batches]
+    for context, batch in tqdm(points, desc="efficiency", disable=not progress):
+        for name, m in models:
+            if device.type == "cuda":
+                rows_per_forward = min(batch, prefill_rows or batch)
+                m(torch.randint(3, min(1000, m.config.vocab_size), (rows_per_forward, context), device=device),
+                  use_cache=True, logits_to_keep=1)
+                torch.cuda.empty_cache()
+            rows.append(measure(m, name, context, batch, decode_steps=decode_steps, compile=compile,
+                                prefill_rows=prefill_rows))
+    return {
+        "rows": [r.to_dict() for r in rows],
+        "baseline": BASELINE_NAME if teacher is not None else None,
+        "model": model_name,
+        "fits": [asdict(f) for f in fit_step_cost(rows, min_rows=3)],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "dtype": str(_dtype(model)).replace("torch.", ""),
+        "decode": "static",
+        "decode_steps": decode_steps,
+        "compile": compile,
+        "prefill_rows": prefill_rows,
+    }
+
+
+def efficiency_markdown(section: dict) -> str:
+    """The table (with speed-ups over the baseline when there is one) and the step-cost fits of a
+    `run_efficiency` result."""
+    rows = [EfficiencyResult.from_dict(r) for r in section["rows"]]
+    text = results_markdown(rows, baseline=section.get("baseline"))
+    fits = [StepCostFit(**{k: (math.nan if v is None else v) for k, v in f.items()}) for f in section.get("fits", [])]
+    if fits:
+        text += "\nStep time as a fixed cost plus the min read at one bandwidth:\n" + "".join(
+            f"- {fit.describe()}\n" for fit in fits
+        )
+    return text
+
+
 @dataclass
 class StepCostFit:
     """``decode ms/step ≈ fixed_ms + min read / bandwidth``, least squares over one batch size's rows."""
@@ -234,23 +340,29 @@ class StepCostFit:
     rows: int
 
     def describe(self) -> str:
+        if not math.isfinite(self.tb_per_s):
+            return (
+                f"batch {self.batch}: the step time does not grow with the bytes read at these points "
+                f"({self.fixed_ms:.2f} ms fixed per step; {self.rows} rows)"
+            )
         return (
             f"batch {self.batch}: {self.fixed_ms:.2f} ms fixed per step + the min read at {self.tb_per_s:.2f} TB/s "
             f"(least squares over {self.rows} rows, largest deviation {self.max_rel_error:.1%})"
         )
 
 
-def fit_step_cost(results: list[EfficiencyResult]) -> list[StepCostFit]:
+def fit_step_cost(results: list[EfficiencyResult], min_rows: int = 2) -> list[StepCostFit]:
     """Per batch size, fit each decode step's time as a fixed cost plus its `min_read_gib` at one bandwidth.
 
     It splits a step into what more bandwidth would speed up and what it would not; with the same fixed cost
     for two models, their speed-up is (fixed + teacher bytes / bw) / (fixed + model bytes / bw), below the
-    bandwidth bound. Batch sizes with fewer than two distinct byte counts give no fit.
+    bandwidth bound. Batch sizes with fewer than two distinct byte counts, or fewer than ``min_rows`` rows,
+    give no fit (two rows always fit exactly, so they test nothing).
     """
     fits = []
     for batch in sorted({r.batch for r in results}):
         rows = [r for r in results if r.batch == batch and not r.oom and not math.isnan(r.min_read_gib)]
-        if len({r.min_read_gib for r in rows}) < 2:
+        if len({r.min_read_gib for r in rows}) < 2 or len(rows) < min_rows:
             continue
         x = torch.tensor([[1.0, r.min_read_gib] for r in rows], dtype=torch.float64)
         y = torch.tensor([r.decode_ms_per_step for r in rows], dtype=torch.float64)

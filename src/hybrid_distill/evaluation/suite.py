@@ -1,4 +1,5 @@
-"""One-call evaluation of a model: recall tasks, NIAH grid and LM quality -> results.json + summary.md.
+"""One-call evaluation of a model: recall tasks, NIAH grid, LM quality and inference efficiency ->
+results.json + summary.md.
 
 ::
 
@@ -8,8 +9,8 @@
 CLI (``hybrid-distill eval``): :func:`add_eval_arguments` + :func:`run_eval_from_args`.
 
 ``results.json``: ``{"model", "suites", "config", "recall": {"predictions", "aggregate",
-"skipped"}, "niah": {"predictions", "table", "mean"}, "quality": {...}, "timings"}`` (only
-the parts that ran). Files are written atomically (temporary file, then ``os.replace``).
+"skipped"}, "niah": {"predictions", "table", "mean"}, "quality": {...}, "efficiency": {"rows",
+"baseline", "fits", ...}, "timings"}`` (only the parts that ran). Files are written atomically (temporary file, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any
 from ..fileio import atomic_write, atomic_write_text, jsonable
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
 
-SUITES = ("recall", "niah", "quality")
+SUITES = ("recall", "niah", "quality", "efficiency")
+# "all": what the model knows. Efficiency times the device and is asked for by name.
+ALL_SUITES = ("recall", "niah", "quality")
 DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
@@ -41,14 +44,14 @@ def evaluation_seconds(results: dict) -> float:
     return sum((results.get("timings") or {}).values())
 
 
-def _parse_suite(suite: str | Iterable[str]) -> list[str]:
+def parse_suite(suite: str | Iterable[str]) -> list[str]:
+    """Suite parts from ``"recall,niah"`` or a list; ``"all"`` stands for `ALL_SUITES`. Unknown parts raise ValueError."""
     parts = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else [str(s).strip() for s in suite]
     parts = [p for p in parts if p]
-    if parts == ["all"]:
-        parts = list(SUITES)
+    parts = [q for p in parts for q in (ALL_SUITES if p == "all" else [p])]
     bad = [p for p in parts if p not in SUITES]
     if bad or not parts:
-        raise ValueError(f"unknown suite part(s) {bad or parts}; choose from {list(SUITES)} or 'all'")
+        raise ValueError(f"unknown suite part(s) {bad or parts}; choose from {list(SUITES)} or 'all' (= {list(ALL_SUITES)})")
     return list(dict.fromkeys(parts))
 
 
@@ -162,19 +165,30 @@ def evaluate_model(
     task_options: dict | None = None,
     model_name: str | None = None,
     progress: bool = False,
+    efficiency_lengths: Sequence[int] | None = None,
+    efficiency_batches: Sequence[int] = (1, 8),
+    decode_steps: int = 32,
+    compile_decode: bool = False,
+    prefill_rows: int | None = None,
+    efficiency_dtype: str | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen ``suite`` parts (``"recall"``, ``"niah"``, ``"quality"``, a list or ``"all"``)
-    and write ``out_dir/results.json``, ``out_dir/summary.md`` (and ``niah.png`` for NIAH).
+    """Run the chosen ``suite`` parts (``"recall"``, ``"niah"``, ``"quality"``, ``"efficiency"``, a list,
+    or ``"all"`` for the first three) and write ``out_dir/results.json``, ``out_dir/summary.md`` (and
+    ``niah.png`` for NIAH, ``efficiency.png`` for efficiency).
 
     recall: ``tasks`` (default ``DEFAULT_RECALL_TASKS``) x ``lengths``, ``num_samples`` each.
     niah: ``niah_lengths`` (default ``lengths``) x ``niah_depths``, ``niah_samples`` (default 1
     per cell). quality: held-out perplexity on ``corpus`` (``quality_sequences`` sequences of
     ``quality_seq_len`` tokens) and, with ``teacher``, the teacher's perplexity and KL(teacher || model).
+    efficiency: prefill latency, decode time per step, cache and peak memory (`run_efficiency`) at
+    ``efficiency_lengths`` (default ``lengths``) x ``efficiency_batches``, with ``teacher`` measured
+    beside the model as the baseline of speed-ups (``compile_decode``: torch.compile the decode step;
+    ``efficiency_dtype``: measure copies in that dtype, e.g. "bfloat16", where the models' differs).
     Returns the results dict (as written to results.json).
     """
     from .recall_tasks import DEFAULT_RECALL_TASKS, TASKS
 
-    parts = _parse_suite(suite)
+    parts = parse_suite(suite)
     tasks = list(tasks) if tasks else list(DEFAULT_RECALL_TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -197,6 +211,8 @@ def evaluate_model(
             "batch_size": batch_size,
             "corpus": str(corpus) if "quality" in parts else None,
             "teacher": _model_name(teacher, None) if teacher is not None else None,
+            "efficiency_lengths": [int(n) for n in (efficiency_lengths or lengths)] if "efficiency" in parts else None,
+            "efficiency_batches": [int(b) for b in efficiency_batches] if "efficiency" in parts else None,
         },
         "timings": {},
     }
@@ -220,6 +236,16 @@ def evaluate_model(
         q.update(corpus=str(corpus), seq_len=quality_seq_len, sequences=sum(b.shape[0] for b in batches))
         results["quality"] = q
         results["timings"]["quality_s"] = time.perf_counter() - t0
+    if "efficiency" in parts:
+        from .efficiency import run_efficiency
+
+        t0 = time.perf_counter()
+        results["efficiency"] = run_efficiency(
+            model, results["config"]["efficiency_lengths"], results["config"]["efficiency_batches"], teacher=teacher,
+            model_name=results["model"] if results["model"] != "teacher" else "model", decode_steps=decode_steps,
+            compile=compile_decode, prefill_rows=prefill_rows, dtype=efficiency_dtype, progress=progress,
+        )
+        results["timings"]["efficiency_s"] = time.perf_counter() - t0
 
     results = jsonable(results)
     if "niah" in parts and results["niah"]["table"]:
@@ -227,6 +253,13 @@ def evaluate_model(
 
         table = {(r["depth"], r["length"]): r["score"] for r in results["niah"]["table"]}
         atomic_write(out / "niah.png", lambda tmp: plot_niah_heatmap(table, tmp, title=f"NIAH: {results['model']}"))
+    if "efficiency" in parts:
+        from .efficiency import EfficiencyResult, plot_efficiency
+
+        eff = results["efficiency"]
+        rows = [EfficiencyResult.from_dict(r) for r in eff["rows"]]
+        batch = max(results["config"]["efficiency_batches"])
+        atomic_write(out / "efficiency.png", lambda tmp: plot_efficiency(rows, tmp, batch=batch, baseline=eff["baseline"]))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=False) + "\n")
     atomic_write_text(out / "summary.md", summary_markdown(results))
     return results
@@ -296,6 +329,16 @@ def summary_markdown(results: dict[str, Any]) -> str:
                       f"| teacher perplexity | {_fmt(q.get('teacher_perplexity'), 3)} |",
                       f"| KL(teacher ‖ model) (nats/token) | {_fmt(q.get('kl'), 5)} |"]
         lines.append("")
+    if "efficiency" in results:
+        from .efficiency import efficiency_markdown
+
+        eff = results["efficiency"]
+        lines += ["## Inference efficiency", "",
+                  f"{eff.get('device')}, {eff.get('dtype')}: prefill of random prompts, then {eff.get('decode_steps')} "
+                  "greedy decode steps through `StaticDecoder` (static KV buffers, the linear mixers' own kernels"
+                  + (", compiled step" if eff.get("compile") else "") + "); min read = the least bytes a step must read."
+                  + (f" Speed-ups against the {eff['baseline']}, measured in the same process." if eff.get("baseline") else ""),
+                  "", efficiency_markdown(eff), "![efficiency](efficiency.png)", ""]
     t = results.get("timings", {})
     if t:
         lines += ["Timings: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()), ""]
@@ -329,7 +372,8 @@ def _float_list(text: str) -> list[float]:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``hybrid-distill eval`` (then ``parser.set_defaults(func=run_eval_from_args)``)."""
     parser.add_argument("--model", required=True, help="saved student / HF causal LM dir, or tiny:<variant>")
-    parser.add_argument("--suite", default="recall", help="comma-separated: recall, niah, quality (or all)")
+    parser.add_argument("--suite", default="recall",
+                        help="comma-separated: recall, niah, quality, efficiency (all = recall, niah, quality)")
     parser.add_argument("--lengths", default="1024,4096", help="comma-separated total lengths in tokens")
     parser.add_argument("--tasks", help="comma-separated recall tasks (default: the default recall suite)")
     parser.add_argument("--num-samples", type=int, default=20, help="samples per task x length")
@@ -338,7 +382,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--niah-lengths", help="comma-separated NIAH lengths (default: --lengths)")
     parser.add_argument("--niah-samples", type=int, default=1, help="samples per NIAH cell")
     parser.add_argument("--out", help="output directory (default: eval/<model name>)")
-    parser.add_argument("--teacher", help="teacher (path or tiny:<variant>) for the KL in the quality suite")
+    parser.add_argument("--teacher", help="teacher (path or tiny:<variant>): KL in the quality suite, baseline of efficiency")
     parser.add_argument("--tokenizer", help="tokenizer path / hub id, or 'tiny' (default: the model's)")
     parser.add_argument("--corpus", default="default", help="held-out corpus for the quality suite")
     parser.add_argument("--quality-seq-len", type=int, default=512)
@@ -350,6 +394,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    eff = parser.add_argument_group("efficiency suite")
+    eff.add_argument("--efficiency-lengths", help="comma-separated context lengths (default: --lengths)")
+    eff.add_argument("--efficiency-batches", default="1,8", help="comma-separated batch sizes")
+    eff.add_argument("--decode-steps", type=int, default=32, help="timed greedy decode steps per point")
+    eff.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step (GPU; compiles per point)")
+    eff.add_argument("--prefill-rows", type=int, help="prompt rows per prefill forward (bounds prefill memory)")
+    eff.add_argument("--efficiency-dtype", choices=["float32", "bfloat16", "float16"],
+                     help="measure copies of model and teacher in this dtype (default: as loaded, see --dtype)")
     return parser
 
 
@@ -382,6 +434,12 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         haystack=args.haystack,
         model_name=args.model,
         progress=args.progress,
+        efficiency_lengths=_int_list(args.efficiency_lengths) if args.efficiency_lengths else None,
+        efficiency_batches=_int_list(args.efficiency_batches),
+        decode_steps=args.decode_steps,
+        compile_decode=args.compile_decode,
+        prefill_rows=args.prefill_rows,
+        efficiency_dtype=args.efficiency_dtype,
     )
     print(summary_markdown(results))
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'summary.md'}", file=sys.stderr)

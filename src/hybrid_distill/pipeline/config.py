@@ -33,7 +33,8 @@ SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "tiny_teac
 _TOP_LEVEL = ("teacher", "tokenizer", "run_dir", "seed", "data", "student", "stage1", "stage2", "selection", "final",
               "eval", "report")
 _EVAL_KEYS = ("suite", "tasks", "lengths", "num_samples", "niah_lengths", "niah_depths", "niah_samples", "batch_size",
-              "quality_seq_len", "quality_sequences", "seed")
+              "quality_seq_len", "quality_sequences", "seed", "efficiency_lengths", "efficiency_batches", "decode_steps",
+              "compile_decode", "prefill_rows", "efficiency_dtype")
 
 
 def resolve_teacher_spec(teacher: str) -> str:
@@ -132,6 +133,13 @@ class RunConfig:
         bad = sorted(set(self.eval) - set(_EVAL_KEYS))
         if bad:
             raise ConfigError(f"unknown eval field(s) {bad}; valid: {list(_EVAL_KEYS)}")
+        if "suite" in self.eval:
+            from ..evaluation.suite import parse_suite
+
+            try:
+                parse_suite(self.eval["suite"])
+            except ValueError as err:
+                raise ConfigError(f"eval.suite: {err}") from err
         if check_paths:
             try:
                 num_layers = teacher_num_layers(teacher)

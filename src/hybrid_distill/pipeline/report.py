@@ -110,6 +110,41 @@ def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> li
     for name, d in dirs.items():
         if (d / "niah.png").is_file():
             lines.append(f"![NIAH {name}]({_copy_plot(d / 'niah.png', report_dir, f'niah-{name}.png')})")
+    efficiency = {name: res["efficiency"] for name, d in dirs.items() if (res := read_json(d / "results.json") or {}).get("efficiency")}
+    if efficiency:
+        lines += [""] + efficiency_table(efficiency)
+    return lines + [""]
+
+
+def efficiency_table(sections: dict[str, dict]) -> list[str]:
+    """Decode tokens/s per (context, batch) of each model, with its speed-up and cache ratio against the
+    teacher measured beside it in the same evaluation (``efficiency`` sections of results.json)."""
+
+    def own_rows(eff):
+        return {(r["context"], r["batch"]): r for r in eff["rows"] if r["model"] == eff.get("model") and not r.get("oom")}
+
+    def baseline_rows(eff):
+        base = eff.get("baseline")
+        return {(r["context"], r["batch"]): r for r in eff["rows"] if base and r["model"] == base and not r.get("oom")}
+
+    points = sorted({p for eff in sections.values() for p in own_rows(eff)})
+    head = "| model | " + " | ".join(f"{c} × {b}: tok/s (× teacher), cache (/ teacher)" for c, b in points) + " |"
+    lines = ["### Inference efficiency", "",
+             "Decode tokens/s through `StaticDecoder`, and the cache; in brackets against the teacher measured beside "
+             "each model in the same process.", "", head, "|---|" + "---:|" * len(points)]
+    for name, eff in sections.items():
+        own, base = own_rows(eff), baseline_rows(eff)
+        cells = []
+        for p in points:
+            r, b = own.get(p), base.get(p)
+            if r is None:
+                cells.append("–")
+                continue
+            cell = f"{r['decode_tokens_per_s']:,.0f}"
+            cell += f" ({r['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x)" if b else ""
+            cell += f", {r['cache_gib']:.3g} GiB" + (f" ({r['cache_gib'] / b['cache_gib']:.0%})" if b and b["cache_gib"] else "")
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -233,6 +233,8 @@ class Pipeline:
 
     def eval_settings(self) -> dict[str, Any]:
         """Everything in the config that decides what an evaluation measures (with defaults filled in)."""
+        from ..evaluation.suite import parse_suite
+
         ev = dict(self.config.eval)
         return {
             "suite": ev.get("suite", ["recall", "quality"]), "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
@@ -241,6 +243,13 @@ class Pipeline:
             "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
             "corpus": str(self.config.data.get("source", "default")),
             "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
+            # only with the efficiency suite, so that runs without it keep their recorded settings
+            **({
+                "efficiency_lengths": ev.get("efficiency_lengths"), "efficiency_batches": ev.get("efficiency_batches", [1, 8]),
+                "decode_steps": ev.get("decode_steps", 32), "compile_decode": ev.get("compile_decode", False),
+                "prefill_rows": ev.get("prefill_rows"),
+                "efficiency_dtype": ev.get("efficiency_dtype", "bfloat16"),  # what is served; the pipeline holds its teacher in fp32
+            } if "efficiency" in parse_suite(ev.get("suite", ["recall", "quality"])) else {}),
         }
 
     def evaluate(self, name: str) -> Path:
@@ -271,6 +280,8 @@ class Pipeline:
             teacher=None if name == "teacher" else teacher, corpus=ev["corpus"],
             quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
             model_name=name, progress=self.progress,
+            **{k: ev[k] for k in ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
+                                  "efficiency_dtype") if k in ev},
         )
         atomic_write_json(dest / EVAL_SETTINGS_FILE, settings)
         del model
