@@ -82,8 +82,10 @@ def _natural(key: str) -> list:
 def _digits(metric: str) -> int:
     if metric.startswith("quality"):
         return 4
-    if metric.startswith("efficiency/") and not metric.startswith("efficiency/cache"):
-        return 1 if not metric.startswith("efficiency/peak") else 2
+    if metric.startswith(("efficiency/decode_tok_s", "efficiency/prefill_ms")):
+        return 1
+    if metric.startswith("efficiency/peak_gib"):
+        return 2
     return 3
 
 

@@ -290,7 +290,7 @@ def run_efficiency(
     device = next(model.parameters()).device
     for _, m in models:
         for b in batches:
-            measure(m, "warm-up", min(16, min(contexts)), b, decode_steps=2, warmup_steps=2, compile=compile)
+            measure(m, "warm-up", min(16, min(contexts)), b, decode_steps=2, warmup_steps=2)  # a compiled step compiles per point
     rows = []
     points = [(c, b) for c in contexts for b in batches]
     for context, batch in tqdm(points, desc="efficiency", disable=not progress):

@@ -32,9 +32,11 @@ SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "tiny_teac
 
 _TOP_LEVEL = ("teacher", "tokenizer", "run_dir", "seed", "data", "student", "stage1", "stage2", "selection", "final",
               "eval", "report")
+# eval fields of the efficiency suite (`evaluate_model`'s keyword arguments of the same names)
+EFFICIENCY_EVAL_KEYS = ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
+                        "efficiency_dtype")
 _EVAL_KEYS = ("suite", "tasks", "lengths", "num_samples", "niah_lengths", "niah_depths", "niah_samples", "batch_size",
-              "quality_seq_len", "quality_sequences", "seed", "efficiency_lengths", "efficiency_batches", "decode_steps",
-              "compile_decode", "prefill_rows", "efficiency_dtype")
+              "quality_seq_len", "quality_sequences", "seed", *EFFICIENCY_EVAL_KEYS)
 
 
 def resolve_teacher_spec(teacher: str) -> str:

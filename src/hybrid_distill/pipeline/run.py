@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, read_json
-from .config import RunConfig
+from .config import EFFICIENCY_EVAL_KEYS, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,9 @@ class Pipeline:
         from ..evaluation.suite import parse_suite
 
         ev = dict(self.config.eval)
+        suite = ev.get("suite", ["recall", "quality"])
         return {
-            "suite": ev.get("suite", ["recall", "quality"]), "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
+            "suite": suite, "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
             "num_samples": ev.get("num_samples", 20), "niah_lengths": ev.get("niah_lengths"),
             "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
             "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
@@ -249,7 +250,7 @@ class Pipeline:
                 "decode_steps": ev.get("decode_steps", 32), "compile_decode": ev.get("compile_decode", False),
                 "prefill_rows": ev.get("prefill_rows"),
                 "efficiency_dtype": ev.get("efficiency_dtype", "bfloat16"),  # what is served; the pipeline holds its teacher in fp32
-            } if "efficiency" in parse_suite(ev.get("suite", ["recall", "quality"])) else {}),
+            } if "efficiency" in parse_suite(suite) else {}),
         }
 
     def evaluate(self, name: str) -> Path:
@@ -280,8 +281,7 @@ class Pipeline:
             teacher=None if name == "teacher" else teacher, corpus=ev["corpus"],
             quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
             model_name=name, progress=self.progress,
-            **{k: ev[k] for k in ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
-                                  "efficiency_dtype") if k in ev},
+            **{k: ev[k] for k in EFFICIENCY_EVAL_KEYS if k in ev},
         )
         atomic_write_json(dest / EVAL_SETTINGS_FILE, settings)
         del model
