@@ -4,13 +4,13 @@ import argparse
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from hybrid_distill.evaluation.compare import compare_results
 from hybrid_distill.evaluation.quality import evaluate_quality, heldout_batches, perplexity, teacher_student_kl
-from hybrid_distill.evaluation.scoring import aggregate
 from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, parse_suite, run_eval_from_args
 from hybrid_distill.tiny_teachers import tiny_teacher
 from hybrid_distill.tokenization import tiny_tokenizer
@@ -47,7 +47,10 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
             scores = [p["score"] for p in preds if p["task"] == t and p["length"] == n]
             assert agg["per_task_length"][t][str(n)] == pytest.approx(sum(scores) / len(scores))
     assert agg["overall_samples"] == pytest.approx(sum(p["score"] for p in preds) / len(preds))
-    assert aggregate(preds)["overall"] == pytest.approx(agg["overall"])
+    per_task = [sum(agg["per_task_length"][t].values()) / 2 for t in ("niah_single_1", "kv_retrieval")]
+    assert agg["overall"] == pytest.approx(sum(per_task) / 2)
+    assert agg["ruler_tasks"] == ["niah_single_1"]  # kv_retrieval is not one of RULER's
+    assert agg["ruler"] == pytest.approx(per_task[0])
     # NIAH: 2 lengths x 3 depths, table = mean of per-cell predictions
     niah = on_disk["niah"]
     assert len(niah["predictions"]) == 6 and len(niah["table"]) == 6
@@ -57,7 +60,7 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
     assert niah["mean"] == pytest.approx(sum(r["score"] for r in niah["table"]) / 6)
     md = (out / "summary.md").read_text()
     assert "| niah_single_1 |" in md and "| kv_retrieval |" in md and "niah.png" in md
-    assert "| task | 160 | 200 | mean |" in md
+    assert "| task | 160 | 200 | mean |" in md and "RULER tasks as RULER builds them (niah_single_1)" in md
     assert res["recall"]["aggregate"]["overall"] == agg["overall"]
 
 
@@ -122,6 +125,12 @@ def test_perplexity_respects_attention_mask(model):
     mask[0, :4] = 0  # left padding
     res = perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
     assert res["tokens"] == 15 + 11 and math.isfinite(res["nll"])
+    # the padded row scores as if it had come alone, unpadded, whatever the pad positions hold
+    alone = [perplexity(model, [{"input_ids": ids[:1, 4:]}]), perplexity(model, [{"input_ids": ids[1:]}])]
+    assert res["nll"] * 26 == pytest.approx(alone[0]["nll"] * 11 + alone[1]["nll"] * 15, rel=1e-5)
+    other_pads = ids.clone()
+    other_pads[0, :4] = torch.randint(3, 500, (4,))
+    assert perplexity(model, [{"input_ids": other_pads, "attention_mask": mask}])["nll"] == pytest.approx(res["nll"], rel=1e-6)
 
 
 def test_cli_eval_tiny_model_with_quality_and_compare(tmp_path, monkeypatch, capsys):
@@ -207,15 +216,10 @@ def test_compare_orders_lengths_by_value_and_bolds_the_lower_cost(tmp_path):
     assert "| efficiency/cache_gib@4096x8 | **1.000** | 4.000 |" in md
 
 
-def test_lm_eval_bridge_error_or_available(model, tok):
+def test_lm_eval_bridge_without_lm_eval_names_the_extra(monkeypatch, model, tok):
     from hybrid_distill.evaluation import lm_eval_bridge as b
 
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        with pytest.raises(b.LmEvalUnavailable, match=r'pip install "lm_eval\[ruler\]"') as err:
-            b.evaluate_with_lm_eval(model, ["ruler"], tokenizer=tok, max_length=256)
-        assert "network" in str(err.value)
-        assert isinstance(err.value, ImportError)
-    else:
-        assert b.require_lm_eval() is not None
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed, whether or not it is
+    with pytest.raises(b.LmEvalUnavailable, match=r'pip install "lm_eval\[ruler\]"') as err:
+        b.evaluate_with_lm_eval(model, ["ruler"], tokenizer=tok, max_length=256)
+    assert "network" in str(err.value) and isinstance(err.value, ImportError)

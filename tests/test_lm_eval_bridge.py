@@ -214,3 +214,46 @@ def test_local_dataset_resolves_against_the_yaml(tmp_path):
     assert bridge.local_dataset(str(tmp_path / "rows.json"))["train"]["a"] == [1, 2]
     assert not math.isnan(bridge.task_metrics({"results": {"t": {"acc,none": 0.5, "acc_stderr,none": "N/A"}}})
                           ["t"]["acc"])
+
+
+class _HFLMCalled(Exception):
+    pass
+
+
+@pytest.fixture
+def hflm_kwargs(monkeypatch):
+    """HFLM replaced by a stub that records its keyword arguments and stops the run there."""
+    import lm_eval.models.huggingface as hf
+
+    seen = {}
+
+    def fake_hflm(**kwargs):
+        seen.update(kwargs)
+        raise _HFLMCalled
+
+    monkeypatch.setattr(hf, "HFLM", fake_hflm)
+    monkeypatch.setattr(bridge, "_task_manager", lambda *args: None)
+    monkeypatch.setattr(bridge, "_check_tasks", lambda *args: None)
+    return seen
+
+
+def test_ruler_context_holds_the_longest_prompt(hflm_kwargs, teacher, tok):
+    # The shipped teacher's config allows 1024 positions: HFLM's own default would cut 4096-token prompts.
+    assert teacher.config.max_position_embeddings < 4096
+    with pytest.raises(_HFLMCalled):
+        bridge.evaluate_with_lm_eval(teacher, ["niah_single_1"], tokenizer=tok)
+    assert hflm_kwargs["max_length"] == 4096
+    with pytest.raises(_HFLMCalled):
+        bridge.evaluate_with_lm_eval(teacher, ["ruler"], tokenizer=tok, metadata={"max_seq_lengths": [2048, 8192]})
+    assert hflm_kwargs["max_length"] == 8192
+    with pytest.raises(_HFLMCalled):  # an explicit, longer context is kept
+        bridge.evaluate_with_lm_eval(teacher, ["ruler"], tokenizer=tok, max_length=16384,
+                                     metadata={"max_seq_lengths": [8192]})
+    assert hflm_kwargs["max_length"] == 16384
+    with pytest.raises(ValueError, match=r"max_length=2048 is shorter than the longest RULER sequence length \(8192"):
+        bridge.evaluate_with_lm_eval(teacher, ["ruler_vt"], tokenizer=tok, max_length=2048,
+                                     metadata={"max_seq_lengths": [4096, 8192]})
+    hflm_kwargs.clear()
+    with pytest.raises(_HFLMCalled):  # other tasks keep HFLM's default
+        bridge.evaluate_with_lm_eval(teacher, ["tiny_kv_mc"], tokenizer=tok)
+    assert "max_length" not in hflm_kwargs

@@ -90,7 +90,12 @@ def test_aggregate():
     assert agg["per_task_length"] == {"a": {512: 0.5, 1024: 1.0}, "b": {512: 0.25}}
     assert agg["per_task"] == {"a": 0.75, "b": 0.25}
     assert agg["per_length"] == {512: pytest.approx(0.375), 1024: 1.0}
-    assert agg["overall"] == pytest.approx((0.5 + 1.0 + 0.25) / 3)
+    # b could not be built at 1024: it still weighs as much as a (the cell mean would be 0.583)
+    assert agg["overall"] == pytest.approx((0.75 + 0.25) / 2)
     assert agg["overall_samples"] == pytest.approx(2.25 / 4)
     assert agg["counts"] == {"a": {512: 2, 1024: 1}, "b": {512: 1}}
+    assert "ruler" not in agg
     assert math.isnan(aggregate([])["overall"])
+    with_ruler = aggregate(results, ruler_tasks=("b", "c"))
+    assert with_ruler["ruler"] == pytest.approx(0.25) and with_ruler["ruler_tasks"] == ["b"]
+    assert math.isnan(aggregate(results, ruler_tasks=("c",))["ruler"])

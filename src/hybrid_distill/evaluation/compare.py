@@ -42,6 +42,8 @@ def _metrics(res: dict[str, Any]) -> dict[str, float]:
         m[f"recall/mean@{n}"] = v
     if "overall" in agg:
         m["recall/overall"] = agg["overall"]
+    if agg.get("ruler_tasks"):
+        m["recall/ruler"] = agg["ruler"]
     niah = res.get("niah")
     if niah:
         for r in niah.get("table", []):
@@ -162,8 +164,8 @@ def compare_results(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = [k for k in keys if (k.startswith("recall/") and "@" not in k and k != "recall/overall")]
-    groups += [k for k in ("recall/overall", "niah/mean") if k in keys]
+    groups = [k for k in keys if (k.startswith("recall/") and "@" not in k and k not in ("recall/overall", "recall/ruler"))]
+    groups += [k for k in ("recall/ruler", "recall/overall", "niah/mean") if k in keys]
     files = {"markdown": str(out / "comparison.md"), "json": str(out / "comparison.json")}
     if groups:
         atomic_write(out / "comparison.png", lambda tmp: _plot(names, groups, per_model, Path(tmp)))

@@ -65,6 +65,9 @@ _NETWORK_ERROR_NAMES = {
 }
 
 
+RULER_TASK_PREFIXES = ("ruler", "niah")  # lm-eval's RULER group, its niah_* and ruler_* tasks
+
+
 class LmEvalUnavailable(ImportError):
     """lm_eval (or its Hugging Face backend) is not importable."""
 
@@ -254,6 +257,30 @@ def write_results(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
 # Evaluation
 
 
+def _fit_context_to_ruler_prompts(lm_kwargs: dict[str, Any], metadata: Mapping[str, Any] | None) -> None:
+    """Make HFLM's context hold the longest RULER prompt (``metadata["max_seq_lengths"]``).
+
+    lm-eval cuts prompts longer than HFLM's ``max_length`` (minus the generation budget) from the
+    left with only a log warning, and without ``max_length`` HFLM takes the model config's
+    ``max_position_embeddings``, which may be shorter than the RULER lengths asked for.
+    """
+    lengths = (metadata or {}).get("max_seq_lengths") or []
+    if isinstance(lengths, (int, str)):
+        lengths = [lengths]
+    if not lengths:
+        return
+    longest = max(int(n) for n in lengths)
+    given = lm_kwargs.get("max_length")
+    if given is None:
+        lm_kwargs["max_length"] = longest
+    elif int(given) < longest:
+        raise ValueError(
+            f"max_length={given} is shorter than the longest RULER sequence length ({longest}, metadata "
+            f"max_seq_lengths={list(lengths)}): lm-eval would cut those prompts from the left and still score "
+            f"them; pass max_length >= {longest} (--max-length) or shorter max_seq_lengths"
+        )
+
+
 def _resolve_dtype(dtype):
     if dtype is None or dtype == "auto":
         return None
@@ -296,7 +323,8 @@ def evaluate_with_lm_eval(
     lm-eval's ~15k built-in tasks (seconds) when only ``include_path`` tasks are run.
     ``max_length``: context length HFLM allows (default: from the model config); RULER-family
     tasks get ``metadata={"max_seq_lengths": [max_length or 4096], "pretrained": <tokenizer path>}``
-    unless ``metadata`` is given. ``limit`` / ``num_fewshot`` / ``batch_size`` (int or "auto")
+    unless ``metadata`` is given, and HFLM's context defaults to the longest of ``max_seq_lengths``
+    (a shorter ``max_length`` is refused: lm-eval would cut the prompts from the left). ``limit`` / ``num_fewshot`` / ``batch_size`` (int or "auto")
     are lm-eval's; ``hflm_kwargs`` go to ``HFLM`` (``add_bos_token``, ``truncation``, ...) and
     other keyword arguments to ``lm_eval.simple_evaluate`` (``log_samples``, ``bootstrap_iters``,
     ``gen_kwargs``, ``apply_chat_template``, ...).
@@ -338,20 +366,22 @@ def evaluate_with_lm_eval(
             model = model.to(device)
     model.eval()
 
-    if metadata is None and any(isinstance(t, str) and t.startswith(("ruler", "niah")) for t in task_list):
+    ruler_family = any(isinstance(t, str) and t.startswith(RULER_TASK_PREFIXES) for t in task_list)
+    if metadata is None and ruler_family:
         metadata = {"max_seq_lengths": [int(max_length or 4096)]}
         name = getattr(tokenizer, "name_or_path", None)
         if name:
             metadata["pretrained"] = name
-    manager = _task_manager(include_path, include_defaults, metadata)
-    _check_tasks(task_list, manager)
-
     # backend="causal": hybrid model types are not in transformers' causal-LM registry (lm-eval would warn and guess).
     lm_kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size,
                                  "backend": "causal"}
     if max_length is not None:
         lm_kwargs["max_length"] = int(max_length)
     lm_kwargs.update(hflm_kwargs or {})
+    if ruler_family:
+        _fit_context_to_ruler_prompts(lm_kwargs, metadata)
+    manager = _task_manager(include_path, include_defaults, metadata)
+    _check_tasks(task_list, manager)
     lm = HFLM(**lm_kwargs)
 
     kwargs: dict[str, Any] = {"model": lm, "tasks": task_list, "limit": limit, "task_manager": manager}

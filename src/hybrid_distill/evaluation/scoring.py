@@ -87,13 +87,16 @@ def _mean(xs: Iterable[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def aggregate(results: Iterable[Any]) -> dict[str, Any]:
+def aggregate(results: Iterable[Any], ruler_tasks: Iterable[str] = ()) -> dict[str, Any]:
     """Means over results given as ``(sample, score)`` pairs or mappings with task/length/score.
 
     Returns ``per_task_length[task][length]`` (mean over samples), ``per_task[task]`` (mean of
     its per-length means), ``per_length[length]`` (mean over tasks, as RULER averages tasks at
-    each length), ``overall`` (mean over all task x length cells), ``overall_samples``
-    (mean over all samples) and ``counts[task][length]``.
+    each length), ``overall`` (mean of ``per_task``: every task weighs the same, also when it
+    could not be built at some lengths), ``overall_samples`` (mean over all samples) and
+    ``counts[task][length]``. With ``ruler_tasks``: ``ruler`` = the mean of ``per_task`` over
+    those that ran (NaN if none did) and ``ruler_tasks`` = their names, so RULER's own tasks get
+    an average of their own, apart from stand-ins such as prose haystacks.
     """
     cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
@@ -105,12 +108,17 @@ def aggregate(results: Iterable[Any]) -> dict[str, Any]:
         cells[task][int(length)].append(float(score))
     ptl = {t: {n: _mean(v) for n, v in sorted(by_len.items())} for t, by_len in sorted(cells.items())}
     lengths = sorted({n for by_len in ptl.values() for n in by_len})
-    all_cells = [m for by_len in ptl.values() for m in by_len.values()]
-    return {
+    per_task = {t: _mean(by_len.values()) for t, by_len in ptl.items()}
+    out = {
         "per_task_length": ptl,
-        "per_task": {t: _mean(by_len.values()) for t, by_len in ptl.items()},
+        "per_task": per_task,
         "per_length": {n: _mean(by_len[n] for by_len in ptl.values() if n in by_len) for n in lengths},
-        "overall": _mean(all_cells),
+        "overall": _mean(per_task.values()),
         "overall_samples": _mean(s for by_len in cells.values() for v in by_len.values() for s in v),
         "counts": {t: {n: len(v) for n, v in sorted(by_len.items())} for t, by_len in sorted(cells.items())},
     }
+    ruler_ran = [t for t in per_task if t in set(ruler_tasks)]
+    if ruler_tasks:
+        out["ruler"] = _mean(per_task[t] for t in ruler_ran)
+        out["ruler_tasks"] = ruler_ran
+    return out

@@ -101,7 +101,7 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                progress: bool = False) -> dict[str, Any]:
     """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
     task are skipped (listed under ``skipped``)."""
-    from .recall_tasks import LengthError, generate_samples
+    from .recall_tasks import RULER_OFFLINE_TASKS, LengthError, generate_samples
     from .runner import run_samples
     from .scoring import aggregate
 
@@ -117,7 +117,8 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
     records = [_prediction_record(s, p) for s, p in zip(samples, preds)]
-    return {"predictions": records, "aggregate": aggregate(records) if records else {}, "skipped": skipped}
+    agg = aggregate(records, ruler_tasks=RULER_OFFLINE_TASKS) if records else {}
+    return {"predictions": records, "aggregate": agg, "skipped": skipped}
 
 
 def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int, *, seed: int = 0,
@@ -305,7 +306,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
                   f"Mean score per task and length ({cfg.get('num_samples')} samples per cell).", ""]
         if rec.get("aggregate"):
             lines += [recall_table_markdown(rec["aggregate"]), ""]
-            lines += [f"Overall (mean over cells): **{_fmt(rec['aggregate'].get('overall'))}**", ""]
+            agg = rec["aggregate"]
+            lines += [f"Overall (mean over tasks, each the mean of its lengths): **{_fmt(agg.get('overall'))}**", ""]
+            if agg.get("ruler_tasks"):
+                lines += [f"RULER tasks as RULER builds them ({', '.join(agg['ruler_tasks'])}): "
+                          f"**{_fmt(agg.get('ruler'))}**; the other tasks are stand-ins (prose haystacks) "
+                          "or not RULER's.", ""]
         else:
             lines += ["No samples were run.", ""]
         for s in rec.get("skipped", []):

@@ -96,13 +96,15 @@ def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> li
         return lines + ["_no evaluation results yet_", ""]
     comp = compare_results([str(d) for d in dirs.values()], report_dir / "comparison", names=list(dirs))
     per_model = {name: _metrics(read_json(d / "results.json")) for name, d in dirs.items()}
-    headline = ["recall/overall", "niah/mean", "quality/perplexity", "quality/kl"]
-    tasks = sorted({k for m in per_model.values() for k in m if k.startswith("recall/") and "@" not in k and k != "recall/overall"})
+    headline = ["recall/overall", "recall/ruler", "niah/mean", "quality/perplexity", "quality/kl"]
+    tasks = sorted({k for m in per_model.values() for k in m
+                    if k.startswith("recall/") and "@" not in k and k not in headline})
     cols = [c for c in headline if any(c in m for m in per_model.values())] + tasks
     lines += ["| model | " + " | ".join(c.split("/", 1)[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, m in per_model.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
-    lines += ["", "recall/niah: fraction correct (RULER-style string match); perplexity on the held-out corpus; "
+    lines += ["", "recall/niah: fraction correct (RULER-style string match); overall: mean over recall tasks; "
+              "ruler: mean over the tasks RULER itself builds offline; perplexity on the held-out corpus; "
               "kl: KL(teacher ‖ model) per token.", ""]
     png = Path(comp["files"].get("plot") or report_dir / "comparison" / "comparison.png")
     if png.is_file():
