@@ -169,6 +169,41 @@ def test_done_run_is_a_noop_and_loads_final_weights(tmp_path):
         distill(fresh, teacher2, _data(), cfg.replace(tau=2.0), tmp_path / "run")
 
 
+def test_done_run_found_by_relative_path_after_a_move(tmp_path, monkeypatch):
+    student, teacher = _models()
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 3, save_every_tokens=None)
+    monkeypatch.chdir(tmp_path)
+    distill(student, teacher, _data(), cfg, "run")  # stored as a relative path
+    trained = {k: v.clone() for k, v in student.state_dict().items()}
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").rename(tmp_path / "elsewhere" / "run")  # the stored "run/final" resolves nowhere now
+    fresh, teacher2 = _models()
+    again = distill(fresh, teacher2, _data(), cfg, tmp_path / "elsewhere" / "run")
+    assert again.already_done and again.final_model_dir == str(tmp_path / "elsewhere" / "run" / "final")
+    assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+    import shutil
+
+    shutil.rmtree(tmp_path / "elsewhere" / "run" / "final")
+    with pytest.raises(FileNotFoundError, match=r"final model .*final is missing.*delete .*DONE"):
+        distill(fresh, teacher2, _data(), cfg, tmp_path / "elsewhere" / "run")
+
+
+def test_refused_resume_leaves_no_hooks_on_the_teacher(tmp_path):
+    student, teacher = _models()
+    cfg = _config(1, target_tokens=GLOBAL * SEQ * 4, save_every_tokens=GLOBAL * SEQ * 2)
+    distill(student, teacher, _data(), cfg, tmp_path / "run")
+    (tmp_path / "run" / "DONE").unlink()  # stopped after its last checkpoint
+
+    def hooks():
+        return sum(len(m._forward_hooks) for m in teacher.modules())
+
+    assert hooks() == 0
+    for _ in range(2):
+        with pytest.raises(ValueError, match="lr_mixer"):
+            distill(student, teacher, _data(), cfg.replace(lr_mixer=5e-4), tmp_path / "run")
+    assert hooks() == 0  # the Stage-1 capture hooks were removed although setting up failed
+
+
 def test_pause_and_continue_equals_uninterrupted(tmp_path):
     """Training in rounds (pause_at_tokens, as layer selection does) gives the same run as one go."""
     cfg = _config(2, save_every_tokens=None)

@@ -644,82 +644,86 @@ def distill(
     student.config.use_cache = False
 
     stage = make_stage(config.stage, student, teacher, config)
-    stage.set_trainable()
-    mixer_names = mixer_parameter_names(student)
-    if config.activation_checkpointing and config.stage != 1:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.stage != 1 and config.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
-        for model in (teacher, student if config.compile_layers == "all" else None):
-            if model is not None:
-                compile_decoder_layers(model)
-    use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
-    if use_fsdp:
-        if not hd_dist.is_initialized():
-            raise RuntimeError("DistillConfig.fsdp='on' needs torch.distributed (launch with torchrun)")
+    try:  # from here on the stage holds hooks on the teacher (Stage 1): remove them if setting up fails
+        stage.set_trainable()
+        mixer_names = mixer_parameter_names(student)
+        if config.activation_checkpointing and config.stage != 1:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.stage != 1 and config.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
+            for model in (teacher, student if config.compile_layers == "all" else None):
+                if model is not None:
+                    compile_decoder_layers(model)
+        use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
+        if use_fsdp:
+            if not hd_dist.is_initialized():
+                raise RuntimeError("DistillConfig.fsdp='on' needs torch.distributed (launch with torchrun)")
+            if teacher is not None:
+                hd_dist.shard_teacher(teacher, ctx)
+            hd_dist.shard_student(student, ctx, stage.shard_units())
+        hd_dist.install_forward_method(student)
         if teacher is not None:
-            hd_dist.shard_teacher(teacher, ctx)
-        hd_dist.shard_student(student, ctx, stage.shard_units())
-    hd_dist.install_forward_method(student)
-    if teacher is not None:
-        hd_dist.install_forward_method(teacher)
-    trainable_names = {n for n, p in student.named_parameters() if p.requires_grad}
+            hd_dist.install_forward_method(teacher)
+        trainable_names = {n for n, p in student.named_parameters() if p.requires_grad}
 
-    seq_len = _infer_seq_len(data, config)
-    micro = config.micro_batch(ctx.world_size)
-    accum = config.grad_accum(ctx.world_size)
-    tokens_per_step = config.global_batch_size * seq_len
-    total_steps = config.total_steps(seq_len)
-    optimizer = build_optimizer(student, config, mixer_names)
-    scheduler = build_scheduler(optimizer, config, total_steps, tokens_per_step)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+        seq_len = _infer_seq_len(data, config)
+        micro = config.micro_batch(ctx.world_size)
+        accum = config.grad_accum(ctx.world_size)
+        tokens_per_step = config.global_batch_size * seq_len
+        total_steps = config.total_steps(seq_len)
+        optimizer = build_optimizer(student, config, mixer_names)
+        scheduler = build_scheduler(optimizer, config, total_steps, tokens_per_step)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    # ---- resume ----
-    step, tokens, elapsed_before, data_state, resumed_from = 0, 0, 0.0, None, None
-    if ctx.is_main:
-        _clean_temp_checkpoints(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        step, tokens, elapsed_before, data_state = _restore(ckpt, resume_key, student, optimizer, scheduler, ctx)
-        resumed_from = step
+        # ---- resume ----
+        step, tokens, elapsed_before, data_state, resumed_from = 0, 0, 0.0, None, None
         if ctx.is_main:
-            logger.info("resuming %s from step %d (%d tokens)", run_dir, step, tokens)
+            _clean_temp_checkpoints(run_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            step, tokens, elapsed_before, data_state = _restore(ckpt, resume_key, student, optimizer, scheduler, ctx)
+            resumed_from = step
+            if ctx.is_main:
+                logger.info("resuming %s from step %d (%d tokens)", run_dir, step, tokens)
 
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    hd_dist.barrier()
-    metrics = MetricsWriter(run_dir, ctx.is_main, step, config.report_to, config)
-    train_iter = _train_iterator(data, config, ctx, step, data_state)
-    eval_set = _eval_batches(data, eval_data, config, ctx, micro) if config.eval_max_batches > 0 else None
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        hd_dist.barrier()
+        metrics = MetricsWriter(run_dir, ctx.is_main, step, config.report_to, config)
+        train_iter = _train_iterator(data, config, ctx, step, data_state)
+        eval_set = _eval_batches(data, eval_data, config, ctx, micro) if config.eval_max_batches > 0 else None
 
-    def run_eval() -> tuple[str, float]:
-        with autocast():
-            if config.stage in (2, 3) and teacher is not None:
-                return "kl", evaluate_kl(student, teacher, eval_set, config.tau, config.kl_chunk_size)
-            return stage.metric, evaluate_stage(stage, eval_set, device)
+        def run_eval() -> tuple[str, float]:
+            with autocast():
+                if config.stage in (2, 3) and teacher is not None:
+                    return "kl", evaluate_kl(student, teacher, eval_set, config.tau, config.kl_chunk_size)
+                return stage.metric, evaluate_stage(stage, eval_set, device)
 
-    def log_eval(step_: int, tokens_: int, elapsed_: float) -> tuple[str, float]:
-        name, value = run_eval()
-        metrics.write({"kind": "eval", "step": step_, "tokens": tokens_, f"eval_{name}": value, "elapsed": elapsed_})
-        return name, value
+        def log_eval(step_: int, tokens_: int, elapsed_: float) -> tuple[str, float]:
+            name, value = run_eval()
+            metrics.write({"kind": "eval", "step": step_, "tokens": tokens_, f"eval_{name}": value, "elapsed": elapsed_})
+            return name, value
 
-    def save(step_: int, tokens_: int, elapsed_: float) -> None:
-        model_state = hd_dist.gather_model_state(student, trainable_names if config.stage == 1 else None)
-        optim_state = hd_dist.gather_optimizer_state(student, optimizer)
-        trainer_state = {
-            "scheduler": scheduler.state_dict(),
-            "data_state": train_iter.state_dict() if hasattr(train_iter, "state_dict") else None,
-        }
-        state_json = {
-            "step": step_,
-            "tokens": tokens_,
-            "elapsed": elapsed_,
-            "config_hash": config_hash,
-            "resume_key": resume_key,
-            "config": config.to_dict(),
-            "world_size": ctx.world_size,
-            "total_steps": total_steps,
-        }
-        _save_checkpoint(run_dir, ctx, step_, model_state, optim_state, trainer_state, state_json, config.keep_last)
+        def save(step_: int, tokens_: int, elapsed_: float) -> None:
+            model_state = hd_dist.gather_model_state(student, trainable_names if config.stage == 1 else None)
+            optim_state = hd_dist.gather_optimizer_state(student, optimizer)
+            trainer_state = {
+                "scheduler": scheduler.state_dict(),
+                "data_state": train_iter.state_dict() if hasattr(train_iter, "state_dict") else None,
+            }
+            state_json = {
+                "step": step_,
+                "tokens": tokens_,
+                "elapsed": elapsed_,
+                "config_hash": config_hash,
+                "resume_key": resume_key,
+                "config": config.to_dict(),
+                "world_size": ctx.world_size,
+                "total_steps": total_steps,
+            }
+            _save_checkpoint(run_dir, ctx, step_, model_state, optim_state, trainer_state, state_json, config.keep_last)
+    except BaseException:
+        stage.close()
+        raise
 
     paused = False
     bar = None
@@ -860,8 +864,18 @@ def _check_done(run_dir: Path, config_hash: str, resume_key: dict, student) -> D
         )
     result = DistillResult.from_dict(payload)
     result.already_done = True
-    if student is not None and result.final_model_dir and Path(result.final_model_dir).is_dir():
-        _load_final_weights(student, Path(result.final_model_dir))
+    # Paths as found now: the run directory may have moved, or be reached from another working directory.
+    result.run_dir, result.metrics_path = str(run_dir), str(run_dir / METRICS_FILE)
+    if result.final_model_dir:
+        final_dir = run_dir / FINAL_DIR
+        if not final_dir.is_dir():
+            raise FileNotFoundError(
+                f"{run_dir} holds a finished run ({DONE_FILE}) whose final model {final_dir} is missing: restore it, "
+                f"or delete {run_dir / DONE_FILE} to run it again (from its last checkpoint, if one was kept)"
+            )
+        result.final_model_dir = str(final_dir)
+        if student is not None:
+            _load_final_weights(student, final_dir)
     return result
 
 
@@ -892,7 +906,8 @@ def add_distill_arguments(parser) -> None:
     )
     g.add_argument("--data-cache-dir", default=None, help="token cache directory")
     g.add_argument("--max-data-tokens", type=int, default=None, help="cap on tokens read from the data source")
-    g.add_argument("--heldout-fraction", type=float, default=0.01)
+    g.add_argument("--heldout-fraction", type=float, default=0.01,
+                   help="share of the data held out for evaluation (0: none, and so no held-out evaluation)")
     add_config_arguments(parser)
 
 
@@ -939,7 +954,7 @@ def run_distill_from_args(args) -> DistillResult:
             config.seq_len,
             ns.get("data_cache_dir"),
             max_tokens=ns.get("max_data_tokens"),
-            heldout_fraction=ns.get("heldout_fraction") or 0.01,
+            heldout_fraction=0.01 if ns.get("heldout_fraction") is None else ns["heldout_fraction"],  # 0 = none
             seed=config.seed,
             require_sequences=config.global_batch_size,
         )
