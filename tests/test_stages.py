@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill, evaluate_kl, read_metrics
 from hybrid_distill.distill.config import ConfigError
 from hybrid_distill.distill.losses import kl_div_reference
-from hybrid_distill.distill.stages import Stage1Alignment, Stage2KL, Stage3CE, mixer_parameter_names
-from hybrid_distill.modeling import LinearAttentionMixer
+from hybrid_distill.distill.stages import (
+    Stage1Alignment,
+    Stage2KL,
+    Stage3CE,
+    attention_parameter_names,
+    mixer_parameter_names,
+)
 from hybrid_distill.surgery import build_student
 from hybrid_distill.tiny_teachers import tiny_teacher
 
@@ -235,14 +240,16 @@ def test_stage3_padding_excluded():
 
 def test_mixer_parameter_names_cover_mixers_only():
     student, _ = _pair()
-    names = mixer_parameter_names(student)
-    expected = {
-        f"model.layers.{i}.self_attn.{n}"
-        for i, layer in enumerate(student.model.layers)
-        if isinstance(layer.self_attn, LinearAttentionMixer)
-        for n, _ in layer.self_attn.named_parameters()
-    }
-    assert names == expected and not any(k.startswith("model.layers.1.") for k in names)
+    names = mixer_parameter_names(student)  # gdn, softmax, gla, gdn
+    assert {n.split(".")[2] for n in names} == {"0", "2", "3"}  # not the softmax layer
+    assert all(".self_attn." in n for n in names)
+    for i in (0, 3):  # GDN: the transferred projections and its own gates
+        assert {f"model.layers.{i}.self_attn.{p}" for p in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                "o_proj.weight", "A_log", "dt_bias")} <= names
+    assert "model.layers.2.self_attn.o_proj.weight" in names
+    assert "model.layers.1.self_attn.q_proj.weight" not in names and "model.layers.0.mlp.up_proj.weight" not in names
+    assert attention_parameter_names(student) - names == {
+        f"model.layers.1.self_attn.{n}" for n, _ in student.model.layers[1].self_attn.named_parameters()}
 
 
 def test_stage2_compiled_layers_follow_the_eager_loss_curve(tmp_path, monkeypatch):

@@ -23,8 +23,7 @@ from hybrid_distill.distill import (
     latest_checkpoint,
     read_metrics,
 )
-from hybrid_distill.distill.stages import mixer_parameter_names
-from hybrid_distill.distill.trainer import build_optimizer, lr_factor
+from hybrid_distill.distill.trainer import build_optimizer, lr_factor, lr_mixer_parameter_names
 
 SEQ, GLOBAL, STEPS = 16, 4, 14
 
@@ -303,19 +302,25 @@ def test_lr_schedule():
     assert lr_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
 
 
-def test_optimizer_groups_and_weight_decay():
-    student, _ = _models()
-    cfg = DistillConfig(stage=2, lr_mixer=1e-3, lr_other=1e-5, weight_decay=0.1)
-    opt = build_optimizer(student, cfg, mixer_parameter_names(student))
+@pytest.mark.parametrize("softmax_lr", ["mixer", "other"])
+def test_optimizer_groups_and_weight_decay(softmax_lr):
+    student, _ = _models()  # layer 1 keeps softmax attention
+    cfg = DistillConfig(stage=2, lr_mixer=1e-3, lr_other=1e-5, weight_decay=0.1, softmax_lr=softmax_lr)
+    opt = build_optimizer(student, cfg, lr_mixer_parameter_names(student, cfg))
     names = {id(p): n for n, p in student.named_parameters()}
     for g in opt.param_groups:
         for p in g["params"]:
             n = names[id(p)]
-            assert g["name"] == ("mixer" if ".self_attn." in n and not n.startswith("model.layers.1.") else "other")
+            softmax_at_mixer_lr = softmax_lr == "mixer" or not n.startswith("model.layers.1.")
+            assert g["name"] == ("mixer" if ".self_attn." in n and softmax_at_mixer_lr else "other"), n
             assert g["lr"] == (1e-3 if g["name"] == "mixer" else 1e-5)
             nodecay = p.dim() < 2 or n.endswith(("A_log", "dt_bias"))
             assert g["weight_decay"] == (0.0 if nodecay else 0.1), n
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(student.parameters()))
+    group_of = {names[id(p)]: g["name"] for g in opt.param_groups for p in g["params"]}
+    assert group_of["model.layers.1.self_attn.q_proj.weight"] == softmax_lr
+    assert group_of["model.layers.0.self_attn.q_proj.weight"] == "mixer"
+    assert group_of["model.layers.1.mlp.up_proj.weight"] == "other"
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,9 @@ class DistillConfig:
     # Optimizer (AdamW) and schedule. lr_mixer: parameters of linear-attention mixers; lr_other: the rest.
     lr_mixer: float | None = None
     lr_other: float | None = None
+    # Learning rate of the softmax attention layers a hybrid keeps (Stages 2 and 3): "mixer" (lr_mixer, as
+    # the paper's code trains every parameter with "attn" in its name) or "other" (lr_other, as the MLPs).
+    softmax_lr: str = "mixer"
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
@@ -165,6 +168,7 @@ class DistillConfig:
         if self.grad_clip is not None:
             self._check_float("grad_clip", 0.0)
         self._check_choice("schedule", _SCHEDULES)
+        self._check_choice("softmax_lr", ("mixer", "other"))
         self._check_int("warmup_tokens", 0)
         self._check_float("min_lr_ratio", 0.0, maximum=1.0)
         self._check_float("tau", 0.0, exclusive=True)

@@ -67,6 +67,16 @@ def mixer_parameter_names(student: nn.Module) -> set[str]:
     return names
 
 
+def attention_parameter_names(student: nn.Module) -> set[str]:
+    """Names of all parameters of every layer's token mixer: linear mixers and softmax attention."""
+    return {
+        f"{mod_name}.{p}"
+        for mod_name, module in student.named_modules()
+        if mod_name.endswith(".self_attn")
+        for p, _ in module.named_parameters()
+    }
+
+
 class _StopTeacher(Exception):
     """Raised by the last needed hook to skip the teacher's remaining layers (Stage 1, unsharded)."""
 
@@ -296,6 +306,7 @@ __all__ = [
     "evaluate_stage",
     "make_stage",
     "mixer_modules",
+    "attention_parameter_names",
     "mixer_parameter_names",
     "unpack_batch",
 ]

@@ -34,7 +34,14 @@ from ..data.loader import SplitBatchesMixin
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
 from .config import DistillConfig, config_from_args, resume_mismatch
-from .stages import evaluate_kl, evaluate_stage, make_stage, mixer_parameter_names, unpack_batch
+from .stages import (
+    attention_parameter_names,
+    evaluate_kl,
+    evaluate_stage,
+    make_stage,
+    mixer_parameter_names,
+    unpack_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +132,17 @@ class DistillResult:
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return param.dim() < 2 or leaf in ("A_log", "dt_bias") or getattr(param, "_no_weight_decay", False)
+
+
+def lr_mixer_parameter_names(student: nn.Module, config: DistillConfig) -> set[str]:
+    """Parameters trained at ``lr_mixer``: the linear mixers', and the softmax layers' with ``softmax_lr="mixer"``.
+
+    (Stage 1 trains the linear mixers only, so the softmax layers' group matters in Stages 2 and 3.)
+    """
+    names = mixer_parameter_names(student)
+    if config.softmax_lr == "mixer":
+        names |= attention_parameter_names(student)
+    return names
 
 
 def build_optimizer(student: nn.Module, config: DistillConfig, mixer_names: set[str]) -> torch.optim.AdamW:
@@ -646,7 +664,7 @@ def distill(
     stage = make_stage(config.stage, student, teacher, config)
     try:  # from here on the stage holds hooks on the teacher (Stage 1): remove them if setting up fails
         stage.set_trainable()
-        mixer_names = mixer_parameter_names(student)
+        mixer_names = lr_mixer_parameter_names(student, config)
         if config.activation_checkpointing and config.stage != 1:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.stage != 1 and config.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
