@@ -60,7 +60,7 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
     assert niah["mean"] == pytest.approx(sum(r["score"] for r in niah["table"]) / 6)
     md = (out / "summary.md").read_text()
     assert "| niah_single_1 |" in md and "| kv_retrieval |" in md and "niah.png" in md
-    assert "| task | 160 | 200 | mean |" in md and "RULER tasks as RULER builds them (niah_single_1)" in md
+    assert "| task | 160 | 200 | mean |" in md and "RULER's offline tasks (niah_single_1)" in md
     assert res["recall"]["aggregate"]["overall"] == agg["overall"]
 
 

@@ -237,7 +237,7 @@ def test_task_options(tok):
     assert len(mq.answers) == 4 and mq.max_new_tokens == 32
     check_answers(mq)
     vt = generate_samples("vt", tok, 1500, 1, num_chains=2, num_hops=2)[0]
-    assert len(vt.answers) == 3 and "3 variables are assigned" in vt.answer_prefix
+    assert len(vt.answers) == 3 and "3 variables are assgined" in vt.answer_prefix  # sic, RULER
     assert vt.prompt.count("VAR ") == 2 * 3 + 2 * 2  # each hop statement names two variables
     cwe = generate_samples("cwe", tok, 4096, 1, max_new_tokens=120)[0]
     assert (cwe.metadata["freq_cw"], cwe.metadata["num_cw"]) == (30, 10)

@@ -517,9 +517,10 @@ VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
     "Question: Find all variables that are assigned the value {query} in the text above."
 )
+# "assgined" is RULER's own spelling (its constants.py and lm-eval's copy): kept so the prompt is RULER's.
 VT_ANSWER_PREFIX = (
     " Answer: According to the chain(s) of variable assignment in the text above, "
-    "{num_v} variables are assigned the value {query}, they are: "
+    "{num_v} variables are assgined the value {query}, they are: "
 )
 
 
@@ -1067,7 +1068,10 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 
-# RULER's offline-capable tasks as RULER defines them (report their average as "RULER").
+# RULER's offline-capable tasks: RULER's templates, needles, answer prefixes and scoring (their average is
+# reported as "ruler"). Layout differs in one respect: the noise haystack of niah_single_1 runs RULER's
+# sentences together with spaces and places the needle on the depth grid (DEPTHS) of the NIAH grid, where
+# RULER joins whole noise paragraphs with newlines and inserts the needle at a random paragraph.
 RULER_OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
 
 # Default recall suite: retrieval-type tasks only (cwe/fwe test aggregation, not recall).

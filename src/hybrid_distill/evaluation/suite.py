@@ -309,9 +309,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
             agg = rec["aggregate"]
             lines += [f"Overall (mean over tasks, each the mean of its lengths): **{_fmt(agg.get('overall'))}**", ""]
             if agg.get("ruler_tasks"):
-                lines += [f"RULER tasks as RULER builds them ({', '.join(agg['ruler_tasks'])}): "
-                          f"**{_fmt(agg.get('ruler'))}**; the other tasks are stand-ins (prose haystacks) "
-                          "or not RULER's.", ""]
+                lines += [f"RULER's offline tasks ({', '.join(agg['ruler_tasks'])}): **{_fmt(agg.get('ruler'))}**; "
+                          "the other tasks are stand-ins (prose haystacks) or not RULER's.", ""]
         else:
             lines += ["No samples were run.", ""]
         for s in rec.get("skipped", []):
