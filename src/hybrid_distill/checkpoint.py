@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .fileio import fsync_directory, fsync_tree
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
@@ -35,11 +37,13 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        fsync_tree(self.tmp)
         old = None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
+        fsync_directory(self.path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return False

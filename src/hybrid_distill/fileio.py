@@ -26,6 +26,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results should be as readable as any other file
         os.replace(tmp, path)
+        fsync_directory(path.parent)  # the rename itself survives a power loss
     except BaseException:
         try:
             os.unlink(tmp)
@@ -33,6 +34,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
             pass
         raise
     return path
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (renames, new files) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under ``path``, then the directories, before a rename publishes them."""
+    dirs = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        dirs.append(root)
+    for d in reversed(dirs):
+        fsync_directory(d)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

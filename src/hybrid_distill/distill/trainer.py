@@ -31,6 +31,7 @@ from torch import nn
 
 from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
 from ..data.loader import SplitBatchesMixin
+from ..fileio import fsync_directory, fsync_file, fsync_tree
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
 from .config import DistillConfig, config_from_args, resume_mismatch
@@ -202,19 +203,6 @@ def _group_lrs(optimizer) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / CHECKPOINT_DIR
     if not root.is_dir():
@@ -265,7 +253,7 @@ def _save_checkpoint(
     hd_dist.barrier()
     rng_file = tmp / f"rng_rank{ctx.rank}.pt"
     torch.save(_rng_state(), rng_file)
-    _fsync_file(rng_file)
+    fsync_file(rng_file)
     if ctx.is_main:
         torch.save(model_state, tmp / "model.pt")
         torch.save(optim_state, tmp / "optimizer.pt")
@@ -273,13 +261,11 @@ def _save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(state_json, indent=1, default=str))
     hd_dist.barrier()
     if ctx.is_main:
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_directory(root)
         for old in _checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     hd_dist.barrier()
@@ -860,9 +846,9 @@ def distill(
         (run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1, default=str))
         done_tmp = run_dir / f".{DONE_FILE}.tmp"
         done_tmp.write_text(json.dumps(payload, default=str))
-        _fsync_file(done_tmp)
+        fsync_file(done_tmp)
         os.replace(done_tmp, run_dir / DONE_FILE)
-        _fsync_dir(run_dir)
+        fsync_directory(run_dir)
     hd_dist.barrier()
     logger.info("stage %d done in %.1fs (%d steps)", config.stage, time.perf_counter() - t_start, step)
     return result
