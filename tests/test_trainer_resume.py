@@ -203,6 +203,33 @@ def test_refused_resume_leaves_no_hooks_on_the_teacher(tmp_path):
     assert hooks() == 0  # the Stage-1 capture hooks were removed although setting up failed
 
 
+def test_checkpoints_by_time_without_a_token_interval(tmp_path):
+    student, teacher = _models()
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 4, save_every_tokens=None, save_every_minutes=1e-9)
+    distill(student, teacher, _data(), cfg, tmp_path / "timed")
+    assert latest_checkpoint(tmp_path / "timed").name == "step_00000003"  # every step (the last is the final model)
+    student, teacher = _models()
+    distill(student, teacher, _data(), cfg.replace(save_every_minutes=0), tmp_path / "off")
+    assert latest_checkpoint(tmp_path / "off") is None
+    assert DistillConfig().save_every_minutes == 30.0
+
+
+def test_settings_without_effect_do_not_block_a_resume(tmp_path):
+    from hybrid_distill.surgery import build_student
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    teacher = tiny_teacher("qwen2-bias-tied", seed=0)
+    linear = build_student(teacher, ["gdn"] * 4)
+    cfg = _config(2, target_tokens=GLOBAL * SEQ * 3, save_every_tokens=None)
+    distill(linear, teacher, _data(), cfg, tmp_path / "run")
+    again = distill(linear, teacher, _data(), cfg.replace(softmax_lr="other"), tmp_path / "run")
+    assert again.already_done  # an all-linear student has no softmax layer whose learning rate could differ
+    student, teacher = _models()
+    distill(student, teacher, _data(), cfg, tmp_path / "hybrid")
+    with pytest.raises(ValueError, match="softmax_lr"):
+        distill(student, teacher, _data(), cfg.replace(softmax_lr="other"), tmp_path / "hybrid")
+
+
 def test_pause_and_continue_equals_uninterrupted(tmp_path):
     """Training in rounds (pause_at_tokens, as layer selection does) gives the same run as one go."""
     cfg = _config(2, save_every_tokens=None)

@@ -36,6 +36,7 @@ RESUME_INSENSITIVE_FIELDS = frozenset(
         "eval_max_batches",
         "eval_batch_size",
         "save_every_tokens",
+        "save_every_minutes",
         "keep_last",
         "save_final_model",
         "progress",
@@ -107,7 +108,10 @@ class DistillConfig:
     eval_every_tokens: int | None = None  # None: evaluate only at the end (if held-out data exists)
     eval_max_batches: int = 16  # per process
     eval_batch_size: int | None = None  # None: micro_batch_size
-    save_every_tokens: int | None = None  # None: no intermediate checkpoints
+    save_every_tokens: int | None = None  # None: no checkpoints by token count
+    # Also checkpoint once this many minutes passed since the last checkpoint (None or 0: off), so an
+    # interrupted run loses at most that much work even when save_every_tokens is not set.
+    save_every_minutes: float | None = 30.0
     keep_last: int = 2
     save_final_model: bool = True
     progress: bool = True
@@ -187,6 +191,8 @@ class DistillConfig:
         self._check_int("eval_max_batches", 0)
         self._check_int("eval_batch_size", 1, optional=True)
         self._check_int("save_every_tokens", 1, optional=True)
+        if self.save_every_minutes is not None:
+            self._check_float("save_every_minutes", 0.0)
         self._check_int("keep_last", 1)
         bad = [r for r in self.report_to if r not in _REPORTERS]
         if bad:
@@ -299,7 +305,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kw.update(type=float)
         elif f.type in (bool, "bool"):
             kw.update(type=_parse_bool, metavar="BOOL")
-        elif f.name in ("lr_mixer", "lr_other", "weight_decay", "adam_eps", "min_lr_ratio", "tau"):
+        elif f.name in ("lr_mixer", "lr_other", "weight_decay", "adam_eps", "min_lr_ratio", "tau", "save_every_minutes"):
             kw.update(type=float)
         elif "int" in str(f.type):
             kw.update(type=int)

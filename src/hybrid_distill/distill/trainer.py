@@ -626,6 +626,8 @@ def distill(
     fp_extra = _model_fingerprint(student, teacher)
     config_hash = config.fingerprint(fp_extra)
     resume_key = {**config.resume_fields(), "model": fp_extra}
+    if config.stage == 1 or not attention_parameter_names(student) - mixer_parameter_names(student):
+        resume_key.pop("softmax_lr")  # no softmax layer trains: the setting cannot change this run
 
     done = _check_done(run_dir, config_hash, resume_key, student)
     if done is not None:
@@ -707,7 +709,17 @@ def distill(
             metrics.write({"kind": "eval", "step": step_, "tokens": tokens_, f"eval_{name}": value, "elapsed": elapsed_})
             return name, value
 
+        last_save = [time.monotonic()]
+
+        def checkpoint_due() -> bool:
+            """save_every_minutes passed since the last checkpoint (on every process, so all of them save)."""
+            if not config.save_every_minutes:
+                return False
+            due = time.monotonic() - last_save[0] >= 60.0 * config.save_every_minutes
+            return bool(hd_dist.all_reduce_min_int(int(due), device))
+
         def save(step_: int, tokens_: int, elapsed_: float) -> None:
+            last_save[0] = time.monotonic()
             model_state = hd_dist.gather_model_state(student, trainable_names if config.stage == 1 else None)
             optim_state = hd_dist.gather_optimizer_state(student, optimizer)
             trainer_state = {
@@ -797,7 +809,7 @@ def distill(
 
             if eval_set and _crossed(prev_tokens, tokens, config.eval_every_tokens) and step < total_steps:
                 eval_name, eval_value = log_eval(step, tokens, elapsed)
-            if _crossed(prev_tokens, tokens, config.save_every_tokens) and step < total_steps:
+            if (_crossed(prev_tokens, tokens, config.save_every_tokens) or checkpoint_due()) and step < total_steps:
                 save(step, tokens, elapsed_before + time.perf_counter() - session_start)
             if pause_at_tokens is not None and tokens >= pause_at_tokens and step < total_steps:
                 if not _crossed(prev_tokens, tokens, config.save_every_tokens):
