@@ -19,6 +19,9 @@ def test_convert_reports_bad_input(tmp_path, capsys):
     assert main(["convert", "--teacher", "tiny:llama-gqa", "--mixers", "gdn,foo,gdn,gdn", "--out", str(tmp_path / "x")]) == 2
     assert "Unknown mixer 'foo' for layer 1" in capsys.readouterr().err
     assert main(["convert", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "missing' does not exist" in capsys.readouterr().err
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["convert", "--teacher", str(tmp_path / "not-a-model"), "--out", str(tmp_path / "y")]) == 2
     assert "has no config.json" in capsys.readouterr().err
 
 
@@ -57,3 +60,30 @@ def test_command_line_turns_on_expandable_segments_unless_the_allocator_is_confi
     assert not expandable_segments_configured(
         {"PYTORCH_ALLOC_CONF": "expandable_segments:False", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     )
+
+
+def test_bad_paths_and_stage_names_are_clear_errors(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "runs" / "nonexistent" / "final")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--model", "runs/nonexistent/final"]) == 2  # relative, not a hub id
+    assert "Model path 'runs/nonexistent/final' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "not a hybrid-distill run directory" in capsys.readouterr().err
+    from hybrid_distill.pipeline.config import DEFAULT_CONFIG
+
+    for stages, message in (("bogus,stage1", "unknown stage(s) ['bogus']"), ("", "no stages given")):
+        assert main(["run", str(DEFAULT_CONFIG), "--run-dir", str(tmp_path / "r"), "--stages", stages]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_convert_names_a_truncated_teacher_weight_file(tmp_path, capsys):
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    teacher = tmp_path / "teacher"
+    tiny_teacher("llama-gqa").save_pretrained(teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["convert", "--teacher", str(teacher), "--out", str(tmp_path / "x")]) == 2
+    assert "Corrupt weight file" in capsys.readouterr().err

@@ -83,8 +83,8 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(plan_markdown(plan_run(config)))
         return 0
-    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else None
-    state = run_pipeline(config, progress=not args.no_progress, **({"stages": stages} if stages else {}))
+    stages = None if args.stages is None else tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    state = run_pipeline(config, progress=not args.no_progress, **({} if stages is None else {"stages": stages}))
     print(f"done: {config.run_dir}/report.md" if "report" in state["stages"] else f"done: {config.run_dir}")
     return 0
 

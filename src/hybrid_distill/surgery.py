@@ -179,10 +179,26 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.to(device) if device is not None else model
     path = Path(str(path_or_name)).expanduser()
-    looks_local = str(path_or_name).startswith((".", "/", "~")) or path.exists()
+    # A hub id is "name" or "org/name"; anything with more parts, or that exists here, is a local path.
+    looks_local = str(path_or_name).startswith((".", "/", "~")) or str(path_or_name).count("/") > 1 or path.exists()
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"Model path {str(path)!r} does not exist")
     if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"Teacher path {str(path)!r} has no config.json (is it a Hugging Face model directory?)")
-    config = AutoConfig.from_pretrained(str(path_or_name), **kwargs)
+        raise FileNotFoundError(f"Model path {str(path)!r} has no config.json (is it a Hugging Face model directory?)")
+    if looks_local:
+        from .checkpoint import _check_safetensors_file
+
+        for file in sorted(path.glob("*.safetensors")):
+            _check_safetensors_file(file)  # a truncated download fails here with the file named
+    try:
+        config = AutoConfig.from_pretrained(str(path_or_name), **kwargs)
+    except OSError as err:
+        if looks_local:
+            raise
+        raise FileNotFoundError(
+            f"{str(path_or_name)!r} is not a local model directory and could not be loaded from the Hugging Face "
+            f"Hub ({type(err).__name__}: {str(err).splitlines()[0]}); check the path, or go online / set HF_HOME"
+        ) from err
     teacher_family(config)
     model = AutoModelForCausalLM.from_pretrained(str(path_or_name), dtype=dtype or "auto", **kwargs)
     if device is not None:

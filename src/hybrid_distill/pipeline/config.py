@@ -39,6 +39,10 @@ _EVAL_KEYS = ("suite", "tasks", "lengths", "num_samples", "niah_lengths", "niah_
               "quality_seq_len", "quality_sequences", "seed", *EFFICIENCY_EVAL_KEYS)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def resolve_teacher_spec(teacher: str) -> str:
     """``"default"`` -> the teacher shipped with the package; other specs unchanged."""
     return str(SHIPPED_TEACHER) if teacher == "default" else str(teacher)
@@ -130,18 +134,9 @@ class RunConfig:
         selectors = self.selectors
         for sel in selectors:
             self.selection_config(sel)  # validates selector names and SelectionConfig fields
-        if not isinstance(self.eval, dict):
-            raise ConfigError("eval must be a mapping")
-        bad = sorted(set(self.eval) - set(_EVAL_KEYS))
-        if bad:
-            raise ConfigError(f"unknown eval field(s) {bad}; valid: {list(_EVAL_KEYS)}")
-        if "suite" in self.eval:
-            from ..evaluation.suite import parse_suite
-
-            try:
-                parse_suite(self.eval["suite"])
-            except ValueError as err:
-                raise ConfigError(f"eval.suite: {err}") from err
+        self._check_eval()
+        if not isinstance(self.report, dict) or sorted(set(self.report) - {"title"}):
+            raise ConfigError(f"report must be a mapping with at most 'title', got {self.report!r}")
         if check_paths:
             try:
                 num_layers = teacher_num_layers(teacher)
@@ -156,6 +151,44 @@ class RunConfig:
                 if sel == "given" and any(i >= num_layers for i in layers):
                     raise ConfigError(f"selection.layers {layers} out of range for a {num_layers}-layer teacher")
             self._check_extra_sets(num_layers)
+
+    def _check_eval(self) -> None:
+        """eval's fields, checked before any training so that a typo does not surface after the last stage."""
+        from ..evaluation.recall_tasks import TASKS
+        from ..evaluation.suite import parse_suite
+
+        if not isinstance(self.eval, dict):
+            raise ConfigError("eval must be a mapping")
+        bad = sorted(set(self.eval) - set(_EVAL_KEYS))
+        if bad:
+            raise ConfigError(f"unknown eval field(s) {bad}; valid: {list(_EVAL_KEYS)}")
+        if "suite" in self.eval:
+            try:
+                parse_suite(self.eval["suite"])
+            except ValueError as err:
+                raise ConfigError(f"eval.suite: {err}") from err
+        tasks = self.eval.get("tasks")
+        if tasks is not None:
+            if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+                raise ConfigError(f"eval.tasks must be a non-empty list of task names, got {tasks!r}")
+            unknown = [t for t in tasks if t not in TASKS]
+            if unknown:
+                raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        for key in ("lengths", "niah_lengths", "efficiency_lengths", "efficiency_batches"):
+            value = self.eval.get(key)
+            if value is not None and (not isinstance(value, list) or not value or not all(_positive_int(v) for v in value)):
+                raise ConfigError(f"eval.{key} must be a non-empty list of positive integers, e.g. [4096, 16384]; got {value!r}")
+        for key in ("num_samples", "niah_samples", "batch_size", "quality_seq_len", "quality_sequences", "decode_steps",
+                    "prefill_rows"):
+            value = self.eval.get(key)
+            if value is not None and not _positive_int(value):
+                raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+        depths = self.eval.get("niah_depths")
+        if depths is not None and (
+            not isinstance(depths, list) or not depths
+            or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 100 for d in depths)
+        ):
+            raise ConfigError(f"eval.niah_depths must be a non-empty list of percentages in [0, 100], got {depths!r}")
 
     def _check_extra_sets(self, num_layers: int | None) -> None:
         """``final.extra_sets``: {label: [softmax layers]} distilled and evaluated beside the selectors' sets."""

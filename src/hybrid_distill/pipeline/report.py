@@ -201,6 +201,12 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
     if config is None:
         from .config import RunConfig
 
+        if "config" not in state:
+            raise FileNotFoundError(
+                f"{run_dir} is not a hybrid-distill run directory (no {STATE_FILE} with the run's config); "
+                "give the run_dir of a `hybrid-distill run`"
+            )
+
         config = RunConfig.from_dict(state["config"], check_paths=False)
     report_dir = run_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json, read_json
+from ..distill.config import ConfigError
 from .config import EFFICIENCY_EVAL_KEYS, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -312,6 +313,10 @@ class Pipeline:
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict:
         """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content."""
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise ConfigError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}" if unknown
+                              else f"no stages given; choose from {','.join(STAGES)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = PipelineState(self.run_dir)
         state.data["config"] = self.config.to_dict()
