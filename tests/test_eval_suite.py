@@ -223,3 +223,11 @@ def test_lm_eval_bridge_without_lm_eval_names_the_extra(monkeypatch, model, tok)
     with pytest.raises(b.LmEvalUnavailable, match=r'pip install "lm_eval\[ruler\]"') as err:
         b.evaluate_with_lm_eval(model, ["ruler"], tokenizer=tok, max_length=256)
     assert "network" in str(err.value) and isinstance(err.value, ImportError)
+
+
+def test_default_eval_folders_differ_for_each_stage_final_model():
+    from hybrid_distill.evaluation.suite import default_eval_name
+
+    assert default_eval_name("runs/a/stage1/final") == "a-stage1-final"
+    assert default_eval_name("runs/a/stage2/final") == "a-stage2-final"
+    assert default_eval_name("tiny:llama-gqa") == "tiny-llama-gqa"

@@ -386,7 +386,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated needle depths in percent")
     parser.add_argument("--niah-lengths", help="comma-separated NIAH lengths (default: --lengths)")
     parser.add_argument("--niah-samples", type=int, default=1, help="samples per NIAH cell")
-    parser.add_argument("--out", help="output directory (default: eval/<model name>)")
+    parser.add_argument("--out", help="output directory (default: eval/<last three parts of the model path>)")
     parser.add_argument("--teacher", help="teacher (path or tiny:<variant>): KL in the quality suite, baseline of efficiency")
     parser.add_argument("--tokenizer", help="tokenizer path / hub id, or 'tiny' (default: the model's)")
     parser.add_argument("--corpus", default="default", help="held-out corpus for the quality suite")
@@ -410,6 +410,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def default_eval_name(model_spec: str) -> str:
+    """Folder name for a model's results: its last path parts joined, so that runs/a/stage2/final and
+    runs/a/final/models/x do not both land in eval/final."""
+    if model_spec.startswith("tiny:"):
+        return model_spec.replace("tiny:", "tiny-")
+    parts = [p for p in Path(model_spec).expanduser().resolve().parts if p not in ("/", "\\")]
+    return "-".join(parts[-3:]) or "model"
+
+
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``hybrid-distill eval``; prints the summary and returns 0."""
     import torch
@@ -419,7 +428,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.model, args.tokenizer)
     teacher = load_model(args.teacher, dtype=dtype, device=device) if args.teacher else None
-    out = args.out or str(Path("eval") / Path(args.model.replace("tiny:", "tiny-")).name)
+    out = args.out or str(Path("eval") / default_eval_name(args.model))
     results = evaluate_model(
         model, tokenizer, out,
         suite=args.suite,
