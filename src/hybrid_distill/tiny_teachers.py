@@ -80,8 +80,13 @@ def tiny_teacher(family_or_variant: str = "llama-gqa", seed: int = 0, dtype=torc
     if family_or_variant in TINY_TEACHER_VARIANTS:
         family, variant_overrides = TINY_TEACHER_VARIANTS[family_or_variant]
         overrides = {**variant_overrides, **overrides}
-    else:
+    elif family_or_variant in _FAMILIES:
         family = family_or_variant
+    else:
+        raise ValueError(
+            f"Unknown tiny teacher {family_or_variant!r}; choose a variant {sorted(TINY_TEACHER_VARIANTS)} "
+            f"or a family {sorted(_FAMILIES)}"
+        )
     config = tiny_teacher_config(family, **overrides)
     _, model_cls = _FAMILIES[family]
     torch.manual_seed(seed)

@@ -131,7 +131,15 @@ class DistillConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def _fail(self, name: str, message: str):
-        raise ConfigError(f"DistillConfig.{name} {message}, got {getattr(self, name)!r}")
+        value = getattr(self, name)
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
+            except ValueError:
+                pass
+        raise ConfigError(f"DistillConfig.{name} {message}, got {value!r}{hint}")
 
     def _check_int(self, name: str, minimum: int, optional: bool = False):
         value = getattr(self, name)
