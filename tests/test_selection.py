@@ -223,6 +223,111 @@ def test_early_stop_and_racing_save_tokens(env, tmp_path):
         replay_selection(early)
 
 
+# A snapshot interval the tokens per optimizer step do not divide (the usual case): the trainer logs each
+# snapshot at the first step at or past k * interval and pauses a round at the first step at or past its
+# pause point, so a round ends (and logs its last snapshot) above the pause point. Rounds of 2 snapshots:
+# pause at 320 tokens -> paused after step 3 (384 tokens) with snapshots at 256 and 384.
+OVERSHOOT = dict(stage2=_stage(4), snapshot_every_tokens=STEP_TOKENS * 5 // 4, round_snapshots=2)
+# K=3 of 4 layers: any two top-3 sets have Jaccard >= 0.5 and share >= 2 layers, so a window of 2 always
+# stops at the second snapshot: the early stop happens in round 1, whatever the scores.
+OVERSHOOT_EARLY = dict(OVERSHOOT, budgets=[3], early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5)
+
+
+@pytest.fixture(scope="module")
+def overshoot(env, tmp_path_factory):
+    """A full-budget run and a live early-stopped run (paused after round 1) with OVERSHOOT rounds."""
+    root = tmp_path_factory.mktemp("overshoot")
+    full = _run(env, root / "full", budgets=[3], **OVERSHOOT)
+    early = _run(env, root / "early", **OVERSHOOT_EARLY)
+    return {"root": root, "full": full, "early": early}
+
+
+def _outcome(sel):
+    keys = ("ranking", "scores", "score_tables", "budgets", "snapshots", "early_stop", "racing", "rounds", "tokens")
+    return {k: sel[k] for k in keys}
+
+
+def _rerun_counting(env, run_dir, monkeypatch, **kw):
+    calls = []
+    real = cand_mod.run_candidate
+
+    def counting(job):
+        out = real(job)
+        calls.append((job["layer"], out["reused"], out["stage2_tokens"]))
+        return out
+
+    monkeypatch.setattr(runner_mod, "run_candidate", counting)
+    return _run(env, run_dir, **kw), calls
+
+
+def test_paused_candidates_refuse_other_settings(env, overshoot, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    early_dir = overshoot["root"] / "early"
+    layer0 = early_dir / "candidates" / "ga" / "layer_00"
+    metrics = (layer0 / "stage2" / "metrics.jsonl").read_text()
+    calls = []
+    monkeypatch.setattr(runner_mod, "run_candidate", lambda job: calls.append(job) or cand_mod.run_candidate(job))
+    config = _config(**OVERSHOOT_EARLY)
+    with pytest.raises(ValueError, match=r"partly trained candidate trained with other settings.*base: .*delete"):
+        run_selection(config, TEACHER, early_dir, data=env["data"], base_student=env["stage1"],  # another base student
+                      stage1_student=env["stage1"], progress=False)
+    with pytest.raises(ValueError, match=r"other settings.*stage2\.lr_other"):
+        _run(env, early_dir, config=_config(**{**OVERSHOOT_EARLY, "stage2": _stage(4, lr_other=1e-5)}))
+    with pytest.raises(ValueError, match=r"other settings.*data\.max_tokens"):
+        run_selection(config, TEACHER, early_dir, data={**env["data"], "max_tokens": 30_000}, base_student=env["base"],
+                      stage1_student=env["stage1"], progress=False)
+    assert calls == [] and (layer0 / "stage2" / "metrics.jsonl").read_text() == metrics  # refused before any work
+
+    # A partly trained candidate without a settings record (an older version's) cannot be checked: refused too.
+    copy = tmp_path / "layer_00"
+    shutil.copytree(layer0, copy)
+    (copy / "job.json").unlink()
+    job = cand_mod.CandidateJob(kind="ga", layer=0, run_dir=str(copy), teacher=TEACHER, base_student=env["base"],
+                                mixers=["softmax", "gdn", "gdn", "gdn"], data=env["data"], stage1=None,
+                                stage2=_stage(4), pause_at_tokens=320)
+    with pytest.raises(ValueError, match="no record of its settings"):
+        cand_mod.run_candidate(job)
+    assert cand_mod.check_reusable(dataclasses.replace(job, run_dir=str(tmp_path / "new"))) is None  # nothing there yet
+
+
+def test_restart_and_replay_see_the_live_rounds_when_snapshots_overshoot(env, overshoot, monkeypatch):
+    from hybrid_distill.selection.replay import replay_selection
+
+    root, full, early = overshoot["root"], overshoot["full"], overshoot["early"]
+    assert full["snapshots"]["ga"]["tokens"] == [256, 384, 512]
+    assert early["early_stop"]["stop_snapshot"] == {"ga": 1} and early["early_stop"]["stop_tokens"] == {"ga": 384}
+    assert early["snapshots"]["ga"]["tokens"] == [256, 384] and early["tokens"]["spent"] == 4 * 384
+    for layer in range(4):  # paused, not finished
+        assert not (root / "early" / "candidates" / "ga" / f"layer_{layer:02d}" / "candidate.json").exists()
+
+    # An identical re-run in the same directory trains nothing and gives the live result.
+    again, calls = _rerun_counting(env, root / "early", monkeypatch, **OVERSHOOT_EARLY)
+    assert calls == [(layer, True, 384) for layer in range(4)]
+    assert _outcome(again) == _outcome(early) and again["candidates"]["reused"] == 4
+    # Replaying the full run reports what the live run did and spent.
+    rep = replay_selection(full, early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5, round_snapshots=2)
+    assert rep["stop_snapshot"] == {"ga": 1} and rep["stop_tokens"] == {"ga": 384}
+    assert rep["tokens_spent"] == early["tokens"]["spent"]
+    assert rep["budgets"]["3"]["layers"] == early["budgets"]["K=3"]["layers"]
+
+    # Racing: round 1 (paused at 384 tokens) eliminates 2 of 4; the survivors finish.
+    racing_cfg = dict(OVERSHOOT, budgets=[1], racing=True, racing_keep_fraction=0.5, racing_min_keep=2)
+    monkeypatch.setattr(runner_mod, "run_candidate", cand_mod.run_candidate)
+    racing = _run(env, root / "racing", **racing_cfg)
+    eliminated = racing["racing"]["eliminated_round"]["ga"]
+    assert len(eliminated) == 2 and racing["tokens"]["spent"] == 2 * 384 + 2 * 512
+    again, calls = _rerun_counting(env, root / "racing", monkeypatch, **racing_cfg)
+    assert all(reused for _, reused, _ in calls) and _outcome(again) == _outcome(racing)
+    full1 = _run(env, root / "full", budgets=[1], **OVERSHOOT)  # the full run's candidates, K=1
+    assert full1["candidates"]["reused"] == 4
+    rep = replay_selection(full1, early_stop=False, racing=True, racing_keep_fraction=0.5, racing_min_keep=2,
+                           round_snapshots=2)
+    assert rep["eliminated_round"] == racing["racing"]["eliminated_round"] and rep["ranking"] == racing["ranking"]
+    assert rep["tokens_spent"] == racing["tokens"]["spent"]
+
+
 def test_replay_cli(env, tmp_path, capsys):
     from hybrid_distill.cli import main
 
@@ -335,3 +440,10 @@ def test_config_validation_names_fields():
     with pytest.raises(ConfigError, match="Unknown SelectionConfig field"):
         SelectionConfig.from_dict({"selecter": "ga-s2"})
     assert Path(runner_mod.selection_path("r", "ga-s2")) == Path("r/ga-s2/selection.json")
+
+
+def test_removal_candidates_need_the_stage1_student(env, tmp_path):
+    with pytest.raises(ValueError, match=r"gr-s2 trains greedy-removal candidates.*stage1_student"):
+        run_selection(_config(selector="gr-s2"), TEACHER, tmp_path / "gr", data=env["data"], base_student=env["base"],
+                      progress=False)
+    assert not list((tmp_path / "gr").rglob("candidate.json"))

@@ -2,8 +2,10 @@
 
 A candidate is an independent job (`CandidateJob`, plain JSON-able fields) so any executor can run
 it in another process or on another machine. Its run directory holds the short Stage-1 and Stage-2
-runs (resumable, see `hybrid_distill.distill.distill`) and, once the full budget is trained,
-``candidate.json``; a finished candidate is never trained again.
+runs (resumable, see `hybrid_distill.distill.distill`), ``job.json`` (the settings it is trained
+with, written before any training) and, once the full budget is trained, ``candidate.json``; a
+finished candidate is never trained again. A candidate found with other settings, finished or not
+(e.g. paused by early stopping or racing), is refused with a ValueError (`check_reusable`).
 
 * ``kind="ga"`` (greedy addition): the all-linear student with layer ``layer`` restored to the
   teacher's softmax attention. Score: held-out KL (lower = the layer helps more).
@@ -28,8 +30,12 @@ import torch
 from ..fileio import atomic_write_json, read_json
 
 CANDIDATE_FILE = "candidate.json"
+JOB_FILE = "job.json"  # {"job_key", "settings"} of the job that trains this directory
 STAGE1_EVAL_FILE = "stage1_eval.json"
 INITIAL_EVAL_FILE = "initial_eval.json"
+# What a candidate directory holds once training has started (all of it depends on the job's settings).
+_PARTIAL_STATE = ("stage1", "stage2", STAGE1_EVAL_FILE, INITIAL_EVAL_FILE)
+STAGE2_DEFAULT_SEQ_LEN = 4096  # a candidate's Stage-2 sequence length when its config leaves seq_len unset
 
 
 @dataclass
@@ -58,8 +64,8 @@ class CandidateJob:
         return f"{self.kind}-layer{self.layer:02d}"
 
 
-def job_key(job: CandidateJob) -> str:
-    """Hash of the settings that determine a candidate's training (not the pause point)."""
+def _job_settings(job: CandidateJob) -> dict[str, Any]:
+    """The settings that determine a candidate's training (not the pause point), JSON-able."""
     from ..distill.config import DistillConfig
 
     def resume_fields(cfg):
@@ -70,24 +76,106 @@ def job_key(job: CandidateJob) -> str:
         "mixers": job.mixers, "data": job.data, "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
         "eval_batches": job.eval_batches,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _hash_settings(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_key(job: CandidateJob) -> str:
+    """Hash of the settings that determine a candidate's training (not the pause point)."""
+    return _hash_settings(_job_settings(job))
+
+
+def _changed_settings(stored: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``name: stored -> now`` for each setting that differs (nested mappings by dotted name)."""
+    out = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key, "<missing>"), now.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def check_reusable(job: CandidateJob) -> dict[str, Any] | None:
-    """The stored result of a finished candidate (None if unfinished); ValueError if it was trained
-    with other settings."""
-    done = finished_candidate(job.run_dir)
-    if done is not None and done.get("job_key") != job_key(job):
+    """The stored result of a finished candidate (None if unfinished); ValueError if the candidate's
+    directory was trained with other settings, whether it finished or not (a candidate paused by
+    early stopping or racing, or one killed mid-run, would otherwise resume from stale
+    checkpoints and snapshots)."""
+    run_dir = Path(job.run_dir)
+    done = finished_candidate(run_dir)
+    record = read_json(run_dir / JOB_FILE)
+    if done is not None:
+        stored_key, state = done.get("job_key"), "finished"
+    elif record is not None:
+        stored_key, state = record.get("job_key"), "partly trained"
+    elif any((run_dir / name).exists() for name in _PARTIAL_STATE):
         raise ValueError(
-            f"{job.run_dir} holds a candidate trained with other settings (teacher, base student, data, "
-            "mixers or stage configs differ); use a new selection run directory"
+            f"{run_dir} holds a partly trained candidate with no record of its settings ({JOB_FILE}, written by "
+            "newer versions), so it cannot be resumed safely; use a new selection run directory, or delete "
+            f"{run_dir} to train this candidate again"
+        )
+    else:
+        return None
+    settings = _job_settings(job)
+    if stored_key != _hash_settings(settings):
+        changed = []
+        if record is not None and record.get("job_key") == stored_key and isinstance(record.get("settings"), dict):
+            changed = _changed_settings(record["settings"], settings)
+        raise ValueError(
+            f"{run_dir} holds a {state} candidate trained with other settings (teacher, base student, data, "
+            "mixers or stage configs differ"
+            + (f": {'; '.join(changed)}" if changed else "")
+            + f"); use a new selection run directory, or delete {run_dir} to train this candidate again"
         )
     return done
 
 
+def _record_job(job: CandidateJob) -> None:
+    """Write ``job.json`` (the job's key and settings) before the candidate's first training."""
+    path = Path(job.run_dir) / JOB_FILE
+    if read_json(path) is None:
+        settings = _job_settings(job)
+        atomic_write_json(path, {"job_key": _hash_settings(settings), "settings": settings})
+
+
+def stage2_tokens_per_step(stage2: dict[str, Any] | Any) -> int:
+    """Tokens per optimizer step of a candidate's Stage 2 (a `DistillConfig` or its dict), as
+    `run_candidate` trains it."""
+    from ..distill.config import DistillConfig
+
+    cfg = DistillConfig.from_dict(stage2) if isinstance(stage2, dict) else stage2
+    return cfg.global_batch_size * (cfg.seq_len or STAGE2_DEFAULT_SEQ_LEN)
+
+
+def tokens_at_pause(pause_at_tokens: int | None, tokens_per_step: int, total_tokens: int) -> int:
+    """Stage-2 tokens a candidate has trained when ``distill(..., pause_at_tokens=P)`` returns (from a
+    checkpoint below P): the trainer pauses after the first whole optimizer step at or past P, so
+    at the next multiple of ``tokens_per_step``, and never trains past the run's ``total_tokens``
+    (reaching them finishes the run instead). ``None``: the whole run."""
+    if pause_at_tokens is None:
+        return total_tokens
+    steps = -(-int(pause_at_tokens) // int(tokens_per_step))
+    return min(steps * int(tokens_per_step), int(total_tokens))
+
+
+def snapshots_until(snapshots: list[dict[str, Any]], pause_at_tokens: int | None, tokens_per_step: int,
+                    total_tokens: int) -> tuple[list[dict[str, Any]], int]:
+    """(the held-out snapshots a candidate has logged, the Stage-2 tokens it has trained) when a
+    round with ``pause_at_tokens`` returns: exactly what the live round saw. The trainer logs a
+    snapshot at the first step at or past each multiple of the interval, before it checks the pause
+    point, so the pause step's own snapshot belongs to the round."""
+    reached = tokens_at_pause(pause_at_tokens, tokens_per_step, total_tokens)
+    return [s for s in snapshots if s["tokens"] <= reached], reached
+
+
 def _paused_result(job: CandidateJob) -> dict[str, Any] | None:
-    """When an earlier call already trained past ``job.pause_at_tokens`` (a restarted selection
-    replaying its rounds), the snapshots up to that point, without loading any model."""
+    """When an earlier call already trained to or past ``job.pause_at_tokens`` (a restarted selection
+    replaying its rounds), that round's result from the stored snapshots, without loading any model.
+    Call `check_reusable` first: it refuses a directory trained with other settings."""
     from ..distill import latest_checkpoint, read_metrics
 
     run_dir = Path(job.run_dir)
@@ -97,18 +185,17 @@ def _paused_result(job: CandidateJob) -> dict[str, Any] | None:
     s1, initial = read_json(run_dir / STAGE1_EVAL_FILE), read_json(run_dir / INITIAL_EVAL_FILE)
     if ckpt is None or s1 is None or initial is None:
         return None
-    tokens = read_json(ckpt / "state.json")["tokens"]
-    if tokens < job.pause_at_tokens:
+    state = read_json(ckpt / "state.json")
+    if state["tokens"] < job.pause_at_tokens:
         return None
-    snapshots = [
-        {"tokens": r["tokens"], "kl": r["eval_kl"]}
-        for r in read_metrics(run_dir / "stage2", "eval")
-        if r["tokens"] <= job.pause_at_tokens
-    ]
+    tokens_per_step = stage2_tokens_per_step(job.stage2)
+    snapshots, reached = snapshots_until(
+        [{"tokens": r["tokens"], "kl": r["eval_kl"]} for r in read_metrics(run_dir / "stage2", "eval")],
+        job.pause_at_tokens, tokens_per_step, state["total_steps"] * tokens_per_step)
     return {
         "job_key": job_key(job), "kind": job.kind, "layer": job.layer, "mixers": job.mixers, "done": False,
         "s1_loss": s1["s1_loss"], "kl_initial": initial["kl"], "snapshots": snapshots,
-        "tokens_trained": s1["tokens"] + job.pause_at_tokens, "stage2_tokens": job.pause_at_tokens,
+        "tokens_trained": s1["tokens"] + reached, "stage2_tokens": reached,
         "wall_time_s": 0.0, "tokens_per_s": None, "reused": True,
     }
 
@@ -185,6 +272,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
     replay = _paused_result(job)
     if replay is not None:
         return replay
+    _record_job(job)  # before any training: a restart with other settings is then refused
 
     t0 = time.perf_counter()
     teacher, tokenizer, base, spec = _load(job)
@@ -205,7 +293,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
             s1 = {"s1_loss": r1.eval_value, "tokens": r1.tokens}
             atomic_write_json(run_dir / STAGE1_EVAL_FILE, s1)
     elif s1 is None:
-        seq1 = cfg2.seq_len or 4096
+        seq1 = cfg2.seq_len or STAGE2_DEFAULT_SEQ_LEN
         data1 = spec.load(tokenizer, seq1, seed=cfg2.seed)
         teacher.to(device)
         student.to(device)
@@ -220,7 +308,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         atomic_write_json(run_dir / STAGE1_EVAL_FILE, s1)
 
     # ---- Stage 2 with held-out KL snapshots ----
-    seq2 = cfg2.seq_len or 4096
+    seq2 = cfg2.seq_len or STAGE2_DEFAULT_SEQ_LEN
     cfg2 = cfg2.replace(seq_len=seq2, eval_max_batches=job.eval_batches, save_final_model=False, keep_last=1)
     data2 = spec.load(tokenizer, seq2, seed=cfg2.seed, require_sequences=cfg2.global_batch_size)
     initial = read_json(run_dir / INITIAL_EVAL_FILE)

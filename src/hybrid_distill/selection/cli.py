@@ -27,7 +27,7 @@ def add_select_arguments(parser) -> None:
     g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant>")
     g.add_argument("--run-dir", required=True, help="selection directory (shared by selectors; candidates are reused)")
     g.add_argument("--base", default=None, help="all-linear student after Stage 1 (+2) to score from; default: distill one")
-    g.add_argument("--stage1-student", default=None, help="Stage-1 all-linear student (GR candidates' mixers); default --base")
+    g.add_argument("--stage1-student", default=None, help="Stage-1 all-linear student (GR candidates' mixers; needed with --base for gr/avg selectors)")
     g.add_argument("--data", default="default", help="data source (HF dataset, local files, or 'default')")
     g.add_argument("--data-cache-dir", default=None)
     g.add_argument("--max-data-tokens", type=int, default=None)

@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from . import rules
-from .candidates import CandidateJob
+from .candidates import CandidateJob, snapshots_until, stage2_tokens_per_step
 from .config import LEARNED_SELECTORS, SelectionConfig, candidate_kinds
 from .executors import JobOutcome
 from .runner import _learned_scores, learned_sets, load_selection, score_candidates
 
 
 class _ReplayExecutor:
-    """Answers each candidate job with the full run's record cut at the job's pause point."""
+    """Answers each candidate job with the full run's record cut where a live round paused at the
+    job's pause point stops (`snapshots_until`, the rule restarted live selections use too)."""
 
-    def __init__(self, records: dict[tuple[str, int], dict[str, Any]], total: int, s1_tokens: int):
-        self.records, self.total, self.s1_tokens = records, total, s1_tokens
+    def __init__(self, records: dict[tuple[str, int], dict[str, Any]], total: int, s1_tokens: int,
+                 tokens_per_step: int):
+        self.records, self.total, self.s1_tokens, self.tokens_per_step = records, total, s1_tokens, tokens_per_step
 
     def map(self, fn, jobs: list[dict[str, Any]]) -> list[JobOutcome]:
         return [self._outcome(job) for job in jobs]
@@ -36,9 +38,7 @@ class _ReplayExecutor:
         record = self.records.get((job["kind"], job["layer"]))
         if record is None:
             return JobOutcome(error=f"candidate {job['kind']}-{job['layer']} failed in the full run")
-        pause = job["pause_at_tokens"]
-        trained = self.total if pause is None else min(pause, self.total)
-        snapshots = [s for s in record["snapshots"] if s["tokens"] <= trained]
+        snapshots, trained = snapshots_until(record["snapshots"], job["pause_at_tokens"], self.tokens_per_step, self.total)
         return JobOutcome(value={**record, "snapshots": snapshots, "done": trained >= self.total,
                                  "tokens_trained": self.s1_tokens + trained, "stage2_tokens": trained})
 
@@ -82,7 +82,8 @@ def replay_selection(selection: dict[str, Any] | str | Path, early_stop: bool = 
     records: dict[tuple[str, int], dict[str, Any]] = {}
     for kind in candidate_kinds(sel["selector"]):
         records.update(_records(sel, kind))
-    executor = _ReplayExecutor(records, total, s1_tokens)
+    tokens_per_step = stage2_tokens_per_step(SelectionConfig.from_dict(sel["config"]).stage_config(2))
+    executor = _ReplayExecutor(records, total, s1_tokens, tokens_per_step)
 
     def make_job(kind: str, layer: int, pause: int | None) -> CandidateJob:
         return CandidateJob(kind=kind, layer=layer, run_dir="", teacher=sel["teacher"], base_student="", mixers=[],

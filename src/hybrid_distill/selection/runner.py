@@ -387,8 +387,14 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
         stage1_student, base_student = train_base_student(
             teacher, run_dir / "base", spec.to_dict(), config.probe, stages.get("stage1") or {"target_tokens": 100_000_000},
             stages.get("stage2"), config.mixer_options, tokenizer, config.seed)
+    if stage1_student is None and "gr" in candidate_kinds(config.selector):
+        # The Stage-2 base has trained MLPs and embeddings; a removal candidate must be the teacher but one layer.
+        raise ValueError(
+            f"{config.selector} trains greedy-removal candidates (the teacher with one layer linear): give the "
+            "all-linear student after Stage 1 only (stage1_student= / --stage1-student), whose other weights "
+            "are still the teacher's, or neither student to have both distilled first"
+        )
     base_student = base_student or stage1_student
-    stage1_student = stage1_student or base_student
     for name, path in (("base_student", base_student), ("stage1_student", stage1_student)):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{name} {path!r} is not a directory (a saved student checkpoint)")
