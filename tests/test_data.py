@@ -230,9 +230,13 @@ def test_cache_hit_does_not_retokenize(tmp_path, tok, corpus, monkeypatch):
     assert calls == []
     assert ds2.path == ds1.path and all_tokens(ds1) == all_tokens(ds2)
     assert np.array_equal(ds1.heldout_indices, ds2.heldout_indices)
-    # a different held-out request reuses the tokens and recomputes the split
-    ds3 = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_fraction=0.2, seed=5)
-    assert calls == [] and ds3.path == ds1.path and len(ds3.heldout_indices) == round(0.2 * len(ds3))
+    # another seed or held-out cap reuses the tokens: neither changes which documents are held out
+    ds3 = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_sequences=1, seed=5)
+    assert calls == [] and ds3.path == ds1.path and ds3.heldout_indices.tolist() == ds1.heldout_indices[:1].tolist()
+    # another held-out fraction packs other documents apart: a cache of its own
+    ds4 = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_fraction=0.2)
+    assert calls and ds4.path != ds1.path
+    calls.clear()
     build_token_dataset(corpus, tok, 16, tmp_path / "c", rebuild=True)
     assert calls
 
@@ -333,11 +337,14 @@ def test_heldout_split_deterministic_and_disjoint(tmp_path, tok, corpus):
     assert len(split_indices(1000, 0.05, seed=3, heldout_sequences=7)[1]) == 7
     assert len(split_indices(5, 0.01)[1]) == 1 and len(split_indices(1, 0.5)[1]) == 0
 
+    # packed caches hold out whole documents (tests/test_data_heldout.py), packed after the training ones
     ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", heldout_fraction=0.25, seed=1)
-    assert ds.meta["heldout"]["indices"] == ds.heldout_indices.tolist()
-    assert np.array_equal(ds.heldout_indices, split_indices(len(ds), 0.25, 1)[1])
+    held = ds.meta["heldout"]
+    assert held["count"] == len(ds.heldout_indices) > 0 and held["first"] == ds.meta["num_train"]
+    assert ds.heldout_indices.tolist() == list(range(held["first"], held["first"] + held["count"]))
     again = PackedDataset(ds.path)
     assert np.array_equal(again.train_indices, ds.train_indices)
+    assert np.array_equal(again.heldout_indices, ds.heldout_indices)
     assert not set(ds.train_indices.tolist()) & set(ds.heldout_indices.tolist())
     assert len(ds.train_indices) + len(ds.heldout_indices) == len(ds)
     evals = torch.cat(list(ds.eval_batches("heldout", batch_size=3)))

@@ -9,14 +9,26 @@ Typical use::
     for step, batch in zip(range(start, total), ds.batches("train", global_batch_size, seed=0,
                                                             start_step=start, rank=rank, world_size=world)):
         ...  # batch: LongTensor[global_batch_size // world, 512]
+
+Held-out data (``ds.eval_batches("heldout")``) is packed from documents held out by content hash,
+so it is the same text at every ``seq_len``, ``max_tokens`` and seed (see ``packing``).
 """
 
 from .loader import PackedDataset, TokenBatches, TokenBatchSampler, split_indices
-from .packing import build_token_dataset, default_cache_dir, resolve_bos, tokenizer_fingerprint
+from .packing import (
+    HELDOUT_RULE,
+    build_token_dataset,
+    default_cache_dir,
+    heldout_hash,
+    heldout_units,
+    resolve_bos,
+    tokenizer_fingerprint,
+)
 from .spec import DataSpec
 from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
 
 __all__ = [
+    "HELDOUT_RULE",
     "DataSourceError",
     "DataSpec",
     "PackedDataset",
@@ -26,6 +38,8 @@ __all__ = [
     "build_token_dataset",
     "default_cache_dir",
     "default_corpus_path",
+    "heldout_hash",
+    "heldout_units",
     "iter_texts",
     "resolve_bos",
     "resolve_source",

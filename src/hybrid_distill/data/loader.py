@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -12,14 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# 2: separate training and held-out streams, held out by document content hash (packing.HELDOUT_RULE);
+# version-1 caches (a seeded permutation of packed sequences) are rebuilt, never reused.
+FORMAT_VERSION = 2
 SPLITS = ("train", "heldout", "all")
 
 
 def split_indices(
     num_sequences: int, heldout_fraction: float = 0.01, seed: int = 0, heldout_sequences: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, heldout) sequence indices, both sorted and disjoint.
+    """Deterministic (train, heldout) indices of ``num_sequences`` independent rows, both sorted and disjoint.
+
+    For in-memory data whose rows are independent samples (``TensorTokenDataset``). Packed token
+    caches (`PackedDataset`) do not use it: a packed sequence holds pieces of neighbouring
+    documents, so they hold out whole documents by content hash instead (see ``packing``).
 
     The held-out count is ``heldout_sequences`` if given, else ``round(n * heldout_fraction)``
     (at least 1 when the fraction is positive and n >= 2, and always leaving one training
@@ -89,9 +96,13 @@ class SplitBatchesMixin:
 class PackedDataset(SplitBatchesMixin, torch.utils.data.Dataset):
     """Fixed-length token sequences from a cache directory written by ``build_token_dataset``.
 
-    ``ds[i]`` is a ``LongTensor[seq_len]``. ``train_indices``/``heldout_indices`` come from the
-    split stored in ``meta.json`` unless ``heldout_fraction``/``heldout_sequences``/``seed`` are
-    given, in which case the split is recomputed (deterministically) with those values.
+    ``ds[i]`` is a ``LongTensor[seq_len]``. The training sequences are ``[0, num_train)``; the
+    held-out ones follow, packed separately from documents held out by content hash (see
+    ``packing``), so no held-out text is in a training sequence and the same text is held out at
+    every ``seq_len``. The split is fixed when the cache is built: ``heldout_fraction`` must be the
+    one it was built with (or None); ``heldout_sequences=k`` keeps only the first ``k`` held-out
+    sequences (the rest are in neither split; None: the count stored in ``meta.json``);
+    ``seed`` is accepted for compatibility and does not change the split.
     Token shards are memory-mapped lazily, so the dataset pickles cheaply into DataLoader workers.
     """
 
@@ -116,26 +127,35 @@ class PackedDataset(SplitBatchesMixin, torch.utils.data.Dataset):
         self.num_sequences = int(self.meta["num_sequences"])
         self.dtype = np.dtype(self.meta["dtype"])
         self._shard_seqs = int(self.meta["shard_sequences"])
+        self._shard_starts = [0]
+        for shard in self.meta["shards"]:
+            self._shard_starts.append(self._shard_starts[-1] + int(shard["num_sequences"]))
+        if self._shard_starts[-1] != self.num_sequences:
+            raise ValueError(f"{self.path}: shards hold {self._shard_starts[-1]} sequences, meta says {self.num_sequences}")
         self._arrays: list[np.ndarray] | None = None
         stored = self.meta["heldout"]
+        if heldout_fraction is not None and float(heldout_fraction) != float(stored["fraction"]):
+            raise ValueError(
+                f"{self.path} holds out heldout_fraction={stored['fraction']} of its documents; the split is fixed when "
+                f"the cache is built (it decides what is packed where). Build it with heldout_fraction={heldout_fraction} "
+                f"(build_token_dataset keys caches by it) instead of re-splitting it on load"
+            )
+        if heldout_sequences is not None and int(heldout_sequences) < 0:
+            raise ValueError(f"heldout_sequences must be >= 0, got {heldout_sequences}")
+        num_train = int(self.meta["num_train"])
+        first, available = int(stored["first"]), int(stored["stream_sequences"])
         if heldout_fraction is None and heldout_sequences is None and seed is None:
-            heldout = np.asarray(stored["indices"], dtype=np.int64)
-            mask = np.ones(self.num_sequences, dtype=bool)
-            mask[heldout] = False
-            train = np.flatnonzero(mask).astype(np.int64)
-            self.heldout_config = {k: stored[k] for k in ("fraction", "sequences", "seed")}
+            count = int(stored["count"])
+            sequences = stored["sequences"]
         else:
-            cfg = {
-                "fraction": stored["fraction"] if heldout_fraction is None else heldout_fraction,
-                "sequences": heldout_sequences,
-                "seed": stored["seed"] if seed is None else seed,
-            }
-            if heldout_fraction is None and heldout_sequences is None:
-                cfg["sequences"] = stored["sequences"]
-            train, heldout = split_indices(self.num_sequences, cfg["fraction"], cfg["seed"], cfg["sequences"])
-            self.heldout_config = cfg
-        self.train_indices = _readonly(train)
-        self.heldout_indices = _readonly(heldout)
+            sequences = heldout_sequences
+            count = available if heldout_sequences is None else min(int(heldout_sequences), available)
+        self.heldout_config = {
+            "fraction": stored["fraction"], "sequences": sequences, "seed": stored["seed"] if seed is None else seed,
+            "rule": stored["rule"],
+        }
+        self.train_indices = _readonly(np.arange(num_train, dtype=np.int64))
+        self.heldout_indices = _readonly(np.arange(first, first + count, dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
@@ -160,7 +180,8 @@ class PackedDataset(SplitBatchesMixin, torch.utils.data.Dataset):
             i += self.num_sequences
         if not 0 <= i < self.num_sequences:
             raise IndexError(f"sequence index {i} out of range for {self.num_sequences} sequences")
-        return self._shards()[i // self._shard_seqs][i % self._shard_seqs]
+        k = bisect.bisect_right(self._shard_starts, i) - 1
+        return self._shards()[k][i - self._shard_starts[k]]
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self._row(i).astype(np.int64))

@@ -3,8 +3,37 @@
 Stream layout: each document becomes ``[BOS] + ids + [EOS]``; documents are concatenated
 into one stream and cut into sequences of exactly ``seq_len`` tokens, so a sequence may
 start or end mid-document (standard packing; attention is not masked at document
-boundaries, the EOS marks them). The final partial sequence is dropped and counted in
-``meta.json`` as ``num_tokens_dropped``.
+boundaries, the EOS marks them). There are two such streams, packed separately: the
+training stream and the held-out stream (below). The final partial sequence of each is
+dropped and counted in ``meta.json`` as ``num_tokens_dropped``.
+
+Held-out split (rule ``HELDOUT_RULE``): a property of the text, never of ``seq_len``,
+``max_tokens``, the batch size or the seed, so that the same text is held out at every
+sequence length, in every stage and in every run over the same source:
+
+* each document is cut into *units*: the document itself, or, when it is longer than
+  ``HELDOUT_UNIT_CHARS`` characters, consecutive pieces of at most that many characters, each
+  ending after a newline where there is one (a fixed, character-based granularity, so a corpus
+  of a few long documents, such as one ``.txt`` file per book, still splits);
+* a unit is held out when ``blake2b(its UTF-8 bytes)`` read as a fraction of 2**64 is below
+  ``heldout_fraction``; synthetic recall documents (`RecallMix`) are hashed by their generator
+  seed instead (their text depends on ``seq_len``). So about ``heldout_fraction`` of the units
+  are held out, identical documents always land on the same side, and a smaller fraction holds
+  out a subset of what a larger one holds out;
+* consecutive units of one document on the same side stay one document (no EOS between them);
+  where the side changes, each run of units becomes its own document in its stream;
+* fallback for tiny corpora: when ``heldout_fraction > 0`` but none of the source's units read
+  is below it, the source units with the lowest hashes are held out instead, as few as make up
+  ``heldout_fraction`` of the source's characters read (at least one; recall documents are never
+  chosen this way), and the build logs a warning. This depends only on which text was read (the
+  whole source, or its first ``max_tokens`` tokens), not on ``seq_len`` (but with a recall mix
+  and ``max_tokens``, how much source text fits does depend on ``seq_len``: give such runs
+  enough data that the fallback is not needed).
+
+The held-out sequences follow the training ones (``train_indices`` = ``[0, num_train)``,
+``heldout_indices`` a prefix of the held-out stream, of at most ``heldout_sequences`` when
+given). ``max_tokens`` caps the tokens read from the (framed) document stream, both parts
+together, so the text read does not depend on ``seq_len`` either.
 
 BOS: with ``add_bos="auto"`` a BOS is put before each document exactly when the tokenizer
 itself prepends one when encoding with special tokens (Llama/Mistral-style tokenizers do;
@@ -13,12 +42,14 @@ in the distribution it was trained on. ``add_bos=True/False`` overrides it. Spec
 strings that occur in the text itself (a literal "</s>") are encoded as plain text, so the
 only special tokens in the stream are the inserted BOS/EOS.
 
-Cache: ``<cache_dir>/<name>-<key>/`` holding ``meta.json`` and ``tokens-NNNNN.npy`` shards
-(2-D ``[sequences, seq_len]``, uint16 when the vocabulary fits, else uint32, memory-mapped on
-load). The key hashes the source identity (paths + sizes + mtimes, the default corpus'
-content hash, or the Hub name/config/revision), the tokenizer's content (not its name),
-``seq_len``, ``text_field``, ``split``, ``max_tokens`` and the BOS/txt settings. The held-out
-split is not part of the key: it is cheap and is recomputed on load when asked differently.
+Cache: ``<cache_dir>/<name>-<key>/`` holding ``meta.json``, ``tokens-NNNNN.npy`` (training) and
+``heldout-NNNNN.npy`` (held-out) shards (2-D ``[sequences, seq_len]``, uint16 when the vocabulary
+fits, else uint32, memory-mapped on load). The key hashes the format version, the source identity
+(paths + sizes + mtimes, the default corpus' content hash, or the Hub name/config/revision), the
+tokenizer's content (not its name), ``seq_len``, ``text_field``, ``split``, ``max_tokens``, the
+BOS/txt settings and the held-out rule (``HELDOUT_RULE``, ``heldout_fraction``,
+``HELDOUT_UNIT_CHARS``). ``heldout_sequences`` and ``seed`` are not part of it: they do not change
+what is packed (the cap is applied on load; the seed does not enter the split).
 A cache is built in a temporary sibling directory and published with one ``os.replace``, so a
 crash never leaves a directory that loads. Concurrent builders of one key (e.g. every rank)
 each tokenize, and the first to publish wins; prefer building on one rank and then loading.
@@ -44,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from .loader import FORMAT_VERSION, PackedDataset, split_indices
+from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
 
@@ -56,6 +87,12 @@ CACHE_ENV = "HYBRID_DISTILL_CACHE"
 # tokenizing the whole string at once; decoding is unaffected).
 MAX_PIECE_CHARS = 1_000_000
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB as uint16) per shard file
+# The held-out split rule (see the module docstring). Changing how units are made or hashed must
+# change HELDOUT_RULE: it is part of the cache key, so caches split by another rule are not reused.
+HELDOUT_RULE = "unit-blake2b-v1"
+HELDOUT_UNIT_CHARS = 8_192  # documents longer than this are split into units of at most this many characters
+_HASH_PERSON = b"hd-heldout-v1"
+_HASH_SCALE = float(1 << 64)
 
 
 def default_cache_dir() -> Path:
@@ -159,11 +196,106 @@ def _pieces(docs: Iterable[str], max_chars: int) -> Iterator[tuple[str, bool, bo
         yield doc[start:], start == 0, True
 
 
+def heldout_units(doc: str, unit_chars: int | None = None) -> list[str]:
+    """The units ``doc`` is cut into for the held-out split (their concatenation is ``doc``).
+
+    The document itself when it has at most ``unit_chars`` (default ``HELDOUT_UNIT_CHARS``)
+    characters, else consecutive pieces of at most that many, each ending after the last newline
+    in its window (a hard cut when the window has none).
+    """
+    unit_chars = HELDOUT_UNIT_CHARS if unit_chars is None else int(unit_chars)
+    out, start = [], 0
+    while len(doc) - start > unit_chars:
+        cut = doc.rfind("\n", start, start + unit_chars)
+        cut = start + unit_chars if cut <= start else cut + 1
+        out.append(doc[start:cut])
+        start = cut
+    out.append(doc[start:])
+    return out
+
+
+def heldout_hash(unit: str | int) -> int:
+    """The 64-bit hash a unit's side is decided by: of its UTF-8 text, or of a recall document's generator seed.
+
+    A unit is held out when ``heldout_hash(unit) < heldout_fraction * 2**64``.
+    """
+    data = f"recall-seed:{int(unit)}".encode() if isinstance(unit, int) else unit.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=_HASH_PERSON).digest(), "big")
+
+
+# (hash, from the source (not a recall document), held out, characters)
+_UnitInfo = tuple[int, bool, bool, int]
+
+
+def _doc_segments(
+    doc: str, recall_seed: int | None, fraction: float, unit_chars: int, forced: frozenset[int]
+) -> list[tuple[str, bool, list[_UnitInfo]]]:
+    """``doc`` as runs of same-side units: ``(text, held_out, [unit info])``; held out: hash below the
+    fraction, or in ``forced`` (the fallback)."""
+    if fraction <= 0:
+        return [(doc, False, [])]
+    units = heldout_units(doc, unit_chars) if recall_seed is None else [doc]
+    threshold = fraction * _HASH_SCALE
+    segments: list[tuple[list[str], bool, list[_UnitInfo]]] = []
+    for unit in units:
+        h = heldout_hash(unit if recall_seed is None else recall_seed)
+        held = h < threshold or h in forced
+        info = (h, recall_seed is None, held, len(unit))
+        if segments and segments[-1][1] == held:
+            segments[-1][0].append(unit)
+            segments[-1][2].append(info)
+        else:
+            segments.append(([unit], held, [info]))
+    return [("".join(parts), held, infos) for parts, held, infos in segments]
+
+
+def _split_pieces(
+    docs: Iterable[tuple[str, int | None]], fraction: float, unit_chars: int, forced: frozenset[int], max_chars: int
+) -> Iterator[tuple[str, bool, bool, bool, bool, list[tuple[int, _UnitInfo]]]]:
+    """``(text, first piece of its segment, last piece, held out, first piece of its document, units starting here)``;
+    the units as ``(character offset in the piece, unit info)``.
+
+    Each document is split into same-side segments (`_doc_segments`), and each segment into
+    newline-aligned pieces of at most ``max_chars`` for tokenization (`_pieces`).
+    """
+    for doc, recall_seed in docs:
+        doc_first = True
+        for text, held, units in _doc_segments(doc, recall_seed, fraction, unit_chars, forced):
+            ui, unit_start, pos = 0, 0, 0
+            for piece, first, last in _pieces((text,), max_chars):
+                end = pos + len(piece)
+                new: list[tuple[int, _UnitInfo]] = []
+                while ui < len(units) and unit_start < end:
+                    new.append((unit_start - pos, units[ui]))
+                    unit_start += units[ui][3]
+                    ui += 1
+                yield piece, first, last, held, doc_first, new
+                doc_first, pos = False, end
+
+
+def _units_reached(tokenizer, text: str, units: list[tuple[int, _UnitInfo]], kept_ids: int) -> int:
+    """How many of ``units`` (starting at their character offsets in ``text``) begin within its first
+    ``kept_ids`` tokens (``text`` cut by ``max_tokens``); found by encoding prefixes (binary search)."""
+    lo, hi = 0, len(units)  # units[:lo] are reached, units[hi:] are not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        offset = units[mid][0]
+        if offset == 0 or len(_encode_batch(tokenizer, [text[:offset]])[0]) < kept_ids:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class _ShardWriter:
     """Accumulates token arrays and writes full ``[shard_sequences, seq_len]`` shards as .npy files."""
 
-    def __init__(self, directory: Path, seq_len: int, dtype: np.dtype, shard_sequences: int):
+    def __init__(
+        self, directory: Path, seq_len: int, dtype: np.dtype, shard_sequences: int, prefix: str = "tokens",
+        split: str = "train",
+    ):
         self.dir, self.seq_len, self.dtype, self.shard_sequences = directory, seq_len, dtype, shard_sequences
+        self.prefix, self.split = prefix, split
         self.pending: list[np.ndarray] = []
         self.pending_len = 0
         self.shards: list[dict[str, Any]] = []
@@ -192,13 +324,19 @@ class _ShardWriter:
 
     def _write(self, flat: np.ndarray) -> None:
         arr = flat.reshape(-1, self.seq_len)
-        name = f"tokens-{len(self.shards):05d}.npy"
+        name = f"{self.prefix}-{len(self.shards):05d}.npy"
         with open(self.dir / name, "wb") as f:
             np.save(f, arr, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        self.shards.append({"file": name, "num_sequences": int(arr.shape[0])})
+        self.shards.append({"file": name, "num_sequences": int(arr.shape[0]), "split": self.split})
         self.num_sequences += int(arr.shape[0])
+
+    def discard(self) -> None:
+        """Delete the shards written so far (to pack again)."""
+        for shard in self.shards:
+            (self.dir / shard["file"]).unlink(missing_ok=True)
+        self.pending, self.pending_len, self.shards, self.num_sequences = [], 0, [], 0
 
 
 def _slug(res: ResolvedSource) -> str:
@@ -289,22 +427,32 @@ def build_token_dataset(
     """Tokenize ``source`` with ``tokenizer``, pack into ``seq_len``-token sequences, cache, and load.
 
     Returns the cached dataset without tokenizing when a complete cache with the same key
-    exists (``rebuild=True`` forces a rebuild). ``max_tokens`` caps the stored tokens (reading
-    stops once reached). The held-out split (``heldout_sequences`` or ``heldout_fraction`` of the
-    sequences, chosen with ``seed``) is stored in ``meta.json``. ``require_sequences=N`` raises a
-    ``DataSourceError`` unless the training split has at least N sequences (e.g. one global batch).
-    Source arguments are those of ``iter_texts``. ``recall_mix`` interleaves synthetic recall
-    documents (`RecallMix`) into the source's documents.
+    exists (``rebuild=True`` forces a rebuild). ``max_tokens`` caps the tokens read (reading
+    stops once reached). About ``heldout_fraction`` of the source's text is held out, chosen by
+    content hash (see the module docstring): the same text at every ``seq_len`` and ``max_tokens``,
+    whatever ``seed`` is (``seed`` no longer affects the split; it is recorded in ``meta.json``).
+    ``heldout_sequences=k`` uses only the first ``k`` held-out sequences (fewer, with a warning,
+    when there are not that many; the rest are in neither split). Raises ``DataSourceError`` when
+    ``heldout_fraction > 0`` but the held-out text fills no sequence, and, with
+    ``require_sequences=N``, unless the training split has at least N sequences (e.g. one global
+    batch). Source arguments are those of ``iter_texts``. ``recall_mix`` interleaves synthetic
+    recall documents (`RecallMix`) into the source's documents.
     """
     if not isinstance(seq_len, numbers.Integral) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     seq_len = int(seq_len)
     if max_tokens is not None and max_tokens < seq_len:
         raise ValueError(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}")
-    if not 0.0 <= heldout_fraction < 1.0:
+    if isinstance(heldout_fraction, bool) or not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    heldout_fraction = float(heldout_fraction)
     if heldout_sequences is not None and heldout_sequences < 0:
         raise ValueError(f"heldout_sequences must be >= 0, got {heldout_sequences}")
+    if heldout_sequences and heldout_fraction == 0:
+        raise ValueError(
+            f"heldout_sequences={heldout_sequences} needs heldout_fraction > 0: held-out sequences are packed from "
+            f"the held-out documents, and heldout_fraction=0 holds out none"
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one (documents are separated by EOS)")
     res = resolve_source(source, config=config, revision=revision)
@@ -320,13 +468,13 @@ def build_token_dataset(
         "max_tokens": max_tokens,
         "bos_token_id": bos,
         "txt_mode": txt_mode if res.kind == "files" else None,
+        "heldout": {"rule": HELDOUT_RULE, "fraction": heldout_fraction, "unit_chars": HELDOUT_UNIT_CHARS},
     }
     if recall_mix is not None:  # only when set, so caches of plain sources keep their keys
         key_fields["recall_mix"] = recall_mix.fingerprint()
     key = _sha256_json(key_fields)[:20]
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"{_slug(res)}-{key}"
-    heldout_args = dict(heldout_fraction=heldout_fraction, heldout_sequences=heldout_sequences, seed=seed)
 
     problem = "rebuild requested" if rebuild else (_cache_problem(final, key) if final.exists() else "not cached")
     if problem is None:
@@ -339,12 +487,26 @@ def build_token_dataset(
             shutil.rmtree(stale, ignore_errors=True)
         _build(res, tokenizer, seq_len, cache_dir, final, key, key_fields, tok_fp, bos, text_field=text_field,
                split=split, txt_mode=txt_mode, max_tokens=max_tokens, shard_tokens=shard_tokens,
-               docs_per_batch=docs_per_batch, recall_mix=recall_mix, **heldout_args)
-    ds = PackedDataset(final, **heldout_args)
+               docs_per_batch=docs_per_batch, recall_mix=recall_mix, heldout_fraction=heldout_fraction,
+               heldout_sequences=heldout_sequences, seed=seed)
+    ds = PackedDataset(final, heldout_fraction=heldout_fraction, heldout_sequences=heldout_sequences, seed=seed)
+    held = ds.meta["heldout"]
+    if heldout_fraction > 0 and heldout_sequences != 0 and len(ds.heldout_indices) == 0:
+        raise DataSourceError(
+            f"{res.spec!r}: the held-out text (heldout_fraction={heldout_fraction}: {held['units']} of "
+            f"{held['units_read']} text units, chosen by content hash; {held['tokens']} tokens) fills no sequence of "
+            f"{seq_len} tokens. Use a larger heldout_fraction, more data (max_tokens) or a shorter seq_len, or "
+            f"heldout_fraction=0 for no held-out split."
+        )
+    if heldout_sequences is not None and len(ds.heldout_indices) < heldout_sequences:
+        logger.warning(
+            "%s: %d held-out sequences of %d tokens were asked for, but the held-out text (heldout_fraction=%g) "
+            "fills only %d", res.spec, heldout_sequences, seq_len, heldout_fraction, len(ds.heldout_indices),
+        )
     if require_sequences is not None and len(ds.train_indices) < require_sequences:
         raise DataSourceError(
             f"{res.spec!r} packs into {len(ds.train_indices)} training sequences of {seq_len} tokens "
-            f"({ds.num_sequences} in all, {len(ds.heldout_indices)} held out; {ds.meta['num_tokens_read']} tokens "
+            f"({ds.num_sequences} in all, {held['stream_sequences']} held out; {ds.meta['num_tokens_read']} tokens "
             f"read), but {require_sequences} are needed (one global batch). Use more data, a shorter seq_len, "
             f"a smaller batch, or a smaller held-out split."
         )
@@ -365,19 +527,53 @@ def _build(
         (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
         dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-        writer = _ShardWriter(tmp, seq_len, dtype, max(1, shard_tokens // seq_len))
-        limit = None if max_tokens is None else max_tokens // seq_len * seq_len
-        stats = _tokenize_into(writer, res, tokenizer, bos, tokenizer.eos_token_id, limit, dtype,
-                               text_field=text_field, split=split, txt_mode=txt_mode, docs_per_batch=docs_per_batch,
-                               recall_mix=recall_mix)
-        dropped = writer.finish()
-        n = writer.num_sequences
+        shard_sequences = max(1, shard_tokens // seq_len)
+
+        def pack(forced: frozenset[int]):
+            writers = {
+                False: _ShardWriter(tmp, seq_len, dtype, shard_sequences, "tokens", "train"),
+                True: _ShardWriter(tmp, seq_len, dtype, shard_sequences, "heldout", "heldout"),
+            }
+            stats = _tokenize_into(
+                writers, res, tokenizer, bos, tokenizer.eos_token_id, max_tokens, dtype, text_field=text_field,
+                split=split, txt_mode=txt_mode, docs_per_batch=docs_per_batch, recall_mix=recall_mix,
+                heldout_fraction=heldout_fraction, forced=forced,
+            )
+            dropped = {side: w.finish() for side, w in writers.items()}
+            return writers, stats, dropped
+
+        writers, stats, dropped = pack(frozenset())
+        fallback: list[int] = []
+        if heldout_fraction > 0 and stats["num_heldout_source_units"] == 0 and stats["source_units"]:
+            # no source unit read fell below the fraction (tiny corpora): hold out the lowest-hash ones
+            units = sorted(stats["source_units"])
+            quota = heldout_fraction * sum(chars for _, chars in units)
+            chars = 0
+            for h, n_chars in units:
+                fallback.append(h)
+                chars += n_chars
+                if chars >= quota:
+                    break
+            for w in writers.values():
+                w.discard()
+            writers, stats, dropped = pack(frozenset(fallback))
+            logger.warning(
+                "%s: heldout_fraction=%g selects none of the source's %d text units read; holding out the %d with the "
+                "lowest content hash instead (%d held-out tokens in all)", res.spec, heldout_fraction,
+                stats["num_source_units"], len(fallback), stats["num_tokens_heldout"],
+            )
+        train_w, held_w = writers[False], writers[True]
+        n_train, n_held = train_w.num_sequences, held_w.num_sequences
+        n = n_train + n_held
         if n == 0:
             raise DataSourceError(
                 f"{res.spec!r} has only {stats['num_tokens_read']} tokens ({stats['num_documents']} documents), "
-                f"fewer than one sequence of seq_len={seq_len}; use more data or a shorter seq_len"
+                f"fewer than one sequence of seq_len={seq_len} in its training part ({stats['num_tokens_train']} "
+                f"tokens) and in its held-out part ({stats['num_tokens_heldout']} tokens); use more data or a "
+                f"shorter seq_len"
             )
-        _, heldout = split_indices(n, heldout_fraction, seed, heldout_sequences)
+        stored = n * seq_len
+        held_count = n_held if heldout_sequences is None else min(int(heldout_sequences), n_held)
         meta = {
             "version": FORMAT_VERSION,
             "key": key,
@@ -397,15 +593,27 @@ def _build(
             "num_documents": stats["num_documents"],
             "num_tokens_read": stats["num_tokens_read"],
             "num_sequences": n,
-            "num_tokens": n * seq_len,
-            "num_tokens_dropped": stats["num_tokens_read"] - n * seq_len,
-            "num_tokens_dropped_tail": dropped,
-            "shard_sequences": writer.shard_sequences,
-            "shards": writer.shards,
-            "heldout": {"fraction": heldout_fraction, "sequences": heldout_sequences, "seed": seed,
-                        "count": len(heldout), "indices": heldout.tolist()},
-            "num_train": n - len(heldout),
-            "num_heldout": len(heldout),
+            "num_tokens": stored,
+            "num_tokens_dropped": stats["num_tokens_read"] - stored,
+            "num_tokens_dropped_tail": dropped[False] + dropped[True],
+            "shard_sequences": shard_sequences,
+            "shards": train_w.shards + held_w.shards,  # training shards first, then held-out ones
+            "heldout": {
+                "rule": HELDOUT_RULE,
+                "fraction": heldout_fraction,
+                "unit_chars": HELDOUT_UNIT_CHARS,
+                "fallback_units": len(fallback),  # 0: the fraction alone chose the held-out units
+                "units_read": stats["num_units"],
+                "units": stats["num_heldout_units"],
+                "tokens": stats["num_tokens_heldout"],
+                "first": n_train,  # held-out sequences are [first, first + stream_sequences)
+                "stream_sequences": n_held,
+                "sequences": heldout_sequences,
+                "seed": seed,
+                "count": held_count,
+            },
+            "num_train": n_train,
+            "num_heldout": held_count,
         }
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1)
@@ -422,8 +630,9 @@ def _build(
             raise
         _fsync_dir(cache_dir)
         logger.info(
-            "packed %s: %d documents, %d tokens -> %d sequences of %d (%d dropped) in %s",
-            res.spec, stats["num_documents"], stats["num_tokens_read"], n, seq_len, meta["num_tokens_dropped"], final,
+            "packed %s: %d documents, %d tokens -> %d training + %d held-out sequences of %d (%d dropped) in %s",
+            res.spec, stats["num_documents"], stats["num_tokens_read"], n_train, n_held, seq_len,
+            meta["num_tokens_dropped"], final,
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -431,40 +640,70 @@ def _build(
 
 
 def _tokenize_into(
-    writer: _ShardWriter, res: ResolvedSource, tokenizer, bos: int | None, eos: int, limit: int | None,
-    dtype: np.dtype, *, text_field: str, split: str, txt_mode: str, docs_per_batch: int,
-    recall_mix: RecallMix | None = None,
-) -> dict[str, int]:
-    stats = {"num_documents": 0, "num_tokens_read": 0}
+    writers: dict[bool, _ShardWriter], res: ResolvedSource, tokenizer, bos: int | None, eos: int,
+    limit: int | None, dtype: np.dtype, *, text_field: str, split: str, txt_mode: str, docs_per_batch: int,
+    recall_mix: RecallMix | None = None, heldout_fraction: float = 0.0, forced: frozenset[int] = frozenset(),
+) -> dict[str, Any]:
+    """Tokenize the source into ``writers[False]`` (training) and ``writers[True]`` (held out).
+
+    At most ``limit`` tokens are written (both parts together). Returns counts, and the lowest
+    ``(hash, characters)`` of the source units read while none of them was held out
+    (``source_units``; empty when the fraction is 0 or one was).
+    """
+    stats: dict[str, Any] = {
+        "num_documents": 0, "num_tokens_read": 0, "num_tokens_train": 0, "num_tokens_heldout": 0,
+        "num_units": 0, "num_heldout_units": 0, "num_source_units": 0, "num_heldout_source_units": 0,
+        "source_units": [],
+    }
     written = 0
     last_log = time.monotonic()
     max_id = np.iinfo(dtype).max
     texts = iter_texts(res, text_field, split, txt_mode=txt_mode)
-    if recall_mix is not None:
-        texts = recall_mix.interleave(texts, tokenizer, writer.seq_len)
-    pieces = _pieces(texts, MAX_PIECE_CHARS)
+    seq_len = writers[False].seq_len
+    tagged = recall_mix.interleave_tagged(texts, tokenizer, seq_len) if recall_mix is not None else (
+        (t, None) for t in texts
+    )
+    pieces = _split_pieces(tagged, heldout_fraction, HELDOUT_UNIT_CHARS, forced, MAX_PIECE_CHARS)
     while limit is None or written < limit:
         batch = list(itertools.islice(pieces, docs_per_batch))
         if not batch:
             break
-        ids_list = _encode_batch(tokenizer, [t for t, _, _ in batch])
-        parts: list[list[int]] = []
-        for (_, first, last), ids in zip(batch, ids_list):
-            if first:
+        ids_list = _encode_batch(tokenizer, [p[0] for p in batch])
+        parts: dict[bool, list[list[int]]] = {False: [], True: []}
+        for (text, first, last, held, doc_first, units), ids in zip(batch, ids_list):
+            if doc_first:
                 stats["num_documents"] += 1
-                if bos is not None:
-                    parts.append([bos])
-            parts.append(ids)
-            if last:
-                parts.append([eos])
-        arr = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64)
-        stats["num_tokens_read"] += len(arr)
-        if len(arr) and (arr.max() > max_id or arr.min() < 0):
-            raise ValueError(f"token id {arr.max()} does not fit the cache dtype {dtype}")
-        if limit is not None:
-            arr = arr[: limit - written]
-        writer.add(arr.astype(dtype))
-        written += len(arr)
+            toks = ([bos] if first and bos is not None else [], ids, [eos] if last else [])
+            n_toks = sum(map(len, toks))
+            stats["num_tokens_read"] += n_toks
+            if limit is not None:
+                if written >= limit:
+                    continue
+                if written + n_toks > limit:
+                    toks = (list(itertools.chain(*toks))[: limit - written],)
+                    n_toks = limit - written
+                    kept_ids = n_toks - (1 if first and bos is not None else 0)
+                    units = units[: _units_reached(tokenizer, text, units, kept_ids)]  # the rest were not read
+            written += n_toks
+            parts[held].extend(toks)
+            for _, (h, from_source, unit_held, n_chars) in units:
+                stats["num_units"] += 1
+                stats["num_heldout_units"] += unit_held
+                if from_source:
+                    stats["num_source_units"] += 1
+                    stats["num_heldout_source_units"] += unit_held
+                    if stats["num_heldout_source_units"]:  # no fallback needed: forget the candidates
+                        stats["source_units"].clear()
+                    else:
+                        stats["source_units"].append((h, n_chars))
+        for held, lists in parts.items():
+            arr = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64)
+            if not len(arr):
+                continue
+            if arr.max() > max_id or arr.min() < 0:
+                raise ValueError(f"token id {arr.max()} does not fit the cache dtype {dtype}")
+            writers[held].add(arr.astype(dtype))
+            stats["num_tokens_heldout" if held else "num_tokens_train"] += len(arr)
         if time.monotonic() - last_log > 30:
             last_log = time.monotonic()
             logger.info("tokenized %d documents, %d tokens", stats["num_documents"], stats["num_tokens_read"])

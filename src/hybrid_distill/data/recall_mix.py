@@ -61,6 +61,11 @@ class RecallMix:
 
     def documents(self, tokenizer, seq_len: int) -> Iterator[str]:
         """Endless, deterministic recall documents whose prompts take 3/8 to all but 16 of ``seq_len`` tokens."""
+        for _, text in self.seeded_documents(tokenizer, seq_len):
+            yield text
+
+    def seeded_documents(self, tokenizer, seq_len: int) -> Iterator[tuple[int, str]]:
+        """``(generator seed, document)`` pairs of `documents` (the seed identifies a document at every seq_len)."""
         from ..evaluation import TASKS, LengthError, generate_samples
 
         names = sorted(self.tasks)
@@ -83,20 +88,25 @@ class RecallMix:
                         f"use a longer seq_len or other data.recall_tasks"
                     ) from None
                 continue
-            yield sample.input_text + sample.completion
+            yield seed, sample.input_text + sample.completion
 
     def interleave(self, texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[str]:
         """``texts`` with recall documents inserted so they make up about ``fraction`` of the characters."""
-        recall = self.documents(tokenizer, seq_len)
+        for text, _ in self.interleave_tagged(texts, tokenizer, seq_len):
+            yield text
+
+    def interleave_tagged(self, texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[tuple[str, int | None]]:
+        """`interleave` as ``(text, None)`` for a source document and ``(text, generator seed)`` for a recall one."""
+        recall = self.seeded_documents(tokenizer, seq_len)
         ratio = float(self.fraction) / (1.0 - float(self.fraction))
         text_chars = recall_chars = 0
         for text in texts:
-            yield text
+            yield text, None
             text_chars += len(text)
             while recall_chars < ratio * text_chars:
-                doc = next(recall)
+                seed, doc = next(recall)
                 recall_chars += len(doc)
-                yield doc
+                yield doc, seed
 
 
 def recall_mix_from_fields(fraction: float, tasks: Any, seed: int | None) -> RecallMix | None:

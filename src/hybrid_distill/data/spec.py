@@ -22,6 +22,7 @@ class DataSpec:
     split: str = "train"
     cache_dir: str | None = None
     max_tokens: int | None = None
+    # share of the documents held out, by content hash: the same text at every seq_len, stage and seed
     heldout_fraction: float = 0.01
     config: str | None = None  # Hugging Face dataset config name
     revision: str | None = None
@@ -64,7 +65,10 @@ class DataSpec:
         return dataclasses.asdict(self)
 
     def load(self, tokenizer, seq_len: int, seed: int = 0, require_sequences: int | None = None):
-        """The packed dataset (`PackedDataset`) of this source at ``seq_len`` (cached on disk)."""
+        """The packed dataset (`PackedDataset`) of this source at ``seq_len`` (cached on disk).
+
+        ``seed`` is recorded but does not change the held-out split (a property of the documents).
+        """
         from .packing import build_token_dataset
 
         return build_token_dataset(

@@ -66,6 +66,7 @@ class CandidateJob:
 
 def _job_settings(job: CandidateJob) -> dict[str, Any]:
     """The settings that determine a candidate's training (not the pause point), JSON-able."""
+    from ..data import HELDOUT_RULE
     from ..distill.config import DistillConfig
 
     def resume_fields(cfg):
@@ -74,7 +75,7 @@ def _job_settings(job: CandidateJob) -> dict[str, Any]:
     payload = {
         "kind": job.kind, "layer": job.layer, "teacher": job.teacher, "base": str(job.base_student),
         "mixers": job.mixers, "data": job.data, "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
-        "eval_batches": job.eval_batches,
+        "eval_batches": job.eval_batches, "heldout_rule": HELDOUT_RULE,  # scores depend on which text is held out
     }
     return json.loads(json.dumps(payload, sort_keys=True, default=str))
 
