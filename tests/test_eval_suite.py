@@ -167,6 +167,15 @@ def test_cli_eval_tiny_model_with_quality_and_compare(tmp_path, monkeypatch, cap
     with pytest.raises(FileNotFoundError):
         compare_results([tmp_path / "missing"], tmp_path / "cmp2")
 
+    from hybrid_distill.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp3"), "--names", "gqa,mistral"]) == 0
+    assert "| metric | gqa | mistral |" in capsys.readouterr().out
+    assert (tmp_path / "cmp3" / "comparison.png").stat().st_size > 0
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "cmp4")]) == 2
+    assert "missing" in capsys.readouterr().err
+
 
 def test_cli_efficiency_suite_with_teacher_baseline_and_compare(tmp_path):
     """`--suite efficiency` measures the model beside its teacher and writes table, plot and comparable metrics;

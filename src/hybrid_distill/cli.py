@@ -89,6 +89,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Put several `hybrid-distill eval` results side by side (comparison.md / .json / .png)."""
+    from .evaluation.compare import compare_results
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    comp = compare_results(args.results, args.out, names=names)
+    print((Path(args.out) / "comparison.md").read_text())
+    for path in comp["files"].values():
+        print(path)
+    return 0
+
+
 def cmd_report(args) -> int:
     """Rebuild report.md / report.html of a run directory."""
     from .pipeline import write_report
@@ -148,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_eval_from_args)
 
     from .evaluation.lm_eval_bridge import add_lm_eval_arguments, run_lm_eval_from_args
+
+    p = sub.add_parser("compare", help="several eval results side by side: Markdown table, JSON and bar plots")
+    p.add_argument("results", nargs="+", help="folders written by `hybrid-distill eval` (each holds results.json)")
+    p.add_argument("--out", default="eval/compare", help="output folder (default: eval/compare)")
+    p.add_argument("--names", help="comma-separated column names (default: each run's model name)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("lm-eval", help="evaluate a model with lm-evaluation-harness tasks (needs hybrid-distill[lmeval])")
     add_lm_eval_arguments(p)
