@@ -13,6 +13,10 @@ def test_convert_then_inspect(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert info["mixers"] == ["gdn", "softmax", "gdn", "softmax"]
     assert info["softmax_layers"] == [1, 3] and info["teacher"]["model_type"] == "qwen3"
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "mixers": config["mixers"][:3]}))
+    assert main(["inspect", str(out)]) == 2
+    assert "do not list one mixer for each of its 4 layers" in capsys.readouterr().err
 
 
 def test_convert_reports_bad_input(tmp_path, capsys):
@@ -35,6 +39,16 @@ def test_distill_stage1_then_stage2(tmp_path, capsys):
     args = ["distill", *common, "--student", str(run1 / "final"), "--run-dir", str(run2), "--stage", "2", "--target-tokens", "1024"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["eval_metric"]
+    from transformers import AutoTokenizer
+
+    from hybrid_distill.surgery import load_teacher, load_tokenizer
+
+    saved = AutoTokenizer.from_pretrained(run2 / "final")  # the final model carries its tokenizer
+    vocab = load_teacher("tiny:llama-gqa").config.vocab_size
+    assert saved.get_vocab() == load_tokenizer("tiny:llama-gqa", None, vocab).get_vocab()
+    assert main(["eval", "--model", str(run2 / "final"), "--tasks", "kv_retrieval", "--lengths", "128",
+                 "--num-samples", "1", "--out", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    assert "| kv_retrieval |" in capsys.readouterr().out
     assert main(args) == 0  # a finished run is a no-op that returns its result
     assert json.loads(capsys.readouterr().out)["already_done"] is True
 
@@ -87,3 +101,51 @@ def test_convert_names_a_truncated_teacher_weight_file(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert main(["convert", "--teacher", str(teacher), "--out", str(tmp_path / "x")]) == 2
     assert "Corrupt weight file" in capsys.readouterr().err
+
+
+def _jsonl_corpus(path, field: str, docs: int = 300):
+    """Documents of varied text under ``field`` (the held-out split hashes content, so no two alike)."""
+    import random
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta river stone cloud paper engine garden yellow seven".split()
+    lines = [json.dumps({field: f"note {i}: " + " ".join(rng.choice(words) for _ in range(60)), "id": i})
+             for i in range(docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_options_reach_distill_and_eval(tmp_path, capsys):
+    """A .jsonl corpus whose text is not under "text": --text-field carries it through distill and eval,
+    and the quality suite scores exactly the text distillation held out."""
+    corpus = _jsonl_corpus(tmp_path / "docs.jsonl", "content")
+    common = ["--teacher", "tiny:llama-gqa", "--seq-len", "64", "--global-batch-size", "4", "--data", str(corpus),
+              "--data-cache-dir", str(tmp_path / "cache"), "--heldout-fraction", "0.1"]
+    run = tmp_path / "s1"
+    assert main(["distill", *common, "--run-dir", str(run), "--stage", "1", "--target-tokens", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "no field 'text'" in err and "'content'" in err  # names the fields there are
+    assert main(["distill", *common, "--text-field", "content", "--run-dir", str(run), "--stage", "1",
+                 "--target-tokens", "512"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] >= 512
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "tiny:llama-gqa", "--suite", "quality", "--corpus", str(corpus), "--text-field", "content",
+                 "--heldout-fraction", "0.1", "--cache-dir", str(tmp_path / "cache"), "--quality-seq-len", "64",
+                 "--quality-sequences", "3", "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["data"]["text_field"] == "content" and res["config"]["data"]["heldout_fraction"] == 0.1
+    assert res["quality"]["sequences"] == 3 and res["quality"]["heldout_fraction"] == 0.1
+    assert "held out by content hash" in (out / "summary.md").read_text()
+
+    from hybrid_distill.data import DataSpec
+    from hybrid_distill.evaluation.quality import heldout_batches
+    from hybrid_distill.surgery import load_teacher, load_tokenizer
+
+    tok = load_tokenizer("tiny:llama-gqa", None, load_teacher("tiny:llama-gqa").config.vocab_size)
+    spec = DataSpec(source=str(corpus), text_field="content", heldout_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    ds = spec.load(tok, 64)
+    trained = {tuple(ds[int(i)].tolist()) for i in ds.train_indices}
+    scored = [tuple(row.tolist()) for b in heldout_batches(tok, spec, seq_len=64, max_sequences=3) for row in b]
+    assert scored == [tuple(ds[int(i)].tolist()) for i in ds.heldout_indices[:3]]
+    assert not set(scored) & trained

@@ -23,6 +23,7 @@ def worker(out_dir: str, device: str = "cpu") -> None:
     from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill
     from hybrid_distill.surgery import build_student
     from hybrid_distill.tiny_teachers import tiny_teacher
+    from hybrid_distill.tokenization import tiny_tokenizer
 
     torch.set_num_threads(1)
     if device == "cuda":  # e.g. embedding backward adds atomically unless told not to
@@ -60,7 +61,9 @@ def worker(out_dir: str, device: str = "cpu") -> None:
             device=str(ctx.device),
             precision="fp32",
         )
-        result = distill(student, teacher, data, cfg, out / f"stage{stage}")
+        # stage 2 saves a tokenizer with its final model (gathered from the shards under FSDP)
+        tokenizer = tiny_tokenizer(teacher.config.vocab_size) if stage == 2 else None
+        result = distill(student, teacher, data, cfg, out / f"stage{stage}", tokenizer=tokenizer)
         summary[f"stage{stage}"] = {
             "sharded": hd_dist.is_sharded(student),
             "class": type(student).__name__,
@@ -142,6 +145,8 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float) -> None:
                 if key in ra:
                     assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-7), (stage, ra["step"], key)
         wa, wb = _weights(tmp_path / "one" / stage), _weights(tmp_path / "two" / stage)
+        for run in ("one", "two"):
+            assert (tmp_path / run / stage / "final" / "tokenizer.json").is_file() == (stage == "stage2")
         assert sorted(wa) == sorted(wb)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], atol=rel / 5, rtol=rel, msg=f"{stage} {k}")

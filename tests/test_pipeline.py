@@ -94,6 +94,9 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     res = json.loads(teacher_results.read_text())
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
     assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
+    from hybrid_distill.data import DataSpec
+
+    assert res["config"]["data"] == DataSpec.from_dict(cfg.data).to_dict()  # the run's held-out split
 
     # a hand-picked set added afterwards: only it is distilled and evaluated; finished hybrids are kept as they are
     weights = {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets}
@@ -160,6 +163,26 @@ def test_bad_text_field_is_named_before_training(tmp_path):
     with pytest.raises(Exception, match="text"):
         Pipeline(cfg, progress=False).run(("stage1",))
     assert not (Path(cfg.run_dir) / "stage1" / "DONE").exists()
+
+
+def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
+    """The quality suite reads the run's own data (its text field, held-out share, cache), not the bare source."""
+    import random
+
+    from hybrid_distill.data import DataSpec
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta river stone cloud paper engine garden yellow seven".split()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": " ".join(rng.choice(words) for _ in range(80))}) for _ in range(200)))
+    data = {"source": str(corpus), "text_field": "body", "heldout_fraction": 0.2, "cache_dir": str(tmp_path / "tokens")}
+    cfg = RunConfig.from_dict(_config(tmp_path, data=data, eval={"suite": ["quality"], "quality_seq_len": SEQ,
+                                                                  "quality_sequences": 4}))
+    pipe = Pipeline(cfg, progress=False)
+    res = json.loads((pipe.evaluate("teacher") / "results.json").read_text())
+    assert res["config"]["data"] == DataSpec.from_dict(data).to_dict()
+    assert res["quality"]["sequences"] == 4 and res["quality"]["heldout_fraction"] == 0.2
+    assert pipe.eval_settings()["data"]["text_field"] == "body"
 
 
 def test_dry_run_prints_plan(tmp_path, capsys):

@@ -46,6 +46,10 @@ def cmd_inspect(args) -> int:
     if mixers is None:
         print(f"{args.checkpoint}: a {config.get('model_type')} model (not a hybrid student), {config.get('num_hidden_layers')} layers")
         return 0
+    layers = config.get("num_hidden_layers")
+    if not isinstance(mixers, list) or (layers is not None and len(mixers) != layers):
+        raise ValueError(f"{args.checkpoint}/config.json is inconsistent: its mixers {mixers!r} do not list one mixer "
+                         f"for each of its {layers} layers")
     info = {
         "model_type": config["model_type"],
         "teacher": config.get("teacher", {}),

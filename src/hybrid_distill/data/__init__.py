@@ -24,7 +24,7 @@ from .packing import (
     resolve_bos,
     tokenizer_fingerprint,
 )
-from .spec import DataSpec
+from .spec import DataSpec, add_data_arguments, data_spec_from_args
 from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
 
 __all__ = [
@@ -35,7 +35,9 @@ __all__ = [
     "ResolvedSource",
     "TokenBatchSampler",
     "TokenBatches",
+    "add_data_arguments",
     "build_token_dataset",
+    "data_spec_from_args",
     "default_cache_dir",
     "default_corpus_path",
     "heldout_hash",

@@ -64,10 +64,11 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def load(self, tokenizer, seq_len: int, seed: int = 0, require_sequences: int | None = None):
+    def load(self, tokenizer, seq_len: int, seed: int = 0, require_sequences: int | None = None, **options):
         """The packed dataset (`PackedDataset`) of this source at ``seq_len`` (cached on disk).
 
         ``seed`` is recorded but does not change the held-out split (a property of the documents).
+        ``options``: further `build_token_dataset` arguments (e.g. ``heldout_sequences``).
         """
         from .packing import build_token_dataset
 
@@ -85,4 +86,32 @@ class DataSpec:
             config=self.config,
             revision=self.revision,
             recall_mix=self.recall_mix(),
+            **options,
         )
+
+
+def add_data_arguments(parser, *, source_flags: tuple[str, ...] = ("--data",), cache_flags: tuple[str, ...] = ("--data-cache-dir",),
+                       heldout_default: float = 0.01, title: str = "data") -> None:
+    """Command-line options for every `DataSpec` field (read back with `data_spec_from_args`)."""
+    g = parser.add_argument_group(title)
+    g.add_argument(*source_flags, dest="data", default="default",
+                   help="Hugging Face dataset name, local .txt/.jsonl/.parquet file or folder, or 'default' (the embedded corpus)")
+    g.add_argument("--text-field", default="text", help="column/key holding the text in .jsonl/.parquet/hub data (default: text)")
+    g.add_argument("--data-split", default="train", help="Hugging Face dataset split (default: train)")
+    g.add_argument("--data-config", default=None, help="Hugging Face dataset config name")
+    g.add_argument("--data-revision", default=None, help="Hugging Face dataset revision")
+    g.add_argument(*cache_flags, dest="data_cache_dir", default=None, help="token cache directory")
+    g.add_argument("--max-data-tokens", type=int, default=None, help="cap on tokens read from the data source")
+    g.add_argument("--heldout-fraction", type=float, default=heldout_default,
+                   help=f"share of the text held out by content hash (default {heldout_default:g}; 0: none)")
+    g.add_argument("--recall-fraction", type=float, default=0.0,
+                   help="share of synthetic recall documents mixed in (default 0: the source alone)")
+
+
+def data_spec_from_args(ns) -> DataSpec:
+    """The `DataSpec` of `add_data_arguments` options (an argparse.Namespace or a dict; missing ones: defaults)."""
+    ns = ns if isinstance(ns, dict) else vars(ns)
+    fields = {"source": "data", "text_field": "text_field", "split": "data_split", "config": "data_config",
+              "revision": "data_revision", "cache_dir": "data_cache_dir", "max_tokens": "max_data_tokens",
+              "heldout_fraction": "heldout_fraction", "recall_fraction": "recall_fraction"}
+    return DataSpec(**{field: ns[key] for field, key in fields.items() if ns.get(key) is not None})

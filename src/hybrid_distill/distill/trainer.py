@@ -450,13 +450,13 @@ def _unwrapped_class(model: nn.Module) -> type:
     return cls
 
 
-def _save_final_model(student: nn.Module, path: Path, ctx) -> None:
-    """The student as a Hugging Face checkpoint (gathered to rank 0 when sharded)."""
+def _save_final_model(student: nn.Module, path: Path, ctx, tokenizer=None) -> None:
+    """The student (+ ``tokenizer``) as a Hugging Face checkpoint (gathered to rank 0 when sharded)."""
     from ..checkpoint import atomic_directory_write, save_student
 
     if not hd_dist.is_sharded(student):
         if ctx.is_main:
-            save_student(student, path)
+            save_student(student, path, tokenizer=tokenizer)
         hd_dist.barrier()
         return
     state = hd_dist.gather_model_state(student)
@@ -473,6 +473,8 @@ def _save_final_model(student: nn.Module, path: Path, ctx) -> None:
         plain.tie_weights()
         with atomic_directory_write(path) as tmp:
             plain.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     hd_dist.barrier()
 
 
@@ -602,6 +604,7 @@ def distill(
     run_dir: str | Path,
     eval_data: Iterable | Callable[[], Iterable] | None = None,
     pause_at_tokens: int | None = None,
+    tokenizer=None,
 ) -> DistillResult:
     """Run one distillation stage (``config.stage``: 1 alignment, 2 KL, 3 CE) into ``run_dir``.
 
@@ -619,6 +622,8 @@ def distill(
     result with ``paused=True`` (no final model, no ``DONE``); calling again with a larger (or no)
     pause point continues the run exactly as if it had not stopped. It does not change the run's
     trajectory (layer selection uses it to train candidates in rounds).
+
+    ``tokenizer``: saved with the final model, so that ``final/`` loads with ``AutoTokenizer`` too.
     """
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -831,7 +836,7 @@ def distill(
     final_dir = None
     if config.save_final_model and not paused:
         final_dir = run_dir / FINAL_DIR
-        _save_final_model(student, final_dir, ctx)
+        _save_final_model(student, final_dir, ctx, tokenizer=tokenizer)
     if last_loss is None:  # resumed at the very end: take the last logged loss
         rows = read_metrics(run_dir)
         last_loss = rows[-1]["loss"] if rows else None
@@ -902,9 +907,10 @@ def _check_done(run_dir: Path, config_hash: str, resume_key: dict, student) -> D
 
 def add_distill_arguments(parser) -> None:
     """Options of ``run_distill_from_args`` (model/data/run-dir ones plus one per `DistillConfig` field)."""
+    from ..data import add_data_arguments
     from .config import add_config_arguments
 
-    g = parser.add_argument_group("models and data")
+    g = parser.add_argument_group("models")
     g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant> for a built-in test teacher")
     g.add_argument("--run-dir", required=True, help="run directory (checkpoints, metrics, final model)")
     g.add_argument("--student", default=None, help="existing student checkpoint to train (e.g. a Stage-1 result)")
@@ -916,14 +922,10 @@ def add_distill_arguments(parser) -> None:
     g.add_argument(
         "--init-from", default=None, help="student checkpoint whose matching mixers initialize the new student"
     )
-    g.add_argument("--data", default="default", help="data source for hybrid_distill.data.build_token_dataset")
     g.add_argument(
         "--tokenizer", default=None, help="tokenizer path (default: the teacher's; tiny teachers: tiny_tokenizer)"
     )
-    g.add_argument("--data-cache-dir", default=None, help="token cache directory")
-    g.add_argument("--max-data-tokens", type=int, default=None, help="cap on tokens read from the data source")
-    g.add_argument("--heldout-fraction", type=float, default=0.01,
-                   help="share of the data held out for evaluation (0: none, and so no held-out evaluation)")
+    add_data_arguments(parser)
     add_config_arguments(parser)
 
 
@@ -932,10 +934,12 @@ def run_distill_from_args(args) -> DistillResult:
 
     ``args``: an ``argparse.Namespace`` (or dict) with the options of `add_distill_arguments`.
     """
+    from ..data import data_spec_from_args
     from ..surgery import build_student, load_teacher, load_tokenizer, resolve_mixers
 
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     config = config_from_args(ns)
+    spec = data_spec_from_args(ns)  # bad data options fail before the models load
     ctx = hd_dist.init_distributed(config.device)
     teacher = load_teacher(ns["teacher"])
     tokenizer = load_tokenizer(ns["teacher"], ns.get("tokenizer"), teacher.config.vocab_size)
@@ -959,26 +963,15 @@ def run_distill_from_args(args) -> DistillResult:
         del init_from
     student.float()
 
-    from ..data import build_token_dataset
-
     config = config.replace(seq_len=config.seq_len or (512 if config.stage == 1 else 4096))
 
     def load_data():
-        return build_token_dataset(
-            ns.get("data") or "default",
-            tokenizer,
-            config.seq_len,
-            ns.get("data_cache_dir"),
-            max_tokens=ns.get("max_data_tokens"),
-            heldout_fraction=0.01 if ns.get("heldout_fraction") is None else ns["heldout_fraction"],  # 0 = none
-            seed=config.seed,
-            require_sequences=config.global_batch_size,
-        )
+        return spec.load(tokenizer, config.seq_len, seed=config.seed, require_sequences=config.global_batch_size)
 
     if ctx.is_main:  # tokenize once; the other ranks then load the cache
         load_data()
     hd_dist.barrier()
-    return distill(student, teacher, load_data(), config, ns["run_dir"])
+    return distill(student, teacher, load_data(), config, ns["run_dir"], tokenizer=tokenizer)
 
 
 __all__ = [

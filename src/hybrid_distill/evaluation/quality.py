@@ -86,7 +86,7 @@ def teacher_student_kl(student, teacher, batches: Iterable, tau: float = 1.0) ->
 
 def heldout_batches(
     tokenizer,
-    corpus: str | os.PathLike = "default",
+    corpus: Any = "default",
     *,
     seq_len: int = 512,
     batch_size: int = 4,
@@ -98,15 +98,15 @@ def heldout_batches(
 ) -> list[torch.Tensor]:
     """Held-out ``[B, seq_len]`` batches of ``corpus`` packed with ``tokenizer`` (a list, reusable).
 
-    ``corpus`` is any source of :func:`hybrid_distill.data.build_token_dataset` (``"default"``:
-    the bundled corpus). The dataset is cached under ``cache_dir`` (default: the package's token
-    cache). At most ``max_sequences`` held-out sequences are used (``None``: all).
+    ``corpus``: a `DataSpec` (a distillation run's data: its own held-out split, text field, recall
+    mix), a dict of its fields, or any source of :func:`hybrid_distill.data.build_token_dataset`
+    (``"default"``: the bundled corpus; ``max_tokens``, ``cache_dir`` and ``dataset_options`` apply).
+    The dataset is cached under ``cache_dir`` (default: the package's token cache). At most
+    ``max_sequences`` held-out sequences are used (``None``: all).
     """
-    from ..data import build_token_dataset
-
-    if max_sequences is not None:
-        dataset_options.setdefault("heldout_sequences", int(max_sequences))
-    ds = build_token_dataset(corpus, tokenizer, seq_len, cache_dir, max_tokens=max_tokens, **dataset_options)
+    spec = as_data_spec(corpus, max_tokens=max_tokens, cache_dir=cache_dir, **dataset_options)
+    options = {} if max_sequences is None else {"heldout_sequences": int(max_sequences)}
+    ds = spec.load(tokenizer, seq_len, **options)
     out: list[torch.Tensor] = []
     seen = 0
     for batch in ds.eval_batches(split=split, batch_size=batch_size):
@@ -119,8 +119,21 @@ def heldout_batches(
         if max_sequences is not None and seen >= max_sequences:
             break
     if not out:
-        raise ValueError(f"corpus {corpus!r} has no {split!r} sequences of {seq_len} tokens")
+        raise ValueError(f"corpus {spec.source!r} has no {split!r} sequences of {seq_len} tokens")
     return out
+
+
+def as_data_spec(corpus: Any, **overrides: Any):
+    """``corpus`` (a `DataSpec`, a dict of its fields or a source string) as a `DataSpec`; ``overrides``
+    that are not None replace its fields."""
+    import dataclasses
+
+    from ..data import DataSpec
+
+    if not isinstance(corpus, DataSpec):
+        corpus = DataSpec.from_dict(corpus if isinstance(corpus, dict) else str(corpus))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(corpus, **overrides) if overrides else corpus
 
 
 def evaluate_quality(model, batches: Iterable, teacher=None, tau: float = 1.0) -> dict[str, float]:

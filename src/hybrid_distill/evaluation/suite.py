@@ -158,7 +158,7 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 8,
     teacher=None,
-    corpus: str | os.PathLike = "default",
+    corpus: Any = "default",
     quality_seq_len: int = 512,
     quality_sequences: int = 32,
     cache_dir: str | os.PathLike | None = None,
@@ -179,7 +179,8 @@ def evaluate_model(
 
     recall: ``tasks`` (default ``DEFAULT_RECALL_TASKS``) x ``lengths``, ``num_samples`` each.
     niah: ``niah_lengths`` (default ``lengths``) x ``niah_depths``, ``niah_samples`` (default 1
-    per cell). quality: held-out perplexity on ``corpus`` (``quality_sequences`` sequences of
+    per cell). quality: held-out perplexity on ``corpus`` (a source, or a `DataSpec` such as a
+    distillation run's data, whose held-out split it then uses; ``quality_sequences`` sequences of
     ``quality_seq_len`` tokens) and, with ``teacher``, the teacher's perplexity and KL(teacher || model).
     efficiency: prefill latency, decode time per step, cache and peak memory (`run_efficiency`) at
     ``efficiency_lengths`` (default ``lengths``) x ``efficiency_batches``, with ``teacher`` measured
@@ -190,6 +191,10 @@ def evaluate_model(
     from .recall_tasks import DEFAULT_RECALL_TASKS, TASKS
 
     parts = parse_suite(suite)
+    if "quality" in parts:
+        from .quality import as_data_spec
+
+        data_spec = as_data_spec(corpus, cache_dir=cache_dir)
     tasks = list(tasks) if tasks else list(DEFAULT_RECALL_TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -210,7 +215,8 @@ def evaluate_model(
             "niah_samples": niah_samples or 1,
             "seed": seed,
             "batch_size": batch_size,
-            "corpus": str(corpus) if "quality" in parts else None,
+            "corpus": data_spec.source if "quality" in parts else None,
+            "data": data_spec.to_dict() if "quality" in parts else None,
             "teacher": _model_name(teacher, None) if teacher is not None else None,
             "efficiency_lengths": [int(n) for n in (efficiency_lengths or lengths)] if "efficiency" in parts else None,
             "efficiency_batches": [int(b) for b in efficiency_batches] if "efficiency" in parts else None,
@@ -231,10 +237,11 @@ def evaluate_model(
         from .quality import evaluate_quality, heldout_batches
 
         t0 = time.perf_counter()
-        batches = heldout_batches(tokenizer, corpus, seq_len=quality_seq_len, batch_size=max(1, batch_size // 2),
-                                  max_sequences=quality_sequences, cache_dir=cache_dir)
+        batches = heldout_batches(tokenizer, data_spec, seq_len=quality_seq_len, batch_size=max(1, batch_size // 2),
+                                  max_sequences=quality_sequences)
         q = evaluate_quality(model, batches, teacher=teacher)
-        q.update(corpus=str(corpus), seq_len=quality_seq_len, sequences=sum(b.shape[0] for b in batches))
+        q.update(corpus=data_spec.source, heldout_fraction=data_spec.heldout_fraction, seq_len=quality_seq_len,
+                 sequences=sum(b.shape[0] for b in batches))
         results["quality"] = q
         results["timings"]["quality_s"] = time.perf_counter() - t0
     if "efficiency" in parts:
@@ -324,7 +331,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if "quality" in results:
         q = results["quality"]
         lines += ["## Language-model quality", "",
-                  f"Held-out `{q.get('corpus')}`: {q.get('sequences')} sequences x {q.get('seq_len')} tokens "
+                  f"Held-out `{q.get('corpus')}`{_heldout_share(q)}: {q.get('sequences')} sequences x {q.get('seq_len')} tokens "
                   f"({q.get('tokens')} predicted tokens).", "",
                   "| metric | value |", "|---|---|",
                   f"| NLL (nats/token) | {_fmt(q.get('nll'), 4)} |",
@@ -389,16 +396,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--out", help="output directory (default: eval/<last three parts of the model path>)")
     parser.add_argument("--teacher", help="teacher (path or tiny:<variant>): KL in the quality suite, baseline of efficiency")
     parser.add_argument("--tokenizer", help="tokenizer path / hub id, or 'tiny' (default: the model's)")
-    parser.add_argument("--corpus", default="default", help="held-out corpus for the quality suite")
     parser.add_argument("--quality-seq-len", type=int, default=512)
     parser.add_argument("--quality-sequences", type=int, default=32)
-    parser.add_argument("--cache-dir", help="token cache directory for the quality corpus")
     parser.add_argument("--haystack", help="haystack for text tasks (corpus path, 'default:prose', ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    from ..data import add_data_arguments
+
+    add_data_arguments(parser, source_flags=("--data", "--corpus"), cache_flags=("--data-cache-dir", "--cache-dir"),
+                       title="quality suite: the held-out text (use the distillation run's data options to score on its held-out split)")
     eff = parser.add_argument_group("efficiency suite")
     eff.add_argument("--efficiency-lengths", help="comma-separated context lengths (default: --lengths)")
     eff.add_argument("--efficiency-batches", default="1,8", help="comma-separated batch sizes")
@@ -408,6 +417,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     eff.add_argument("--efficiency-dtype", choices=["float32", "bfloat16", "float16"],
                      help="measure copies of model and teacher in this dtype (default: as loaded, see --dtype)")
     return parser
+
+
+def _heldout_share(quality: dict) -> str:
+    share = quality.get("heldout_fraction")
+    return "" if share is None else f" (the {share:.3g} of its text held out by content hash)"
 
 
 def default_eval_name(model_spec: str) -> str:
@@ -422,6 +436,8 @@ def default_eval_name(model_spec: str) -> str:
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``hybrid-distill eval``; prints the summary and returns 0."""
     import torch
+
+    from ..data import data_spec_from_args
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
@@ -441,10 +457,9 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         teacher=teacher,
-        corpus=args.corpus,
+        corpus=data_spec_from_args(args),
         quality_seq_len=args.quality_seq_len,
         quality_sequences=args.quality_sequences,
-        cache_dir=args.cache_dir,
         haystack=args.haystack,
         model_name=args.model,
         progress=args.progress,

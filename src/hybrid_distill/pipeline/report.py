@@ -104,8 +104,8 @@ def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> li
     for name, m in per_model.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     lines += ["", "recall/niah: fraction correct (RULER-style string match); overall: mean over recall tasks; "
-              "ruler: mean over RULER's offline tasks; perplexity on the held-out corpus; "
-              "kl: KL(teacher ‖ model) per token.", ""]
+              "ruler: mean over RULER's offline tasks; perplexity and kl (KL(teacher ‖ model) per token) "
+              "on the text the run's data split held out from distillation.", ""]
     png = Path(comp["files"].get("plot") or report_dir / "comparison" / "comparison.png")
     if png.is_file():
         lines.append(f"![recall by model]({REPORT_DIR}/comparison/{png.name})")

@@ -103,7 +103,8 @@ class Pipeline:
     def _distill(self, student, cfg, out: Path) -> dict:
         from ..distill import distill
 
-        result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out)
+        result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out,
+                         tokenizer=self.tokenizer)
         return {"tokens": result.tokens, "compute_time_s": result.wall_time_s, "final": result.final_model_dir,
                 "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
 
@@ -234,6 +235,7 @@ class Pipeline:
 
     def eval_settings(self) -> dict[str, Any]:
         """Everything in the config that decides what an evaluation measures (with defaults filled in)."""
+        from ..data import DataSpec
         from ..evaluation.suite import parse_suite
 
         ev = dict(self.config.eval)
@@ -243,7 +245,8 @@ class Pipeline:
             "num_samples": ev.get("num_samples", 20), "niah_lengths": ev.get("niah_lengths"),
             "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
             "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
-            "corpus": str(self.config.data.get("source", "default")),
+            # the run's own data, so perplexity and KL are measured on the text distillation held out
+            "data": DataSpec.from_dict(self.config.data).to_dict(),
             "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
             # only with the efficiency suite, so that runs without it keep their recorded settings
             **({
@@ -260,6 +263,7 @@ class Pipeline:
         results from other settings are replaced."""
         import torch
 
+        from ..data import DataSpec
         from ..evaluation.suite import evaluate_model, load_model
 
         dest = self.run_dir / "eval" / name
@@ -279,7 +283,7 @@ class Pipeline:
             model, self.tokenizer, dest, suite=ev["suite"], tasks=ev["tasks"], lengths=ev["lengths"],
             num_samples=ev["num_samples"], niah_lengths=ev["niah_lengths"], niah_depths=ev["niah_depths"],
             niah_samples=ev["niah_samples"], seed=ev["seed"], batch_size=ev["batch_size"],
-            teacher=None if name == "teacher" else teacher, corpus=ev["corpus"],
+            teacher=None if name == "teacher" else teacher, corpus=DataSpec.from_dict(ev["data"]),
             quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
             model_name=name, progress=self.progress,
             **{k: ev[k] for k in EFFICIENCY_EVAL_KEYS if k in ev},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..data import add_data_arguments, data_spec_from_args
 from .config import EXECUTORS, SELECTORS, SelectionConfig
 
 
@@ -28,9 +29,6 @@ def add_select_arguments(parser) -> None:
     g.add_argument("--run-dir", required=True, help="selection directory (shared by selectors; candidates are reused)")
     g.add_argument("--base", default=None, help="all-linear student after Stage 1 (+2) to score from; default: distill one")
     g.add_argument("--stage1-student", default=None, help="Stage-1 all-linear student (GR candidates' mixers; needed with --base for gr/avg selectors)")
-    g.add_argument("--data", default="default", help="data source (HF dataset, local files, or 'default')")
-    g.add_argument("--data-cache-dir", default=None)
-    g.add_argument("--max-data-tokens", type=int, default=None)
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--probe", default=None, help="linear mixer used while scoring (gdn, gla)")
     g.add_argument("--layers", default=None, help="selector 'given': comma-separated softmax layers")
@@ -48,6 +46,7 @@ def add_select_arguments(parser) -> None:
     g.add_argument("--workers", type=int, default=None)
     g.add_argument("--reference", default=None, help="selection.json to compare against (Jaccard, tokens saved)")
     g.add_argument("--no-progress", action="store_true")
+    add_data_arguments(parser)
 
 
 def config_from_select_args(ns: dict[str, Any]) -> SelectionConfig:
@@ -88,7 +87,7 @@ def run_select_from_args(args) -> int:
 
     ns = dict(vars(args))
     config = config_from_select_args(ns)
-    data = {"source": ns.get("data") or "default", "cache_dir": ns.get("data_cache_dir"), "max_tokens": ns.get("max_data_tokens")}
+    data = data_spec_from_args(ns).to_dict()
     shared = {k: ns[f] for f, k in (("seq_len", "seq_len"), ("global_batch_size", "global_batch_size")) if ns.get(f)}
     base_stages = {"stage1": {**shared, "target_tokens": ns.get("base_stage1_tokens") or 100_000_000}}
     s2 = ns.get("base_stage2_tokens")

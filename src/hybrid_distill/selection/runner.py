@@ -253,7 +253,7 @@ def train_base_student(
         cfg = DistillConfig.from_dict({"seed": seed, **overrides, "stage": number, "save_final_model": True})
         cfg = cfg.replace(seq_len=cfg.seq_len or (512 if number == 1 else 4096))
         ds = spec.load(tok, cfg.seq_len, seed=seed, require_sequences=cfg.global_batch_size)
-        result = distill(student, teacher_model, ds, cfg, run_dir / f"stage{number}")
+        result = distill(student, teacher_model, ds, cfg, run_dir / f"stage{number}", tokenizer=tok)
         finals.append(result.final_model_dir)
     return finals[0], finals[1]
 
