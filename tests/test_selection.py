@@ -159,6 +159,31 @@ def test_restart_recomputes_nothing_finished(env, tmp_path, monkeypatch):
         _run(env, tmp_path, stage2=_stage(5))
 
 
+def test_a_base_student_retrained_in_place_is_not_reused(env, tmp_path):
+    """Candidates record a fingerprint of the base's weights, not only its path: a base overwritten by
+    another run (same path, same shapes) must not silently score from the old candidates."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hybrid_distill.checkpoint import weights_fingerprint
+
+    base = tmp_path / "base"
+    shutil.copytree(env["base"], base)
+    config = _config(budgets=[1], stage2=_stage(1))
+    run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
+                  stage1_student=env["stage1"], progress=False)
+    assert run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
+                         stage1_student=env["stage1"], progress=False)["candidates"]["reused"] == 4
+    before = weights_fingerprint(base)
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert weights_fingerprint(base) != before
+    with pytest.raises(ValueError, match=r"other settings.*base_weights"):
+        run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
+                      stage1_student=env["stage1"], progress=False)
+
+
 def test_failed_candidate_is_retried_once_then_reported(env, tmp_path, monkeypatch):
     real = cand_mod.run_candidate
     calls = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,6 +78,24 @@ def _check_safetensors_file(file: Path) -> None:
             f"Corrupt weight file {file}: expected {8 + header_len + end} bytes, found {size} (truncated or "
             "partially written). Re-save or re-download the checkpoint."
         )
+
+
+def weights_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A cheap identity of a checkpoint's weights: each ``*.safetensors`` file's name, size, header and
+    ``samples`` evenly spaced slices of its data (~1 MiB read per file). Retraining changes every
+    weight, so a checkpoint overwritten in place by another run gets a different fingerprint."""
+    h = hashlib.blake2b(digest_size=12)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(path)!r} has no .safetensors weight files")
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for i in range(samples):
+                f.seek(max(0, (size - sample_bytes) * i // max(1, samples - 1)))
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()
 
 
 def verify_checkpoint(path: str | Path) -> dict:

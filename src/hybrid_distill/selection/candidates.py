@@ -55,6 +55,7 @@ class CandidateJob:
     pause_at_tokens: int | None = None  # Stage-2 tokens to train up to in this call (None: to the end)
     eval_batches: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
+    base_weights: str | None = None  # `weights_fingerprint` of base_student: a base retrained in place is noticed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +75,7 @@ def _job_settings(job: CandidateJob) -> dict[str, Any]:
 
     payload = {
         "kind": job.kind, "layer": job.layer, "teacher": job.teacher, "base": str(job.base_student),
+        "base_weights": job.base_weights,
         "mixers": job.mixers, "data": job.data, "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
         "eval_batches": job.eval_batches, "heldout_rule": HELDOUT_RULE,  # scores depend on which text is held out
     }
@@ -127,7 +129,7 @@ def check_reusable(job: CandidateJob) -> dict[str, Any] | None:
         if record is not None and record.get("job_key") == stored_key and isinstance(record.get("settings"), dict):
             changed = _changed_settings(record["settings"], settings)
         raise ValueError(
-            f"{run_dir} holds a {state} candidate trained with other settings (teacher, base student, data, "
+            f"{run_dir} holds a {state} candidate trained with other settings (teacher, base student or its weights, data, "
             "mixers or stage configs differ"
             + (f": {'; '.join(changed)}" if changed else "")
             + f"); use a new selection run directory, or delete {run_dir} to train this candidate again"

@@ -406,6 +406,10 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
     seq2 = stage2_cfg.seq_len or 4096
     total = stage2_cfg.total_steps(seq2) * stage2_cfg.global_batch_size * seq2
 
+    from ..checkpoint import weights_fingerprint
+
+    fingerprints = {str(path): weights_fingerprint(path) for path in {base_student, stage1_student}}
+
     def make_job(kind: str, layer: int, pause: int | None) -> CandidateJob:
         if kind == "ga":
             mixers = ["softmax" if i == layer else config.probe for i in range(num_layers)]
@@ -416,7 +420,7 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
         job = CandidateJob(kind=kind, layer=layer, run_dir=str(candidate_dir(run_dir, kind, layer)), teacher=teacher,
                            base_student=str(base), mixers=mixers, data=spec.to_dict(), stage1=stage1_dict,
                            stage2=stage2_dict, tokenizer=tokenizer, pause_at_tokens=pause,
-                           eval_batches=stage2_cfg.eval_max_batches)
+                           eval_batches=stage2_cfg.eval_max_batches, base_weights=fingerprints[str(base)])
         check_reusable(job)  # a settings change must fail loudly, not be retried as a candidate failure
         return job
 
