@@ -32,7 +32,7 @@ def test_convert_reports_bad_input(tmp_path, capsys):
 def test_distill_stage1_then_stage2(tmp_path, capsys):
     common = ["--teacher", "tiny:llama-gqa", "--seq-len", "64", "--global-batch-size", "4", "--data-cache-dir", str(tmp_path / "cache"), "--max-data-tokens", "20000"]
     run1 = tmp_path / "s1"
-    assert main(["distill", *common, "--run-dir", str(run1), "--stage", "1", "--target-tokens", "2048"]) == 0
+    assert main(["distill", *common, "--run-dir", str(run1), "--stage", "1", "--target-tokens", "2048", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["stage"] == 1 and result["tokens"] >= 2048
     run2 = tmp_path / "s2"

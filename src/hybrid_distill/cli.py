@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_expandable_segments()  # before any command initializes CUDA
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False) or getattr(args, "cfg_progress", None) is False:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading / writing weights) too
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:

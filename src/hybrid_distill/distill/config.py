@@ -318,6 +318,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif "int" in str(f.type):
             kw.update(type=int)
         group.add_argument(flag, **kw)
+    group.add_argument("--no-progress", dest="cfg_progress", action="store_const", const=False,
+                       help="no progress bar (same as --progress false, and as run/select's --no-progress)")
     group.add_argument("--config", dest="cfg_file", default=None, help="JSON/YAML file of DistillConfig fields")
 
 
