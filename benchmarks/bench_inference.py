@@ -20,6 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from common import provenance, publish
 
+from hybrid_distill.dtypes import cast_model
 from hybrid_distill.evaluation.efficiency import fit_step_cost, measure, plot_efficiency, results_markdown
 from hybrid_distill.surgery import build_student, mixers_from_softmax_layers
 
@@ -50,7 +51,7 @@ def qwen25_teacher() -> Qwen2ForCausalLM:
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+        return cast_model(Qwen2ForCausalLM(config), torch.bfloat16).eval()
 
 
 def uniform_hybrid(teacher, ratio: float):

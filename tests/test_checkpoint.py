@@ -178,3 +178,65 @@ def test_bf16_load_keeps_decay_parameters_fp32(saved):
     mixer = model.model.layers[0].self_attn
     assert mixer.q_proj.weight.dtype == torch.bfloat16
     assert mixer.A_log.dtype == torch.float32 and mixer.dt_bias.dtype == torch.float32
+
+
+def test_checkpoint_folders_get_the_usual_permissions(saved, tmp_path):
+    """mkdtemp makes 0700 folders; a saved checkpoint must be as readable as anything else the user writes."""
+    import os
+    import stat
+
+    from hybrid_distill.fileio import DEFAULT_DIR_MODE
+
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4)
+    path = save_student(student, tmp_path / "shared")
+    assert stat.S_IMODE(os.stat(path).st_mode) == DEFAULT_DIR_MODE
+
+
+def test_interrupted_replace_is_restored_and_named(saved, tmp_path, monkeypatch):
+    """A crash between the two renames of a replace leaves only `.NAME.old-PID`: the error says where it is and
+    the next write puts it back first, so a failing write then still leaves the previous checkpoint."""
+    import os
+    import shutil
+
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved, target)
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4)
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between setting the old one aside and moving the new one in
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_student(student, target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match=r"interrupted; the previous checkpoint is at .*\.ckpt\.old-"):
+        verify_checkpoint(target)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(student), "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_student(student, target)
+    assert verify_checkpoint(target)["model_type"] == "hybrid_qwen2"  # restored before the failed write
+
+
+def test_malformed_header_and_index_fail_as_checkpoint_errors(saved, tmp_path):
+    import shutil
+    import struct
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode()  # no data_offsets
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="malformed header"):
+        verify_checkpoint(bad)
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid weight index"):
+        verify_checkpoint(bad)

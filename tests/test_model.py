@@ -91,6 +91,9 @@ def test_mixer_options_recorded_and_applied():
         (["gdn"] * 3, None, "3 mixers"),
         (["gdn", "mamba", "gdn", "gdn"], None, "Unknown mixer 'mamba' for layer 1"),
         (["gdn"] * 4, {"gdn_short_conv": True}, "Unknown mixer option"),
+        (["gdn"] * 4, {"gdn_use_short_conv": "false"}, "gdn_use_short_conv must be true or false, got 'false'"),
+        (["gdn"] * 4, {"gdn_conv_size": 0}, "gdn_conv_size must be a positive integer"),
+        (["gla"] * 4, {"gla_gate_low_rank_dim": 4.5}, "gla_gate_low_rank_dim must be a positive integer"),
     ],
 )
 def test_bad_student_specs_fail_clearly(mixers, options, match):
@@ -230,3 +233,97 @@ def test_forward_without_position_ids_never_reads_the_device_on_the_host(monkeyp
         positions = torch.arange(16).unsqueeze(0)
         torch.testing.assert_close(student(ids, position_ids=positions, use_cache=False).logits, ref, rtol=1e-6, atol=1e-6)
     assert calls, "position ids the caller passes still go to packed-document detection"
+
+
+def test_empty_mixer_list_is_an_error_not_an_all_linear_student():
+    from hybrid_distill.surgery import resolve_mixers
+
+    for empty in ([], "", " , "):
+        with pytest.raises(ValueError, match="mixer list is empty"):
+            resolve_mixers(4, empty)
+    assert resolve_mixers(4, None, "1") == ["gdn", "softmax", "gdn", "gdn"]
+
+
+def test_bf16_teacher_and_students_keep_fp32_rotary_frequencies(tmp_path):
+    """`model.to(bf16)` would round rope's inv_freq (angles off by up to ~position/500 rad); students built from a
+    bf16 teacher, and teachers cast for bf16 training, must match the checkpoint loaded in bf16."""
+    from hybrid_distill.checkpoint import load_student, save_student
+    from hybrid_distill.dtypes import cast_model
+    from hybrid_distill.surgery import load_teacher
+
+    tiny_teacher("llama-gqa").save_pretrained(tmp_path / "teacher")
+    teacher = load_teacher(str(tmp_path / "teacher"), dtype=torch.bfloat16)
+    student = build_student(teacher, ["softmax"] * 4)
+    assert student.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(student.model.rotary_emb.inv_freq, teacher.model.rotary_emb.inv_freq)
+    ids = _ids(batch=1, length=600)
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+        save_student(student, tmp_path / "student")
+        assert torch.equal(load_student(tmp_path / "student")(ids).logits, student(ids).logits)
+
+    fp32 = tiny_teacher("llama-gqa")
+    inv_freq = fp32.model.rotary_emb.inv_freq.clone()
+    cast_model(fp32, torch.bfloat16)
+    assert fp32.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(fp32.model.rotary_emb.inv_freq, inv_freq)  # not rounded
+    assert not torch.equal(inv_freq.to(torch.bfloat16).float(), inv_freq)  # (which bf16 would have done)
+
+
+def test_generate_without_cache_equals_cached_generate():
+    student = build_student(tiny_teacher("llama-gqa"), HYBRID, {"swa_window": 6, "gdn_use_short_conv": True})
+    ids = _ids(batch=2, length=10)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    cached, uncached = student.generate(ids, use_cache=True, **kw), student.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(uncached.scores), torch.stack(cached.scores), rtol=1e-4, atol=1e-5)
+
+
+def test_documents_packed_by_position_ids_alone_stay_separate():
+    """transformers' flattening collator marks documents by restarting position ids; the softmax layers' masks
+    separate them, and the linear layers must reset their state there too (one row, and several)."""
+    teacher = tiny_teacher("llama-gqa")
+    student = build_student(teacher, ["gdn", "softmax", "gla", "softmax"], {"gdn_use_short_conv": True})
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 500, (1, n), generator=g) for n in (12, 9, 7, 14)]
+    with torch.no_grad():
+        alone = [student(d).logits[0] for d in docs]
+        row = lambda a, b: (torch.cat([docs[a], docs[b]], 1), torch.cat([torch.arange(docs[a].shape[1]),  # noqa: E731
+                                                                           torch.arange(docs[b].shape[1])]))
+        (ids1, pos1), (ids2, pos2) = row(0, 1), row(2, 3)
+        packed = student(ids1, position_ids=pos1[None], use_cache=False).logits[0]
+        torch.testing.assert_close(packed[12:], alone[1], rtol=1e-4, atol=1e-5)
+        both = student(torch.cat([ids1, ids2[:, :21]]), position_ids=torch.stack([pos1, pos2[:21]]), use_cache=False).logits
+        torch.testing.assert_close(both[0, 12:], alone[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(both[1, 7:21], alone[3], rtol=1e-4, atol=1e-5)
+        plain = student(ids1, position_ids=torch.arange(21)[None], use_cache=False).logits[0]  # one document
+        torch.testing.assert_close(plain, student(ids1).logits[0], rtol=0, atol=0)
+
+
+def test_students_switch_attention_implementation_like_their_teacher():
+    student = build_student(tiny_teacher("qwen2-bias-tied"), HYBRID)
+    student.set_attn_implementation("eager")
+    assert student.config._attn_implementation == "eager"
+    assert student.model.layers[1].self_attn.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "mistral", "qwen2-bias-tied", "qwen3-qknorm"])
+def test_swa_window_reaches_every_attention_backend(variant):
+    """Flash-attention backends take the window only from the attention function's `sliding_window` argument
+    (their mask is None without padding): every family's swa layers must pass it, full layers must not."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = {}
+
+    def recording(module, q, k, v, mask, **kw):
+        seen[module.layer_idx] = kw.get("sliding_window")
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("hd_test_recording", recording)
+    student = build_student(tiny_teacher(variant), ["softmax", "swa", "gdn", "swa"], {"swa_window": 4})
+    student.config._attn_implementation = "hd_test_recording"
+    with torch.no_grad():
+        student(_ids(batch=1, length=12))
+    assert seen[1] == seen[3] == 4 and seen[0] in (None, getattr(student.config, "sliding_window", None))

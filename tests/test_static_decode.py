@@ -99,6 +99,9 @@ def test_prefill_in_row_groups_equals_one_batch():
     whole = StaticDecoder(model, 5, 40).generate(ids, 8)
     grouped = StaticDecoder(model, 5, 40).generate(ids, 8, rows_per_forward=2)
     assert torch.equal(whole, grouped)
+    for bad in (0, -3, 2.0):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            StaticDecoder(model, 5, 40).generate(ids, bad)
 
 
 # one block; 4 key blocks, the last fully masked; a sliding window (first blocks masked); one key

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .fileio import fsync_directory, fsync_tree
+from .fileio import DEFAULT_DIR_MODE, fsync_directory, fsync_tree
 
 
 class CheckpointError(RuntimeError):
@@ -25,13 +25,35 @@ def atomic_directory_write(path: str | Path):
     return _AtomicDir(Path(path))
 
 
+def _set_aside_copies(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def restore_interrupted_replace(path: str | Path) -> Path | None:
+    """Put back the previous directory an interrupted replace set aside (a crash between its two renames
+    leaves ``.NAME.old-PID`` and no ``NAME``); returns the restored path, or None if nothing was missing."""
+    path = Path(path)
+    if path.exists():
+        return None
+    for old in _set_aside_copies(path):
+        try:
+            os.replace(old, path)
+        except OSError:
+            continue
+        fsync_directory(path.parent)
+        return path
+    return None
+
+
 class _AtomicDir:
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        restore_interrupted_replace(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        os.chmod(self.tmp, DEFAULT_DIR_MODE)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -72,7 +94,11 @@ def _check_safetensors_file(file: Path) -> None:
             header = json.loads(f.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"Corrupt weight file {file}: {err}. Re-save or re-download the checkpoint.") from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"Corrupt weight file {file}: malformed header ({type(err).__name__}: {err}). "
+                              "Re-save or re-download the checkpoint.") from err
     if 8 + header_len + end != size:
         raise CheckpointError(
             f"Corrupt weight file {file}: expected {8 + header_len + end} bytes, found {size} (truncated or "
@@ -102,7 +128,10 @@ def verify_checkpoint(path: str | Path) -> dict:
     """Check that a checkpoint directory is complete and readable; returns its config dict."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"Checkpoint directory {str(path)!r} does not exist.")
+        set_aside = _set_aside_copies(path) if path.parent.is_dir() else []
+        hint = (f" A replace of it was interrupted; the previous checkpoint is at {str(set_aside[0])!r} (rename it back, "
+                "or write the checkpoint again, which restores it first)." if set_aside else "")
+        raise CheckpointError(f"Checkpoint directory {str(path)!r} does not exist.{hint}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json; it is not a Hugging Face checkpoint directory.")
@@ -112,7 +141,10 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index_file} is not a valid weight index ({type(err).__name__}: {err}).") from err
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:

@@ -14,6 +14,9 @@ from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# What open() / mkdir() would create; mkstemp / mkdtemp make 0600 / 0700, unreadable to a team's other accounts.
+DEFAULT_FILE_MODE = 0o666 & ~_UMASK
+DEFAULT_DIR_MODE = 0o777 & ~_UMASK
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -24,7 +27,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results should be as readable as any other file
+        os.chmod(tmp, DEFAULT_FILE_MODE)  # mkstemp creates 0600; results should be as readable as any other file
         os.replace(tmp, path)
         fsync_directory(path.parent)  # the rename itself survives a power loss
     except BaseException:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .dtypes import cast_model
 from .modeling import (
     HYBRID_CAUSAL_LM_CLASSES,
     HYBRID_CONFIG_CLASSES,
@@ -49,8 +50,11 @@ def resolve_mixers(
     num_layers: int, mixers: str | Sequence[str] | None = None, softmax_layers: str | Sequence[int] | None = None, linear: str = "gdn"
 ) -> list[str]:
     """A mixer list from either an explicit list (or comma-separated string) or the softmax layer indices."""
-    if mixers:
-        return [m.strip() for m in mixers.split(",")] if isinstance(mixers, str) else list(mixers)
+    if mixers is not None:
+        parsed = [m.strip() for m in mixers.split(",") if m.strip()] if isinstance(mixers, str) else list(mixers)
+        if not parsed:
+            raise ValueError(f"the mixer list is empty; give one mixer per layer ({num_layers}), or softmax layers instead")
+        return parsed
     if isinstance(softmax_layers, str):
         softmax_layers = [int(x) for x in softmax_layers.replace(" ", "").split(",") if x]
     return mixers_from_softmax_layers(num_layers, softmax_layers or [], linear)
@@ -112,7 +116,7 @@ def build_student(
     for module in student.modules():
         if isinstance(module, LinearAttentionMixer):
             module.init_new_parameters()
-    student.to(param.dtype)
+    cast_model(student, param.dtype)  # rotary inv_freq stays fp32, as in the teacher
     if init_from is not None:
         _copy_matching_mixers(student, init_from)
     student.train(teacher.training)

@@ -19,6 +19,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from .dtypes import cast_model
+
 _FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -90,7 +92,7 @@ def tiny_teacher(family_or_variant: str = "llama-gqa", seed: int = 0, dtype=torc
     config = tiny_teacher_config(family, **overrides)
     _, model_cls = _FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config).to(dtype)
+    model = cast_model(model_cls(config), dtype)
     if family == "qwen2":  # HF initializes biases to zero; make them non-zero so bias transfer is tested
         with torch.no_grad():
             for layer in model.model.layers:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
+from ..dtypes import cast_model
 from ..data.loader import SplitBatchesMixin
 from ..fileio import fsync_directory, fsync_file, fsync_tree
 from . import distributed as hd_dist
@@ -646,7 +647,7 @@ def distill(
     if teacher is not None:
         teacher.to(device)
         if bf16:  # frozen: no master weights needed
-            teacher.to(torch.bfloat16)
+            cast_model(teacher, torch.bfloat16)  # rotary inv_freq stays fp32
         teacher.eval()
     student.to(device)
     if bf16 and any(p.dtype != torch.float32 for p in student.parameters()):

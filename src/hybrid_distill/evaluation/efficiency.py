@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..dtypes import cast_model
 from ..modeling import CACHE_ARG, output_cache
 
 
@@ -280,7 +281,7 @@ def run_efficiency(
     models = ([(BASELINE_NAME, teacher)] if teacher is not None else []) + [(model_name, model)]
     if dtype is not None:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        models = [(name, m if _dtype(m) == dtype else copy.deepcopy(m).to(dtype)) for name, m in models]
+        models = [(name, m if _dtype(m) == dtype else cast_model(copy.deepcopy(m), dtype)) for name, m in models]
     if len({_dtype(m) for _, m in models}) > 1:
         raise ValueError(
             f"the model is in {_dtype(model)} and the teacher in {_dtype(teacher)}: measure both in one dtype "

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import cast_model
 from ..fileio import atomic_write_text, jsonable
 
 RESULTS_FILE = "lm_eval_results.json"
@@ -361,7 +362,7 @@ def evaluate_with_lm_eval(
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(str(tokenizer), str(tokenizer))
         if dtype is not None:
-            model = model.to(dtype)
+            model = cast_model(model, dtype)
         if device is not None:
             model = model.to(device)
     model.eval()

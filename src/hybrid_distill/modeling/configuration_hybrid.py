@@ -41,6 +41,19 @@ def resolve_mixer_options(options: dict | None) -> dict:
     if unknown:
         raise ValueError(f"Unknown mixer option(s) {unknown}; valid options: {sorted(DEFAULT_MIXER_OPTIONS)}")
     resolved = {**DEFAULT_MIXER_OPTIONS, **options}
+    for name, value in resolved.items():  # bool("false") is True: a value of the wrong type must not pass
+        default = DEFAULT_MIXER_OPTIONS[name]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            kind = {bool: "true or false", int: "a positive integer", float: "a positive number", str: "a string"}[type(default)]
+            raise ValueError(f"mixer option {name} must be {kind}, got {value!r}")
     if resolved["gdn_qkv_activation"] not in ("silu", "identity"):
         raise ValueError(f"gdn_qkv_activation must be 'silu' or 'identity', got {resolved['gdn_qkv_activation']!r}")
     if resolved["kernel_backend"] not in ("auto", "torch", "fla"):

@@ -149,6 +149,20 @@ def layer_mask_kind(config, layer_idx: int) -> str:
     return "sliding" if teacher_sliding_window(config, layer_idx) is not None else "full"
 
 
+def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """Document boundaries of packed rows as cumulative lengths over the flattened ``[B*T]`` tokens, or
+    None when every row holds one document. Documents start where the position ids do not go up by one,
+    as transformers' ``find_packed_sequence_indices`` reads them for the softmax layers' masks."""
+    pos = position_ids.expand(batch_size, -1)
+    starts = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1
+    starts[:, 0] = True
+    if int(starts.sum()) == batch_size:  # a host read, as in transformers' own check
+        return None
+    idx = torch.nonzero(starts.flatten()).flatten()
+    end = torch.tensor([starts.numel()], device=idx.device)
+    return torch.cat([idx, end]).to(torch.int32)
+
+
 class HybridCache(Cache):
     """Per layer: a KV cache (softmax), a sliding-window KV cache (swa / teacher sliding layers) or a
     recurrent state (linear layers)."""
@@ -359,8 +373,12 @@ class LinearAttentionMixer(nn.Module):
         """HF attention signature; `attention_mask` is a 2-D padding mask [B, S] (1 = token) or None."""
         past_key_values = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
-        mask = attention_mask[:, -T:] if attention_mask is not None else None
         cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None and B > 1:  # packed rows: boundaries index the flattened tokens
+            out, _ = self.forward(hidden_states.reshape(1, B * T, -1), None, past_key_values, position_embeddings,
+                                  **kwargs)
+            return out.reshape(B, T, -1), None
+        mask = attention_mask[:, -T:] if attention_mask is not None else None
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         prev_state = layer.recurrent_state if layer is not None and layer.seen_tokens > 0 else None
         conv_states = layer.conv_states if layer is not None and layer.seen_tokens > 0 else {}
@@ -489,6 +507,37 @@ MIXER_CLASSES = {"gdn": GatedDeltaNetMixer, "gla": GLAMixer}
 # --------------------------------------------------------------------------------------------
 
 
+class _ConfigWithOverrides:
+    """A view of a shared config with some attributes replaced (reads and writes of the others go through)."""
+
+    def __init__(self, base, **overrides):
+        self.__dict__.update(_base=base, _overrides=overrides)
+
+    def __getattr__(self, name):
+        d = self.__dict__
+        if "_base" not in d:  # half-built (copy / unpickle)
+            raise AttributeError(name)
+        return d["_overrides"][name] if name in d["_overrides"] else getattr(d["_base"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["_base"], name, value)
+
+
+def _give_window(attention: nn.Module, config, window: int) -> None:
+    """Make a teacher-family attention module a sliding-window (``swa``) one for every attention backend.
+
+    The sdpa/eager masks carry the window (`_layer_masks`); flash-attention backends take it only from the
+    ``sliding_window`` argument of the attention function, which Qwen2/3 pass from ``self.sliding_window``,
+    Mistral from ``self.config.sliding_window`` and Llama not at all (then `_attention_kwargs` adds it).
+    """
+    attention.sliding_window = window
+    attention.config = _ConfigWithOverrides(config, sliding_window=window)
+    try:
+        attention.passes_sliding_window = "sliding_window=" in inspect.getsource(type(attention).forward)
+    except (OSError, TypeError):  # no source shipped: assume it does, as all but Llama's do
+        attention.passes_sliding_window = True
+
+
 class HybridInitMixin:
     """Initialization of the parameters the teacher lacks; on both the inner model and the causal LM,
     since `from_pretrained` dispatches `_init_weights` to each `PreTrainedModel` in the tree."""
@@ -512,7 +561,7 @@ class HybridModelMixin(HybridInitMixin):
             if mixer in MIXER_CLASSES:
                 layer.self_attn = MIXER_CLASSES[mixer](self.config, i, layer.self_attn)
             elif mixer == "swa":
-                layer.self_attn.sliding_window = int(self.config.mixer_options["swa_window"])
+                _give_window(layer.self_attn, self.config, int(self.config.mixer_options["swa_window"]))
 
     def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> list:
         kinds = [layer_mask_kind(self.config, i) for i in range(self.config.num_hidden_layers)]
@@ -563,13 +612,26 @@ class HybridModelMixin(HybridInitMixin):
         # Masks see only position ids the caller passed: from any position ids transformers tries to
         # infer packed documents, reading a device tensor on the host (a sync in every forward).
         layer_masks = self._layer_masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        caller_position_ids = position_ids
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
+        layer_kwargs = [kwargs] * self.config.num_hidden_layers
+        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if getattr(layer.self_attn, "passes_sliding_window", True) is False:
+                layer_kwargs[i] = {**kwargs, "sliding_window": layer.self_attn.sliding_window}
+        if caller_position_ids is not None and attention_mask is None and past_key_values is None \
+                and "cu_seq_lens_q" not in kwargs and any(m in LINEAR_MIXERS for m in self.config.mixers):
+            # Packed documents marked by position ids alone (transformers' flattening collator): the softmax
+            # layers' masks separate them; linear layers need the boundaries to reset their state.
+            cu_seqlens = packed_cu_seqlens(caller_position_ids, inputs_embeds.shape[0])
+            if cu_seqlens is not None:
+                layer_kwargs = [{**kw, "cu_seq_lens_q": cu_seqlens} if m in LINEAR_MIXERS else kw
+                                for m, kw in zip(self.config.mixers, layer_kwargs)]
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer, mask in zip(self.layers[: self.config.num_hidden_layers], layer_masks):
+        for decoder_layer, mask, extra in zip(self.layers[: self.config.num_hidden_layers], layer_masks, layer_kwargs):
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=mask,
@@ -577,7 +639,7 @@ class HybridModelMixin(HybridInitMixin):
                 position_ids=position_ids,
                 use_cache=use_cache,
                 **{CACHE_ARG: past_key_values},
-                **kwargs,
+                **extra,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_ARG: past_key_values})
@@ -600,8 +662,16 @@ class HybridCausalLMMixin(HybridInitMixin):
         return False  # the model builds its own HybridCache
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if generation_config.use_cache is False or model_kwargs.get("use_cache") is False:
+            return  # generate(use_cache=False): every step runs the whole sequence again, with no cache
         if model_kwargs.get(CACHE_ARG) is None:
             model_kwargs[CACHE_ARG] = HybridCache(self.config)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers decides this from this file's source (an `*Attention*(nn.Module)` class without
+        # `ALL_ATTENTION_FUNCTIONS.get_interface(`); the softmax layers are the teacher family's own modules.
+        return True
 
     @property
     def mixers(self) -> list[str]:

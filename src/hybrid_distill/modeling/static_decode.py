@@ -419,6 +419,8 @@ class StaticDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, rows_per_forward: int | None = None) -> torch.Tensor:
         """Greedy continuation [B, max_new_tokens] of an unpadded prompt batch [B, T]."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if input_ids.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_length={self.max_length}"
