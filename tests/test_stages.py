@@ -206,6 +206,17 @@ def test_stage2_trains_all_parameters(tmp_path):
         assert key in row
 
 
+def test_bf16_distillation_keeps_the_teachers_rotary_frequencies_fp32(tmp_path):
+    """The frozen teacher is cast to bf16 for bf16 training; its rope inv_freq must not be rounded with it."""
+    student, teacher = _pair()
+    inv_freq = teacher.model.rotary_emb.inv_freq.clone()
+    cfg = DistillConfig(stage=2, target_tokens=4 * 12, global_batch_size=4, precision="bf16", progress=False,
+                        save_final_model=False, eval_max_batches=0)
+    distill(student, teacher, TensorTokenDataset(_tokens(8, 12)), cfg, tmp_path / "s2")
+    assert teacher.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(teacher.model.rotary_emb.inv_freq, inv_freq)
+
+
 # ----------------------------------------------------------------------------- Stage 3
 
 
