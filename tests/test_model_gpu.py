@@ -94,3 +94,19 @@ def test_fla_batched_generate_left_padding():
             assert got <= bound, (i, got, floor)
             if i == 0:
                 assert err(leaky, 0) > 10 * bound, (err(leaky, 0), bound)
+
+
+def test_fla_packed_documents_by_position_ids_stay_separate():
+    """Position ids that restart mark packed documents; fla's varlen kernels must reset there (rows flattened)."""
+    fla, _ = _students({"gdn_use_short_conv": True})
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 500, (1, n), generator=g).cuda() for n in (90, 110, 130, 70)]
+    pos = lambda a, b: torch.cat([torch.arange(docs[a].shape[1]), torch.arange(docs[b].shape[1])]).cuda()  # noqa: E731
+    with torch.no_grad():
+        alone = [fla(d).logits[0] for d in docs]
+        rows = torch.cat([torch.cat([docs[0], docs[1]], 1), torch.cat([docs[2], docs[3]], 1)])
+        packed = fla(rows, position_ids=torch.stack([pos(0, 1), pos(2, 3)]), use_cache=False).logits
+        leaky = fla(rows, use_cache=False).logits  # one document per row: the second one sees the first
+    assert _rel(packed[0, 90:], alone[1]) < 1e-2 and _rel(packed[1, 130:], alone[3]) < 1e-2
+    assert _rel(packed[0, :90], alone[0]) < 1e-2
+    assert _rel(leaky[0, 90:], alone[1]) > 10 * _rel(packed[0, 90:], alone[1])
