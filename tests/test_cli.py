@@ -149,3 +149,24 @@ def test_data_options_reach_distill_and_eval(tmp_path, capsys):
     scored = [tuple(row.tolist()) for b in heldout_batches(tok, spec, seq_len=64, max_sequences=3) for row in b]
     assert scored == [tuple(ds[int(i)].tolist()) for i in ds.heldout_indices[:3]]
     assert not set(scored) & trained
+
+
+def test_student_checkpoint_with_layout_flags_and_torchrun_drivers_are_refused(tmp_path, capsys, monkeypatch):
+    student = tmp_path / "student"
+    assert main(["convert", "--teacher", "tiny:llama-gqa", "--mixers", "gdn,gdn,gdn,gdn", "--out", str(student)]) == 0
+    capsys.readouterr()
+    args = ["distill", "--teacher", "tiny:llama-gqa", "--student", str(student), "--softmax-layers", "1", "--mixer-options",
+            '{"gdn_use_short_conv": true}', "--run-dir", str(tmp_path / "r"), "--stage", "2", "--target-tokens", "64"]
+    assert main(args) == 2
+    assert "--softmax-layers, --mixer-options would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+    from hybrid_distill.pipeline.config import DEFAULT_CONFIG
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+    assert main(["run", str(DEFAULT_CONFIG), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert main(["select", "--teacher", "tiny:llama-gqa", "--run-dir", str(tmp_path / "sel"), "--selector", "uniform",
+                 "--budget", "1"]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sel").exists()

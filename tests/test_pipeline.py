@@ -140,6 +140,15 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     fails(r"eval\.lengths must be", eval={"lengths": "128,256"})
     fails(r"eval\.num_samples must be a positive integer", eval={"num_samples": 0})
     fails(r"eval\.niah_depths", eval={"niah_depths": [50, 120]})
+    fails(r"eval\.suite must be a name or a list", eval={"suite": 5})
+    fails(r"eval\.seed must be an integer", eval={"seed": "x"})
+    fails(r"eval\.compile_decode must be true or false", eval={"compile_decode": "no"})
+    fails(r"eval\.efficiency_dtype must be float32, bfloat16 or float16", eval={"efficiency_dtype": "float8"})
+    fails(r"student must be a mapping", student="gdn")
+    fails(r"student\.mixer_options must be a mapping", student={"linear": "gdn", "mixer_options": "x"})
+    fails(r"student\.mixer_options: mixer option gdn_use_short_conv must be true or false",
+          student={"mixer_options": {"gdn_use_short_conv": "yes"}})
+    fails(r"run_dir must be a folder path", run_dir=5)
     fails(r"report must be a mapping", report="x")
     fails(r"report must be a mapping", report={"titel": "x"})
     assert not (tmp_path / "run").exists()
@@ -183,6 +192,56 @@ def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
     assert res["config"]["data"] == DataSpec.from_dict(data).to_dict()
     assert res["quality"]["sequences"] == 4 and res["quality"]["heldout_fraction"] == 0.2
     assert pipe.eval_settings()["data"]["text_field"] == "body"
+
+
+def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
+    """Runs made under other settings are set aside and redone (the trainer alone would return a finished run
+    as it is, whatever the teacher or data); later stages follow; a partial run on stale inputs is refused."""
+    from hybrid_distill.checkpoint import weights_fingerprint
+
+    uniform = {"selectors": ["uniform"], "budgets": [1]}
+    base = _config(tmp_path, selection=uniform, eval={"suite": ["quality"], "quality_seq_len": SEQ, "quality_sequences": 4})
+    run = Path(base["run_dir"])
+    run_pipeline(RunConfig.from_dict(base), progress=False)
+    first = {p: weights_fingerprint(run / p) for p in ("stage1/final", "stage2/final", "models/hybrid-gdn-k1-L2")}
+    teacher_eval = (run / "eval/teacher/results.json").stat().st_mtime_ns
+
+    # Final settings changed: the hybrid is trained again (from scratch: no reuse of Stage-1 mixers) and re-evaluated.
+    no_reuse = {**base, "final": {**base["final"], "reuse_stage1_mixers": False}}
+    run_pipeline(RunConfig.from_dict(no_reuse), progress=False)
+    assert weights_fingerprint(run / "models/hybrid-gdn-k1-L2") != first["models/hybrid-gdn-k1-L2"]
+    assert weights_fingerprint(run / "stage2/final") == first["stage2/final"]  # upstream untouched
+    res = json.loads((run / "eval/hybrid-gdn-k1-L2/settings.json").read_text())
+    assert res["model"]["weights"] == weights_fingerprint(run / "models/hybrid-gdn-k1-L2")
+    assert (run / "eval/teacher/results.json").stat().st_mtime_ns == teacher_eval  # same teacher, same results
+    superseded = sorted(p.name for p in (run / "superseded").iterdir())
+    assert [n.rsplit("-", 1)[0] for n in superseded] == ["final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2"]
+
+    # Data changed: a partial run on the stale Stage 1 is refused; the full run redoes everything from Stage 1.
+    other_data = {**no_reuse, "data": {**base["data"], "max_tokens": 30_000}}
+    with pytest.raises(ConfigError, match="stage final needs stage1, stage2, selection done under the current"):
+        Pipeline(RunConfig.from_dict(other_data), progress=False).run(("final", "eval", "report"))
+    run_pipeline(RunConfig.from_dict(other_data), progress=False)
+    for path, before in first.items():
+        assert weights_fingerprint(run / path) != before, path
+    assert (run / "eval/teacher/results.json").stat().st_mtime_ns != teacher_eval  # new held-out text
+    moved = {p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()}
+    assert {"stage1", "stage2", "selection"} <= moved
+
+
+def test_students_and_evaluations_use_the_fp32_teacher_after_bf16_distillation(tmp_path):
+    """distill() casts the frozen teacher to bf16 in place (CUDA's default precision); later students and
+    evaluations must not depend on whether that happened earlier in the same process."""
+    import torch
+
+    from hybrid_distill.dtypes import cast_model
+
+    pipe = Pipeline(RunConfig.from_dict(_config(tmp_path)), progress=False)
+    fp32 = {k: v.clone() for k, v in pipe.teacher.state_dict().items()}
+    cast_model(pipe.teacher, torch.bfloat16)  # what a bf16 stage does to the shared teacher
+    teacher = pipe.teacher
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    assert all(torch.equal(v, fp32[k]) for k, v in teacher.state_dict().items())
 
 
 def test_dry_run_prints_plan(tmp_path, capsys):

@@ -175,6 +175,12 @@ def test_a_base_student_retrained_in_place_is_not_reused(env, tmp_path):
                   stage1_student=env["stage1"], progress=False)
     assert run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
                          stage1_student=env["stage1"], progress=False)["candidates"]["reused"] == 4
+    # the same weights elsewhere (a moved run directory) and the token cache moved: candidates are kept
+    moved = tmp_path / "moved-base"
+    shutil.copytree(base, moved)
+    data = {**env["data"], "cache_dir": str(tmp_path / "tokens-moved")}
+    assert run_selection(config, TEACHER, tmp_path / "sel", data=data, base_student=str(moved),
+                         stage1_student=env["stage1"], progress=False)["candidates"]["reused"] == 4
     before = weights_fingerprint(base)
     weights = load_file(str(base / "model.safetensors"))
     save_file({k: v * 1.01 for k, v in weights.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
@@ -295,7 +301,7 @@ def test_paused_candidates_refuse_other_settings(env, overshoot, tmp_path, monke
     calls = []
     monkeypatch.setattr(runner_mod, "run_candidate", lambda job: calls.append(job) or cand_mod.run_candidate(job))
     config = _config(**OVERSHOOT_EARLY)
-    with pytest.raises(ValueError, match=r"partly trained candidate trained with other settings.*base: .*delete"):
+    with pytest.raises(ValueError, match=r"partly trained candidate trained with other settings.*base_weights: .*delete"):
         run_selection(config, TEACHER, early_dir, data=env["data"], base_student=env["stage1"],  # another base student
                       stage1_student=env["stage1"], progress=False)
     with pytest.raises(ValueError, match=r"other settings.*stage2\.lr_other"):

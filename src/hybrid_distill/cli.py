@@ -78,9 +78,24 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def refuse_torchrun(command: str) -> None:
+    """``run`` and ``select`` drive whole stages themselves (one process; candidates fan out through executors)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"`hybrid-distill {command}` runs as one process (layer-scoring candidates fan out to GPUs through its "
+            "executors: local, ray, slurm); start it without torchrun. Under torchrun, use `hybrid-distill distill` "
+            "for one sharded stage at a time"
+        )
+
+
 def cmd_run(args) -> int:
     """Run the whole pipeline from a YAML config (skipping finished stages), or print its plan."""
     from .pipeline import RunConfig, plan_run, run_pipeline
+
+    if not args.dry_run:
+        refuse_torchrun("run")
     from .pipeline.plan import plan_markdown
 
     config = RunConfig.from_file(args.config, overrides={"run_dir": args.run_dir})
@@ -91,6 +106,14 @@ def cmd_run(args) -> int:
     state = run_pipeline(config, progress=not args.no_progress, **({} if stages is None else {"stages": stages}))
     print(f"done: {config.run_dir}/report.md" if "report" in state["stages"] else f"done: {config.run_dir}")
     return 0
+
+
+def cmd_select(args) -> int:
+    """Score layers with one selector and write its selection.json (+ plots)."""
+    from .selection.cli import run_select_from_args
+
+    refuse_torchrun("select")
+    return run_select_from_args(args)
 
 
 def cmd_compare(args) -> int:
@@ -149,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    from .selection.cli import add_replay_arguments, add_select_arguments, run_replay_from_args, run_select_from_args
+    from .selection.cli import add_replay_arguments, add_select_arguments, run_replay_from_args
 
     p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
     add_select_arguments(p)
-    p.set_defaults(func=run_select_from_args)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("replay", help="what early stopping / racing would have cost and chosen, from a full selection run")
     add_replay_arguments(p)

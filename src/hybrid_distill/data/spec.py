@@ -64,6 +64,10 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide which tokens come out (all but where the cache lives)."""
+        return {k: v for k, v in self.to_dict().items() if k != "cache_dir"}
+
     def load(self, tokenizer, seq_len: int, seed: int = 0, require_sequences: int | None = None, **options):
         """The packed dataset (`PackedDataset`) of this source at ``seq_len`` (cached on disk).
 

@@ -941,6 +941,13 @@ def run_distill_from_args(args) -> DistillResult:
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     config = config_from_args(ns)
     spec = data_spec_from_args(ns)  # bad data options fail before the models load
+    if ns.get("student"):
+        ignored = [flag for flag, key in (("--mixers", "mixers"), ("--softmax-layers", "softmax_layers"),
+                                          ("--mixer-options", "mixer_options"), ("--init-from", "init_from"))
+                   if ns.get(key)] + (["--linear"] if ns.get("linear") not in (None, "gdn") else [])
+        if ignored:
+            raise ValueError(f"--student trains an existing checkpoint as it is; {', '.join(ignored)} would be ignored. "
+                             "Leave them out, or build a new student (no --student; --init-from reuses its mixers)")
     ctx = hd_dist.init_distributed(config.device)
     teacher = load_teacher(ns["teacher"])
     tokenizer = load_tokenizer(ns["teacher"], ns.get("tokenizer"), teacher.config.vocab_size)

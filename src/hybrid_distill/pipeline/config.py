@@ -116,6 +116,20 @@ class RunConfig:
             DataSpec.from_dict(self.data)
         except DataSourceError as err:
             raise ConfigError(str(err)) from err
+        if not isinstance(self.run_dir, (str, Path)) or not str(self.run_dir):
+            raise ConfigError(f"run_dir must be a folder path, got {self.run_dir!r}")
+        if self.student is not None and not isinstance(self.student, dict):
+            raise ConfigError(f"student must be a mapping such as {{linear: gdn}}, got {self.student!r}")
+        options = (self.student or {}).get("mixer_options")
+        if options is not None:
+            from ..modeling.configuration_hybrid import resolve_mixer_options
+
+            if not isinstance(options, dict):
+                raise ConfigError(f"student.mixer_options must be a mapping of mixer options, got {options!r}")
+            try:
+                resolve_mixer_options(options)
+            except ValueError as err:
+                raise ConfigError(f"student.mixer_options: {err}") from err
         linear = (self.student or {}).get("linear", "gdn")
         if linear not in LINEAR_MIXERS:
             raise ConfigError(f"student.linear must be one of {list(LINEAR_MIXERS)}, got {linear!r}")
@@ -163,10 +177,22 @@ class RunConfig:
         if bad:
             raise ConfigError(f"unknown eval field(s) {bad}; valid: {list(_EVAL_KEYS)}")
         if "suite" in self.eval:
+            suite = self.eval["suite"]
+            if not isinstance(suite, (str, list)) or (isinstance(suite, list) and not all(isinstance(x, str) for x in suite)):
+                raise ConfigError(f"eval.suite must be a name or a list of names (recall, niah, quality, efficiency), got {suite!r}")
             try:
-                parse_suite(self.eval["suite"])
+                parse_suite(suite)
             except ValueError as err:
                 raise ConfigError(f"eval.suite: {err}") from err
+        seed = self.eval.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"eval.seed must be an integer, got {seed!r}")
+        compile_decode = self.eval.get("compile_decode")
+        if compile_decode is not None and not isinstance(compile_decode, bool):
+            raise ConfigError(f"eval.compile_decode must be true or false, got {compile_decode!r}")
+        dtype = self.eval.get("efficiency_dtype")
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"eval.efficiency_dtype must be float32, bfloat16 or float16, got {dtype!r}")
         tasks = self.eval.get("tasks")
         if tasks is not None:
             if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):

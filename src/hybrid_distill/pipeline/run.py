@@ -3,7 +3,9 @@ hybrids -> evaluation -> report, in one run directory.
 
 Every stage writes its outputs under ``run_dir`` and records itself in ``run_dir/pipeline.json``;
 a re-run skips finished stages (and finished parts of interrupted ones: distillation resumes from
-its last checkpoint, selection reuses finished candidates, evaluation reuses finished models)::
+its last checkpoint, selection reuses finished candidates, evaluation reuses finished models). A stage
+whose settings (or an earlier stage's results) changed runs again, and outputs made under the old
+settings are moved to ``superseded/`` first, so no stale run is resumed or reused::
 
     run_dir/
       pipeline.json          stages done, wall time and tokens per stage, the config used
@@ -12,6 +14,7 @@ its last checkpoint, selection reuses finished candidates, evaluation reuses fin
       final/<name>/          final-hybrid Stage-2 runs, one per distinct layer set
       models/<name>/         final hybrids as Hugging Face checkpoints with a model card
       eval/<model>/          results.json + summary.md per evaluated model
+      superseded/            outputs of earlier settings, set aside (never deleted)
       report.md, report.html
 """
 
@@ -20,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_json, read_json
+from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..distill.config import ConfigError
 from .config import EFFICIENCY_EVAL_KEYS, RunConfig
 
@@ -40,19 +45,65 @@ def _key(obj: Any) -> str:
 
 
 class PipelineState:
-    """``pipeline.json``: which stages are done, under which settings, and what they cost."""
+    """``pipeline.json``: which stages are done, under which settings and on which upstream results, and
+    what they cost. Each record carries a run id; a stage is done only while the stages before it still
+    hold the run ids it was made from (a stage run again makes every later one stale)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / STATE_FILE
         self.data = read_json(self.path) or {"stages": {}}
 
+    def upstream(self, stage: str) -> dict[str, str | None]:
+        previous = STAGES[: STAGES.index(stage)]
+        return {s: (self.data["stages"].get(s) or {}).get("run_id") for s in previous}
+
     def done(self, stage: str, key: str) -> dict | None:
         entry = self.data["stages"].get(stage)
-        return entry if entry and entry.get("key") == key else None
+        if not entry or entry.get("key") != key:
+            return None
+        if "upstream" in entry and entry["upstream"] != self.upstream(stage):  # records of older versions lack it
+            return None
+        return entry
 
     def record(self, stage: str, key: str, **info) -> None:
-        self.data["stages"][stage] = {"key": key, **info}
+        self.data["stages"][stage] = {"key": key, "run_id": uuid.uuid4().hex[:12], "upstream": self.upstream(stage),
+                                      **info}
         atomic_write_json(self.path, self.data)
+
+
+SUPERSEDED_DIR = "superseded"
+KEY_FILE = ".pipeline-key.json"  # in a stage's output folder: the settings it is being made under
+
+
+def set_aside(path: Path, run_dir: Path) -> Path:
+    """Move ``path`` (made under other settings) to ``run_dir/superseded/``; returns where it went."""
+    dest = run_dir / SUPERSEDED_DIR / f"{path.relative_to(run_dir).as_posix().replace('/', '--')}-{uuid.uuid4().hex[:8]}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    logger.warning("%s was made under other settings; moved to %s", path, dest)
+    return dest
+
+
+def claim_output_dir(path: Path, key: str, run_dir: Path) -> None:
+    """Make ``path`` the output folder of work under ``key``: a folder made under another key (other
+    teacher, data or settings, whose finished or half-finished runs the trainer would otherwise resume or
+    reuse) is moved to ``run_dir/superseded/`` first, never deleted."""
+    recorded = read_json(path / KEY_FILE) if path.is_dir() else None
+    if recorded is not None and recorded.get("key") != key:
+        set_aside(path, run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if recorded is None or recorded.get("key") != key:
+        atomic_write_json(path / KEY_FILE, {"key": key})
+
+
+def model_identity(spec: str) -> dict[str, str]:
+    """A model spec plus, for a local checkpoint, the fingerprint of its weights."""
+    from ..checkpoint import weights_fingerprint
+
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return {"spec": str(spec), "weights": weights_fingerprint(path)}
+    return {"spec": str(spec)}
 
 
 def hybrid_name(layers: list[int], linear: str) -> str:
@@ -73,11 +124,14 @@ class Pipeline:
     # -- shared resources --------------------------------------------------------------------
     @property
     def teacher(self):
-        if self._teacher is None:
-            import torch
+        import torch
 
+        # distill() casts the frozen teacher to bf16 in place (on CUDA): reload it, so that every student is
+        # built from, and every evaluation made with, the checkpoint's fp32 weights, resumed run or not.
+        if self._teacher is None or next(self._teacher.parameters()).dtype != torch.float32:
             from ..surgery import load_teacher
 
+            self._teacher = None
             self._teacher = load_teacher(self.teacher_spec, dtype=torch.float32)
         return self._teacher
 
@@ -117,6 +171,7 @@ class Pipeline:
         cfg = self.config.distill_config("stage1", 1).replace(progress=self.progress)
         torch.manual_seed(self.config.seed)
         student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
+        claim_output_dir(self.run_dir / "stage1", self.stage_key("stage1"), self.run_dir)
         return self._distill(student, cfg, self.run_dir / "stage1")
 
     def stage2(self) -> dict:
@@ -126,6 +181,7 @@ class Pipeline:
             return {"tokens": 0, "final": str(self.run_dir / "stage1" / "final"), "skipped": True}
         cfg = self.config.distill_config("stage2", 2).replace(progress=self.progress)
         student = load_student(self.run_dir / "stage1" / "final").float()
+        claim_output_dir(self.run_dir / "stage2", self.stage_key("stage2"), self.run_dir)
         return self._distill(student, cfg, self.run_dir / "stage2")
 
     def base_dirs(self) -> tuple[str, str]:
@@ -137,6 +193,8 @@ class Pipeline:
         from ..selection import run_selection
 
         stage1, base = self.base_dirs()
+        # candidates start from the all-linear students: others (another teacher, data or Stage 1/2) make them stale
+        claim_output_dir(self.run_dir / "selection", self.stage_key("stage2"), self.run_dir)
         out: dict[str, Any] = {"selectors": {}}
         by_kind: dict[str, int] = {}
         for selector in self.config.selectors:
@@ -181,14 +239,23 @@ class Pipeline:
         reuse = self.config.final.get("reuse_stage1_mixers", True)
         init_from = load_student(stage1).float() if reuse else None
         out: dict[str, Any] = {"models": {}, "tokens": 0, "compute_time_s": 0.0}
+        final_settings = {k: v for k, v in self.config.final.items() if k != "extra_sets"}
         for name, item in self.final_sets().items():
             model_dir = self.run_dir / "models" / name
+            key = _key({"upstream": self.stage_key("stage2"), "final": final_settings, "layers": item["layers"]})
+            recorded = read_json(self.run_dir / "final" / name / KEY_FILE)
+            if recorded is not None and recorded.get("key") != key and model_dir.exists():
+                set_aside(model_dir, self.run_dir)  # with its stale training run
+            claim_output_dir(self.run_dir / "final" / name, key, self.run_dir)
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
             torch.manual_seed(self.config.seed)
             student = build_student(self.teacher, mixers, self.config.mixer_options, init_from=init_from).float()
             res = self._distill(student, cfg, self.run_dir / "final" / name)
+            card = self.model_card(name, item, res)
             if not (model_dir / "config.json").is_file():
-                save_student(student, model_dir, tokenizer=self.tokenizer, model_card=self.model_card(name, item, res))
+                save_student(student, model_dir, tokenizer=self.tokenizer, model_card=card)
+            elif (model_dir / "README.md").is_file() and (model_dir / "README.md").read_text() != card:
+                atomic_write_text(model_dir / "README.md", card)  # e.g. a selector added later chose this set too
             out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"],
                                    "compute_time_s": res["compute_time_s"]}
             out["tokens"] += res["tokens"]
@@ -246,7 +313,7 @@ class Pipeline:
             "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
             "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
             # the run's own data, so perplexity and KL are measured on the text distillation held out
-            "data": DataSpec.from_dict(self.config.data).to_dict(),
+            "data": DataSpec.from_dict(self.config.data).identity(),
             "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
             # only with the efficiency suite, so that runs without it keep their recorded settings
             **({
@@ -267,14 +334,16 @@ class Pipeline:
         from ..evaluation.suite import evaluate_model, load_model
 
         dest = self.run_dir / "eval" / name
-        settings = json.loads(json.dumps(self.eval_settings()))  # as read back from JSON (tuples -> lists)
+        fixed = {"teacher": self.teacher_spec, f"all-{self.config.linear}": self.base_dirs()[1]}
+        spec = fixed[name] if name in fixed else self.eval_models()[name]
+        # which weights were measured: a model trained again under the same name must not keep old results
+        settings = json.loads(json.dumps({**self.eval_settings(), "model": model_identity(spec),
+                                          "teacher_model": model_identity(self.teacher_spec)}))
         if (dest / "results.json").is_file():
             recorded = read_json(dest / EVAL_SETTINGS_FILE)
             if recorded is None or recorded == settings:  # None: results from before settings were recorded
                 return dest
             logger.info("eval %s: settings changed since its results were written; evaluating again", name)
-        fixed = {"teacher": self.teacher_spec, f"all-{self.config.linear}": self.base_dirs()[1]}
-        spec = fixed[name] if name in fixed else self.eval_models()[name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
         model = teacher if name == "teacher" else load_model(spec, device=device)
@@ -283,7 +352,7 @@ class Pipeline:
             model, self.tokenizer, dest, suite=ev["suite"], tasks=ev["tasks"], lengths=ev["lengths"],
             num_samples=ev["num_samples"], niah_lengths=ev["niah_lengths"], niah_depths=ev["niah_depths"],
             niah_samples=ev["niah_samples"], seed=ev["seed"], batch_size=ev["batch_size"],
-            teacher=None if name == "teacher" else teacher, corpus=DataSpec.from_dict(ev["data"]),
+            teacher=None if name == "teacher" else teacher, corpus=DataSpec.from_dict(self.config.data),
             quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
             model_name=name, progress=self.progress,
             **{k: ev[k] for k in EFFICIENCY_EVAL_KEYS if k in ev},
@@ -301,7 +370,10 @@ class Pipeline:
     # -- driver -------------------------------------------------------------------------------
     def stage_key(self, stage: str) -> str:
         c = self.config
-        parts: dict[str, Any] = {"teacher": c.teacher_spec, "data": c.data, "student": c.student, "seed": c.seed,
+        from ..data import DataSpec
+
+        parts: dict[str, Any] = {"teacher": c.teacher_spec, "data": DataSpec.from_dict(c.data).identity(),
+                                 "student": c.student, "seed": c.seed,
                                  "stage1": c.stage1}
         if stage in ("stage2", "selection", "final", "eval", "report"):
             parts["stage2"] = c.stage2
@@ -324,11 +396,17 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = PipelineState(self.run_dir)
         state.data["config"] = self.config.to_dict()
-        for stage in stages:
+        for stage in sorted(set(stages), key=STAGES.index):
             key = self.stage_key(stage)
             if state.done(stage, key):
                 logger.info("stage %s: done already, skipping", stage)
                 continue
+            stale = [s for s in STAGES[: STAGES.index(stage)] if not state.done(s, self.stage_key(s))]
+            if stale:
+                raise ConfigError(
+                    f"stage {stage} needs {', '.join(stale)} done under the current settings first (not run yet, or "
+                    f"run under other settings); run --stages {','.join([*stale, stage])}, or all stages"
+                )
             logger.info("stage %s: running", stage)
             t0 = time.perf_counter()
             info = getattr(self, stage)()

@@ -73,10 +73,14 @@ def _job_settings(job: CandidateJob) -> dict[str, Any]:
     def resume_fields(cfg):
         return None if cfg is None else DistillConfig.from_dict(cfg).resume_fields()
 
+    from ..data import DataSpec
+
+    # the base's weights, not its path, and the data, not its cache folder: a moved run directory or token
+    # cache keeps its candidates
+    base = {"base_weights": job.base_weights} if job.base_weights else {"base": str(job.base_student)}
     payload = {
-        "kind": job.kind, "layer": job.layer, "teacher": job.teacher, "base": str(job.base_student),
-        "base_weights": job.base_weights,
-        "mixers": job.mixers, "data": job.data, "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
+        "kind": job.kind, "layer": job.layer, "teacher": job.teacher, **base,
+        "mixers": job.mixers, "data": DataSpec.from_dict(job.data).identity(), "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
         "eval_batches": job.eval_batches, "heldout_rule": HELDOUT_RULE,  # scores depend on which text is held out
     }
     return json.loads(json.dumps(payload, sort_keys=True, default=str))

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from ..data import add_data_arguments, data_spec_from_args
+from ..distill.config import ConfigError
 from .config import EXECUTORS, SELECTORS, SelectionConfig
 
 
@@ -58,6 +59,11 @@ def config_from_select_args(ns: dict[str, Any]) -> SelectionConfig:
         import yaml
 
         data = yaml.safe_load(Path(ns["config"]).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{ns['config']} must hold a mapping of SelectionConfig fields, got {type(data).__name__}")
+        for key in ("stage1", "stage2"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise ConfigError(f"{ns['config']}: {key} must be a mapping of DistillConfig fields, got {data[key]!r}")
     data["selector"] = ns.get("selector") or data.get("selector", "ga-s2")
     if ns.get("budget"):
         data["budgets"] = _budgets(ns["budget"])
