@@ -82,14 +82,31 @@ def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
             per += _tokens(c1)
             flops += (2 * n + 6 * attn) * _tokens(c1)
         count = layers * len(kinds)
-        add("selection", f"{count} one-swap candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per, flops / per)
+        learned = [config.selection_config(s) for s in config.selectors if s in LEARNED_SELECTORS]
+        bound = "up to " if any(c.early_stop or c.racing for c in learned) else ""  # early stopping / racing spend less
+        add("selection", f"{bound}{count} one-swap candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per,
+            flops / per)
     budgets = config.selection.get("budgets", [0.25])
     sets = sum(1 if s == "given" else len(budgets) for s in config.selectors) + len(config.final.get("extra_sets") or {})
     fin = config.distill_config("final", 2)
     add("final", f"up to {sets} final hybrids x {_tokens(fin):,} tokens", sets * _tokens(fin), 8 * n)
+    from ..evaluation.suite import parse_suite
+
     ev = config.eval
-    eval_tokens = (2 + sets) * len(ev.get("tasks") or [None] * 11) * sum(ev.get("lengths", [1024])) * ev.get("num_samples", 20)
-    add("eval", f"{2 + sets} models (teacher, all-linear, hybrids)", eval_tokens, 2 * n)
+    parts = parse_suite(ev.get("suite", ["recall", "quality"]))
+    lengths = ev.get("lengths", [1024])
+    per_model = 0
+    if "recall" in parts:
+        per_model += len(ev.get("tasks") or [None] * 11) * sum(lengths) * ev.get("num_samples", 20)
+    if "niah" in parts:
+        per_model += (len(ev.get("niah_depths") or [None] * 5) * sum(ev.get("niah_lengths") or lengths)
+                      * (ev.get("niah_samples") or 1))
+    if "quality" in parts:  # each model and the teacher beside it
+        per_model += 2 * ev.get("quality_sequences", 32) * ev.get("quality_seq_len", 512)
+    what = f"{2 + sets} models (teacher, all-linear, hybrids): {', '.join(parts)}"
+    if "efficiency" in parts:
+        what += " (efficiency: timed decoding, not counted)"
+    add("eval", what, (2 + sets) * per_model, 2 * n)
     total = {k: sum(r[k] for r in rows) for k in ("tokens", "flops", "h100_hours")}
     return {"teacher": config.teacher_spec, "matmul_params": n, "layers": layers, "mfu": mfu, "stages": rows, "total": total}
 

@@ -87,12 +87,12 @@ def set_aside(path: Path, run_dir: Path) -> Path:
 def claim_output_dir(path: Path, key: str, run_dir: Path) -> None:
     """Make ``path`` the output folder of work under ``key``: a folder made under another key (other
     teacher, data or settings, whose finished or half-finished runs the trainer would otherwise resume or
-    reuse) is moved to ``run_dir/superseded/`` first, never deleted."""
+    reuse), or with no key at all, is moved to ``run_dir/superseded/`` first, never deleted."""
     recorded = read_json(path / KEY_FILE) if path.is_dir() else None
-    if recorded is not None and recorded.get("key") != key:
-        set_aside(path, run_dir)
+    if path.is_dir() and any(path.iterdir()) and (recorded or {}).get("key") != key:
+        set_aside(path, run_dir)  # made under other settings, or by a version that did not record them
     path.mkdir(parents=True, exist_ok=True)
-    if recorded is None or recorded.get("key") != key:
+    if (recorded or {}).get("key") != key:
         atomic_write_json(path / KEY_FILE, {"key": key})
 
 
@@ -244,8 +244,8 @@ class Pipeline:
             model_dir = self.run_dir / "models" / name
             key = _key({"upstream": self.stage_key("stage2"), "final": final_settings, "layers": item["layers"]})
             recorded = read_json(self.run_dir / "final" / name / KEY_FILE)
-            if recorded is not None and recorded.get("key") != key and model_dir.exists():
-                set_aside(model_dir, self.run_dir)  # with its stale training run
+            if (recorded or {}).get("key") != key and model_dir.exists():
+                set_aside(model_dir, self.run_dir)  # with its stale (or unrecorded) training run
             claim_output_dir(self.run_dir / "final" / name, key, self.run_dir)
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
             torch.manual_seed(self.config.seed)
