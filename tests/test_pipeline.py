@@ -229,6 +229,19 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     assert {"stage1", "stage2", "selection"} <= moved
 
 
+def test_a_teacher_overwritten_in_place_makes_its_students_stale(tmp_path):
+    from hybrid_distill.tiny_teachers import tiny_teacher
+
+    tiny_teacher("llama-gqa", seed=0).save_pretrained(tmp_path / "teacher")
+    cfg = RunConfig.from_dict(_config(tmp_path, teacher=str(tmp_path / "teacher"), tokenizer="tiny"))
+    Pipeline(cfg, progress=False).run(("stage1",))
+    assert Pipeline(cfg, progress=False).run(("stage1",))["stages"]["stage1"]  # done: skipped
+    assert not (tmp_path / "run" / "superseded").exists()
+    tiny_teacher("llama-gqa", seed=1).save_pretrained(tmp_path / "teacher")  # same path, other weights
+    Pipeline(cfg, progress=False).run(("stage1",))
+    assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "run" / "superseded").iterdir()] == ["stage1"]
+
+
 def test_students_and_evaluations_use_the_fp32_teacher_after_bf16_distillation(tmp_path):
     """distill() casts the frozen teacher to bf16 in place (CUDA's default precision); later students and
     evaluations must not depend on whether that happened earlier in the same process."""

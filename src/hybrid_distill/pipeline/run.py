@@ -372,7 +372,8 @@ class Pipeline:
         c = self.config
         from ..data import DataSpec
 
-        parts: dict[str, Any] = {"teacher": c.teacher_spec, "data": DataSpec.from_dict(c.data).identity(),
+        # the teacher's weights too: a local teacher overwritten in place must not keep its students
+        parts: dict[str, Any] = {"teacher": model_identity(c.teacher_spec), "data": DataSpec.from_dict(c.data).identity(),
                                  "student": c.student, "seed": c.seed,
                                  "stage1": c.stage1}
         if stage in ("stage2", "selection", "final", "eval", "report"):
