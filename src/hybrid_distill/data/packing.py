@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import fsync_directory
 from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
@@ -389,19 +390,6 @@ def _remove_dead_temps(cache_dir: Path, key: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def build_token_dataset(
     source: str | os.PathLike,
     tokenizer,
@@ -620,7 +608,7 @@ def _build(
             f.flush()
             os.fsync(f.fileno())
         (tmp / "owner.json").unlink()
-        _fsync_dir(tmp)
+        fsync_directory(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -628,7 +616,7 @@ def _build(
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             raise
-        _fsync_dir(cache_dir)
+        fsync_directory(cache_dir)
         logger.info(
             "packed %s: %d documents, %d tokens -> %d training + %d held-out sequences of %d (%d dropped) in %s",
             res.spec, stats["num_documents"], stats["num_tokens_read"], n_train, n_held, seq_len,
