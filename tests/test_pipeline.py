@@ -229,6 +229,23 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     assert {"stage1", "stage2", "selection"} <= moved
 
 
+def test_changed_candidate_settings_retrain_the_candidates_and_new_budgets_reuse_them(tmp_path):
+    cfg = _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [1], "stage2": _stage(2),
+                                       "snapshot_every_tokens": SEQ * BATCH})
+    stages = ("stage1", "stage2", "selection")
+    Pipeline(RunConfig.from_dict(cfg), progress=False).run(stages)
+    run = Path(cfg["run_dir"])
+    more_budgets = {**cfg, "selection": {**cfg["selection"], "budgets": [1, 2]}}
+    state = Pipeline(RunConfig.from_dict(more_budgets), progress=False).run(stages)
+    assert not (run / "superseded").exists()  # the same candidates answer the new budget
+    assert set(state["stages"]["selection"]["selectors"]["ga-s2"]) == {"K=1", "K=2"}
+    longer = {**cfg, "selection": {**cfg["selection"], "stage2": _stage(3)}}
+    Pipeline(RunConfig.from_dict(longer), progress=False).run(stages)  # before: "trained with other settings"
+    assert [p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()] == ["selection"]
+    sel = json.loads((run / "selection" / "ga-s2" / "selection.json").read_text())
+    assert sel["tokens"]["per_candidate_stage2"] == 3 * SEQ * BATCH
+
+
 def test_a_teacher_overwritten_in_place_makes_its_students_stale(tmp_path):
     from hybrid_distill.tiny_teachers import tiny_teacher
 

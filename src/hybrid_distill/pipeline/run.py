@@ -193,8 +193,13 @@ class Pipeline:
         from ..selection import run_selection
 
         stage1, base = self.base_dirs()
-        # candidates start from the all-linear students: others (another teacher, data or Stage 1/2) make them stale
-        claim_output_dir(self.run_dir / "selection", self.stage_key("stage2"), self.run_dir)
+        # Candidates start from the all-linear students and train under the selection's candidate settings: other
+        # students (teacher, data, Stage 1/2) or settings make them stale. Budgets, selectors, early stopping and
+        # racing do not: their candidates are reused.
+        candidates = {k: self.config.selection.get(k) for k in ("probe", "mixer_options", "stage1", "stage2",
+                                                                "snapshot_every_tokens", "seed")}
+        claim_output_dir(self.run_dir / "selection", _key({"upstream": self.stage_key("stage2"), "candidates": candidates}),
+                         self.run_dir)
         out: dict[str, Any] = {"selectors": {}}
         by_kind: dict[str, int] = {}
         for selector in self.config.selectors:
