@@ -422,6 +422,8 @@ def evaluate_with_lm_eval(
 
 def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of the lm-eval bridge (then ``parser.set_defaults(func=run_lm_eval_from_args)``)."""
+    from .suite import MODEL_DTYPES
+
     parser.add_argument("--model", required=True, help="saved student / HF causal LM dir, or tiny:<variant>")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks / groups / tags / YAML paths")
     parser.add_argument("--include-path", action="append", help="folder of custom task YAMLs (repeatable)")
@@ -433,7 +435,7 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--limit", type=float, help="examples per task (<1: fraction)")
     parser.add_argument("--num-fewshot", type=int)
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, help="model dtype")
     parser.add_argument("--metadata", help="JSON dict passed to the tasks (e.g. RULER's max_seq_lengths)")
     parser.add_argument("--out", help="output directory (default: eval/<model name>-lm-eval)")
     return parser

@@ -30,6 +30,7 @@ from ..fileio import atomic_write, atomic_write_text, jsonable
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
 
 SUITES = ("recall", "niah", "quality", "efficiency")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # --dtype / --efficiency-dtype / eval.efficiency_dtype
 # "all": what the model knows. Efficiency times the device and is asked for by name.
 ALL_SUITES = ("recall", "niah", "quality")
 DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -402,7 +403,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     from ..data import add_data_arguments
 
@@ -414,7 +415,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     eff.add_argument("--decode-steps", type=int, default=32, help="timed greedy decode steps per point")
     eff.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step (GPU; compiles per point)")
     eff.add_argument("--prefill-rows", type=int, help="prompt rows per prefill forward (bounds prefill memory)")
-    eff.add_argument("--efficiency-dtype", choices=["float32", "bfloat16", "float16"],
+    eff.add_argument("--efficiency-dtype", choices=MODEL_DTYPES,
                      help="measure copies of model and teacher in this dtype (default: as loaded, see --dtype)")
     return parser
 

@@ -523,19 +523,21 @@ class _ConfigWithOverrides:
         setattr(self.__dict__["_base"], name, value)
 
 
-def _give_window(attention: nn.Module, config, window: int) -> None:
+def _give_window(attention: nn.Module, config, window: int) -> dict:
     """Make a teacher-family attention module a sliding-window (``swa``) one for every attention backend.
 
     The sdpa/eager masks carry the window (`_layer_masks`); flash-attention backends take it only from the
     ``sliding_window`` argument of the attention function, which Qwen2/3 pass from ``self.sliding_window``,
-    Mistral from ``self.config.sliding_window`` and Llama not at all (then `_attention_kwargs` adds it).
+    Mistral from ``self.config.sliding_window`` and Llama not at all. Returns the keyword arguments the
+    model's forward must add for this layer (``{"sliding_window": window}`` for Llama's, else none).
     """
     attention.sliding_window = window
     attention.config = _ConfigWithOverrides(config, sliding_window=window)
     try:
-        attention.passes_sliding_window = "sliding_window=" in inspect.getsource(type(attention).forward)
+        passes_window = "sliding_window=" in inspect.getsource(type(attention).forward)
     except (OSError, TypeError):  # no source shipped: assume it does, as all but Llama's do
-        attention.passes_sliding_window = True
+        passes_window = True
+    return {} if passes_window else {"sliding_window": window}
 
 
 class HybridInitMixin:
@@ -556,12 +558,15 @@ class HybridModelMixin(HybridInitMixin):
     so each layer gets its own mask (and left-padded batches are right for linear layers)."""
 
     def _install_mixers(self) -> None:
+        self._layer_extra_kwargs: dict[int, dict] = {}  # per layer: keyword arguments forward adds
         for i, layer in enumerate(self.layers):
             mixer = self.config.mixers[i]
             if mixer in MIXER_CLASSES:
                 layer.self_attn = MIXER_CLASSES[mixer](self.config, i, layer.self_attn)
             elif mixer == "swa":
-                _give_window(layer.self_attn, self.config, int(self.config.mixer_options["swa_window"]))
+                extra = _give_window(layer.self_attn, self.config, int(self.config.mixer_options["swa_window"]))
+                if extra:
+                    self._layer_extra_kwargs[i] = extra
 
     def _layer_masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> list:
         kinds = [layer_mask_kind(self.config, i) for i in range(self.config.num_hidden_layers)]
@@ -617,10 +622,8 @@ class HybridModelMixin(HybridInitMixin):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
-        layer_kwargs = [kwargs] * self.config.num_hidden_layers
-        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if getattr(layer.self_attn, "passes_sliding_window", True) is False:
-                layer_kwargs[i] = {**kwargs, "sliding_window": layer.self_attn.sliding_window}
+        layer_kwargs = [{**kwargs, **self._layer_extra_kwargs[i]} if i in self._layer_extra_kwargs else kwargs
+                        for i in range(self.config.num_hidden_layers)]
         if caller_position_ids is not None and attention_mask is None and past_key_values is None \
                 and "cu_seq_lens_q" not in kwargs and any(m in LINEAR_MIXERS for m in self.config.mixers):
             # Packed documents marked by position ids alone (transformers' flattening collator): the softmax

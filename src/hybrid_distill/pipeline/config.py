@@ -169,7 +169,7 @@ class RunConfig:
     def _check_eval(self) -> None:
         """eval's fields, checked before any training so that a typo does not surface after the last stage."""
         from ..evaluation.recall_tasks import TASKS
-        from ..evaluation.suite import parse_suite
+        from ..evaluation.suite import MODEL_DTYPES, parse_suite
 
         if not isinstance(self.eval, dict):
             raise ConfigError("eval must be a mapping")
@@ -191,7 +191,7 @@ class RunConfig:
         if compile_decode is not None and not isinstance(compile_decode, bool):
             raise ConfigError(f"eval.compile_decode must be true or false, got {compile_decode!r}")
         dtype = self.eval.get("efficiency_dtype")
-        if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        if dtype is not None and dtype not in MODEL_DTYPES:
             raise ConfigError(f"eval.efficiency_dtype must be float32, bfloat16 or float16, got {dtype!r}")
         tasks = self.eval.get("tasks")
         if tasks is not None:

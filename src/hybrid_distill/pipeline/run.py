@@ -20,6 +20,7 @@ settings are moved to ``superseded/`` first, so no stale run is resumed or reuse
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -134,6 +135,11 @@ class Pipeline:
             self._teacher = None
             self._teacher = load_teacher(self.teacher_spec, dtype=torch.float32)
         return self._teacher
+
+    @functools.cached_property
+    def teacher_identity(self) -> dict[str, str]:
+        """`model_identity` of the teacher (its weights read once per pipeline, not at every key)."""
+        return model_identity(self.teacher_spec)
 
     @property
     def tokenizer(self):
@@ -343,7 +349,7 @@ class Pipeline:
         spec = fixed[name] if name in fixed else self.eval_models()[name]
         # which weights were measured: a model trained again under the same name must not keep old results
         settings = json.loads(json.dumps({**self.eval_settings(), "model": model_identity(spec),
-                                          "teacher_model": model_identity(self.teacher_spec)}))
+                                          "teacher_model": self.teacher_identity}))
         if (dest / "results.json").is_file():
             recorded = read_json(dest / EVAL_SETTINGS_FILE)
             if recorded is None or recorded == settings:  # None: results from before settings were recorded
@@ -378,7 +384,7 @@ class Pipeline:
         from ..data import DataSpec
 
         # the teacher's weights too: a local teacher overwritten in place must not keep its students
-        parts: dict[str, Any] = {"teacher": model_identity(c.teacher_spec), "data": DataSpec.from_dict(c.data).identity(),
+        parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": DataSpec.from_dict(c.data).identity(),
                                  "student": c.student, "seed": c.seed,
                                  "stage1": c.stage1}
         if stage in ("stage2", "selection", "final", "eval", "report"):
