@@ -137,6 +137,22 @@ def test_prefill_then_decode_equals_full_forward(variant, options):
     assert cache.layers[3].get_seq_length() <= 30
 
 
+def test_cache_crop_is_refused_whole_when_a_linear_state_would_roll_back():
+    from hybrid_distill.modeling.modeling_hybrid import CROP_REMOVES_TOKENS
+
+    student = build_student(tiny_teacher("llama"), ["softmax", "gdn", "softmax", "gdn"])
+    with torch.no_grad():
+        cache = output_cache(student(_ids(length=12), use_cache=True))
+    drop_two, keep_all = (-2, 0) if CROP_REMOVES_TOKENS else (10, 12)
+    with pytest.raises(NotImplementedError, match="cannot be rolled back"):
+        cache.crop(drop_two)
+    # the softmax layer in front of the linear ones is left as it was, not cropped on the way to the error
+    assert [layer.get_seq_length() for layer in cache.layers] == [12] * 4
+    cache.crop(keep_all)  # a crop that drops nothing (transformers 5.24's generate calls crop(0)) is a no-op
+    assert [layer.get_seq_length() for layer in cache.layers] == [12] * 4
+    assert not cache.is_croppable
+
+
 def test_all_linear_student_decodes_with_token_counter():
     student = build_student(tiny_teacher("qwen3-qknorm"), ["gla", "gdn", "gdn", "gla"])
     ids = _ids(length=20)

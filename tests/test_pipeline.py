@@ -174,6 +174,21 @@ def test_bad_text_field_is_named_before_training(tmp_path):
     assert not (Path(cfg.run_dir) / "stage1" / "DONE").exists()
 
 
+def test_sequences_too_short_for_the_recall_mix_are_refused_before_any_stage_runs(tmp_path):
+    long = {"target_tokens": 4 * 512, "seq_len": 512, "global_batch_size": 4}
+    cfg = RunConfig.from_dict(_config(
+        tmp_path, stage1=long, stage2=long, final={"stage2": long},
+        data={"source": "default", "max_tokens": 40_000, "cache_dir": str(tmp_path / "tokens"), "recall_fraction": 0.3,
+              "recall_tasks": ["niah_single_1"]}))
+    pipe = Pipeline(cfg, progress=False)
+    assert pipe.data_seq_lens(("stage1", "selection", "final")) == {
+        "stage1": 512, "selection.stage1": 512, "selection.stage2": SEQ, "final.stage2": 512}
+    with pytest.raises(ConfigError, match=f"selection.stage2.seq_len {SEQ} with data.recall_fraction: .*longer seq_len"):
+        pipe.run()
+    assert not (Path(cfg.run_dir) / "stage1").exists()  # refused before Stage 1 trained
+    pipe.check_recall_mix(("stage1", "stage2", "final"))  # the 512-token stages fit
+
+
 def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
     """The quality suite reads the run's own data (its text field, held-out share, cache), not the bare source."""
     import random

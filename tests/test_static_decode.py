@@ -57,6 +57,24 @@ def test_static_decode_equals_hf_generate(variant, kind):
     assert torch.equal(new, _teacher_forced_argmax(model, ids, new))
 
 
+@pytest.mark.parametrize("rope_type", ["dynamic", "linear"])
+def test_position_dependent_rope_decodes_like_hf_generate(rope_type):
+    # max_position_embeddings 16 < prompt + new tokens: dynamic NTK rope re-derives its frequencies as positions grow
+    teacher = tiny_teacher("llama", max_position_embeddings=16,
+                           rope_parameters={"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0})
+    model = build_student(teacher, ["softmax", "gdn", "softmax", "gdn"])
+    ids = _ids(length=12)
+    dec = StaticDecoder(model, batch_size=3, max_length=40)
+    new = dec.generate(ids, max_new_tokens=20)
+    if rope_type == "dynamic":  # the steps past position 16 did re-derive the frequencies
+        assert int(model.model.rotary_emb.max_seq_len_cached) == 12 + 20 - 1  # the last token is never fed
+    assert torch.equal(new, _hf_greedy(model, ids, 20))
+    assert not dec.use_graph
+    if rope_type == "dynamic":
+        with pytest.raises(ValueError, match="'dynamic'.*cuda_graph=False and compile=False"):
+            StaticDecoder(model, batch_size=3, max_length=40, compile=True)
+
+
 def test_teacher_sliding_window_layers():
     model = tiny_teacher("mistral", sliding_window=8)
     assert {k for k, _ in layer_kinds(model.config)} == {"sliding"}

@@ -90,6 +90,10 @@ class RecallMix:
                 continue
             yield seed, sample.input_text + sample.completion
 
+    def check_fits(self, tokenizer, seq_len: int) -> None:
+        """Raise `DataSourceError` unless the recall tasks make documents for ``seq_len``-token sequences."""
+        next(self.seeded_documents(tokenizer, seq_len))
+
     def interleave(self, texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[str]:
         """``texts`` with recall documents inserted so they make up about ``fraction`` of the characters."""
         for text, _ in self.interleave_tagged(texts, tokenizer, seq_len):

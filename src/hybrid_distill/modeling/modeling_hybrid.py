@@ -52,6 +52,17 @@ from .hybrid_ops import gated_delta_rule, gated_linear_attention
 # transformers 5.24 renamed the cache argument of forward(), generate()'s model kwargs and the output
 # field from `past_key_values` to `cache`. The hybrid model speaks whichever the installed version uses.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+# transformers 5.24 also changed `Cache.crop(n)`: n tokens to remove (n <= 0) instead of the length to keep
+# (negative: counted from the end); generate() there calls `crop(0)` as a no-op on some devices.
+CROP_REMOVES_TOKENS = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
+
+
+def crop_removes_tokens(n: int, seq_length: int) -> bool:
+    """Whether ``Cache.crop(n)`` drops any of ``seq_length`` cached tokens under the installed transformers."""
+    if CROP_REMOVES_TOKENS:
+        return n != 0
+    keep = seq_length + n if n < 0 else n
+    return keep < seq_length
 
 
 def output_cache(outputs):
@@ -124,8 +135,12 @@ class LinearStateLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices, ...])
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("A recurrent state cannot be cropped (assisted decoding is not supported).")
+    def crop(self, n: int) -> None:
+        if crop_removes_tokens(n, self.seen_tokens):
+            raise NotImplementedError(
+                "A linear-attention layer's recurrent state cannot be rolled back to an earlier token, so this "
+                "cache cannot be cropped (assisted/speculative decoding and rollbacks are not supported)."
+            )
 
 
 def teacher_sliding_window(config, layer_idx: int) -> int | None:
@@ -180,6 +195,14 @@ class HybridCache(Cache):
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
+
+    def crop(self, n: int) -> None:
+        """Crop the softmax layers' caches; refused before any layer changes when a linear state would have to
+        be rolled back (a partial crop would leave the layers at different lengths)."""
+        for layer in self.layers:
+            if isinstance(layer, LinearStateLayer):
+                layer.crop(n)  # raises if this crop would drop tokens
+        super().crop(n)
 
 
 # --------------------------------------------------------------------------------------------

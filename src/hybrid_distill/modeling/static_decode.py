@@ -196,6 +196,18 @@ def _linear_kernel_backend(options: list[dict], backend: str | None):
 
 # torch.compile modes whose code replays its own CUDA graphs (cudagraph trees).
 _GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# Rotary types whose frequencies transformers re-derives from the largest position at each call, through a
+# branch taken on the host: a captured graph would replay the frequencies of the step it captured.
+_HOST_UPDATED_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def host_updated_rope_type(model) -> str | None:
+    """The model's rotary type when transformers updates its frequencies on the host at each call, else None."""
+    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
+    for name in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
+        if isinstance(name, str) and any(kind in name for kind in _HOST_UPDATED_ROPE_TYPES):
+            return name
+    return None
 
 
 class StaticDecoder:
@@ -205,7 +217,9 @@ class StaticDecoder:
     >>> new_tokens = dec.generate(input_ids, max_new_tokens=256)   # [8, 256]
 
     Works for HF Llama/Qwen2/Qwen3/Mistral teachers and for hybrid students; prompts are unpadded
-    and of equal length. ``cuda_graph=None`` captures a graph when the model is on CUDA.
+    and of equal length. ``cuda_graph=None`` captures a graph when the model is on CUDA, unless its
+    rotary embedding is of a type whose frequencies change with the position ("dynamic", "longrope"),
+    which a graph or a compiled step cannot follow: those decode eagerly.
     ``compile=True`` runs the step through ``torch.compile`` (fuses the many small element-wise
     kernels of a step; the first step compiles, which takes a while). ``compile_mode`` is passed to
     it: "max-autotune-no-cudagraphs" lets inductor time Triton GEMM templates against cuBLAS for the
@@ -241,9 +255,18 @@ class StaticDecoder:
         self.buffer_length = -(-self.max_length // KEY_BLOCK) * KEY_BLOCK
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.use_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        rope_type = host_updated_rope_type(model)
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and rope_type is None
+        self.use_graph = bool(cuda_graph)
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        if rope_type is not None and (self.use_graph or compile):
+            raise ValueError(
+                f"this model's rotary embedding ({rope_type!r}) recomputes its frequencies from the position on the "
+                "host at every step, which a CUDA graph or a torch.compile'd step cannot follow: use "
+                "cuda_graph=False and compile=False (eager static decoding handles it)"
+            )
         self.kinds = layer_kinds(self.config)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)

@@ -399,6 +399,36 @@ class Pipeline:
             parts["report"] = c.report
         return _key(parts)
 
+    def data_seq_lens(self, stages) -> dict[str, int]:
+        """The sequence lengths the training stages among ``stages`` load data at, by config section."""
+        lens: dict[str, int] = {}
+        if "stage1" in stages:
+            lens["stage1"] = self.config.distill_config("stage1", 1).seq_len
+        if "stage2" in stages and self.config.stage2 is not None:
+            lens["stage2"] = self.config.distill_config("stage2", 2).seq_len
+        if "selection" in stages and set(self.config.selectors) != {"uniform"}:
+            for name, default in (("stage1", 512), ("stage2", 4096)):
+                raw = self.config.selection.get(name)
+                lens[f"selection.{name}"] = int((raw or {}).get("seq_len") or default)
+        if "final" in stages:
+            lens["final.stage2"] = self.config.distill_config("final", 2).seq_len
+        return lens
+
+    def check_recall_mix(self, stages) -> None:
+        """Refuse, before any training, sequence lengths too short for the data's recall documents (a
+        stage would otherwise fail only when it starts, after the earlier stages' work)."""
+        from ..data import DataSpec
+        from ..data.sources import DataSourceError
+
+        mix = DataSpec.from_dict(self.config.data).recall_mix()
+        if mix is None:
+            return
+        for section, seq_len in self.data_seq_lens(stages).items():
+            try:
+                mix.check_fits(self.tokenizer, seq_len)
+            except DataSourceError as err:
+                raise ConfigError(f"{section}.seq_len {seq_len} with data.recall_fraction: {err}") from None
+
     def run(self, stages: tuple[str, ...] = STAGES) -> dict:
         """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content."""
         unknown = [s for s in stages if s not in STAGES]
@@ -408,6 +438,7 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = PipelineState(self.run_dir)
         state.data["config"] = self.config.to_dict()
+        self.check_recall_mix([s for s in stages if not state.done(s, self.stage_key(s))])
         for stage in sorted(set(stages), key=STAGES.index):
             key = self.stage_key(stage)
             if state.done(stage, key):
