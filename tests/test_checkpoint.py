@@ -240,3 +240,100 @@ def test_malformed_header_and_index_fail_as_checkpoint_errors(saved, tmp_path):
     (bad / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid weight index"):
         verify_checkpoint(bad)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(saved, tmp_path):
+    """A checkpoint whose files are whole but lack tensors, or whose mixers list was changed, must not load with
+    freshly initialised weights in their place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    missing = tmp_path / "missing"
+    shutil.copytree(saved, missing)
+    state = load_file(missing / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layers.1." not in k}, missing / "model.safetensors",
+              metadata={"format": "pt"})
+    verify_checkpoint(missing)  # structurally fine
+    with pytest.raises(CheckpointError, match=r"do not fit .*missing \['model\.layers\.1\."):
+        load_student(missing)
+    relaid = tmp_path / "relaid"
+    shutil.copytree(saved, relaid)
+    config = json.loads((relaid / "config.json").read_text())
+    config["mixers"] = ["softmax", "gdn", "gla", "swa"]  # layer 0 was gdn, layer 1 softmax
+    (relaid / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_student(relaid)
+
+
+def test_saved_files_are_readable_like_any_other_file(tmp_path):
+    """safetensors writes its files 0600; a saved checkpoint's files get the user's usual file mode."""
+    import os
+    import stat
+
+    from hybrid_distill.fileio import DEFAULT_FILE_MODE
+
+    path = save_student(build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4), tmp_path / "shared")
+    modes = {f.name: stat.S_IMODE(os.stat(f).st_mode) for f in path.iterdir()}
+    assert modes["model.safetensors"] == DEFAULT_FILE_MODE and set(modes.values()) == {DEFAULT_FILE_MODE}, modes
+
+
+def test_saving_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4)
+    (tmp_path / "disk").mkdir()
+    target, link = tmp_path / "disk" / "final", tmp_path / "final"
+    save_student(student, target)
+    link.symlink_to(target)
+    with torch.no_grad():
+        student.lm_head.weight.add_(1.0)
+    save_student(student, link)
+    save_student(student, link)  # and again in the same process
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert torch.equal(load_student(target).lm_head.weight, student.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "final"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["final"]
+
+
+def test_a_copy_left_by_a_crashed_writer_neither_blocks_nor_lingers(tmp_path):
+    """A writer that died after both renames but before deleting its set-aside copy leaves `.NAME.old-PID` beside
+    a good NAME; a later writer (with the same PID, as in containers) still saves, and removes the leftover."""
+    import os
+    import shutil
+
+    student = build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4)
+    for name in ("final", "ckpt[v2]"):  # glob characters in the name too
+        path = save_student(student, tmp_path / name)
+        leftover = tmp_path / f".{name}.old-{os.getpid()}"
+        shutil.copytree(path, leftover)
+        save_student(student, path)
+        assert sorted(p.name for p in tmp_path.iterdir() if name in p.name) == [name]
+
+
+def test_interrupted_replace_of_a_name_with_glob_characters_is_restored(tmp_path):
+    import os
+
+    from hybrid_distill.checkpoint import restore_interrupted_replace
+
+    path = save_student(build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4), tmp_path / "ckpt[v2]")
+    os.replace(path, tmp_path / ".ckpt[v2].old-123")
+    assert restore_interrupted_replace(path) == path and verify_checkpoint(path)
+
+
+def test_weights_fingerprint_sees_a_change_of_any_one_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hybrid_distill.checkpoint import weights_fingerprint
+
+    path = save_student(build_student(tiny_teacher("llama-gqa"), ["gdn", "softmax", "gdn", "softmax"]), tmp_path / "s")
+    state = load_file(path / "model.safetensors")
+    # two 64-byte file slices: as sparse, relative to this tiny file, as 16 x 64 KiB slices of a multi-GB shard
+    fingerprint = lambda: weights_fingerprint(path, samples=2, sample_bytes=64)  # noqa: E731
+    base = fingerprint()
+    unchanged = []
+    for key in state:
+        changed = dict(state)
+        changed[key] = state[key] + 1e-3
+        save_file(changed, path / "model.safetensors", metadata={"format": "pt"})
+        if fingerprint() == base:
+            unchanged.append(key)
+    assert not unchanged

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .fileio import DEFAULT_DIR_MODE, fsync_directory, fsync_tree
+from .fileio import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, fsync_directory, fsync_tree
 
 
 class CheckpointError(RuntimeError):
@@ -26,7 +28,7 @@ def atomic_directory_write(path: str | Path):
 
 
 def _set_aside_copies(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def restore_interrupted_replace(path: str | Path) -> Path | None:
@@ -47,7 +49,8 @@ def restore_interrupted_replace(path: str | Path) -> Path | None:
 
 class _AtomicDir:
     def __init__(self, path: Path):
-        self.path = path
+        # A symlinked checkpoint path is written where the link points, so the link keeps naming it.
+        self.path = path.resolve() if path.is_symlink() else path
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,15 +63,25 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        fsync_tree(self.tmp)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
+        try:
+            for root, _, files in os.walk(self.tmp):  # writers such as safetensors create their files 0600
+                for name in files:
+                    os.chmod(os.path.join(root, name), DEFAULT_FILE_MODE)
+            fsync_tree(self.tmp)
+            old = None
+            if self.path.exists():
+                # unique, so a copy left by a crashed writer (which the next write restores) never blocks this one
+                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         fsync_directory(self.path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in [old] if old is not None else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in _set_aside_copies(self.path):  # left by writers that crashed after their second rename
+            shutil.rmtree(stale, ignore_errors=True)
         return False
 
 
@@ -84,7 +97,8 @@ def save_student(model: PreTrainedModel, path: str | Path, tokenizer=None, model
     return path
 
 
-def _check_safetensors_file(file: Path) -> None:
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file; CheckpointError when it cannot be read."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -92,13 +106,26 @@ def _check_safetensors_file(file: Path) -> None:
             if header_len <= 0 or 8 + header_len > size:
                 raise ValueError("header length exceeds the file size")
             header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"Corrupt weight file {file}: {err}. Re-save or re-download the checkpoint.") from err
+    return header_len, header
+
+
+def _tensor_ranges(file: Path, header: dict) -> list[tuple[int, int]]:
+    """(start, end) data offsets of each tensor in ``header``."""
     try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return [tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"]
     except (AttributeError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"Corrupt weight file {file}: malformed header ({type(err).__name__}: {err}). "
                               "Re-save or re-download the checkpoint.") from err
+
+
+def _check_safetensors_file(file: Path) -> None:
+    size = file.stat().st_size
+    header_len, header = _safetensors_header(file)
+    end = max((stop for _, stop in _tensor_ranges(file, header)), default=0)
     if 8 + header_len + end != size:
         raise CheckpointError(
             f"Corrupt weight file {file}: expected {8 + header_len + end} bytes, found {size} (truncated or "
@@ -106,21 +133,28 @@ def _check_safetensors_file(file: Path) -> None:
         )
 
 
-def weights_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """A cheap identity of a checkpoint's weights: each ``*.safetensors`` file's name, size, header and
-    ``samples`` evenly spaced slices of its data (~1 MiB read per file). Retraining changes every
-    weight, so a checkpoint overwritten in place by another run gets a different fingerprint."""
+def weights_fingerprint(path: str | Path, samples: int = 16, sample_bytes: int = 1 << 16, tensor_bytes: int = 64) -> str:
+    """A cheap identity of a checkpoint's weights: each ``*.safetensors`` file's name, size and header,
+    ``samples`` evenly spaced slices of its data (~1 MiB per file), and ``tensor_bytes`` from the start,
+    middle and end of every tensor. Retraining changes every weight, and a change of any one whole
+    tensor changes its samples, so a checkpoint overwritten in place gets a different fingerprint."""
     h = hashlib.blake2b(digest_size=12)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{str(path)!r} has no .safetensors weight files")
     for file in files:
         size = file.stat().st_size
+        header_len, header = _safetensors_header(file)
         h.update(f"{file.name}:{size}".encode())
         with open(file, "rb") as f:
+            h.update(f.read(8 + header_len))
             for i in range(samples):
                 f.seek(max(0, (size - sample_bytes) * i // max(1, samples - 1)))
                 h.update(f.read(sample_bytes))
+            for start, stop in sorted(_tensor_ranges(file, header)):
+                for at in (start, (start + stop - tensor_bytes) // 2, stop - tensor_bytes):
+                    f.seek(8 + header_len + max(start, at))
+                    h.update(f.read(min(tensor_bytes, stop - start)))
     return h.hexdigest()
 
 
@@ -167,7 +201,17 @@ def load_student(path: str | Path, dtype: torch.dtype | str | None = None, devic
             f"{str(path)!r} holds a {config.get('model_type')!r} model, not a hybrid student; "
             "load teachers with hybrid_distill.surgery.load_teacher."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", output_loading_info=True)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = [key for key, *_ in info.get("mismatched_keys") or ()]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{str(path)!r}: the weights do not fit the model its config.json describes (missing {missing[:6]}, "
+            f"unexpected {unexpected[:6]}, wrong shape {mismatched[:6]}); a weight file or the config (e.g. its "
+            "mixers list) was changed or mixed up. Re-save the checkpoint."
+        )
     if device is not None:
         model.to(device)
     return model.eval()
