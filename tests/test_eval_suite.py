@@ -75,7 +75,7 @@ def test_second_model_reuses_the_generated_samples(model, tok, tmp_path, monkeyp
     kw = dict(suite=["recall", "niah"], tasks=["kv_retrieval"], lengths=(160,), num_samples=2, niah_depths=(0, 100), batch_size=4)
     first = evaluate_model(model, tokenizer, tmp_path / "a", **kw)
     second = evaluate_model(model, tokenizer, tmp_path / "b", **kw)
-    assert made == ["generate_samples", "niah_grid_samples"]  # once, for the first model
+    assert made == ["niah_grid_samples", "generate_samples"]  # once, for the first model (NIAH first: checked up front)
     for part in ("recall", "niah"):
         assert [p["answers"] for p in first[part]["predictions"]] == [p["answers"] for p in second[part]["predictions"]]
     evaluate_model(model, tokenizer, tmp_path / "c", **{**kw, "lengths": (200,)})
@@ -240,3 +240,95 @@ def test_default_eval_folders_differ_for_each_stage_final_model():
     assert default_eval_name("runs/a/stage1/final") == "a-stage1-final"
     assert default_eval_name("runs/a/stage2/final") == "a-stage2-final"
     assert default_eval_name("tiny:llama-gqa") == "tiny-llama-gqa"
+
+
+def _recall_results(path, name, cells, niah=None):
+    """A results.json with recall cells {(task, length): score} (and NIAH rows {(depth, length): score})."""
+    from hybrid_distill.evaluation.scoring import aggregate
+
+    agg = aggregate([{"task": t, "length": n, "score": v} for (t, n), v in cells.items()], ruler_tasks=["niah_single_1"])
+    res = {"model": name, "suites": ["recall"], "config": {"num_samples": 4, "seed": 0},
+           "recall": {"aggregate": json.loads(json.dumps(agg))}}
+    if niah:
+        res["niah"] = {"table": [{"depth": d, "length": n, "score": v} for (d, n), v in niah.items()],
+                       "mean": sum(niah.values()) / len(niah)}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(res))
+    return path
+
+
+def test_compare_averages_only_the_cells_every_run_has(tmp_path):
+    a = _recall_results(tmp_path / "a", "a", {("kv_retrieval", 256): 1.0}, niah={(50.0, 256): 1.0})
+    b = _recall_results(tmp_path / "b", "b", {("kv_retrieval", 256): 1.0, ("kv_retrieval", 512): 0.2,
+                                               ("niah_single_1", 256): 0.2, ("niah_single_1", 512): 0.2},
+                        niah={(50.0, 256): 1.0, (50.0, 512): 0.0})
+    comp = compare_results([a, b], tmp_path / "cmp")
+    m = comp["metrics"]
+    assert m["recall/overall"] == {"a": 1.0, "b": 1.0} and m["recall/kv_retrieval"] == {"a": 1.0, "b": 1.0}
+    assert m["niah/mean"] == {"a": 1.0, "b": 1.0}
+    assert m["recall/niah_single_1@512"] == {"a": None, "b": 0.2}  # every cell is still listed
+    assert "recall/ruler" not in m  # no RULER task in the shared cells
+    assert any("1 cells all of them have" in note for note in comp["notes"])
+    assert "**Note:** The runs measured recall on different" in (tmp_path / "cmp" / "comparison.md").read_text()
+    # the same cells everywhere: the runs' own averages, no note
+    same = compare_results([a, _recall_results(tmp_path / "c", "c", {("kv_retrieval", 256): 0.5}, {(50.0, 256): 0.0})],
+                           tmp_path / "cmp2")
+    assert same["notes"] == [] and same["metrics"]["recall/overall"] == {"a": 1.0, "c": 0.5}
+
+
+def test_compare_names_stay_unique_and_a_stale_plot_is_removed(tmp_path):
+    dirs = [_recall_results(tmp_path / f"r{i}", name, {("kv_retrieval", 256): v})
+            for i, (name, v) in enumerate([("m", 0.9), ("m", 0.5), ("m (2)", 0.1)])]
+    comp = compare_results(dirs, tmp_path / "cmp")
+    assert len(set(comp["models"])) == 3
+    assert sorted(comp["metrics"]["recall/overall"].values()) == [0.1, 0.5, 0.9]
+    assert (tmp_path / "cmp" / "comparison.png").is_file()
+    quality_only = tmp_path / "q"
+    quality_only.mkdir()
+    (quality_only / "results.json").write_text(json.dumps({"model": "q", "quality": {"perplexity": 3.0}}))
+    comp = compare_results([quality_only], tmp_path / "cmp")
+    assert "plot" not in comp["files"] and not (tmp_path / "cmp" / "comparison.png").exists()
+    assert "comparison.png" not in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_evaluation_keeps_finished_suites_when_a_later_one_fails(model, tok, tmp_path, monkeypatch):
+    from hybrid_distill.evaluation import suite
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory in NIAH")
+
+    monkeypatch.setattr(suite, "run_niah", fail)
+    with pytest.raises(RuntimeError, match="NIAH"):
+        evaluate_model(model, tok, tmp_path, suite=["recall", "niah"], tasks=["kv_retrieval"], lengths=(256,), num_samples=1)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["partial"] == ["niah"] and saved["recall"]["aggregate"]["per_task"]["kv_retrieval"] is not None
+
+
+def test_too_short_niah_length_fails_before_any_suite_runs(model, tok, tmp_path, monkeypatch):
+    from hybrid_distill.evaluation import suite
+
+    monkeypatch.setattr(suite, "run_recall", lambda *a, **k: pytest.fail("recall ran before the NIAH lengths were checked"))
+    with pytest.raises(ValueError, match="niah length 64"):
+        evaluate_model(model, tok, tmp_path / "out", suite=["recall", "niah"], lengths=(256,), niah_lengths=(64,))
+    assert not (tmp_path / "out").exists()
+
+
+def test_reevaluation_without_niah_removes_the_old_heatmap(model, tok, tmp_path):
+    evaluate_model(model, tok, tmp_path, suite=["niah"], lengths=(256,), niah_depths=(50.0,))
+    assert (tmp_path / "niah.png").is_file()
+    evaluate_model(model, tok, tmp_path, suite=["recall"], tasks=["kv_retrieval"], lengths=(128,), num_samples=1)
+    assert not (tmp_path / "niah.png").exists()
+    assert "partial" not in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_eval_loads_a_teacher_saved_as_pytorch_model_bin(tmp_path):
+    from hybrid_distill.evaluation.suite import load_model
+
+    teacher = tiny_teacher("llama-gqa", num_hidden_layers=2)
+    teacher.save_pretrained(tmp_path / "t")
+    torch.save(teacher.state_dict(), tmp_path / "t" / "pytorch_model.bin")  # as older checkpoints are stored
+    (tmp_path / "t" / "model.safetensors").unlink()
+    loaded = load_model(str(tmp_path / "t"))
+    ids = torch.randint(3, 500, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, teacher(ids).logits)

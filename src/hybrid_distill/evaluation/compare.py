@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write, atomic_write_text
+from .scoring import aggregate
 from .suite import _fmt
+
+logger = logging.getLogger(__name__)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -29,10 +33,27 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def _metrics(res: dict[str, Any]) -> dict[str, float]:
-    """Flat metric name -> value for one run."""
+def _recall_cells(res: dict[str, Any]) -> set[tuple[str, int]]:
+    ptl = ((res.get("recall") or {}).get("aggregate") or {}).get("per_task_length", {})
+    return {(task, int(n)) for task, by_len in ptl.items() for n in by_len}
+
+
+def _niah_cells(res: dict[str, Any]) -> set[tuple[float, int]]:
+    return {(float(r["depth"]), int(r["length"])) for r in (res.get("niah") or {}).get("table", [])}
+
+
+def _metrics(res: dict[str, Any], recall_cells: set | None = None, niah_cells: set | None = None) -> dict[str, float]:
+    """Flat metric name -> value for one run. With ``recall_cells`` / ``niah_cells`` ((task, length) /
+    (depth, length) sets), the recall and NIAH averages cover only those cells; every cell of the run is
+    still listed on its own."""
     m: dict[str, float] = {}
     agg = (res.get("recall") or {}).get("aggregate") or {}
+    if recall_cells is not None and agg:
+        cells = [{"task": t, "length": n, "score": v} for t, by_len in agg.get("per_task_length", {}).items()
+                 for n, v in by_len.items() if (t, int(n)) in recall_cells]
+        common = aggregate(cells, ruler_tasks=agg.get("ruler_tasks") or ())
+        common["per_task_length"] = agg.get("per_task_length", {})
+        agg = {**common, "overall": common["overall"] if cells else None}
     for task, by_len in agg.get("per_task_length", {}).items():
         for n, v in by_len.items():
             m[f"recall/{task}@{n}"] = v
@@ -49,6 +70,9 @@ def _metrics(res: dict[str, Any]) -> dict[str, float]:
         for r in niah.get("table", []):
             m[f"niah/depth{float(r['depth']):g}@{r['length']}"] = r["score"]
         m["niah/mean"] = niah.get("mean")
+        if niah_cells is not None:
+            shared = [r["score"] for r in niah.get("table", []) if (float(r["depth"]), int(r["length"])) in niah_cells]
+            m["niah/mean"] = sum(shared) / len(shared) if shared else None
     q = res.get("quality")
     if q:
         for k in ("perplexity", "nll", "teacher_perplexity", "kl"):
@@ -92,10 +116,31 @@ def _digits(metric: str) -> int:
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
-    out, seen = [], {}
+    out: list[str] = []
     for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+        name, k = n, 1
+        while name in out or (name != n and name in names):
+            k += 1
+            name = f"{n} ({k})"
+        out.append(name)
+    return out
+
+
+def _shared_cells(sets: list[set]) -> set | None:
+    """The cells every run has, when the runs' cell sets differ (None when they are all the same)."""
+    sets = [s for s in sets if s]
+    if not sets or all(s == sets[0] for s in sets):
+        return None
+    return set.intersection(*sets)
+
+
+def _setting_differences(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
+    keys = ("num_samples", "niah_samples", "seed", "teacher")
+    out = []
+    for key in keys:
+        values = {n: (r.get("config") or {}).get(key) for n, r in zip(names, runs)}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out.append(f"{key} " + ", ".join(f"{n}: {v}" for n, v in values.items()))
     return out
 
 
@@ -138,7 +183,21 @@ def compare_results(
     names = _unique_names(list(names) if names else [str(r.get("model") or Path(d).name) for r, d in zip(runs, result_dirs)])
     if len(names) != len(runs):
         raise ValueError("names must match result_dirs")
-    per_model = {n: _metrics(r) for n, r in zip(names, runs)}
+    recall_cells = _shared_cells([_recall_cells(r) for r in runs])
+    niah_cells = _shared_cells([_niah_cells(r) for r in runs])
+    per_model = {n: _metrics(r, recall_cells, niah_cells) for n, r in zip(names, runs)}
+    notes = []
+    if recall_cells is not None:
+        notes.append(f"The runs measured recall on different (task, length) cells: every recall average here is over the "
+                     f"{len(recall_cells)} cells all of them have; the other cells are listed but averaged in no column.")
+    if niah_cells is not None:
+        notes.append(f"The runs measured NIAH on different (depth, length) cells: niah/mean is over the "
+                     f"{len(niah_cells)} cells all of them have.")
+    differences = _setting_differences(runs, names)
+    if differences:
+        notes.append("Settings differ between the runs: " + "; ".join(differences) + ".")
+    for note in notes:
+        logger.warning("compare: %s", note)
     keys: list[str] = []
     for m in per_model.values():
         for k in m:
@@ -160,7 +219,8 @@ def compare_results(
             cells.append(f"**{s}**" if best is not None and v == best else s)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Bold: best per row (lower is better for perplexity, NLL, KL, prefill time and memory; efficiency rows "
-              "are `@context x batch`).", "", "![comparison](comparison.png)", ""]
+              "are `@context x batch`).", ""]
+    lines += [f"**Note:** {note}" for note in notes] + ([""] if notes else [])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +230,11 @@ def compare_results(
     if groups:
         atomic_write(out / "comparison.png", lambda tmp: _plot(names, groups, per_model, Path(tmp)))
         files["plot"] = str(out / "comparison.png")
-    result = {"models": names, "sources": [str(d) for d in result_dirs], "metrics": metrics, "files": files}
+        lines += ["![comparison](comparison.png)", ""]
+    else:  # a plot of an earlier comparison in this folder would pass for this one's
+        (out / "comparison.png").unlink(missing_ok=True)
+    result = {"models": names, "sources": [str(d) for d in result_dirs], "metrics": metrics, "notes": notes,
+              "files": files}
     atomic_write_text(out / "comparison.md", "\n".join(lines))
     atomic_write_text(out / "comparison.json", json.dumps(result, indent=1) + "\n")
     return result

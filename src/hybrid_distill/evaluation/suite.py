@@ -122,16 +122,25 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
     return {"predictions": records, "aggregate": agg, "skipped": skipped}
 
 
+def cached_niah_samples(tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int, *, seed: int = 0,
+                 haystack: Any = None, max_new_tokens: int = 32) -> list:
+    """The NIAH grid's samples, made once per tokenizer and settings (`_cached_samples`)."""
+    from .niah import niah_grid_samples
+
+    key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens)
+    return _cached_samples(tokenizer, key, niah_grid_samples, tokenizer, lengths, depths, num_samples=num_samples,
+                           seed=seed, haystack=haystack, max_new_tokens=max_new_tokens)
+
+
 def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int, *, seed: int = 0,
              batch_size: int = 8, haystack: Any = None, max_new_tokens: int = 32,
              progress: bool = False) -> dict[str, Any]:
     """NIAH grid over ``lengths`` x ``depths`` (``num_samples`` each): predictions, per-cell table, mean."""
-    from .niah import niah_grid_samples, niah_table
+    from .niah import niah_table
     from .runner import run_samples
 
-    key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens)
-    samples = _cached_samples(tokenizer, key, niah_grid_samples, tokenizer, lengths, depths, num_samples=num_samples,
-                              seed=seed, haystack=haystack, max_new_tokens=max_new_tokens)
+    samples = cached_niah_samples(tokenizer, lengths, depths, num_samples, seed=seed, haystack=haystack,
+                                  max_new_tokens=max_new_tokens)
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress)
     table = niah_table((s, p.score) for s, p in zip(samples, preds))
     records = [_prediction_record(s, p) for s, p in zip(samples, preds)]
@@ -202,8 +211,13 @@ def evaluate_model(
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
     lengths = [int(n) for n in lengths]
     niah_lengths = [int(n) for n in (niah_lengths or lengths)]
+    if "niah" in parts:  # its samples first, so a length too short fails before hours of other suites
+        cached_niah_samples(tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed, haystack=haystack)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for part, plot in (("niah", "niah.png"), ("efficiency", "efficiency.png")):
+        if part not in parts:  # an earlier evaluation's plot in this folder would pass for this one's
+            (out / plot).unlink(missing_ok=True)
     results: dict[str, Any] = {
         "model": _model_name(model, model_name),
         "suites": parts,
@@ -224,16 +238,24 @@ def evaluate_model(
         },
         "timings": {},
     }
+
+    def save_partial() -> None:
+        """results.json after each suite (``partial``: the suites still to run), so a failure keeps finished work."""
+        todo = [p for p in parts if p not in results]
+        atomic_write_text(out / "results.json", json.dumps(jsonable({**results, "partial": todo}), indent=1) + "\n")
+
     if "recall" in parts:
         t0 = time.perf_counter()
         results["recall"] = run_recall(model, tokenizer, tasks, lengths, num_samples, seed=seed, batch_size=batch_size,
                                        haystack=haystack, task_options=task_options, progress=progress)
         results["timings"]["recall_s"] = time.perf_counter() - t0
+        save_partial()
     if "niah" in parts:
         t0 = time.perf_counter()
         results["niah"] = run_niah(model, tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed,
                                    batch_size=batch_size, haystack=haystack, progress=progress)
         results["timings"]["niah_s"] = time.perf_counter() - t0
+        save_partial()
     if "quality" in parts:
         from .quality import evaluate_quality, heldout_batches
 
@@ -245,6 +267,7 @@ def evaluate_model(
                  sequences=sum(b.shape[0] for b in batches))
         results["quality"] = q
         results["timings"]["quality_s"] = time.perf_counter() - t0
+        save_partial()
     if "efficiency" in parts:
         from .efficiency import run_efficiency
 
@@ -364,10 +387,18 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def load_model(spec: str, dtype=None, device=None):
     """A model from ``tiny:<variant>`` (random tiny teacher), a saved hybrid student or any HF causal LM dir."""
-    from ..checkpoint import load_student, verify_checkpoint
+    from ..checkpoint import CheckpointError, load_student
     from ..surgery import load_teacher
 
-    if Path(spec).is_dir() and str(verify_checkpoint(spec).get("model_type", "")).startswith("hybrid_"):
+    # By config.json alone: a teacher may be stored as pytorch_model.bin, which the student loader refuses.
+    config_file, model_type = Path(spec) / "config.json", ""
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+        model_type = str(config.get("model_type", "")) if isinstance(config, dict) else ""
+    if model_type.startswith("hybrid_"):
         model = load_student(spec, dtype=dtype, device=device)
     else:
         model = load_teacher(spec, dtype=dtype, device=device)

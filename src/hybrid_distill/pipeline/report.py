@@ -88,14 +88,15 @@ def _selection_section(run_dir: Path, report_dir: Path, selectors: list[str]) ->
 
 
 def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> list[str]:
-    from ..evaluation.compare import _metrics, compare_results
+    from ..evaluation.compare import compare_results
 
     dirs = {name: run_dir / "eval" / name for name in models if (run_dir / "eval" / name / "results.json").is_file()}
     lines = ["## Evaluation", ""]
     if not dirs:
         return lines + ["_no evaluation results yet_", ""]
     comp = compare_results([str(d) for d in dirs.values()], report_dir / "comparison", names=list(dirs))
-    per_model = {name: _metrics(read_json(d / "results.json")) for name, d in dirs.items()}
+    # the comparison's metrics: averages over the cells every model was evaluated on
+    per_model = {name: {k: vals[name] for k, vals in comp["metrics"].items() if vals.get(name) is not None} for name in dirs}
     headline = ["recall/overall", "recall/ruler", "niah/mean", "quality/perplexity", "quality/kl"]
     tasks = sorted({k for m in per_model.values() for k in m
                     if k.startswith("recall/") and "@" not in k and k not in headline})
@@ -106,11 +107,11 @@ def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> li
     lines += ["", "recall/niah: fraction correct (RULER-style string match); overall: mean over recall tasks; "
               "ruler: mean over RULER's offline tasks; perplexity and kl (KL(teacher ‖ model) per token) "
               "on the text the run's data split held out from distillation.", ""]
-    png = Path(comp["files"].get("plot") or report_dir / "comparison" / "comparison.png")
-    if png.is_file():
-        lines.append(f"![recall by model]({REPORT_DIR}/comparison/{png.name})")
+    lines += [f"**Note:** {note}" for note in comp["notes"]] + ([""] if comp["notes"] else [])
+    if comp["files"].get("plot"):
+        lines.append(f"![recall by model]({REPORT_DIR}/comparison/{Path(comp['files']['plot']).name})")
     for name, d in dirs.items():
-        if (d / "niah.png").is_file():
+        if "niah" in ((read_json(d / "results.json") or {}).get("suites") or []) and (d / "niah.png").is_file():
             lines.append(f"![NIAH {name}]({_copy_plot(d / 'niah.png', report_dir, f'niah-{name}.png')})")
     efficiency = {name: res["efficiency"] for name, d in dirs.items() if (res := read_json(d / "results.json") or {}).get("efficiency")}
     if efficiency:
