@@ -236,6 +236,11 @@ def test_malformed_header_and_index_fail_as_checkpoint_errors(saved, tmp_path):
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CheckpointError, match="malformed header"):
         verify_checkpoint(bad)
+    config = (bad / "config.json").read_text()
+    (bad / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a model config object"):
+        load_student(bad)
+    (bad / "config.json").write_text(config)
     (bad / "model.safetensors").unlink()
     (bad / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid weight index"):

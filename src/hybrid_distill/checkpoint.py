@@ -173,6 +173,8 @@ def verify_checkpoint(path: str | Path) -> dict:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not a model config object.")
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         try:
