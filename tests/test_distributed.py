@@ -19,7 +19,7 @@ from hybrid_distill.distill import distributed as hd_dist
 SEQ, GLOBAL = 16, 4
 
 
-def worker(out_dir: str, device: str = "cpu") -> None:
+def worker(out_dir: str, device: str = "cpu", fsdp: str = "auto") -> None:
     from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill
     from hybrid_distill.surgery import build_student
     from hybrid_distill.tiny_teachers import tiny_teacher
@@ -60,6 +60,7 @@ def worker(out_dir: str, device: str = "cpu") -> None:
             activation_checkpointing=ctx.world_size > 1,
             device=str(ctx.device),
             precision="fp32",
+            fsdp=fsdp,
         )
         # stage 2 saves a tokenizer with its final model (gathered from the shards under FSDP)
         tokenizer = tiny_tokenizer(teacher.config.vocab_size) if stage == 2 else None
@@ -69,7 +70,7 @@ def worker(out_dir: str, device: str = "cpu") -> None:
             "class": type(student).__name__,
             "eval": result.eval_value,
         }
-        if stage == 2 and ctx.world_size > 1:  # resume under FSDP from the step-3 checkpoint
+        if stage == 2 and summary["stage2"]["sharded"]:  # resume under FSDP from the step-3 checkpoint
             if ctx.is_main:
                 shutil.copytree(out / "stage2", out / "stage2_resume")
                 for name in ("DONE", "final", "result.json"):
@@ -97,8 +98,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "final" / "model.safetensors"))
 
 
-def run_one_and_two_processes(tmp_path: Path, device: str, rel: float) -> None:
-    """Runs the worker as 1 process and as 2 (torchrun) on ``device`` and compares them to ``rel``."""
+def run_one_and_two_processes(tmp_path: Path, device: str, rel: float, nproc: int = 2, fsdp: str = "auto") -> None:
+    """Runs the worker as 1 plain process and as ``nproc`` (torchrun, FSDP) on ``device`` and compares them to ``rel``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     single = subprocess.Popen(
@@ -115,10 +116,11 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float) -> None:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            "2",
+            str(nproc),
             __file__,
             str(tmp_path / "two"),
             device,
+            fsdp,
         ],
         env=env,
         capture_output=True,
@@ -131,7 +133,7 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float) -> None:
 
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["world_size"] == 1 and two["world_size"] == nproc
     for stage in ("stage1", "stage2"):
         assert not one[stage]["sharded"]
         assert two[stage]["sharded"] and two[stage]["class"].startswith("FSDP"), "FSDP2 was not used"
@@ -150,14 +152,14 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float) -> None:
         assert sorted(wa) == sorted(wb)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], atol=rel / 5, rtol=rel, msg=f"{stage} {k}")
-    # Without FSDP (fsdp="off"), the replicas also match the single process.
-    assert two["replicated_sharded"] is False
-    a, b = (
-        _metrics(tmp_path / "one" / "stage2" / "metrics.jsonl"),
-        _metrics(tmp_path / "two" / "stage2_replicated" / "metrics.jsonl"),
-    )
-    train_losses = lambda rows: [r["loss"] for r in rows if r["kind"] == "train"]  # noqa: E731
-    assert train_losses(b) == pytest.approx(train_losses(a), rel=rel)
+    if nproc > 1:  # without FSDP (fsdp="off"), the replicas also match the single process
+        assert two["replicated_sharded"] is False
+        a, b = (
+            _metrics(tmp_path / "one" / "stage2" / "metrics.jsonl"),
+            _metrics(tmp_path / "two" / "stage2_replicated" / "metrics.jsonl"),
+        )
+        train_losses = lambda rows: [r["loss"] for r in rows if r["kind"] == "train"]  # noqa: E731
+        assert train_losses(b) == pytest.approx(train_losses(a), rel=rel)
     # Resumed FSDP run: same curve and weights as the uninterrupted one.
     assert two["resumed_from"] == 3
     ra, rb = (
@@ -176,11 +178,24 @@ def test_two_process_fsdp_equals_one_process(tmp_path):
     run_one_and_two_processes(tmp_path, "cpu", rel=1e-5)
 
 
+def test_one_process_fsdp_equals_unsharded(tmp_path):
+    """fsdp='on' under torchrun with one process shards (world size 1) and trains as the unsharded run."""
+    run_one_and_two_processes(tmp_path, "cpu", rel=1e-5, nproc=1, fsdp="on")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_fsdp_equals_one_gpu(tmp_path):
     """The same on 2 GPUs with NCCL (fp32; reductions run in another order than on one GPU)."""
     run_one_and_two_processes(tmp_path, "cuda", rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_gpu_fsdp_equals_one_gpu(tmp_path):
+    """FSDP2 on one GPU (fsdp='on'): the models stay on the host until fully_shard moves each unit to the GPU,
+    and training matches the unsharded run."""
+    run_one_and_two_processes(tmp_path, "cuda", rel=1e-4, nproc=1, fsdp="on")
 
 
 def test_single_process_helpers():

@@ -48,7 +48,8 @@ def is_initialized() -> bool:
 
 
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: int = 1800) -> DistContext:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); else a single process.
+    """Join the process group when launched by torchrun (one process too, so ``fsdp="on"`` can shard on one
+    GPU); else a single process without one.
 
     Idempotent. Backend: nccl on CUDA, gloo on CPU. ``device="auto"`` picks ``cuda:<LOCAL_RANK>``
     when CUDA is available, else cpu.
@@ -63,7 +64,7 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
             dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if not is_initialized() and env_world > 1:
+    if not is_initialized() and (env_world > 1 or "TORCHELASTIC_RUN_ID" in os.environ):
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if is_initialized():

@@ -644,12 +644,16 @@ def distill(
     if device.type == "cuda" and prefer_expandable_segments_in_process():
         logger.info("CUDA allocator: expandable segments on (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)")
     bf16, autocast = _autocast(config, device)
+    use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
+    # Under FSDP, fully_shard moves each unit to the device as it shards it: the whole model never sits on one GPU.
     if teacher is not None:
-        teacher.to(device)
+        if not use_fsdp:
+            teacher.to(device)
         if bf16:  # frozen: no master weights needed
             cast_model(teacher, torch.bfloat16)  # rotary inv_freq stays fp32
         teacher.eval()
-    student.to(device)
+    if not use_fsdp:
+        student.to(device)
     if bf16 and any(p.dtype != torch.float32 for p in student.parameters()):
         logger.warning("bf16 autocast works best with fp32 student weights (AdamW master copy); call student.float()")
     student.train()
@@ -665,7 +669,6 @@ def distill(
             for model in (teacher, student if config.compile_layers == "all" else None):
                 if model is not None:
                     compile_decoder_layers(model)
-        use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
         if use_fsdp:
             if not hd_dist.is_initialized():
                 raise RuntimeError("DistillConfig.fsdp='on' needs torch.distributed (launch with torchrun)")
