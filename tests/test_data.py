@@ -317,9 +317,13 @@ def test_too_small_corpus_errors(tmp_path, tok):
         build_token_dataset(f, tok, 256, tmp_path / "c")
     assert _visible(tmp_path / "c") == []
     f = write_jsonl(tmp_path / "small.jsonl", make_docs(10))
-    with pytest.raises(DataSourceError, match=r"packs into \d+ training sequences.*64 are needed"):
-        build_token_dataset(f, tok, 16, tmp_path / "c", require_sequences=64)
-    ds = build_token_dataset(f, tok, 16, tmp_path / "c")
+    with pytest.raises(DataSourceError, match=r"packs into \d+ training sequences.*64 are needed") as err:
+        build_token_dataset(f, tok, 16, tmp_path / "c", require_sequences=64, heldout_fraction=0.2)
+    assert "heldout_fraction" not in str(err.value)  # holding out less cannot make 64 sequences of this corpus
+    ds = build_token_dataset(f, tok, 16, tmp_path / "c", heldout_fraction=0.2)
+    assert len(ds.heldout_indices) > 0
+    with pytest.raises(DataSourceError, match=r"smaller heldout_fraction"):  # here it can
+        build_token_dataset(f, tok, 16, tmp_path / "c", require_sequences=len(ds), heldout_fraction=0.2)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ds.batches("train", batch_size=len(ds) + 1)
 

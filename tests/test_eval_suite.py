@@ -97,8 +97,8 @@ def test_bad_suite_and_task(model, tok, tmp_path):
 
 
 def _quality_batches(tok, tmp_path):
-    return heldout_batches(tok, "default", seq_len=64, batch_size=4, max_sequences=8, max_tokens=64 * 60,
-                           cache_dir=tmp_path / "cache")
+    return heldout_batches(tok, "default", seq_len=64, batch_size=4, max_sequences=8, max_tokens=64 * 400,
+                           heldout_fraction=0.2, cache_dir=tmp_path / "cache")
 
 
 def test_quality_all_softmax_student_matches_teacher(tok, tmp_path):

@@ -15,7 +15,9 @@ import torch
 
 # 2: separate training and held-out streams, held out by document content hash (packing.HELDOUT_RULE);
 # version-1 caches (a seeded permutation of packed sequences) are rebuilt, never reused.
-FORMAT_VERSION = 2
+# 3: meta.json counts only the documents/tokens kept under max_tokens, and a held-out fallback that would hold
+# out all the text read is an error, so version-2 caches of such splits are not reused.
+FORMAT_VERSION = 3
 SPLITS = ("train", "heldout", "all")
 
 

@@ -25,10 +25,12 @@ sequence length, in every stage and in every run over the same source:
 * fallback for tiny corpora: when ``heldout_fraction > 0`` but none of the source's units read
   is below it, the source units with the lowest hashes are held out instead, as few as make up
   ``heldout_fraction`` of the source's characters read (at least one; recall documents are never
-  chosen this way), and the build logs a warning. This depends only on which text was read (the
-  whole source, or its first ``max_tokens`` tokens), not on ``seq_len`` (but with a recall mix
-  and ``max_tokens``, how much source text fits does depend on ``seq_len``: give such runs
-  enough data that the fallback is not needed).
+  chosen this way), and the build logs a warning, which names the share held out when it is more
+  than ``FALLBACK_MAX_FACTOR`` times ``heldout_fraction``. When that would hold out every unit
+  read, the build raises ``DataSourceError`` instead (nothing would be left to train on). This depends
+  only on which text was read (the whole source, or its first ``max_tokens`` tokens), not on
+  ``seq_len`` (but with a recall mix and ``max_tokens``, how much source text fits does depend on
+  ``seq_len``: give such runs enough data that the fallback is not needed).
 
 The held-out sequences follow the training ones (``train_indices`` = ``[0, num_train)``,
 ``heldout_indices`` a prefix of the held-out stream, of at most ``heldout_sequences`` when
@@ -62,6 +64,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import numbers
 import os
 import re
@@ -79,6 +82,7 @@ from ..fileio import fsync_directory
 from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
+from .spec import float_setting, int_setting
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +91,19 @@ CACHE_ENV = "HYBRID_DISTILL_CACHE"
 # one document are joined without EOS (the token boundary at a cut may differ slightly from
 # tokenizing the whole string at once; decoding is unaffected).
 MAX_PIECE_CHARS = 1_000_000
+# Characters sent to the tokenizer in one call (besides at most ``docs_per_batch`` pieces): bounds
+# the memory of its output whatever the document lengths. With ``max_tokens``, a call also gets no
+# more than about _CHARS_PER_TOKEN characters per token still missing (a generous guess; a shortfall
+# only means another call).
+MAX_BATCH_CHARS = 8_000_000
+_CHARS_PER_TOKEN = 8
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB as uint16) per shard file
 # The held-out split rule (see the module docstring). Changing how units are made or hashed must
 # change HELDOUT_RULE: it is part of the cache key, so caches split by another rule are not reused.
 HELDOUT_RULE = "unit-blake2b-v1"
 HELDOUT_UNIT_CHARS = 8_192  # documents longer than this are split into units of at most this many characters
+# The fallback may hold out at most this multiple of heldout_fraction of the characters read (else an error).
+FALLBACK_MAX_FACTOR = 2.0
 _HASH_PERSON = b"hd-heldout-v1"
 _HASH_SCALE = float(1 << 64)
 
@@ -421,7 +433,8 @@ def build_token_dataset(
     whatever ``seed`` is (``seed`` no longer affects the split; it is recorded in ``meta.json``).
     ``heldout_sequences=k`` uses only the first ``k`` held-out sequences (fewer, with a warning,
     when there are not that many; the rest are in neither split). Raises ``DataSourceError`` when
-    ``heldout_fraction > 0`` but the held-out text fills no sequence, and, with
+    ``heldout_fraction > 0`` but the held-out text fills no sequence or the text read is too small to
+    hold out that fraction (see the module docstring), and, with
     ``require_sequences=N``, unless the training split has at least N sequences (e.g. one global
     batch). Source arguments are those of ``iter_texts``. ``recall_mix`` interleaves synthetic
     recall documents (`RecallMix`) into the source's documents.
@@ -429,11 +442,15 @@ def build_token_dataset(
     if not isinstance(seq_len, numbers.Integral) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     seq_len = int(seq_len)
+    # Python numbers from here on (YAML strings such as "1e6", numpy ints): they enter meta.json and the cache key
+    max_tokens = int_setting(max_tokens, "max_tokens")
+    heldout_fraction = float_setting(heldout_fraction, "heldout_fraction")
+    heldout_sequences = int_setting(heldout_sequences, "heldout_sequences")
+    require_sequences = int_setting(require_sequences, "require_sequences")
     if max_tokens is not None and max_tokens < seq_len:
         raise ValueError(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}")
-    if isinstance(heldout_fraction, bool) or not 0.0 <= heldout_fraction < 1.0:
+    if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    heldout_fraction = float(heldout_fraction)
     if heldout_sequences is not None and heldout_sequences < 0:
         raise ValueError(f"heldout_sequences must be >= 0, got {heldout_sequences}")
     if heldout_sequences and heldout_fraction == 0:
@@ -492,11 +509,15 @@ def build_token_dataset(
             "fills only %d", res.spec, heldout_sequences, seq_len, heldout_fraction, len(ds.heldout_indices),
         )
     if require_sequences is not None and len(ds.train_indices) < require_sequences:
+        # holding out less only helps when the training and held-out parts together would be enough
+        smaller_split = ", or a smaller heldout_fraction (0: none)" if (
+            held["stream_sequences"] and ds.num_sequences >= require_sequences) else ""
         raise DataSourceError(
             f"{res.spec!r} packs into {len(ds.train_indices)} training sequences of {seq_len} tokens "
             f"({ds.num_sequences} in all, {held['stream_sequences']} held out; {ds.meta['num_tokens_read']} tokens "
-            f"read), but {require_sequences} are needed (one global batch). Use more data, a shorter seq_len, "
-            f"a smaller batch, or a smaller held-out split."
+            f"read), but {require_sequences} are needed (one global batch). Use more data"
+            f"{' (a larger max_tokens)' if max_tokens is not None else ''}, a shorter seq_len, a smaller batch"
+            f"{smaller_split}."
         )
     return ds
 
@@ -535,13 +556,24 @@ def _build(
         if heldout_fraction > 0 and stats["num_heldout_source_units"] == 0 and stats["source_units"]:
             # no source unit read fell below the fraction (tiny corpora): hold out the lowest-hash ones
             units = sorted(stats["source_units"])
-            quota = heldout_fraction * sum(chars for _, chars in units)
+            total = sum(chars for _, chars in units)
+            quota = heldout_fraction * total
             chars = 0
             for h, n_chars in units:
                 fallback.append(h)
                 chars += n_chars
                 if chars >= quota:
                     break
+            everything = len(fallback) == len(units)
+            # (with less than one sequence read, the error below says what is wrong)
+            if everything and stats["num_tokens_read"] >= seq_len:
+                raise _fallback_error(res.spec, heldout_fraction, len(units), total, max_tokens)
+            if chars > FALLBACK_MAX_FACTOR * quota:  # small corpora in quick runs: allowed, but said plainly
+                logger.warning(
+                    "%s: the held-out split holds %.0f%% of the text read, not heldout_fraction=%g: the text is too "
+                    "small to hold out less (use more data for a split of the size asked for)", res.spec,
+                    100 * chars / total, heldout_fraction,
+                )
             for w in writers.values():
                 w.discard()
             writers, stats, dropped = pack(frozenset(fallback))
@@ -627,6 +659,31 @@ def _build(
         raise
 
 
+def _next_batch(pieces: Iterator, carry: list, max_pieces: int, max_chars: int) -> tuple[list, list]:
+    """The next pieces to tokenize in one call: ``carry`` and then pieces from ``pieces``, at most ``max_pieces``
+    of them and ``max_chars`` characters (but at least one piece); returns ``(batch, new carry)``."""
+    batch, chars = [], 0
+    for piece in itertools.chain(carry, pieces):
+        if batch and (len(batch) >= max_pieces or chars + len(piece[0]) > max_chars):
+            return batch, [piece]
+        batch.append(piece)
+        chars += len(piece[0])
+        if len(batch) >= max_pieces or chars >= max_chars:
+            break  # full: pull no further piece
+    return batch, []
+
+
+def _fallback_error(spec: str, fraction: float, n_units: int, total: int, max_tokens: int | None) -> DataSourceError:
+    """The text read is too small for the fallback to hold out ``fraction`` of it and train on the rest."""
+    read = f"the text read from {spec!r} (its first {max_tokens} tokens)" if max_tokens is not None else repr(spec)
+    return DataSourceError(
+        f"{read} is too small to hold out heldout_fraction={fraction:g} of it: none of its {n_units} text units "
+        f"(of at most {HELDOUT_UNIT_CHARS} characters) falls below the fraction by content hash, and holding out "
+        f"the lowest-hash one instead would hold out all {total} characters, leaving nothing to train on. Use more "
+        f"data{' (a larger max_tokens)' if max_tokens is not None else ''}, or heldout_fraction: 0 for no held-out split."
+    )
+
+
 def _tokenize_into(
     writers: dict[bool, _ShardWriter], res: ResolvedSource, tokenizer, bos: int | None, eos: int,
     limit: int | None, dtype: np.dtype, *, text_field: str, split: str, txt_mode: str, docs_per_batch: int,
@@ -652,27 +709,28 @@ def _tokenize_into(
         (t, None) for t in texts
     )
     pieces = _split_pieces(tagged, heldout_fraction, HELDOUT_UNIT_CHARS, forced, MAX_PIECE_CHARS)
+    carry: list = []  # a piece pulled that did not fit the previous batch
     while limit is None or written < limit:
-        batch = list(itertools.islice(pieces, docs_per_batch))
+        max_chars = MAX_BATCH_CHARS if limit is None else min(MAX_BATCH_CHARS, _CHARS_PER_TOKEN * (limit - written))
+        batch, carry = _next_batch(pieces, carry, docs_per_batch, max_chars)
         if not batch:
             break
         ids_list = _encode_batch(tokenizer, [p[0] for p in batch])
         parts: dict[bool, list[list[int]]] = {False: [], True: []}
         for (text, first, last, held, doc_first, units), ids in zip(batch, ids_list):
-            if doc_first:
-                stats["num_documents"] += 1
             toks = ([bos] if first and bos is not None else [], ids, [eos] if last else [])
             n_toks = sum(map(len, toks))
-            stats["num_tokens_read"] += n_toks
             if limit is not None:
                 if written >= limit:
-                    continue
+                    break
                 if written + n_toks > limit:
                     toks = (list(itertools.chain(*toks))[: limit - written],)
                     n_toks = limit - written
                     kept_ids = n_toks - (1 if first and bos is not None else 0)
                     units = units[: _units_reached(tokenizer, text, units, kept_ids)]  # the rest were not read
             written += n_toks
+            stats["num_tokens_read"] += n_toks  # counted once kept: max_tokens may cut the batch short
+            stats["num_documents"] += doc_first
             parts[held].extend(toks)
             for _, (h, from_source, unit_held, n_chars) in units:
                 stats["num_units"] += 1

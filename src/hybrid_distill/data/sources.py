@@ -7,14 +7,16 @@ A *source* is one of
   folder named "default" must be passed as ``"./default"``.)
 * a path to a file or folder of ``.txt``, ``.jsonl``, ``.json`` or ``.parquet`` files
   (``.txt``/``.jsonl``/``.json`` may also be gzipped: ``.jsonl.gz``). Folders are searched
-  recursively, hidden entries skipped, files read in sorted path order.
+  recursively, following symbolic links, hidden entries skipped (other unsupported files are
+  skipped with a warning), files read in sorted path order.
 * a Hugging Face dataset name (``"owner/name"``, optionally ``"hf:owner/name"`` to force it),
   used when no such local path exists and the string does not look like a path; loaded with ``datasets.load_dataset(..., streaming=True)``; needs network access.
 
 ``.txt`` files are one document per file by default (a text file is usually one coherent
 work, and an EOS in the middle of it would teach a false document boundary); pass
 ``txt_mode="paragraph"`` to split each file at blank lines instead. Whitespace-only
-documents are skipped everywhere; other documents are passed through verbatim.
+documents are skipped everywhere; other documents are passed through verbatim, except that
+lone UTF-16 surrogates from JSON escapes (``"\\ud83d"``) are replaced by U+FFFD.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS_DIR = Path(__file__).resolve().parent / "default_corpus"
 DEFAULT_CORPUS_FILE = DEFAULT_CORPUS_DIR / "corpus.jsonl.gz"
@@ -38,6 +44,9 @@ DEFAULT_KINDS = ("prose", "code")
 _FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 _GZ_OK = {"txt", "jsonl", "json"}
 TXT_MODES = ("file", "paragraph")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# what a damaged or truncated .gz raises while reading (gzip.BadGzipFile is an OSError)
+_READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 class DataSourceError(ValueError):
@@ -154,8 +163,13 @@ def _resolve_local(spec: str, path: Path) -> ResolvedSource:
                 f"gzipped as .gz)"
             )
         return ResolvedSource("files", spec, files=(path,), formats={path: fmt})
-    files, formats, skipped = [], {}, []
-    for root, dirs, names in os.walk(path):
+    files, formats, skipped, seen = [], {}, [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):  # shards are often linked in from other disks
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or a folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             if name.startswith("."):
@@ -173,6 +187,11 @@ def _resolve_local(spec: str, path: Path) -> ResolvedSource:
         )
         raise DataSourceError(
             f"folder {path} has no supported data files (.txt, .jsonl, .json, .parquet, optionally .gz).{seen}"
+        )
+    if skipped:
+        logger.warning(
+            "%s: skipping %d file(s) of unsupported type (supported: .txt, .jsonl, .json, .parquet, optionally .gz): "
+            "%s%s", path, len(skipped), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "",
         )
     files.sort()
     return ResolvedSource("files", spec, files=tuple(files), formats=formats)
@@ -227,11 +246,10 @@ def _iter_files(res: ResolvedSource, text_field: str, txt_mode: str) -> Iterator
             else:
                 yield from re.split(r"\n(?:[ \t\r\f\v]*\n)+", text)
         elif fmt == "jsonl":
-            for lineno, rec in enumerate(_iter_jsonl(f), 1):
-                yield from _field(rec, text_field, f, f"line {lineno}")
+            records = ((f"line {lineno}", rec) for lineno, rec in enumerate(_iter_jsonl(f), 1))
+            yield from _json_texts(records, text_field, f)
         elif fmt == "json":
-            for i, rec in enumerate(_iter_json(f)):
-                yield from _field(rec, text_field, f, f"record {i}")
+            yield from _json_texts(((f"record {i}", rec) for i, rec in enumerate(_iter_json(f))), text_field, f)
         elif fmt == "parquet":
             yield from _iter_parquet(f, text_field)
 
@@ -254,9 +272,15 @@ def _read_text(path: Path) -> str:
     try:
         with _open_bytes(path) as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise DataSourceError(f"cannot read {path}: {e}") from None
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from None
     return _decode(data, path)
+
+
+def _read_error(path: Path, e: BaseException) -> DataSourceError:
+    damaged = isinstance(e, (zlib.error, EOFError, gzip.BadGzipFile))
+    hint = " (the compressed data is damaged or truncated: re-create or re-download the file)" if damaged else ""
+    return DataSourceError(f"cannot read {path}: {e}{hint}")
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict]:
@@ -275,8 +299,8 @@ def _iter_jsonl(path: Path) -> Iterator[dict]:
                         f"{path} line {lineno}: expected a JSON object per line, got {type(rec).__name__}"
                     )
                 yield rec
-    except (OSError, EOFError) as e:
-        raise DataSourceError(f"cannot read {path}: {e}") from None
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from None
 
 
 def _iter_json(path: Path) -> Iterator[dict]:
@@ -297,6 +321,29 @@ def _iter_json(path: Path) -> Iterator[dict]:
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataSourceError(f"{path}: expected a JSON list of objects (records), or JSON lines")
     yield from obj
+
+
+def _json_texts(records: Iterator[tuple[str, dict]], text_field: str, path: Path) -> Iterator[str]:
+    """The ``text_field`` strings of ``(where, record)`` pairs of one JSON file.
+
+    JSON escapes can encode lone UTF-16 surrogates ("\\ud83d", half of a split emoji pair), which
+    are no text a tokenizer accepts; they are replaced by U+FFFD, with one warning per file.
+    """
+    warned = False
+    for where, rec in records:
+        for text in _field(rec, text_field, path, where):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    text = _SURROGATES.sub("\ufffd", text)
+                    if not warned:
+                        warned = True
+                        logger.warning(
+                            "%s %s: lone UTF-16 surrogate escapes (e.g. \\ud83d) replaced by U+FFFD (later ones in "
+                            "this file are replaced without a warning)", path, where,
+                        )
+            yield text
 
 
 def _field(rec: dict, text_field: str, path: Path, where: str) -> Iterator[str]:

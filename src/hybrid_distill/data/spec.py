@@ -7,10 +7,50 @@ instead of a dataset object and load the same token cache with `DataSpec.load`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from .sources import DataSourceError
+
+
+def int_setting(value: Any, name: str) -> int | None:
+    """``value`` as a Python int (None stays None), accepting what YAML and numpy hand over: numpy ints,
+    integral floats (``1e6``) and numeric strings (PyYAML reads ``1e6`` as the string ``"1e6"``).
+
+    Raises ``DataSourceError`` naming ``name`` for anything else (``"abc"``, ``1.5``, ``True``).
+    """
+    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        return None if value is None else int(value)
+    number = _number(value)
+    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+        number = int(number)
+    if not isinstance(number, int):
+        raise DataSourceError(f"{name} must be an integer, got {value!r}")
+    return number
+
+
+def float_setting(value: Any, name: str) -> float:
+    """``value`` as a Python float, accepting numpy numbers and numeric strings (see `int_setting`)."""
+    number = _number(value)
+    if number is None or math.isnan(number):
+        raise DataSourceError(f"{name} must be a number, got {value!r}")
+    return float(number)
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        for parse in (int, float):  # int first: exact for large integers
+            try:
+                return parse(value.strip())
+            except ValueError:
+                pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -36,9 +76,19 @@ class DataSpec:
             raise DataSourceError(f"data.source must be a non-empty string, got {self.source!r}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise DataSourceError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or int(self.max_tokens) < 1):
+        # store Python numbers: YAML reads 1e6 as a string, and numpy ints do not serialise to JSON
+        coerced = {
+            "max_tokens": int_setting(self.max_tokens, "data.max_tokens"),
+            "heldout_fraction": float_setting(self.heldout_fraction, "data.heldout_fraction"),
+            "recall_fraction": float_setting(0.0 if self.recall_fraction is None else self.recall_fraction,
+                                             "data.recall_fraction"),
+            "recall_seed": int_setting(self.recall_seed, "data.recall_seed"),
+        }
+        for name, value in coerced.items():
+            object.__setattr__(self, name, value)
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise DataSourceError(f"data.max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.heldout_fraction) < 1.0:
+        if not 0.0 <= self.heldout_fraction < 1.0:
             raise DataSourceError(f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
         self.recall_mix()  # validates the recall fields
 
