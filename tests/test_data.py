@@ -100,6 +100,9 @@ def test_source_errors(tmp_path, monkeypatch):
         list(iter_texts(tmp_path / "missing.jsonl"))
     with pytest.raises(FileNotFoundError, match="not found"):
         list(iter_texts("./no/such/dir"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'mydata/' not found"):  # a folder, not a Hub dataset name
+        list(iter_texts("mydata/"))
 
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "empty_dir" / "x.csv").write_text("a,b\n")

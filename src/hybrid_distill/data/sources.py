@@ -102,6 +102,7 @@ def _looks_like_path(s: str) -> bool:
     """Whether a missing ``s`` was meant as a local path (else it is taken as a Hub dataset name)."""
     return (
         s.startswith(("/", "./", "../", "~", "."))
+        or s.endswith("/")  # a folder
         or "\\" in s
         or _file_format(Path(s)) is not None
         or s.lower().endswith((".gz", ".csv", ".tsv", ".arrow", ".zst"))
