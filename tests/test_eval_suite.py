@@ -274,6 +274,12 @@ def test_compare_averages_only_the_cells_every_run_has(tmp_path):
     same = compare_results([a, _recall_results(tmp_path / "c", "c", {("kv_retrieval", 256): 0.5}, {(50.0, 256): 0.0})],
                            tmp_path / "cmp2")
     assert same["notes"] == [] and same["metrics"]["recall/overall"] == {"a": 1.0, "c": 0.5}
+    other = _recall_results(tmp_path / "d", "d", {("kv_retrieval", 256): 0.5}, {(50.0, 256): 0.0})
+    config = json.loads((other / "results.json").read_text())
+    config["config"].update(num_samples=16, teacher="tiny:llama-gqa")  # a KL reference alone is no difference
+    (other / "results.json").write_text(json.dumps(config))
+    notes = compare_results([a, other], tmp_path / "cmp3")["notes"]
+    assert notes == ["Settings differ between the runs: num_samples a: 4, d: 16."]
 
 
 def test_compare_names_stay_unique_and_a_stale_plot_is_removed(tmp_path):

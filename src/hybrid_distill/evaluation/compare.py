@@ -135,7 +135,7 @@ def _shared_cells(sets: list[set]) -> set | None:
 
 
 def _setting_differences(runs: list[dict[str, Any]], names: list[str]) -> list[str]:
-    keys = ("num_samples", "niah_samples", "seed", "teacher")
+    keys = ("num_samples", "niah_samples", "seed")  # not "teacher": a teacher's own evaluation has none
     out = []
     for key in keys:
         values = {n: (r.get("config") or {}).get(key) for n, r in zip(names, runs)}
