@@ -127,6 +127,11 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     fails(r"selection\.budgets.*4-layer model", selection={"selectors": ["ga-s2"], "budgets": [4]})
     fails(r"selection\.budgets", selection={"selectors": ["ga-s2"], "budgets": [1.0]})
     fails(r"teacher: .*no-such-dir.*config\.json", exc=FileNotFoundError, teacher=str(tmp_path / "no-such-dir"))
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
+    fails(r"teacher: .*gpt2': Unsupported architecture 'gpt2'", teacher=str(tmp_path / "gpt2"),
+          selection={"selectors": ["ga-s2"], "budgets": [4]})  # named before the budget is checked against its layers
     fails(r"unknown data field.*txt_field", data={"source": "default", "txt_field": "body"})
     fails(r"stage2: .*DistillConfig\.lr_mixer", stage2={"lr_mixer": -1})
     fails(r"unknown top-level field.*stage_2", stage_2={})
@@ -242,6 +247,15 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     assert (run / "eval/teacher/results.json").stat().st_mtime_ns != teacher_eval  # new held-out text
     moved = {p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()}
     assert {"stage1", "stage2", "selection"} <= moved
+
+    # Another selection: the hybrid it no longer plans leaves final/, models/ and eval/ with its evaluation.
+    other_budget = {**other_data, "selection": {"selectors": ["uniform"], "budgets": [2]}}
+    run_pipeline(RunConfig.from_dict(other_budget), progress=False)
+    for folder in ("final", "models", "eval"):
+        names = sorted(p.name for p in (run / folder).iterdir() if p.is_dir())
+        assert "hybrid-gdn-k1-L2" not in names and any(n.startswith("hybrid-gdn-k2") for n in names), (folder, names)
+    moved = [p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()]
+    assert {"final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2", "eval--hybrid-gdn-k1-L2"} <= set(moved)
 
 
 def test_changed_candidate_settings_retrain_the_candidates_and_new_budgets_reuse_them(tmp_path):

@@ -436,6 +436,9 @@ def _assert_png(path):
     assert path.exists() and path.stat().st_size > 500
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    from hybrid_distill.fileio import DEFAULT_FILE_MODE
+
+    assert path.stat().st_mode & 0o777 == DEFAULT_FILE_MODE  # not mkstemp's 0600
 
 
 def test_plots_write_png_files(tmp_path):

@@ -351,7 +351,7 @@ def _field(rec: dict, text_field: str, path: Path, where: str) -> Iterator[str]:
     if text_field not in rec:
         raise DataSourceError(
             f"{path} {where}: no field {text_field!r}; available fields: {sorted(rec)}. "
-            f"Pass text_field=<one of these>."
+            f"Pass one of these as the text field (--text-field, or data.text_field in a run config)."
         )
     value = rec[text_field]
     if value is None:
@@ -371,7 +371,7 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DataSourceError(
-            f"{path}: no column {text_field!r}; available fields: {sorted(names)}. Pass text_field=<one of these>."
+            f"{path}: no column {text_field!r}; available fields: {sorted(names)}. Pass one of these as the text field (--text-field, or data.text_field in a run config)."
         )
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
@@ -425,7 +425,7 @@ def _iter_hub(res: ResolvedSource, text_field: str, split: str) -> Iterator[str]
     if features is not None and text_field not in features:
         raise DataSourceError(
             f"dataset {res.hub_name!r}: no field {text_field!r}; available fields: {sorted(features)}. "
-            f"Pass text_field=<one of these>."
+            f"Pass one of these as the text field (--text-field, or data.text_field in a run config)."
         )
     where = f"dataset {res.hub_name!r} split {split!r}"
     for i, rec in enumerate(ds):

@@ -155,7 +155,8 @@ class RunConfig:
             try:
                 num_layers = teacher_num_layers(teacher)
             except (OSError, ValueError) as err:
-                raise ConfigError(f"teacher: cannot read the config of {teacher!r}: {err}") from err
+                what = "" if str(err).startswith("Unsupported architecture") else "cannot read the config of "
+                raise ConfigError(f"teacher: {what}{teacher!r}: {err}") from err
             try:
                 resolve_budgets(self.selection.get("budgets", [0.25]), num_layers)
             except BudgetError as err:

@@ -30,7 +30,10 @@ def matmul_params(teacher_spec: str) -> tuple[int, int, int]:
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..surgery import teacher_family
+
         config = AutoConfig.from_pretrained(teacher_spec)
+        teacher_family(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     embed = model.get_input_embeddings().weight

@@ -251,7 +251,9 @@ class Pipeline:
         init_from = load_student(stage1).float() if reuse else None
         out: dict[str, Any] = {"models": {}, "tokens": 0, "compute_time_s": 0.0}
         final_settings = {k: v for k, v in self.config.final.items() if k != "extra_sets"}
-        for name, item in self.final_sets().items():
+        planned = self.final_sets()
+        self.set_aside_unplanned(planned)
+        for name, item in planned.items():
             model_dir = self.run_dir / "models" / name
             key = _key({"upstream": self.stage_key("stage2"), "final": final_settings, "layers": item["layers"]})
             recorded = read_json(self.run_dir / "final" / name / KEY_FILE)
@@ -272,6 +274,16 @@ class Pipeline:
             out["tokens"] += res["tokens"]
             out["compute_time_s"] += res["compute_time_s"]
         return out
+
+    def set_aside_unplanned(self, planned) -> None:
+        """Move final hybrids the current settings no longer plan (another selection, budgets or extra sets),
+        with their saved copies and evaluations, to ``superseded/``: they would pass for this run's models."""
+        final_dir = self.run_dir / "final"
+        for entry in sorted(final_dir.iterdir()) if final_dir.is_dir() else []:
+            if entry.is_dir() and entry.name not in planned:
+                for path in (entry, self.run_dir / "models" / entry.name, self.run_dir / "eval" / entry.name):
+                    if path.exists():
+                        set_aside(path, self.run_dir)
 
     def model_card(self, name: str, item: dict, res: dict) -> str:
         from .. import __version__

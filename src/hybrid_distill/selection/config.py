@@ -103,7 +103,7 @@ class SelectionConfig:
             self._fail("probe", f"must be one of {list(LINEAR_MIXERS)}")
         if self.selector == "given":
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
-                self._fail("layers", "must list the softmax layers (0-based ints) for selector 'given'")
+                self._fail("layers", "must list the softmax layers (0-based ints) for selector 'given' (command line: --layers 3,14,20)")
         for name in ("stage1", "stage2"):
             value = getattr(self, name)
             if value is not None:

@@ -47,7 +47,11 @@ def teacher_num_layers(teacher: str) -> int:
         return tiny_teacher(str(teacher).split(":", 1)[1]).config.num_hidden_layers
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(teacher)).num_hidden_layers
+    from ..surgery import teacher_family
+
+    config = AutoConfig.from_pretrained(str(teacher))
+    teacher_family(config)  # an unsupported architecture is named before its layer count is used anywhere
+    return config.num_hidden_layers
 
 
 def selection_path(run_dir: str | Path, selector: str) -> Path:
