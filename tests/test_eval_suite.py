@@ -319,10 +319,14 @@ def test_too_short_niah_length_fails_before_any_suite_runs(model, tok, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_reevaluation_without_niah_removes_the_old_heatmap(model, tok, tmp_path):
+def test_reevaluation_without_niah_removes_the_old_heatmap(model, tok, tmp_path, caplog):
+    import logging
+
     evaluate_model(model, tok, tmp_path, suite=["niah"], lengths=(256,), niah_depths=(50.0,))
     assert (tmp_path / "niah.png").is_file()
-    evaluate_model(model, tok, tmp_path, suite=["recall"], tasks=["kv_retrieval"], lengths=(128,), num_samples=1)
+    with caplog.at_level(logging.WARNING, logger="hybrid_distill.evaluation.suite"):
+        evaluate_model(model, tok, tmp_path, suite=["recall"], tasks=["kv_retrieval"], lengths=(128,), num_samples=1)
+    assert "results of suite(s) niah that this evaluation replaces" in caplog.text
     assert not (tmp_path / "niah.png").exists()
     assert "partial" not in json.loads((tmp_path / "results.json").read_text())
 

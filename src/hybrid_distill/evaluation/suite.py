@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -26,8 +27,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write, atomic_write_text, jsonable
+from ..fileio import atomic_write, atomic_write_text, jsonable, read_json
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
+
+logger = logging.getLogger(__name__)
 
 SUITES = ("recall", "niah", "quality", "efficiency")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # --dtype / --efficiency-dtype / eval.efficiency_dtype
@@ -215,6 +218,10 @@ def evaluate_model(
         cached_niah_samples(tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed, haystack=haystack)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lost = sorted(set((read_json(out / "results.json") or {}).get("suites") or []) - set(parts))
+    if lost:
+        logger.warning("%s holds results of suite(s) %s that this evaluation replaces; give --out another folder to "
+                       "keep both", out, ", ".join(lost))
     for part, plot in (("niah", "niah.png"), ("efficiency", "efficiency.png")):
         if part not in parts:  # an earlier evaluation's plot in this folder would pass for this one's
             (out / plot).unlink(missing_ok=True)
