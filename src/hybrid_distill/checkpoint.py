@@ -68,19 +68,16 @@ class _AtomicDir:
                 for name in files:
                     os.chmod(os.path.join(root, name), DEFAULT_FILE_MODE)
             fsync_tree(self.tmp)
-            old = None
             if self.path.exists():
                 # unique, so a copy left by a crashed writer (which the next write restores) never blocks this one
-                old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                os.replace(self.path, old)
+                os.replace(self.path, self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
             os.replace(self.tmp, self.path)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         fsync_directory(self.path.parent)
-        for stale in [old] if old is not None else []:
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in _set_aside_copies(self.path):  # left by writers that crashed after their second rename
+        # this write's set-aside copy, and any left by writers that crashed after their second rename
+        for stale in _set_aside_copies(self.path):
             shutil.rmtree(stale, ignore_errors=True)
         return False
 

@@ -419,7 +419,9 @@ class Pipeline:
         if "stage2" in stages and self.config.stage2 is not None:
             lens["stage2"] = self.config.distill_config("stage2", 2).seq_len
         if "selection" in stages and set(self.config.selectors) != {"uniform"}:
-            for name, default in (("stage1", 512), ("stage2", 4096)):
+            from ..selection.candidates import STAGE2_DEFAULT_SEQ_LEN
+
+            for name, default in (("stage1", 512), ("stage2", STAGE2_DEFAULT_SEQ_LEN)):
                 raw = self.config.selection.get(name)
                 lens[f"selection.{name}"] = int((raw or {}).get("seq_len") or default)
         if "final" in stages:
