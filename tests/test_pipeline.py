@@ -194,6 +194,25 @@ def test_sequences_too_short_for_the_recall_mix_are_refused_before_any_stage_run
     pipe.check_recall_mix(("stage1", "stage2", "final"))  # the 512-token stages fit
 
 
+def test_an_interrupted_evaluation_is_run_again_not_reused(tmp_path, monkeypatch):
+    cfg = RunConfig.from_dict(_config(tmp_path, eval={"suite": ["recall", "quality"], "tasks": ["kv_retrieval"],
+                                                      "lengths": [128], "num_samples": 1, "quality_seq_len": SEQ,
+                                                      "quality_sequences": 4}))
+    pipe = Pipeline(cfg, progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies in the quality suite, after recall was saved
+
+    monkeypatch.setattr("hybrid_distill.evaluation.quality.evaluate_quality", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.evaluate("teacher")
+    dest = Path(cfg.run_dir) / "eval" / "teacher"
+    assert json.loads((dest / "results.json").read_text())["partial"] == ["quality"]
+    monkeypatch.undo()
+    results = json.loads((pipe.evaluate("teacher") / "results.json").read_text())
+    assert "partial" not in results and "quality" in results and "recall" in results
+
+
 def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
     """The quality suite reads the run's own data (its text field, held-out share, cache), not the bare source."""
     import random

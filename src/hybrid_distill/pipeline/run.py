@@ -362,7 +362,8 @@ class Pipeline:
         # which weights were measured: a model trained again under the same name must not keep old results
         settings = json.loads(json.dumps({**self.eval_settings(), "model": model_identity(spec),
                                           "teacher_model": self.teacher_identity}))
-        if (dest / "results.json").is_file():
+        # (results.json with suites still "partial" is what an interrupted evaluation left)
+        if (dest / "results.json").is_file() and not (read_json(dest / "results.json") or {}).get("partial"):
             recorded = read_json(dest / EVAL_SETTINGS_FILE)
             if recorded is None or recorded == settings:  # None: results from before settings were recorded
                 return dest
