@@ -102,7 +102,7 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB as uint16) per shard file
 # change HELDOUT_RULE: it is part of the cache key, so caches split by another rule are not reused.
 HELDOUT_RULE = "unit-blake2b-v1"
 HELDOUT_UNIT_CHARS = 8_192  # documents longer than this are split into units of at most this many characters
-# The fallback may hold out at most this multiple of heldout_fraction of the characters read (else an error).
+# A fallback holding out more than this multiple of heldout_fraction of the characters read says so in its warning.
 FALLBACK_MAX_FACTOR = 2.0
 _HASH_PERSON = b"hd-heldout-v1"
 _HASH_SCALE = float(1 << 64)
