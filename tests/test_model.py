@@ -343,3 +343,41 @@ def test_swa_window_reaches_every_attention_backend(variant):
     with torch.no_grad():
         student(_ids(batch=1, length=12))
     assert seen[1] == seen[3] == 4 and seen[0] in (None, getattr(student.config, "sliding_window", None))
+
+
+@pytest.mark.parametrize("variant", ["qwen2-bias-tied", "qwen3-qknorm"])
+def test_qwen3_5_layout_leaves_gdn_biases_and_qk_norms_out_and_keeps_softmax_layers_exact(variant, tmp_path):
+    from hybrid_distill.checkpoint import load_student, save_student
+    from hybrid_distill.modeling import layout_mixer_options
+
+    teacher = tiny_teacher(variant)
+    options = layout_mixer_options("qwen3_5")
+    all_softmax = build_student(teacher, ["softmax"] * 4, options)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(all_softmax(ids).logits, teacher(ids).logits)
+    student = build_student(teacher, ["gdn", "softmax", "gdn", "gdn"], options)
+    mixer = student.model.layers[0].self_attn
+    assert mixer.q_proj.bias is None and mixer.k_proj.bias is None and mixer.v_proj.bias is None
+    assert mixer.q_norm is None and mixer.k_norm is None
+    assert student.config.mixer_options["norm_eps"] == teacher.config.rms_norm_eps == mixer.eps
+    softmax = student.model.layers[1].self_attn
+    for name, value in teacher.model.layers[1].self_attn.state_dict().items():
+        assert torch.equal(softmax.state_dict()[name], value), name
+    save_student(student, tmp_path / "s")
+    reloaded = load_student(tmp_path / "s")  # fails on any missing or unexpected key
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, student(ids).logits)
+
+
+def test_student_layout_rejects_contradicting_options():
+    from hybrid_distill.modeling import layout_mixer_options
+
+    assert layout_mixer_options("default", {"gdn_use_short_conv": True}) == {"gdn_use_short_conv": True}
+    assert layout_mixer_options("qwen3_5", {"gdn_use_short_conv": True})["gdn_use_qkv_bias"] is False
+    with pytest.raises(ValueError, match="gdn_use_qkv_bias=True contradicts student layout 'qwen3_5'"):
+        layout_mixer_options("qwen3_5", {"gdn_use_qkv_bias": True})
+    with pytest.raises(ValueError, match="Unknown student layout 'qwen35'"):
+        layout_mixer_options("qwen35")
+    with pytest.raises(ValueError, match="norm_eps must be a positive number"):
+        build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4, {"norm_eps": "student"})

@@ -87,7 +87,8 @@ def build_student(
     """Build a hybrid student from `teacher` (any supported HF causal LM).
 
     Every teacher weight is copied (embeddings, norms, MLPs, lm_head, attention projections — the
-    linear mixers take over q/k/v/o); parameters the teacher lacks get the standard init. With
+    linear mixers take over q/k/v/o), except those the mixer options leave out of GDN layers
+    (`gdn_use_qkv_bias`, `gdn_use_qk_norm`); parameters the teacher lacks get the standard init. With
     `init_from` (an earlier student, e.g. the all-linear Stage-1 model), layers whose mixer is the
     same in both also take that student's mixer weights (the paper reuses Stage-1 mixers).
     The student lives on the teacher's device and dtype; the teacher is not modified.
@@ -107,6 +108,9 @@ def build_student(
             if name not in teacher_buffers:
                 raise RuntimeError(f"Student buffer {name!r} has no counterpart in the teacher")
             buf.copy_(teacher_buffers[name])
+    left_out = {f"{name}.{p}" for name, module in student.named_modules() if isinstance(module, LinearAttentionMixer)
+                for p in module.dropped_teacher_parameters}
+    unexpected = [k for k in unexpected if k not in left_out]
     if unexpected:
         raise RuntimeError(f"Teacher weights the student cannot hold: {unexpected[:8]}")
     new_params = {n for n, _ in _new_parameter_names(student)}

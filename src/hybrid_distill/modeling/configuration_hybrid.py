@@ -20,18 +20,41 @@ DEFAULT_MIXER_OPTIONS: dict[str, object] = {
     "gdn_use_output_gate": True,
     # fla applies SiLU to q, k, v when there is no short conv; "identity" keeps the transferred projections linear.
     "gdn_qkv_activation": "silu",
+    # The teacher's q/k/v biases (Qwen2) inside GDN layers; false drops them (Qwen3.5's GDN has no biases).
+    "gdn_use_qkv_bias": True,
+    # The teacher's per-head q/k RMSNorms (Qwen3) inside GDN layers; false leaves them out (Qwen3.5's GDN has none).
+    "gdn_use_qk_norm": True,
     # Gated linear attention (fla GatedLinearAttention defaults).
     "gla_use_output_gate": True,
     "gla_gate_low_rank_dim": 16,
     "gla_gate_logit_normalizer": 16.0,
     # Sliding-window softmax attention: the teacher's attention restricted to this many past tokens.
     "swa_window": 64,
+    # eps of the linear mixers' output RMSNorm: a number, or "teacher" for the teacher config's rms_norm_eps.
     "norm_eps": 1e-5,
     # "auto": fla kernels on CUDA when installed, else pure PyTorch; "torch" or "fla" to force one.
     "kernel_backend": "auto",
 }
 
+# `norm_eps` value that stands for the teacher config's `rms_norm_eps` (resolved when the student config is built).
+NORM_EPS_TEACHER = "teacher"
+
 SUPPORTED_TEACHER_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+# Student layouts: presets of mixer options. "qwen3_5" trains GDN layers in the form stock Hugging Face
+# Qwen3.5 text (`qwen3_5_text`) computes, so `hybrid-distill export --format qwen3_5` writes the student
+# exactly: no biases or q/k norms inside GDN, output gate on, SiLU on q/k/v, output-norm eps = the
+# teacher's rms_norm_eps. It also needs `gdn` as the linear mixer and no `swa` layers (mixers, not options).
+STUDENT_LAYOUTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "qwen3_5": {
+        "gdn_use_qkv_bias": False,
+        "gdn_use_qk_norm": False,
+        "gdn_use_output_gate": True,
+        "gdn_qkv_activation": "silu",
+        "norm_eps": NORM_EPS_TEACHER,
+    },
+}
 
 
 def resolve_mixer_options(options: dict | None) -> dict:
@@ -43,6 +66,8 @@ def resolve_mixer_options(options: dict | None) -> dict:
     resolved = {**DEFAULT_MIXER_OPTIONS, **options}
     for name, value in resolved.items():  # bool("false") is True: a value of the wrong type must not pass
         default = DEFAULT_MIXER_OPTIONS[name]
+        if name == "norm_eps" and value == NORM_EPS_TEACHER:
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -63,6 +88,22 @@ def resolve_mixer_options(options: dict | None) -> dict:
     return resolved
 
 
+def layout_mixer_options(layout: str, mixer_options: dict | None = None) -> dict:
+    """The mixer options of student layout `layout` with `mixer_options` on top (unresolved: defaults are
+    filled when the config is built). An option that contradicts the layout is an error naming both."""
+    if layout not in STUDENT_LAYOUTS:
+        raise ValueError(f"Unknown student layout {layout!r}; choose from {sorted(STUDENT_LAYOUTS)}")
+    preset = STUDENT_LAYOUTS[layout]
+    options = dict(mixer_options or {})
+    for name, value in options.items():
+        if name in preset and value != preset[name]:
+            raise ValueError(
+                f"mixer option {name}={value!r} contradicts student layout {layout!r}, which sets {name}={preset[name]!r}; "
+                f"drop the option or choose layout 'default'"
+            )
+    return {**preset, **options}
+
+
 def validate_mixers(mixers: list[str], num_layers: int) -> list[str]:
     """Check a per-layer mixer list; errors name the offending entry."""
     if len(mixers) != num_layers:
@@ -81,6 +122,8 @@ class HybridConfigMixin:
             self.mixers = ["softmax"] * self.num_hidden_layers
         self.mixers = validate_mixers(list(self.mixers), self.num_hidden_layers)
         self.mixer_options = resolve_mixer_options(self.mixer_options)
+        if self.mixer_options["norm_eps"] == NORM_EPS_TEACHER:
+            self.mixer_options["norm_eps"] = float(self.rms_norm_eps)
         self.teacher = dict(self.teacher or {})
 
     @property

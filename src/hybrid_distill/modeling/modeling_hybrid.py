@@ -269,7 +269,8 @@ class LinearAttentionMixer(nn.Module):
     # (see `fused_input_projection`); None: one GEMM per projection.
     fused_projection: tuple | None = None
 
-    def __init__(self, config, layer_idx: int, attention: nn.Module, *, use_short_conv: bool, use_output_gate: bool):
+    def __init__(self, config, layer_idx: int, attention: nn.Module, *, use_short_conv: bool, use_output_gate: bool,
+                 use_qkv_bias: bool = True, use_qk_norm: bool = True):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -287,8 +288,21 @@ class LinearAttentionMixer(nn.Module):
             attention.v_proj,
             attention.o_proj,
         )
-        self.q_norm = getattr(attention, "q_norm", None)
-        self.k_norm = getattr(attention, "k_norm", None)
+        # Teacher parameters this mixer leaves out (names relative to the mixer), so that loading the teacher's
+        # state dict into the student expects them to be unused.
+        dropped = []
+        if not use_qkv_bias:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                proj = getattr(self, name)
+                if proj.bias is not None:
+                    proj.bias = None
+                    dropped.append(f"{name}.bias")
+        self.q_norm = getattr(attention, "q_norm", None) if use_qk_norm else None
+        self.k_norm = getattr(attention, "k_norm", None) if use_qk_norm else None
+        if not use_qk_norm:
+            dropped += [f"{name}.{p}" for name in ("q_norm", "k_norm") if getattr(attention, name, None) is not None
+                        for p, _ in getattr(attention, name).named_parameters()]
+        self.dropped_teacher_parameters: tuple[str, ...] = tuple(dropped)
         self.use_short_conv = use_short_conv
         if use_short_conv:
             size = int(self.options["gdn_conv_size"])
@@ -431,6 +445,8 @@ class GatedDeltaNetMixer(LinearAttentionMixer):
             attention,
             use_short_conv=bool(opts["gdn_use_short_conv"]),
             use_output_gate=bool(opts["gdn_use_output_gate"]),
+            use_qkv_bias=bool(opts["gdn_use_qkv_bias"]),
+            use_qk_norm=bool(opts["gdn_use_qk_norm"]),
         )
         self._qkv_activation = opts["gdn_qkv_activation"]
         self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
