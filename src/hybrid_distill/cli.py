@@ -69,6 +69,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write a student as a stock Hugging Face model that loads (and serves) without remote code."""
+    from .export import export_student
+
+    result = export_student(args.student_dir, args.out_dir, format=args.format, approximate=args.approximate,
+                            dtype=args.dtype, tokenizer=args.tokenizer)
+    print(result.summary())
+    return 0
+
+
 def cmd_distill(args) -> int:
     """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
     from .distill import run_distill_from_args
@@ -197,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="evaluate a model with lm-evaluation-harness tasks (needs hybrid-distill[lmeval])")
     add_lm_eval_arguments(p)
     p.set_defaults(func=run_lm_eval_from_args)
+
+    p = sub.add_parser("export", help="student -> stock Hugging Face checkpoint (Qwen3.5 text) that loads without remote code")
+    p.add_argument("student_dir")
+    p.add_argument("out_dir", help="output folder (replaced as a whole; new, empty or an earlier export)")
+    p.add_argument("--format", default="qwen3_5", choices=["qwen3_5"])
+    p.add_argument("--approximate", action="store_true",
+                   help="export what cannot be exported exactly anyway, and report the measured logit error")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="of the weights (default: the student's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path / hub id when STUDENT_DIR holds none")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="show a checkpoint's layer layout")
     p.add_argument("checkpoint")
