@@ -167,6 +167,10 @@ def test_stock_transformers_loads_the_export_without_hybrid_distill(exports, nam
     assert config["model_type"] == "qwen3_5_text" and config["architectures"] == ["Qwen3_5ForCausalLM"]
     assert "auto_map" not in config and not list(case["dir"].glob("*.py"))
     assert config["layer_types"] == ["linear_attention" if m == "gdn" else "full_attention" for m in CASES[name][2]]
+    # keys serving engines read: vLLM qkv_bias, SGLang a top-level partial_rotary_factor (its default is 0.25)
+    assert config["partial_rotary_factor"] == config["rope_parameters"]["partial_rotary_factor"] == 1.0
+    assert config["qkv_bias"] == config["attention_bias"] == (name == "qwen2-bias")
+    assert config["mamba_ssm_dtype"] == "float32"
     files = set(case["result"].files)
     assert {"model.safetensors", "config.json", "generation_config.json", "README.md", "tokenizer.json"} <= files
     assert files == {str(p.relative_to(case["dir"])) for p in case["dir"].rglob("*") if p.is_file()}
@@ -217,6 +221,18 @@ def test_approximate_export_reports_the_error_stock_transformers_shows(exports):
     assert stock_error == pytest.approx(result.max_logit_error, abs=1e-5)
     card = (case["dir"] / "README.md").read_text()
     assert "**approximate**" in card and "gdn_use_qkv_bias: false" in card
+
+
+def test_full_attention_interval_is_written_only_for_periodic_layouts():
+    from hybrid_distill.export.qwen3_5 import full_attention_interval
+
+    g, s = "linear_attention", "full_attention"
+    assert full_attention_interval([g, g, g, s, g, g, g, s]) == 4
+    assert full_attention_interval([s, s]) == 1
+    assert full_attention_interval([g, s, g, g]) is None
+    assert full_attention_interval([g, g, g, s, g, g]) == 4  # what an engine derives from 4 over 6 layers
+    assert full_attention_interval([g, g, s, s]) is None
+    assert full_attention_interval([g, g, g]) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,7 +173,14 @@ def qwen3_5_config(student: PreTrainedModel) -> Qwen3_5TextConfig:
     layer_types = ["linear_attention" if m == "gdn" else "full_attention" for m in config.mixers]
     rope = {**config.rope_parameters}
     rope.setdefault("partial_rotary_factor", 1.0)
-    return Qwen3_5TextConfig(
+    serving = {
+        "qkv_bias": attention_bias,  # vLLM's Qwen3.5 attention reads this key, not attention_bias
+        "mamba_ssm_dtype": "float32",  # the recurrent state's dtype, as official Qwen3.5 configs state it
+    }
+    interval = full_attention_interval(layer_types)
+    if interval is not None:  # engines that place full-attention layers by this period alone (SGLang)
+        serving["full_attention_interval"] = interval
+    export_config = Qwen3_5TextConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -199,7 +206,20 @@ def qwen3_5_config(student: PreTrainedModel) -> Qwen3_5TextConfig:
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
+        **serving,
     )
+    # also at the top level, where SGLang's Qwen3.5 config reads it (defaulting to 0.25)
+    export_config.partial_rotary_factor = rope["partial_rotary_factor"]
+    return export_config
+
+
+def full_attention_interval(layer_types: list[str]) -> int | None:
+    """n where layer i is full attention exactly when (i + 1) % n == 0 (the layout engines without per-layer
+    types assume), or None when the layers follow no such period."""
+    for n in range(1, len(layer_types) + 1):
+        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(layer_types)):
+            return n
+    return None
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -358,6 +378,11 @@ def build_qwen3_5(student: PreTrainedModel) -> tuple[Qwen3_5ForCausalLM, list[La
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(torch.float32))
+    if config.attention_bias:
+        notes.append("attention biases: transformers reads attention_bias, vLLM qkv_bias (both set); SGLang's Qwen3.5 "
+                     "attention has no biases")
+        if any(float(params[k].abs().max()) > 0 for k in params if k.endswith("self_attn.o_proj.bias")):
+            notes.append("o_proj biases: vLLM's and SGLang's Qwen3.5 attention have none")
     mismatch = rotary_mismatch(student, model)
     if mismatch > ROTARY_TOLERANCE:
         raise ExportError(f"Qwen3.5's rotary embedding differs from the student's by up to {mismatch:.3g} with rope "
