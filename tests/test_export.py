@@ -342,6 +342,9 @@ def test_export_refuses_bad_output_folders_formats_and_dtypes(tmp_path):
         export_student(tmp_path / "student", tmp_path / "student")
     with pytest.raises(ExportError, match="holds the student"):
         export_student(tmp_path / "student", tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ExportError, match="is a file"):
+        export_student(tmp_path / "student", tmp_path / "file")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="exists and is not an earlier export"):

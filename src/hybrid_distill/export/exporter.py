@@ -119,6 +119,8 @@ def refuse(blockers: list[Blocker], approximate: bool, source: str) -> None:
 def check_out_dir(student_dir: Path, out_dir: Path) -> None:
     """The export replaces `out_dir` as a whole: refuse a folder holding the student or anything but an earlier export."""
     src, dst = student_dir.resolve(), out_dir.resolve()
+    if dst.exists() and not dst.is_dir():
+        raise ExportError(f"the output folder {str(out_dir)!r} is a file; choose a new or empty folder")
     if src == dst or dst in src.parents:
         raise ExportError(f"the output folder {str(out_dir)!r} holds the student {str(student_dir)!r}; "
                           "the export replaces its output folder, choose another one")

@@ -245,6 +245,8 @@ def _attention_layer(attn: nn.Module, g1: torch.Tensor, config, attention_bias: 
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: the teacher's own per-head norms
         q_norm, k_norm = _f64(attn.q_norm.weight) - 1, _f64(attn.k_norm.weight) - 1
         notes.append("q/k norms: the teacher's, stored as w - 1")
+        if float(min(attn.q_norm.weight.min(), attn.k_norm.weight.min())) < 0.5:
+            notes.append("some q/k norm weights are below 0.5, which w - 1 holds less precisely in 16-bit floats than w")
     else:
         lq, lk = linearize_head_norm(q_w, q_b, D, eps), linearize_head_norm(k_w, k_b, D, eps)
         q_w, k_w = q_w * lq.scale, k_w * lk.scale
@@ -313,9 +315,15 @@ def _gdn_layer(mixer: GatedDeltaNetMixer, g1: torch.Tensor, kernel_size: int, pr
 
 
 def qwen3_5_state_dict(student: PreTrainedModel, config: Qwen3_5TextConfig) -> tuple[dict, list[LayerExport], list[str]]:
-    """(float64 state dict of `Qwen3_5ForCausalLM`, per-layer notes, model-wide notes) computing `student`."""
+    """(fp32 state dict of `Qwen3_5ForCausalLM`, per-layer notes, model-wide notes) computing `student`; every
+    tensor is computed in float64 and rounded once."""
     inner, scfg = student.model, student.config
-    state = {"model.embed_tokens.weight": _f64(inner.embed_tokens.weight)}
+    state: dict[str, torch.Tensor] = {}
+
+    def put(entries: dict[str, torch.Tensor]) -> None:
+        state.update({name: value.to(torch.float32) for name, value in entries.items()})
+
+    put({"model.embed_tokens.weight": _f64(inner.embed_tokens.weight)})
     layers = []
     for i, (mixer, layer) in enumerate(zip(scfg.mixers, inner.layers)):
         prefix = f"model.layers.{i}."
@@ -324,21 +332,22 @@ def qwen3_5_state_dict(student: PreTrainedModel, config: Qwen3_5TextConfig) -> t
             mixer_state, notes = _gdn_layer(layer.self_attn, g1, config.linear_conv_kernel_dim, prefix + "linear_attn.")
         else:
             mixer_state, notes = _attention_layer(layer.self_attn, g1, config, config.attention_bias, prefix + "self_attn.")
-        state.update(mixer_state)
+        put(mixer_state)
         mlp = layer.mlp
-        state[prefix + "mlp.gate_proj.weight"] = _f64(mlp.gate_proj.weight) * g2
-        state[prefix + "mlp.up_proj.weight"] = _f64(mlp.up_proj.weight) * g2
-        state[prefix + "mlp.down_proj.weight"] = _f64(mlp.down_proj.weight)
-        state[prefix + "input_layernorm.weight"] = torch.zeros_like(g1)
-        state[prefix + "post_attention_layernorm.weight"] = torch.zeros_like(g2)
+        put({
+            prefix + "mlp.gate_proj.weight": _f64(mlp.gate_proj.weight) * g2,
+            prefix + "mlp.up_proj.weight": _f64(mlp.up_proj.weight) * g2,
+            prefix + "mlp.down_proj.weight": _f64(mlp.down_proj.weight),
+            prefix + "input_layernorm.weight": torch.zeros_like(g1),
+            prefix + "post_attention_layernorm.weight": torch.zeros_like(g2),
+        })
         layers.append(LayerExport(i, mixer, config.layer_types[i], tuple(notes + ["post-attention norm scale folded into gate/up_proj"])))
     final = _f64(inner.norm.weight)
     if config.tie_word_embeddings:
-        state["model.norm.weight"] = final - 1
+        put({"model.norm.weight": final - 1})
         notes = ["embeddings tied; final norm stored as w - 1 (its scale cannot be folded into the tied lm_head)"]
     else:
-        state["model.norm.weight"] = torch.zeros_like(final)
-        state["lm_head.weight"] = _f64(student.lm_head.weight) * final
+        put({"model.norm.weight": torch.zeros_like(final), "lm_head.weight": _f64(student.lm_head.weight) * final})
         notes = ["final norm scale folded into lm_head"]
         if scfg.tie_word_embeddings:
             notes[0] += (" (untied: the student's final-norm weights go below 0.5, which w - 1 would hold less "
@@ -377,7 +386,7 @@ def build_qwen3_5(student: PreTrainedModel) -> tuple[Qwen3_5ForCausalLM, list[La
                            f"unexpected {unexpected[:6]}, wrong shape {wrong_shape[:6]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(torch.float32))
+            params[name].copy_(value)
     if config.attention_bias:
         notes.append("attention biases: transformers reads attention_bias, vLLM qkv_bias (both set); SGLang's Qwen3.5 "
                      "attention has no biases")
