@@ -199,7 +199,9 @@ def model_card(student: PreTrainedModel, name: str, *, source: str | None, layer
         f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="bfloat16")',
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
         "Serve it with an engine that runs Qwen3.5 text with any pattern of `layer_types` (see hybrid-distill's "
-        "docs/serving.md for vLLM, SGLang and llama.cpp). Keep the recurrent state in float32 and do not run it "
-        "in float16 (the full-attention q/k projections are scaled far below float16's range).", "",
+        "docs/serving.md for vLLM, SGLang and llama.cpp) and keep the recurrent state in float32."
+        + (" Do not run or store it in float16 (also not in quantization formats with float16 block scales): the "
+           "full-attention q/k projections are scaled far below float16's range." if qwen3_5.linearizes_head_norms(student)
+           else ""), "",
     ]
     return "\n".join(lines)

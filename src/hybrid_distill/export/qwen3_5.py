@@ -163,6 +163,13 @@ def keeps_tied_embeddings(student: PreTrainedModel) -> bool:
     return bool(student.config.tie_word_embeddings) and bool((student.model.norm.weight >= 0.5).all())
 
 
+def linearizes_head_norms(student: PreTrainedModel) -> bool:
+    """Whether some full-attention layer of the export scales its q/k projections down (its teacher has no q/k
+    norms; see `linearize_head_norm`), which puts those weights out of float16's range."""
+    return any(m != "gdn" and getattr(layer.self_attn, "q_norm", None) is None
+               for m, layer in zip(student.config.mixers, student.model.layers))
+
+
 def qwen3_5_config(student: PreTrainedModel) -> Qwen3_5TextConfig:
     """The Qwen3.5 text config of `student`: its teacher's shapes, one layer type per mixer."""
     config = student.config
@@ -245,7 +252,7 @@ def _attention_layer(attn: nn.Module, g1: torch.Tensor, config, attention_bias: 
     if getattr(attn, "q_norm", None) is not None:  # Qwen3: the teacher's own per-head norms
         q_norm, k_norm = _f64(attn.q_norm.weight) - 1, _f64(attn.k_norm.weight) - 1
         notes.append("q/k norms: the teacher's, stored as w - 1")
-        if float(min(attn.q_norm.weight.min(), attn.k_norm.weight.min())) < 0.5:
+        if float(min(q_norm.min(), k_norm.min())) < -0.5:  # a weight below 0.5
             notes.append("some q/k norm weights are below 0.5, which w - 1 holds less precisely in 16-bit floats than w")
     else:
         lq, lk = linearize_head_norm(q_w, q_b, D, eps), linearize_head_norm(k_w, k_b, D, eps)
