@@ -376,14 +376,14 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_config_defaults_files_and_args(tmp_path):
     import argparse
 
-    from hybrid_distill.distill.config import add_config_arguments, config_from_args
+    from hybrid_distill.distill.config import add_distill_config_flags, distill_config_from_flags
 
     assert DistillConfig(stage=1).lr_mixer == 1e-3 and DistillConfig(stage=2).schedule == "constant"
     with pytest.raises(ConfigError, match="bogus"):
         DistillConfig.from_dict({"bogus": 1})
     (tmp_path / "c.yaml").write_text("stage: 2\ntau: 2.0\nglobal_batch_size: 8\n")
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_distill_config_flags(parser)
     args = parser.parse_args(
         [
             "--config",
@@ -396,7 +396,7 @@ def test_config_defaults_files_and_args(tmp_path):
             "tensorboard",
         ]
     )
-    cfg = config_from_args(args)
+    cfg = distill_config_from_flags(args)
     assert (cfg.tau, cfg.global_batch_size, cfg.lr_mixer, cfg.activation_checkpointing, cfg.report_to) == (
         2.0,
         8,

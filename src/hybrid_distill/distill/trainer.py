@@ -35,7 +35,7 @@ from ..data.loader import SplitBatchesMixin
 from ..fileio import fsync_directory, fsync_file, fsync_tree
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
-from .config import DistillConfig, config_from_args, resume_mismatch
+from .config import DistillConfig, add_distill_config_flags, distill_config_from_flags, resume_mismatch
 from .stages import (
     attention_parameter_names,
     evaluate_kl,
@@ -912,7 +912,6 @@ def _check_done(run_dir: Path, config_hash: str, resume_key: dict, student) -> D
 def add_distill_arguments(parser) -> None:
     """Options of ``run_distill_from_args`` (model/data/run-dir ones plus one per `DistillConfig` field)."""
     from ..data import add_data_arguments
-    from .config import add_config_arguments
 
     g = parser.add_argument_group("models")
     g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant> for a built-in test teacher")
@@ -930,7 +929,7 @@ def add_distill_arguments(parser) -> None:
         "--tokenizer", default=None, help="tokenizer path (default: the teacher's; tiny teachers: tiny_tokenizer)"
     )
     add_data_arguments(parser)
-    add_config_arguments(parser)
+    add_distill_config_flags(parser)
 
 
 def run_distill_from_args(args) -> DistillResult:
@@ -942,7 +941,7 @@ def run_distill_from_args(args) -> DistillResult:
     from ..surgery import build_student, load_teacher, load_tokenizer, resolve_mixers
 
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    config = config_from_args(ns)
+    config = distill_config_from_flags(ns)
     spec = data_spec_from_args(ns)  # bad data options fail before the models load
     if ns.get("student"):
         ignored = [flag for flag, key in (("--mixers", "mixers"), ("--softmax-layers", "softmax_layers"),
@@ -974,7 +973,7 @@ def run_distill_from_args(args) -> DistillResult:
         del init_from
     student.float()
 
-    config = config.replace(seq_len=config.seq_len or (512 if config.stage == 1 else 4096))
+    config = config.replace(seq_len=config.data_seq_len)
 
     def load_data():
         return spec.load(tokenizer, config.seq_len, seed=config.seed, require_sequences=config.global_batch_size)
