@@ -11,7 +11,8 @@ import torch
 
 from hybrid_distill.evaluation.compare import compare_results
 from hybrid_distill.evaluation.quality import evaluate_quality, heldout_batches, perplexity, teacher_student_kl
-from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, parse_suite, run_eval_from_args
+from hybrid_distill.evaluation.config import parse_suite
+from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, run_eval_from_args
 from hybrid_distill.tiny_teachers import tiny_teacher
 from hybrid_distill.tokenization import tiny_tokenizer
 

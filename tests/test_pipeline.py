@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from hybrid_distill.cli import main
-from hybrid_distill.distill.config import ConfigError
+from hybrid_distill.config import ConfigError
 from hybrid_distill.pipeline import Pipeline, RunConfig, run_pipeline
 
 SEQ, BATCH = 32, 4
@@ -94,9 +94,9 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     res = json.loads(teacher_results.read_text())
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
     assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
-    from hybrid_distill.data import DataSpec
+    from hybrid_distill.data import DataConfig
 
-    assert res["config"]["data"] == DataSpec.from_dict(cfg.data).to_dict()  # the run's held-out split
+    assert res["config"]["data"] == DataConfig.from_value(cfg.data).to_dict()  # the run's held-out split
 
     # a hand-picked set added afterwards: only it is distilled and evaluated; finished hybrids are kept as they are
     weights = {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets}
@@ -123,7 +123,7 @@ def test_invalid_configs_fail_before_compute(tmp_path):
         with pytest.raises(exc, match=match):
             RunConfig.from_dict(_config(tmp_path, **over))
 
-    fails(r"SelectionConfig\.selector", selection={"selectors": ["best-guess"], "budgets": [1]})
+    fails(r"selection\.selectors must be a list of selector names; 'best-guess' must be one of", selection={"selectors": ["best-guess"], "budgets": [1]})
     fails(r"selection\.budgets.*4-layer model", selection={"selectors": ["ga-s2"], "budgets": [4]})
     fails(r"selection\.budgets", selection={"selectors": ["ga-s2"], "budgets": [1.0]})
     fails(r"teacher: .*no-such-dir.*config\.json", exc=FileNotFoundError, teacher=str(tmp_path / "no-such-dir"))
@@ -132,30 +132,30 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
     fails(r"teacher: .*gpt2': Unsupported architecture 'gpt2'", teacher=str(tmp_path / "gpt2"),
           selection={"selectors": ["ga-s2"], "budgets": [4]})  # named before the budget is checked against its layers
-    fails(r"unknown data field.*txt_field", data={"source": "default", "txt_field": "body"})
-    fails(r"stage2: .*DistillConfig\.lr_mixer", stage2={"lr_mixer": -1})
+    fails(r"data has unknown field.*txt_field", data={"source": "default", "txt_field": "body"})
+    fails(r"stage2\.lr_mixer must be > 0", stage2={"lr_mixer": -1})
     fails(r"unknown top-level field.*stage_2", stage_2={})
     fails(r"student\.linear", student={"linear": "mamba"})
     fails(r"final\.extra_sets\.p: .*out of range for a 4-layer", final={"extra_sets": {"p": [1, 4]}})
-    fails(r"final\.extra_sets\.p: expected distinct", final={"extra_sets": {"p": [1, 1]}})
-    fails(r"final\.extra_sets must map", final={"extra_sets": [[0, 1]]})
-    fails(r"eval\.suite: unknown suite part.*speed", eval={"suite": ["recall", "speed"]})
-    fails(r"eval\.tasks: unknown task.*nosuch", eval={"tasks": ["niah_single_1", "nosuch"]})
-    fails(r"eval\.lengths must be a non-empty list of positive integers", eval={"lengths": [-5]})
+    fails(r"final\.extra_sets must map a label to distinct 0-based layer indices; p: \[1, 1\]", final={"extra_sets": {"p": [1, 1]}})
+    fails(r"final\.extra_sets must be a mapping", final={"extra_sets": [[0, 1]]})
+    fails(r"eval\.suite must name parts among .*unknown: \['speed'\]", eval={"suite": ["recall", "speed"]})
+    fails(r"eval\.tasks has unknown task.*nosuch", eval={"tasks": ["niah_single_1", "nosuch"]})
+    fails(r"eval\.lengths must be a list of positive integers.*-5 must be >= 1", eval={"lengths": [-5]})
     fails(r"eval\.lengths must be", eval={"lengths": "128,256"})
-    fails(r"eval\.num_samples must be a positive integer", eval={"num_samples": 0})
+    fails(r"eval\.num_samples must be >= 1", eval={"num_samples": 0})
     fails(r"eval\.niah_depths", eval={"niah_depths": [50, 120]})
     fails(r"eval\.suite must be a name or a list", eval={"suite": 5})
     fails(r"eval\.seed must be an integer", eval={"seed": "x"})
     fails(r"eval\.compile_decode must be true or false", eval={"compile_decode": "no"})
-    fails(r"eval\.efficiency_dtype must be float32, bfloat16 or float16", eval={"efficiency_dtype": "float8"})
+    fails(r"eval\.efficiency_dtype must be one of \['float32', 'bfloat16', 'float16'\]", eval={"efficiency_dtype": "float8"})
     fails(r"student must be a mapping", student="gdn")
     fails(r"student\.mixer_options must be a mapping", student={"linear": "gdn", "mixer_options": "x"})
-    fails(r"student\.mixer_options: mixer option gdn_use_short_conv must be true or false",
+    fails(r"student\.mixer_options has a bad value: mixer option gdn_use_short_conv must be true or false",
           student={"mixer_options": {"gdn_use_short_conv": "yes"}})
-    fails(r"run_dir must be a folder path", run_dir=5)
+    fails(r"run_dir must be a non-empty string", run_dir=5)
     fails(r"report must be a mapping", report="x")
-    fails(r"report must be a mapping", report={"titel": "x"})
+    fails(r"report has unknown field.*titel", report={"titel": "x"})
     assert not (tmp_path / "run").exists()
     path = _write(tmp_path, _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [0.99]}))
     assert main(["run", str(path)]) == 2 and not (tmp_path / "run").exists()
@@ -217,7 +217,7 @@ def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
     """The quality suite reads the run's own data (its text field, held-out share, cache), not the bare source."""
     import random
 
-    from hybrid_distill.data import DataSpec
+    from hybrid_distill.data import DataConfig
 
     rng = random.Random(0)
     words = "alpha beta gamma delta river stone cloud paper engine garden yellow seven".split()
@@ -228,7 +228,7 @@ def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
                                                                   "quality_sequences": 4}))
     pipe = Pipeline(cfg, progress=False)
     res = json.loads((pipe.evaluate("teacher") / "results.json").read_text())
-    assert res["config"]["data"] == DataSpec.from_dict(data).to_dict()
+    assert res["config"]["data"] == DataConfig.from_value(data).to_dict()
     assert res["quality"]["sequences"] == 4 and res["quality"]["heldout_fraction"] == 0.2
     assert pipe.eval_settings()["data"]["text_field"] == "body"
 
@@ -390,7 +390,7 @@ def test_kill_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_validate(path):
     cfg = RunConfig.from_file(path, check_paths=False)  # real teachers need the hub; fields are checked offline
-    assert cfg.selectors and cfg.distill_config("stage2", 2).seq_len == 4096
+    assert cfg.selectors and cfg.stage2.data_seq_len == 4096
     assert cfg.selection_config("ga-s2").early_stop
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import socket
 import os
 from pathlib import Path
 
@@ -390,20 +391,45 @@ def test_select_cli_end_to_end(tmp_path, capsys):
 # -- executors --------------------------------------------------------------------------------------
 
 
-def test_inline_executor_retries_and_reports():
-    outs = InlineExecutor(retries=1, progress=False).map(math.sqrt, [4.0, -1.0, 9.0])
+def _sqrt_or_fail(x: float) -> float:
+    """Module-level (picklable): -1 fails transiently, -2 as the job's own failure, -3 with a bug."""
+    from hybrid_distill.selection.executors import CandidateFailure
+
+    if x == -1:
+        raise ConnectionResetError("lost the node")
+    if x == -2:
+        raise CandidateFailure("loss diverged")
+    if x == -3:
+        raise TypeError("a bug")
+    return math.sqrt(x)
+
+
+def test_inline_executor_retries_transient_failures_only_and_raises_bugs():
+    from hybrid_distill.config import ConfigError
+    from hybrid_distill.selection.executors import JobError
+
+    outs = InlineExecutor(retries=1, progress=False).map(_sqrt_or_fail, [4.0, -1.0, 9.0, -2.0])
     assert [o.value for o in outs if o.ok] == [2.0, 3.0]
-    assert not outs[1].ok and outs[1].attempts == 2 and "math domain error" in outs[1].error
+    assert (outs[1].kind, outs[1].attempts) == ("transient", 2) and "lost the node" in outs[1].error
+    assert (outs[3].kind, outs[3].attempts) == ("failed", 1) and "loss diverged" in outs[3].error
+    with pytest.raises(JobError, match="(?s)not a candidate failure.*TypeError: a bug"):
+        InlineExecutor(retries=3, progress=False).map(_sqrt_or_fail, [1.0, -3.0])
+
+    def bad_setting(_):
+        raise ConfigError("stage2.tau must be > 0")
+
+    with pytest.raises(ConfigError, match="tau"):  # a user error keeps its type: the command line prints its message
+        InlineExecutor(retries=3, progress=False).map(bad_setting, [0])
 
 
 def test_local_executor_runs_jobs_in_worker_processes():
     ex = LocalExecutor(workers=2, retries=1, progress=False, threads_per_worker=1)
     try:
-        outs = ex.map(math.sqrt, [16.0, -4.0, 25.0])
+        outs = ex.map(_sqrt_or_fail, [16.0, -1.0, 25.0])
         pids = ex.map(_os_getpid_of, [0, 1, 2, 3])
     finally:
         ex.close()
-    assert [o.value for o in outs] == [4.0, None, 5.0] and outs[1].attempts == 2
+    assert [o.value for o in outs] == [4.0, None, 5.0] and outs[1].attempts == 2 and outs[1].kind == "transient"
     import os
 
     assert all(o.ok for o in pids) and os.getpid() not in {o.value for o in pids}
@@ -425,7 +451,8 @@ def test_cluster_executors(name, tmp_path, monkeypatch):
     options = {"init_options": {"num_cpus": 2, "include_dashboard": False}} if name == "ray" else {"cluster": "local", "timeout_min": 5}
     ex = make_executor(name, retries=1, options=options, folder=tmp_path / "logs", progress=False)
     try:
-        outs = ex.map(operator.neg, [1, 2]) + ex.map(math.sqrt, [-1.0])
+        # a closed port refuses the connection: a transient failure from a function the workers can import
+        outs = ex.map(operator.neg, [1, 2]) + ex.map(socket.create_connection, [("127.0.0.1", 1)])
         # Set after Ray started its workers: only the executor can hand it on (as to workers on other nodes).
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         confs = ex.map(os.getenv, ["PYTORCH_CUDA_ALLOC_CONF"])
@@ -436,7 +463,7 @@ def test_cluster_executors(name, tmp_path, monkeypatch):
 
             ray.shutdown()
     assert [o.value for o in outs[:2]] == [-1, -2]
-    assert not outs[2].ok and outs[2].attempts == 2 and "math domain error" in outs[2].error
+    assert not outs[2].ok and outs[2].attempts == 2 and "Connection refused" in outs[2].error
     assert confs[0].value == "expandable_segments:True", confs[0].error
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import HybridDistillError
 from .fileio import atomic_write_json, jsonable, read_json
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,11 @@ def describe_changes(stored: Any, now: Any, prefix: str = "") -> list[str]:
     return []
 
 
-class StaleStepError(ValueError):
+class StaleStepError(HybridDistillError, ValueError):
     """A folder holds work made under other settings (or by an earlier version) and may not be reused."""
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(HybridDistillError, RuntimeError):
     """Another live process writes to the folder."""
 
 

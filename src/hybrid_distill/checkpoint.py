@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .errors import HybridDistillError
 from .fileio import atomic_directory_write, interrupted_replace_copies
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HybridDistillError, RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .errors import HybridDistillError
 
 
 def cmd_convert(args) -> int:
@@ -48,7 +55,7 @@ def cmd_inspect(args) -> int:
         return 0
     layers = config.get("num_hidden_layers")
     if not isinstance(mixers, list) or (layers is not None and len(mixers) != layers):
-        raise ValueError(f"{args.checkpoint}/config.json is inconsistent: its mixers {mixers!r} do not list one mixer "
+        raise CheckpointError(f"{args.checkpoint}/config.json is inconsistent: its mixers {mixers!r} do not list one mixer "
                          f"for each of its {layers} layers")
     info = {
         "model_type": config["model_type"],
@@ -80,10 +87,8 @@ def cmd_distill(args) -> int:
 
 def refuse_torchrun(command: str) -> None:
     """``run`` and ``select`` drive whole stages themselves (one process; candidates fan out through executors)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
+        raise HybridDistillError(
             f"`hybrid-distill {command}` runs as one process (layer-scoring candidates fan out to GPUs through its "
             "executors: local, ray, slurm); start it without torchrun. Under torchrun, use `hybrid-distill distill` "
             "for one sharded stage at a time"
@@ -142,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .pipeline.run import STAGES
@@ -205,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that report a problem with the input, files or environment: one line, no traceback (unless --debug).
+USER_ERRORS = (HybridDistillError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cuda_allocator import prefer_expandable_segments
 
@@ -216,8 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # transformers' own bars (loading / writing weights) too
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+    except KeyboardInterrupt:
+        where = getattr(args, "run_dir", None) or getattr(args, "config", None)
+        hint = f"; run the same command again to resume{f' ({where})' if where else ''}" if args.command in (
+            "run", "distill", "select") else ""
+        print(f"hybrid-distill {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"hybrid-distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as err:  # the message says what to change and where the run resumes
+        if args.debug:
+            traceback.print_exc()
+        print(f"hybrid-distill {args.command}: out of memory: {err}", file=sys.stderr)
         return 2
 
 

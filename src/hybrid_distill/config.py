@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import numbers
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,10 +33,12 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from .errors import HybridDistillError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(HybridDistillError, ValueError):
     """A bad setting. ``where`` is the field's path (``["stage1", "tau"]``), ``reason`` what is wrong."""
 
     def __init__(self, message: str, where: Sequence[str] = (), reason: str | None = None):
@@ -52,7 +55,12 @@ class ConfigError(ValueError):
 
 
 class Invalid(Exception):
-    """Raised by a field check: ``message`` completes the sentence '<field> ...' (e.g. 'must be >= 1')."""
+    """Raised by a field check: ``message`` completes the sentence '<field> ...' (e.g. 'must be >= 1');
+    ``show_value=False`` when the message already quotes the bad value."""
+
+    def __init__(self, message: str, show_value: bool = True):
+        super().__init__(message)
+        self.show_value = show_value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,10 +198,16 @@ def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    """``(X, Y)`` for ``X | Y`` (and ``Optional``), else ``(annotation,)``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def _nested_type(annotation: Any) -> type[Config] | None:
     """The `Config` subclass a field holds (``X`` or ``X | None``), else None."""
-    candidates = typing.get_args(annotation) or (annotation,)
-    for c in candidates:
+    for c in _union_members(annotation):
         if isinstance(c, type) and issubclass(c, Config):
             return c
     return None
@@ -217,7 +231,7 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             nested = _nested_type(hints.get(f.name))
-            if nested is not None and isinstance(value, Mapping):
+            if nested is not None and not isinstance(value, nested) and value is not None:
                 try:
                     value = nested.from_dict(value)
                 except ConfigError as err:
@@ -230,7 +244,7 @@ class Config:
             try:
                 object.__setattr__(self, f.name, check(value))
             except Invalid as err:
-                raise self.invalid(f.name, str(err)) from None
+                raise self.invalid(f.name, str(err), show_value=err.show_value) from None
         self.validate()
 
     @classmethod
@@ -238,9 +252,9 @@ class Config:
         root = cls.error_root if cls.error_root is not None else cls.__name__
         return [root] if root else []
 
-    def invalid(self, name: str, reason: str) -> ConfigError:
-        """The `ConfigError` for field ``name`` (value appended) — for rules in `validate`."""
-        text = f"{reason}, got {getattr(self, name, None)!r}"
+    def invalid(self, name: str, reason: str, show_value: bool = True) -> ConfigError:
+        """The `ConfigError` for field ``name`` (its value appended) — for rules in `validate`."""
+        text = f"{reason}, got {getattr(self, name, None)!r}" if show_value else reason
         where = [*self._root(), *name.split(".")]
         return ConfigError(f"{'.'.join(where)} {text}", where, text)
 
@@ -259,8 +273,8 @@ class Config:
             data = {}
         if not isinstance(data, Mapping):
             root = ".".join(cls._root()) or "the config"
-            raise ConfigError(f"{root} must be a mapping of its fields {cls.field_names()}, got {data!r}",
-                              cls._root(), f"must be a mapping of its fields, got {data!r}")
+            reason = f"must be a mapping of its fields {cls.field_names()}, got {data!r}"
+            raise ConfigError(f"{root} {reason}", cls._root(), reason)
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             root = ".".join(cls._root())
@@ -354,7 +368,7 @@ def comma_list(item: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def _parser_for(annotation: Any) -> Callable[[str], Any]:
-    base = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    base = [a for a in _union_members(annotation) if a is not type(None)]
     kinds = {typing.get_origin(a) or a for a in base}
     if bool in kinds:
         return parse_bool
@@ -371,6 +385,7 @@ def _parser_for(annotation: Any) -> Callable[[str], Any]:
 
 
 def flag_name(f: dataclasses.Field) -> str | None:
+    """The option that sets field ``f`` (None: no option)."""
     spec = f.metadata.get("flag", True)
     if spec is False:
         return None
@@ -378,10 +393,11 @@ def flag_name(f: dataclasses.Field) -> str | None:
 
 
 def add_flags(parser: argparse.ArgumentParser | Any, cls: type[Config], *, prefix: str = "", title: str | None = None,
-              exclude: Sequence[str] = (), defaults: Mapping[str, Any] | None = None) -> None:
+              exclude: Sequence[str] = (), defaults: Mapping[str, Any] | None = None,
+              aliases: Mapping[str, Sequence[str]] | None = None) -> None:
     """One option per field of ``cls`` (dest ``prefix + field``), default SUPPRESS: an option not given is
     absent from the parsed namespace, so it never replaces a value from a file. ``defaults`` only changes
-    the help text (e.g. a stage's own default)."""
+    the help text (e.g. a stage's own default); ``aliases``: more option names for a field."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(title or f"{cls.__name__} fields")
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -393,13 +409,15 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type[Config], *, prefi
                               "type": f.metadata.get("parse") or _parser_for(hints.get(f.name)),
                               "help": (f.metadata.get("help") or f.name.replace("_", " "))
                               + ("" if default is None else f" (default: {default})").replace("%", "%%")}
+        if kw["type"] is parse_bool and f.metadata.get("nargs") is None:
+            kw.update(nargs="?", const=True, metavar="BOOL")  # ``--flag`` alone means true
         choices = getattr(f.metadata.get("check"), "choices", None)
         if choices and kw["type"] is str:
             kw["choices"] = list(choices)
         for key in ("metavar", "nargs"):
             if f.metadata.get(key) is not None:
                 kw[key] = f.metadata[key]
-        group.add_argument(name, **kw)
+        group.add_argument(name, *(aliases or {}).get(f.name, ()), **kw)
 
 
 def flag_values(ns: argparse.Namespace | Mapping[str, Any], cls: type[Config], *, prefix: str = "") -> dict[str, Any]:

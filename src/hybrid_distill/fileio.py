@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 # What open() / mkdir() would create; mkstemp / mkdtemp make 0600 / 0700, unreadable to a team's other accounts.

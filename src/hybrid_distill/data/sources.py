@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import HybridDistillError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CORPUS_DIR = Path(__file__).resolve().parent / "default_corpus"
@@ -49,7 +51,7 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(HybridDistillError, ValueError):
     """A data source that cannot be read as asked; the message says why and what to do."""
 
 

@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
-from ..dtypes import cast_model
 from ..data.loader import SplitBatchesMixin
+from ..dtypes import cast_model
 from ..fileio import fsync_directory, fsync_file, fsync_tree
 from . import distributed as hd_dist
 from .compiling import compile_decoder_layers
-from .config import DistillConfig, add_distill_config_flags, distill_config_from_flags, resume_mismatch
+from .config import ConfigError, DistillConfig, add_distill_config_flags, distill_config_from_flags, resume_mismatch
 from .stages import (
     attention_parameter_names,
     evaluate_kl,
@@ -911,7 +911,7 @@ def _check_done(run_dir: Path, config_hash: str, resume_key: dict, student) -> D
 
 def add_distill_arguments(parser) -> None:
     """Options of ``run_distill_from_args`` (model/data/run-dir ones plus one per `DistillConfig` field)."""
-    from ..data import add_data_arguments
+    from ..data import add_data_flags
 
     g = parser.add_argument_group("models")
     g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant> for a built-in test teacher")
@@ -928,7 +928,7 @@ def add_distill_arguments(parser) -> None:
     g.add_argument(
         "--tokenizer", default=None, help="tokenizer path (default: the teacher's; tiny teachers: tiny_tokenizer)"
     )
-    add_data_arguments(parser)
+    add_data_flags(parser)
     add_distill_config_flags(parser)
 
 
@@ -937,18 +937,18 @@ def run_distill_from_args(args) -> DistillResult:
 
     ``args``: an ``argparse.Namespace`` (or dict) with the options of `add_distill_arguments`.
     """
-    from ..data import data_spec_from_args
+    from ..data import data_config_from_flags
     from ..surgery import build_student, load_teacher, load_tokenizer, resolve_mixers
 
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     config = distill_config_from_flags(ns)
-    spec = data_spec_from_args(ns)  # bad data options fail before the models load
+    spec = data_config_from_flags(ns)  # bad data options fail before the models load
     if ns.get("student"):
         ignored = [flag for flag, key in (("--mixers", "mixers"), ("--softmax-layers", "softmax_layers"),
                                           ("--mixer-options", "mixer_options"), ("--init-from", "init_from"))
                    if ns.get(key)] + (["--linear"] if ns.get("linear") not in (None, "gdn") else [])
         if ignored:
-            raise ValueError(f"--student trains an existing checkpoint as it is; {', '.join(ignored)} would be ignored. "
+            raise ConfigError(f"--student trains an existing checkpoint as it is; {', '.join(ignored)} would be ignored. "
                              "Leave them out, or build a new student (no --student; --init-from reuses its mixers)")
     ctx = hd_dist.init_distributed(config.device)
     teacher = load_teacher(ns["teacher"])

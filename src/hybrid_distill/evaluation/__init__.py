@@ -1,6 +1,7 @@
 """Evaluation: offline RULER-style recall tasks, scoring and needle-in-a-haystack grids."""
 
 from .haystack import Haystack, NoiseHaystack, ProseHaystack, TextHaystack, resolve_haystack
+from .niah import niah_grid_samples, niah_table, plot_niah_heatmap
 from .recall_tasks import (
     DEFAULT_RECALL_TASKS,
     RULER_OFFLINE_TASKS,
@@ -21,7 +22,6 @@ from .scoring import (
     string_match_all,
     string_match_part,
 )
-from .niah import niah_grid_samples, niah_table, plot_niah_heatmap
 
 __all__ = [
     "DEFAULT_RECALL_TASKS",

@@ -21,12 +21,12 @@ from typing import Any
 
 from .haystack import resolve_haystack
 from .recall_tasks import (
+    _RANDOM,
     NEEDLE,
     RecallSample,
     _count_ci,
     _Draft,
     _fit_length,
-    _RANDOM,
     _Unique,
     count_tokens,
     niah_question,

@@ -13,7 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.compare import flat_metrics
 from ..fileio import atomic_write_text, read_json
+from ..layout import RunLayout
+from ..selection.runner import load_selection
+from .config import RunConfig
+from .models import eval_models, hybrid_name
 
 REPORT_DIR = "report"
 
@@ -154,12 +159,9 @@ def efficiency_table(sections: dict[str, dict]) -> list[str]:
 def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str = "recall/overall") -> dict[str, Any]:
     """``metric`` of the final hybrid each (selector, budget) chose, in the paper's layout (rows: selectors,
     columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value"}}}}``."""
-    from ..evaluation.compare import _metrics
-    from ..selection import load_selection
-    from .run import STATE_FILE, hybrid_name
 
     run_dir = Path(run_dir)
-    state = read_json(run_dir / STATE_FILE) or {}
+    state = read_json(RunLayout(run_dir).state) or {}
     linear = ((state.get("config") or {}).get("student") or {}).get("linear", "gdn")
     labels: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
@@ -172,7 +174,7 @@ def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str
             name = hybrid_name(sorted(entry["layers"]), linear)
             res = read_json(run_dir / "eval" / name / "results.json")
             rows.setdefault(selector, {})[label] = {
-                "layers": sorted(entry["layers"]), "model": name, "value": _metrics(res).get(metric) if res else None}
+                "layers": sorted(entry["layers"]), "model": name, "value": flat_metrics(res).get(metric) if res else None}
     return {"metric": metric, "budgets": labels, "rows": rows}
 
 
@@ -195,24 +197,21 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
     """The report as Markdown (plots copied into ``run_dir/report/``)."""
     import yaml
 
-    from .run import Pipeline, STATE_FILE
 
     run_dir = Path(run_dir)
-    state = read_json(run_dir / STATE_FILE) or {"stages": {}}
+    state = read_json(RunLayout(run_dir).state) or {"stages": {}}
     if config is None:
-        from .config import RunConfig
-
         if "config" not in state:
             raise FileNotFoundError(
-                f"{run_dir} is not a hybrid-distill run directory (no {STATE_FILE} with the run's config); "
+                f"{run_dir} is not a hybrid-distill run directory (no {RunLayout(run_dir).state.name} with the run's config); "
                 "give the run_dir of a `hybrid-distill run`"
             )
 
         config = RunConfig.from_dict(state["config"], check_paths=False)
     report_dir = run_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(config, run_dir, progress=False)
-    title = (config.report or {}).get("title") or f"hybrid-distill run: {config.teacher}"
+    layout = RunLayout(run_dir)
+    title = config.report.title or f"hybrid-distill run: {config.teacher}"
     lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run_dir}`.", ""]
     lines += ["## Cost per stage", "",
               "Time: training or evaluation time summed over the stage's models, including those trained or evaluated by an "
@@ -237,7 +236,7 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
             ev = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("eval") or {}).items())
             lines.append(f"| `{name}` | `{m['layers']}` | {chosen} | {_fmt_tokens(m['tokens'])} | {ev} |")
         lines.append("")
-    models = pipe.eval_models() if (run_dir / "selection").is_dir() else {}
+    models = eval_models(config, layout) if layout.selection.root.is_dir() else {}
     lines += _eval_section(run_dir, report_dir, models)
     lines += _selector_table_section(run_dir, config.selectors)
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "```", ""]

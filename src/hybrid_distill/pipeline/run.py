@@ -30,13 +30,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
+from ..distill.config import STAGE_SEQ_LEN
 from ..fileio import atomic_write_json, atomic_write_text, read_json
-from ..distill.config import ConfigError
-from .config import EFFICIENCY_EVAL_KEYS, RunConfig
+from ..layout import RunLayout
+from .config import RunConfig
+from .models import base_students, eval_models, final_sets
+
+# eval fields of the efficiency suite: recorded in an evaluation's settings only when it measures efficiency
+EFFICIENCY_EVAL_KEYS = ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
+                        "efficiency_dtype")
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "pipeline.json"
 EVAL_SETTINGS_FILE = "settings.json"  # in eval/<model>/: the eval_settings its results were made with
 STAGES = ("stage1", "stage2", "selection", "final", "eval", "report")
 
@@ -51,7 +57,7 @@ class PipelineState:
     hold the run ids it was made from (a stage run again makes every later one stale)."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / STATE_FILE
+        self.path = RunLayout(run_dir).state
         self.data = read_json(self.path) or {"stages": {}}
 
     def upstream(self, stage: str) -> dict[str, str | None]:
@@ -107,16 +113,13 @@ def model_identity(spec: str) -> dict[str, str]:
     return {"spec": str(spec)}
 
 
-def hybrid_name(layers: list[int], linear: str) -> str:
-    return f"hybrid-{linear}-k{len(layers)}-L" + "_".join(str(i) for i in layers)
-
-
 class Pipeline:
     """The stages of one run; `run` executes (or skips) them in order."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True):
         self.config = config
         self.run_dir = Path(run_dir or config.run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.progress = progress
         self.teacher_spec = config.teacher_spec
         self._teacher = None
@@ -156,9 +159,8 @@ class Pipeline:
         return teacher_num_layers(self.teacher_spec)
 
     def _data(self, seq_len: int, require: int | None = None):
-        from ..data import DataSpec
 
-        return DataSpec.from_dict(self.config.data).load(self.tokenizer, seq_len, seed=self.config.seed, require_sequences=require)
+        return self.config.data.load(self.tokenizer, seq_len, seed=self.config.seed, require_sequences=require)
 
     def _distill(self, student, cfg, out: Path) -> dict:
         from ..distill import distill
@@ -174,7 +176,7 @@ class Pipeline:
 
         from ..surgery import build_student
 
-        cfg = self.config.distill_config("stage1", 1).replace(progress=self.progress)
+        cfg = self.stage_config(self.config.stage1)
         torch.manual_seed(self.config.seed)
         student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
         claim_output_dir(self.run_dir / "stage1", self.stage_key("stage1"), self.run_dir)
@@ -185,15 +187,14 @@ class Pipeline:
 
         if self.config.stage2 is None:
             return {"tokens": 0, "final": str(self.run_dir / "stage1" / "final"), "skipped": True}
-        cfg = self.config.distill_config("stage2", 2).replace(progress=self.progress)
+        cfg = self.stage_config(self.config.stage2)
         student = load_student(self.run_dir / "stage1" / "final").float()
         claim_output_dir(self.run_dir / "stage2", self.stage_key("stage2"), self.run_dir)
         return self._distill(student, cfg, self.run_dir / "stage2")
 
     def base_dirs(self) -> tuple[str, str]:
-        stage1 = str(self.run_dir / "stage1" / "final")
-        base = stage1 if self.config.stage2 is None else str(self.run_dir / "stage2" / "final")
-        return stage1, base
+        stage1, base = base_students(self.config, self.layout)
+        return str(stage1), str(base)
 
     def selection(self) -> dict:
         from ..selection import run_selection
@@ -202,8 +203,8 @@ class Pipeline:
         # Candidates start from the all-linear students and train under the selection's candidate settings: other
         # students (teacher, data, Stage 1/2) or settings make them stale. Budgets, selectors, early stopping and
         # racing do not: their candidates are reused.
-        candidates = {k: self.config.selection.get(k) for k in ("probe", "mixer_options", "stage1", "stage2",
-                                                                "snapshot_every_tokens", "seed")}
+        candidates = {k: getattr(self.config.selection, k) for k in ("probe", "mixer_options", "stage1", "stage2",
+                                                                     "snapshot_every_tokens", "seed")}
         claim_output_dir(self.run_dir / "selection", _key({"upstream": self.stage_key("stage2"), "candidates": candidates}),
                          self.run_dir)
         out: dict[str, Any] = {"selectors": {}}
@@ -220,24 +221,7 @@ class Pipeline:
         return out
 
     def final_sets(self) -> dict[str, dict]:
-        """Distinct layer sets chosen by any (selector, budget) or listed in ``final.extra_sets``, with who
-        chose them (selector ``extra`` and the set's label for the latter)."""
-        from ..selection import load_selection
-
-        sets: dict[str, dict] = {}
-
-        def add(layers, chosen_by: dict) -> None:
-            layers = sorted(layers)
-            item = sets.setdefault(hybrid_name(layers, self.config.linear), {"layers": layers, "chosen_by": []})
-            item["chosen_by"].append(chosen_by)
-
-        for selector in self.config.selectors:
-            sel = load_selection(self.run_dir / "selection" / selector)
-            for label, entry in sel["budgets"].items():
-                add(entry["layers"], {"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
-        for label, layers in (self.config.final.get("extra_sets") or {}).items():
-            add(layers, {"selector": "extra", "budget": str(label), "k": len(layers), "probe": None})
-        return sets
+        return final_sets(self.config, self.layout)
 
     def final(self) -> dict:
         import torch
@@ -246,11 +230,11 @@ class Pipeline:
         from ..surgery import build_student, mixers_from_softmax_layers
 
         stage1, _ = self.base_dirs()
-        cfg = self.config.distill_config("final", 2).replace(progress=self.progress)
-        reuse = self.config.final.get("reuse_stage1_mixers", True)
+        cfg = self.stage_config(self.config.final.stage2)
+        reuse = self.config.final.reuse_stage1_mixers
         init_from = load_student(stage1).float() if reuse else None
         out: dict[str, Any] = {"models": {}, "tokens": 0, "compute_time_s": 0.0}
-        final_settings = {k: v for k, v in self.config.final.items() if k != "extra_sets"}
+        final_settings = {k: v for k, v in self.config.final.to_dict().items() if k != "extra_sets"}
         planned = self.final_sets()
         self.set_aside_unplanned(planned)
         for name, item in planned.items():
@@ -289,7 +273,7 @@ class Pipeline:
         from .. import __version__
 
         chosen = "\n".join(f"| {c['selector']} | {c['budget']} | {c['k']} | {c.get('probe') or '–'} |" for c in item["chosen_by"])
-        stages = read_json(self.run_dir / STATE_FILE) or {"stages": {}}
+        stages = read_json(self.layout.state) or {"stages": {}}
         tokens = {s: (stages["stages"].get(s) or {}).get("tokens") for s in ("stage1", "stage2", "selection")}
         return (
             f"---\nlibrary_name: transformers\ntags: [hybrid-attention, linear-attention, distillation, hybrid-distill]\n---\n\n"
@@ -305,12 +289,7 @@ class Pipeline:
         )
 
     def eval_models(self) -> dict[str, str]:
-        """Models to evaluate: teacher, the all-linear student, and each final hybrid."""
-        _, base = self.base_dirs()
-        models = {"teacher": self.teacher_spec, f"all-{self.config.linear}": base}
-        for name in self.final_sets():
-            models[name] = str(self.run_dir / "models" / name)
-        return models
+        return eval_models(self.config, self.layout)
 
     def eval(self) -> dict:
         from ..evaluation.suite import evaluation_seconds
@@ -324,28 +303,13 @@ class Pipeline:
         return out
 
     def eval_settings(self) -> dict[str, Any]:
-        """Everything in the config that decides what an evaluation measures (with defaults filled in)."""
-        from ..data import DataSpec
-        from ..evaluation.suite import parse_suite
-
-        ev = dict(self.config.eval)
-        suite = ev.get("suite", ["recall", "quality"])
-        return {
-            "suite": suite, "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
-            "num_samples": ev.get("num_samples", 20), "niah_lengths": ev.get("niah_lengths"),
-            "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
-            "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
-            # the run's own data, so perplexity and KL are measured on the text distillation held out
-            "data": DataSpec.from_dict(self.config.data).identity(),
-            "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
-            # only with the efficiency suite, so that runs without it keep their recorded settings
-            **({
-                "efficiency_lengths": ev.get("efficiency_lengths"), "efficiency_batches": ev.get("efficiency_batches", [1, 8]),
-                "decode_steps": ev.get("decode_steps", 32), "compile_decode": ev.get("compile_decode", False),
-                "prefill_rows": ev.get("prefill_rows"),
-                "efficiency_dtype": ev.get("efficiency_dtype", "bfloat16"),  # what is served; the pipeline holds its teacher in fp32
-            } if "efficiency" in parse_suite(suite) else {}),
-        }
+        """Everything in the config that decides what an evaluation measures (defaults filled in)."""
+        ev = self.config.eval.to_dict()
+        if "efficiency" not in self.config.eval.suite:  # runs without it keep their recorded settings
+            for key in EFFICIENCY_EVAL_KEYS:
+                ev.pop(key)
+        # the run's own data, so perplexity and KL are measured on the text distillation held out
+        return {**ev, "data": self.config.data.identity()}
 
     def evaluate(self, name: str) -> Path:
         """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection)
@@ -353,7 +317,6 @@ class Pipeline:
         results from other settings are replaced."""
         import torch
 
-        from ..data import DataSpec
         from ..evaluation.suite import evaluate_model, load_model
 
         dest = self.run_dir / "eval" / name
@@ -371,16 +334,8 @@ class Pipeline:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
         model = teacher if name == "teacher" else load_model(spec, device=device)
-        ev = settings
-        evaluate_model(
-            model, self.tokenizer, dest, suite=ev["suite"], tasks=ev["tasks"], lengths=ev["lengths"],
-            num_samples=ev["num_samples"], niah_lengths=ev["niah_lengths"], niah_depths=ev["niah_depths"],
-            niah_samples=ev["niah_samples"], seed=ev["seed"], batch_size=ev["batch_size"],
-            teacher=None if name == "teacher" else teacher, corpus=DataSpec.from_dict(self.config.data),
-            quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
-            model_name=name, progress=self.progress,
-            **{k: ev[k] for k in EFFICIENCY_EVAL_KEYS if k in ev},
-        )
+        evaluate_model(model, self.tokenizer, dest, self.config.eval, teacher=None if name == "teacher" else teacher,
+                       corpus=self.config.data, model_name=name, progress=self.progress)
         atomic_write_json(dest / EVAL_SETTINGS_FILE, settings)
         del model
         return dest
@@ -393,49 +348,44 @@ class Pipeline:
 
     # -- driver -------------------------------------------------------------------------------
     def stage_key(self, stage: str) -> str:
+        """Hash of what a stage's outputs depend on: the teacher's weights, the data, and the config sections of
+        this stage and every stage before it."""
         c = self.config
-        from ..data import DataSpec
-
         # the teacher's weights too: a local teacher overwritten in place must not keep its students
-        parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": DataSpec.from_dict(c.data).identity(),
-                                 "student": c.student, "seed": c.seed,
-                                 "stage1": c.stage1}
-        if stage in ("stage2", "selection", "final", "eval", "report"):
-            parts["stage2"] = c.stage2
-        if stage in ("selection", "final", "eval", "report"):
-            parts["selection"] = c.selection
-        if stage in ("final", "eval", "report"):
-            parts["final"] = c.final
-        if stage in ("eval", "report"):
-            parts["eval"] = c.eval
-        if stage == "report":
-            parts["report"] = c.report
+        parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": c.data.identity(),
+                                 "student": c.student.to_dict(), "seed": c.seed, "stage1": c.stage1.to_dict()}
+        sections = {"stage2": c.stage2.to_dict() if c.stage2 is not None else None, "selection": c.selection.to_dict(),
+                    "final": c.final.to_dict(), "eval": c.eval.to_dict(), "report": c.report.to_dict()}
+        for name, value in sections.items():  # a stage depends on its own section and those before it
+            if STAGES.index(stage) >= STAGES.index(name):
+                parts[name] = value
         return _key(parts)
+
+    def stage_config(self, config):
+        """A stage's DistillConfig as the pipeline trains it: at its data sequence length, with this run's progress bars."""
+        return config.replace(seq_len=config.data_seq_len, progress=self.progress)
 
     def data_seq_lens(self, stages) -> dict[str, int]:
         """The sequence lengths the training stages among ``stages`` load data at, by config section."""
         lens: dict[str, int] = {}
         if "stage1" in stages:
-            lens["stage1"] = self.config.distill_config("stage1", 1).seq_len
+            lens["stage1"] = self.config.stage1.data_seq_len
         if "stage2" in stages and self.config.stage2 is not None:
-            lens["stage2"] = self.config.distill_config("stage2", 2).seq_len
+            lens["stage2"] = self.config.stage2.data_seq_len
         if "selection" in stages and set(self.config.selectors) != {"uniform"}:
-            from ..selection.candidates import STAGE2_DEFAULT_SEQ_LEN
-
-            for name, default in (("stage1", 512), ("stage2", STAGE2_DEFAULT_SEQ_LEN)):
-                raw = self.config.selection.get(name)
-                lens[f"selection.{name}"] = int((raw or {}).get("seq_len") or default)
+            candidate1 = self.config.selection.stage_config(1)
+            lens["selection.stage1"] = candidate1.data_seq_len if candidate1 is not None else STAGE_SEQ_LEN[1]
+            lens["selection.stage2"] = self.config.selection.stage_config(2).data_seq_len
         if "final" in stages:
-            lens["final.stage2"] = self.config.distill_config("final", 2).seq_len
+            lens["final.stage2"] = self.config.final.stage2.data_seq_len
         return lens
 
     def check_recall_mix(self, stages) -> None:
         """Refuse, before any training, sequence lengths too short for the data's recall documents (a
         stage would otherwise fail only when it starts, after the earlier stages' work)."""
-        from ..data import DataSpec
         from ..data.sources import DataSourceError
 
-        mix = DataSpec.from_dict(self.config.data).recall_mix()
+        mix = self.config.data.recall_mix()
         if mix is None:
             return
         for section, seq_len in self.data_seq_lens(stages).items():

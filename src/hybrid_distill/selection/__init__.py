@@ -10,7 +10,8 @@ GA-S2 (the paper's selector) and every baseline, with one-swap candidates as ind
     sel["budgets"]["25%"]["layers"]
 """
 
-from .config import BYPASS_SELECTORS, LEARNED_SELECTORS, RULE_SELECTORS, SELECTORS, SelectionConfig
+from .config import SelectionConfig
+from .registry import BYPASS_SELECTORS, LEARNED_SELECTORS, RULE_SELECTORS, SELECTORS
 from .rules import BudgetError, resolve_budget, resolve_budgets
 from .runner import (
     SelectionError,

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..evaluation.quality import _unpack, token_nll
+from .registry import TASK_SELECTORS
 
 __all__ = [
     "TASK_SELECTORS",
@@ -61,8 +62,6 @@ __all__ = [
     "task_scores",
 ]
 
-# selector name -> recall task (hybrid_distill.evaluation.recall_tasks.TASKS)
-TASK_SELECTORS: dict[str, str] = {"kv": "kv_retrieval", "ar": "ar", "ar-mh": "ar_multihop", "vt": "vt", "cwe": "cwe"}
 
 # weight of the NLL tie-breaker in task scores (capped further so that accuracy always dominates)
 TIEBREAK_WEIGHT = 1e-3

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..data.sources import DataSourceError
 from ..fileio import atomic_write_json, read_json
 
 CANDIDATE_FILE = "candidate.json"
@@ -48,7 +49,7 @@ class CandidateJob:
     teacher: str
     base_student: str  # checkpoint the candidate starts from (see module docstring)
     mixers: list[str]
-    data: dict[str, Any]  # DataSpec fields
+    data: dict[str, Any]  # DataConfig fields
     stage1: dict[str, Any] | None  # DistillConfig dicts; stage1 None: evaluate the Stage-1 loss only
     stage2: dict[str, Any]
     tokenizer: str | None = None
@@ -73,14 +74,14 @@ def _job_settings(job: CandidateJob) -> dict[str, Any]:
     def resume_fields(cfg):
         return None if cfg is None else DistillConfig.from_dict(cfg).resume_fields()
 
-    from ..data import DataSpec
+    from ..data import DataConfig
 
     # the base's weights, not its path, and the data, not its cache folder: a moved run directory or token
     # cache keeps its candidates
     base = {"base_weights": job.base_weights} if job.base_weights else {"base": str(job.base_student)}
     payload = {
         "kind": job.kind, "layer": job.layer, "teacher": job.teacher, **base,
-        "mixers": job.mixers, "data": DataSpec.from_dict(job.data).identity(), "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
+        "mixers": job.mixers, "data": DataConfig.from_value(job.data).identity(), "stage1": resume_fields(job.stage1), "stage2": resume_fields(job.stage2),
         "eval_batches": job.eval_batches, "heldout_rule": HELDOUT_RULE,  # scores depend on which text is held out
     }
     return json.loads(json.dumps(payload, sort_keys=True, default=str))
@@ -233,7 +234,7 @@ def clear_cache() -> None:
 
 def _load(job: CandidateJob):
     from ..checkpoint import load_student
-    from ..data import DataSpec
+    from ..data import DataConfig
     from ..surgery import load_teacher, load_tokenizer
 
     # On CUDA distillation runs the frozen teacher in bf16 (and casts it in place), so load it that way:
@@ -245,7 +246,7 @@ def _load(job: CandidateJob):
         lambda: load_tokenizer(job.teacher, job.tokenizer, teacher.config.vocab_size),
     )
     base = _cached(("base", job.base_student), lambda: load_student(job.base_student).float())
-    spec = DataSpec.from_dict(job.data)
+    spec = DataConfig.from_value(job.data)
     return teacher, tokenizer, base, spec
 
 
@@ -253,7 +254,7 @@ def heldout_batches(data, batch_size: int, max_batches: int, purpose: str = "lay
     """The first ``max_batches`` held-out batches of a packed dataset; ValueError when it has none."""
     batches = list(itertools.islice(data.eval_batches("heldout", batch_size), max_batches))
     if not batches:
-        raise ValueError(f"{purpose} needs held-out data; the dataset has no held-out sequences (data.heldout_fraction)")
+        raise DataSourceError(f"{purpose} needs held-out data; the dataset has no held-out sequences (data.heldout_fraction)")
     return batches
 
 
@@ -266,8 +267,8 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
     """
     from ..distill import DistillConfig, distill, read_metrics
     from ..distill import distributed as hd_dist
-    from ..distill.trainer import _autocast
     from ..distill.stages import Stage1Alignment, evaluate_kl, evaluate_stage
+    from ..distill.trainer import _autocast
     from ..surgery import derive_student
 
     if isinstance(job, dict):

@@ -5,84 +5,45 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..data import add_data_arguments, data_spec_from_args
-from ..distill.config import ConfigError
-from .config import EXECUTORS, SELECTORS, SelectionConfig
-
-
-def _budgets(text: str) -> list[Any]:
-    out: list[Any] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        if part.endswith("%"):
-            out.append(part)
-        elif "." in part:
-            out.append(float(part))
-        else:
-            out.append(int(part))
-    return out
+from ..config import ConfigError, add_flags, flag_values, parse_int, read_config_file
+from ..data import add_data_flags, data_config_from_flags
+from .config import SelectionConfig
 
 
 def add_select_arguments(parser) -> None:
-    g = parser.add_argument_group("selection")
-    g.add_argument("--selector", default="ga-s2", choices=SELECTORS)
-    g.add_argument("--budget", default="0.25", help="comma-separated budgets: counts (5), ratios (0.25) or percentages (25%%)")
+    g = parser.add_argument_group("models and folders")
     g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant>")
     g.add_argument("--run-dir", required=True, help="selection directory (shared by selectors; candidates are reused)")
     g.add_argument("--base", default=None, help="all-linear student after Stage 1 (+2) to score from; default: distill one")
     g.add_argument("--stage1-student", default=None, help="Stage-1 all-linear student (GR candidates' mixers; needed with --base for gr/avg selectors)")
     g.add_argument("--tokenizer", default=None)
-    g.add_argument("--probe", default=None, help="linear mixer used while scoring (gdn, gla)")
-    g.add_argument("--layers", default=None, help="selector 'given': comma-separated softmax layers")
-    g.add_argument("--config", default=None, help="YAML/JSON file of SelectionConfig fields (flags override it)")
-    g.add_argument("--seq-len", type=int, default=None, help="candidate sequence length (Stage 1 and 2)")
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--candidate-tokens", type=int, default=None, help="Stage-2 tokens per candidate")
-    g.add_argument("--candidate-stage1-tokens", type=int, default=None, help="Stage-1 tokens per candidate (default: none)")
-    g.add_argument("--snapshot-every", type=int, default=None, help="tokens between held-out KL snapshots")
-    g.add_argument("--base-stage1-tokens", type=int, default=None, help="when distilling the base: Stage-1 tokens")
-    g.add_argument("--base-stage2-tokens", type=int, default=None, help="when distilling the base: Stage-2 tokens (0: skip)")
-    g.add_argument("--early-stop", action="store_true", help="stop scoring when the rolling-Jaccard rule fires")
-    g.add_argument("--racing", action="store_true", help="successive halving of candidates")
-    g.add_argument("--executor", default=None, choices=EXECUTORS)
-    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--config", default=None, help="YAML/JSON file of SelectionConfig fields (flags given override it)")
     g.add_argument("--reference", default=None, help="selection.json to compare against (Jaccard, tokens saved)")
     g.add_argument("--no-progress", action="store_true")
-    add_data_arguments(parser)
+    add_flags(parser, SelectionConfig, prefix="sel_", title="selection (SelectionConfig fields)")
+    c = parser.add_argument_group("candidate and base budgets (shortcuts for SelectionConfig.stage1 / stage2)")
+    c.add_argument("--seq-len", type=parse_int, default=None, help="candidate sequence length (Stage 1 and 2)")
+    c.add_argument("--global-batch-size", type=parse_int, default=None)
+    c.add_argument("--candidate-tokens", type=parse_int, default=None, help="Stage-2 tokens per candidate")
+    c.add_argument("--candidate-stage1-tokens", type=parse_int, default=None, help="Stage-1 tokens per candidate (default: none)")
+    c.add_argument("--base-stage1-tokens", type=parse_int, default=None, help="when distilling the base: Stage-1 tokens")
+    c.add_argument("--base-stage2-tokens", type=parse_int, default=None, help="when distilling the base: Stage-2 tokens (0: skip)")
+    add_data_flags(parser)
 
 
 def config_from_select_args(ns: dict[str, Any]) -> SelectionConfig:
-    """`SelectionConfig` from a config file (if any) and the flags of `add_select_arguments`."""
-    data: dict[str, Any] = {}
-    if ns.get("config"):
-        from pathlib import Path
-
-        import yaml
-
-        data = yaml.safe_load(Path(ns["config"]).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{ns['config']} must hold a mapping of SelectionConfig fields, got {type(data).__name__}")
-        for key in ("stage1", "stage2"):
-            if data.get(key) is not None and not isinstance(data[key], dict):
-                raise ConfigError(f"{ns['config']}: {key} must be a mapping of DistillConfig fields, got {data[key]!r}")
-    data["selector"] = ns.get("selector") or data.get("selector", "ga-s2")
-    if ns.get("budget"):
-        data["budgets"] = _budgets(ns["budget"])
-    for flag, field in (("probe", "probe"), ("executor", "executor"), ("workers", "workers"),
-                        ("snapshot_every", "snapshot_every_tokens")):
-        if ns.get(flag) is not None:
-            data[field] = ns[flag]
-    if ns.get("layers"):
-        data["layers"] = [int(x) for x in ns["layers"].split(",") if x.strip()]
-    if ns.get("early_stop"):
-        data["early_stop"] = True
-    if ns.get("racing"):
-        data["racing"] = True
-    stage2 = dict(data.get("stage2") or {})
-    shared = {k: ns[f] for f, k in (("seq_len", "seq_len"), ("global_batch_size", "global_batch_size")) if ns.get(f)}
-    stage2.update(shared)
-    if ns.get("candidate_tokens"):
-        stage2["target_tokens"] = ns["candidate_tokens"]
-    data["stage2"] = stage2
+    """`SelectionConfig` from a config file (if any), then the flags given (a flag left out keeps the file's value)."""
+    data: dict[str, Any] = read_config_file(ns["config"], SelectionConfig) if ns.get("config") else {}
+    data.update(flag_values(ns, SelectionConfig, prefix="sel_"))
+    for key in ("stage1", "stage2"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{ns['config']}: {key} must be a mapping of DistillConfig fields, got {data[key]!r}")
+    shared = {k: ns[k] for k in ("seq_len", "global_batch_size") if ns.get(k)}
+    if shared or ns.get("candidate_tokens"):
+        stage2 = {**(data.get("stage2") or {}), **shared}
+        if ns.get("candidate_tokens"):
+            stage2["target_tokens"] = ns["candidate_tokens"]
+        data["stage2"] = stage2
     if ns.get("candidate_stage1_tokens"):
         data["stage1"] = {**(data.get("stage1") or {}), **shared, "target_tokens": ns["candidate_stage1_tokens"]}
     return SelectionConfig.from_dict(data)
@@ -93,7 +54,7 @@ def run_select_from_args(args) -> int:
 
     ns = dict(vars(args))
     config = config_from_select_args(ns)
-    data = data_spec_from_args(ns).to_dict()
+    data = data_config_from_flags(ns).to_dict()
     shared = {k: ns[f] for f, k in (("seq_len", "seq_len"), ("global_batch_size", "global_batch_size")) if ns.get(f)}
     base_stages = {"stage1": {**shared, "target_tokens": ns.get("base_stage1_tokens") or 100_000_000}}
     s2 = ns.get("base_stage2_tokens")

@@ -18,8 +18,9 @@ from typing import Any
 
 from . import rules
 from .candidates import CandidateJob, snapshots_until, stage2_tokens_per_step
-from .config import LEARNED_SELECTORS, SelectionConfig, candidate_kinds
+from .config import SelectionConfig
 from .executors import JobOutcome
+from .registry import LEARNED_SELECTORS, candidate_kinds
 from .runner import _learned_scores, learned_sets, load_selection, score_candidates
 
 

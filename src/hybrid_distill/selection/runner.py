@@ -19,18 +19,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
+from ..errors import HybridDistillError
 from ..fileio import atomic_write_json, read_json
 from . import rules
-from .candidates import CandidateJob, candidate_dir, check_reusable, heldout_batches, run_candidate
-from .config import BYPASS_SELECTORS, LEARNED_SELECTORS, SelectionConfig, candidate_kinds
+from .candidates import (
+    CandidateJob,
+    candidate_dir,
+    check_reusable,
+    heldout_batches,
+    run_candidate,
+)
+from .config import SelectionConfig
 from .executors import make_executor
+from .registry import BYPASS_SELECTORS, LEARNED_SELECTORS, candidate_kinds
 
 logger = logging.getLogger(__name__)
 
 SELECTION_FILE = "selection.json"
 
 
-class SelectionError(RuntimeError):
+class SelectionError(HybridDistillError, RuntimeError):
     """Selection could not produce a layer set (e.g. too many candidates failed)."""
 
 
@@ -239,12 +248,12 @@ def train_base_student(
     ``run_dir/stage1`` and ``run_dir/stage2``; returns (stage-1 final dir, base final dir)."""
     import torch
 
-    from ..data import DataSpec
+    from ..data import DataConfig
     from ..distill import DistillConfig, distill
     from ..surgery import build_student, load_teacher, load_tokenizer
 
     run_dir = Path(run_dir)
-    spec = DataSpec.from_dict(data)
+    spec = DataConfig.from_value(data)
     teacher_model = load_teacher(teacher, dtype=torch.float32)
     tok = load_tokenizer(teacher, tokenizer, teacher_model.config.vocab_size)
     torch.manual_seed(seed)
@@ -288,11 +297,11 @@ def run_selection(
     nothing finished. ``reference``: another selection.json (e.g. a full run) to report the
     Jaccard of each budget's set against. Returns the selection dict.
     """
-    from ..data import DataSpec
+    from ..data import DataConfig
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    spec = DataSpec.from_dict(data)
+    spec = DataConfig.from_value(data)
     num_layers = teacher_num_layers(teacher)
     if config.selector == "given":
         bad = [i for i in config.layers if not 0 <= i < num_layers]
@@ -393,7 +402,7 @@ def _run_learned(config, teacher, run_dir, spec, base_student, stage1_student, t
             stages.get("stage2"), config.mixer_options, tokenizer, config.seed)
     if stage1_student is None and "gr" in candidate_kinds(config.selector):
         # The Stage-2 base has trained MLPs and embeddings; a removal candidate must be the teacher but one layer.
-        raise ValueError(
+        raise ConfigError(
             f"{config.selector} trains greedy-removal candidates (the teacher with one layer linear): give the "
             "all-linear student after Stage 1 only (stage1_student= / --stage1-student), whose other weights "
             "are still the teacher's, or neither student to have both distilled first"
