@@ -55,7 +55,7 @@ def _tensor_ranges(file: Path, header: dict) -> list[tuple[int, int]]:
                               "Re-save or re-download the checkpoint.") from err
 
 
-def _check_safetensors_file(file: Path) -> None:
+def check_safetensors_file(file: Path) -> None:
     size = file.stat().st_size
     header_len, header = _safetensors_header(file)
     end = max((stop for _, stop in _tensor_ranges(file, header)), default=0)
@@ -122,7 +122,7 @@ def verify_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"Checkpoint {str(path)!r} is missing weight shard(s) {missing}.")
     for shard in shards:
-        _check_safetensors_file(path / shard)
+        check_safetensors_file(path / shard)
     return config
 
 

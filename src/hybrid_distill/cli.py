@@ -115,7 +115,7 @@ def cmd_run(args) -> int:
 
 def cmd_select(args) -> int:
     """Score layers with one selector and write its selection.json (+ plots)."""
-    from .selection.cli import run_select_from_args
+    from .selection.recipe import run_select_from_args
 
     refuse_torchrun("select")
     return run_select_from_args(args)
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    from .selection.cli import add_replay_arguments, add_select_arguments, run_replay_from_args
+    from .selection.recipe import add_replay_arguments, add_select_arguments, run_replay_from_args
 
     p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
     add_select_arguments(p)

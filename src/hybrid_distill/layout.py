@@ -10,7 +10,8 @@
 ``SelectionLayout``: a selection folder (shared by selectors; candidates are reused)::
 
     base/stage1, base/stage2       the all-linear student, when none is given
-    candidates/<kind>/<name>/      one candidate: step.json, stage1/, stage2/ (TrainLayouts)
+    candidates/<family>/<name>/    one candidate (family: ga-stage1, null-stage1, gr, ...): step.json, stage1/,
+                                   stage2/ (TrainLayouts), stage1_eval.json, initial_eval.json
     <selector>/selection.json      scores, rankings, sets per budget (+ plots)
 
 ``RunLayout``: a pipeline run (``hybrid-distill run``)::
@@ -79,6 +80,16 @@ class CandidateLayout:
     @property
     def stage2(self) -> TrainLayout:
         return TrainLayout(self.root / "stage2")
+
+    @property
+    def s1_eval(self) -> Path:
+        """The Stage-1 alignment loss (the GA-S1 / GR-S1 score)."""
+        return self.root / "stage1_eval.json"
+
+    @property
+    def initial_eval(self) -> Path:
+        """The held-out KL before Stage 2."""
+        return self.root / "initial_eval.json"
 
 
 @dataclass(frozen=True)

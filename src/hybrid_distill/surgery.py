@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .checkpoint import check_safetensors_file, weights_fingerprint
 from .config import ConfigError
 from .dtypes import cast_model
+from .tiny_teachers import tiny_teacher
+from .tokenization import tiny_tokenizer
 from .modeling import (
     HYBRID_CAUSAL_LM_CLASSES,
     HYBRID_CONFIG_CLASSES,
@@ -179,8 +182,6 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
     """Load a teacher causal LM (local path, hub id, or `tiny:<variant>` for a built-in random-weight
     teacher); clear errors for missing paths and unsupported families."""
     if str(path_or_name).startswith("tiny:"):
-        from .tiny_teachers import tiny_teacher
-
         model = tiny_teacher(str(path_or_name).split(":", 1)[1])
         model.name_or_path = str(path_or_name)
         if dtype is not None and dtype != "auto":
@@ -194,10 +195,8 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(f"Model path {str(path)!r} has no config.json (is it a Hugging Face model directory?)")
     if looks_local:
-        from .checkpoint import _check_safetensors_file
-
         for file in sorted(path.glob("*.safetensors")):
-            _check_safetensors_file(file)  # a truncated download fails here with the file named
+            check_safetensors_file(file)  # a truncated download fails here with the file named
     try:
         config = AutoConfig.from_pretrained(str(path_or_name), **kwargs)
     except OSError as err:
@@ -219,12 +218,26 @@ def load_tokenizer(teacher_spec: str, tokenizer_path: str | None = None, vocab_s
     else (tiny teachers) the tiny tokenizer."""
     spec = str(tokenizer_path or teacher_spec)
     if spec == "tiny" or spec.startswith("tiny:"):
-        from .tokenization import tiny_tokenizer
-
         return tiny_tokenizer(vocab_size) if vocab_size else tiny_tokenizer()
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
         raise ConfigError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
+
+
+def teacher_num_layers(teacher: str) -> int:
+    """Number of decoder layers of a teacher spec (reads only the config of a real checkpoint)."""
+    if str(teacher).startswith("tiny:"):
+        return tiny_teacher(str(teacher).split(":", 1)[1]).config.num_hidden_layers
+    config = AutoConfig.from_pretrained(str(teacher))
+    teacher_family(config)  # an unsupported architecture is named before its layer count is used anywhere
+    return config.num_hidden_layers
+
+
+def model_identity(spec: str) -> dict[str, str]:
+    """A model spec plus, for a local checkpoint, the fingerprint of its weights (a model overwritten in place
+    at the same path is another model)."""
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return {"spec": str(spec), "weights": weights_fingerprint(path)}
+    return {"spec": str(spec)}

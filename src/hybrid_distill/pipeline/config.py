@@ -50,6 +50,7 @@ from ..evaluation.config import EvalConfig
 from ..modeling.configuration_hybrid import LINEAR_MIXERS, resolve_mixer_options
 from ..selection.config import SelectionConfig, check_selector_name, split_selector
 from ..selection.rules import BudgetError, resolve_budgets
+from ..surgery import teacher_num_layers
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "tiny_teacher"
@@ -245,8 +246,6 @@ class RunConfig(Config):
     # -- checks against the teacher ------------------------------------------------------------
     def check_teacher(self) -> None:
         """The teacher exists and its layer count fits the budgets and layer lists (reads only its config)."""
-        from ..selection.runner import teacher_num_layers
-
         teacher = self.teacher_spec
         if not teacher.startswith("tiny:"):
             path = Path(teacher).expanduser()

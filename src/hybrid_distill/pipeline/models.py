@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..layout import RunLayout
-from ..selection.runner import load_selection
+from ..selection.result import SelectionResult
 from .config import RunConfig
 
 
@@ -32,9 +32,11 @@ def final_sets(config: RunConfig, layout: RunLayout) -> dict[str, dict]:
         item["chosen_by"].append(chosen_by)
 
     for selector in config.selectors:
-        sel = load_selection(layout.selection.selection_file(selector))
-        for label, entry in sel["budgets"].items():
-            add(entry["layers"], {"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
+        sel = SelectionResult.load(layout.selection.selection_file(selector))
+        for label, entry in sel.budgets.items():
+            for r, layers in enumerate(entry.sets):  # random draws several sets per budget
+                who = {"selector": selector, "budget": label, "k": entry.k, "probe": sel.probe}
+                add(layers, {**who, "replicate": r} if len(entry.sets) > 1 else who)
     for label, layers in config.final.extra_sets.items():
         add(layers, {"selector": "extra", "budget": str(label), "k": len(layers), "probe": None})
     return sets

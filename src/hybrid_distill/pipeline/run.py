@@ -34,6 +34,7 @@ from ..config import ConfigError
 from ..distill.config import STAGE_SEQ_LEN
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..layout import RunLayout
+from ..surgery import model_identity, teacher_num_layers
 from .config import RunConfig
 from .models import base_students, eval_models, final_sets
 
@@ -103,16 +104,6 @@ def claim_output_dir(path: Path, key: str, run_dir: Path) -> None:
         atomic_write_json(path / KEY_FILE, {"key": key})
 
 
-def model_identity(spec: str) -> dict[str, str]:
-    """A model spec plus, for a local checkpoint, the fingerprint of its weights."""
-    from ..checkpoint import weights_fingerprint
-
-    path = Path(spec)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return {"spec": str(spec), "weights": weights_fingerprint(path)}
-    return {"spec": str(spec)}
-
-
 class Pipeline:
     """The stages of one run; `run` executes (or skips) them in order."""
 
@@ -154,8 +145,6 @@ class Pipeline:
 
     @property
     def num_layers(self) -> int:
-        from ..selection.runner import teacher_num_layers
-
         return teacher_num_layers(self.teacher_spec)
 
     def _data(self, seq_len: int, require: int | None = None):

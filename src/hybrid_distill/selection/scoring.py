@@ -27,6 +27,7 @@ from typing import Any
 
 from . import rules
 from .config import SelectionConfig
+from .registry import SELECTORS
 from .result import CandidateScoring
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,20 @@ class FamilyScores:
     layers: CandidateScoring
     null: CandidateScoring | None = None
     members: dict[Member, dict[str, Any]] = field(default_factory=dict)  # each member's last job result
+
+
+def candidate_families(config: SelectionConfig, num_layers: int) -> dict[str, tuple[str | None, list[Member]]]:
+    """The candidate families a selector trains: ``{kind: (start, members)}``."""
+    seeds_for = set(config.candidate_seed_layers if config.candidate_seed_layers is not None else range(num_layers))
+    out = {}
+    for kind in SELECTORS[config.base_selector].kinds:
+        members = [Member(layer, config.seed) for layer in range(num_layers)]
+        members += [Member(layer, seed) for seed in config.candidate_seeds for layer in sorted(seeds_for)
+                    if seed != config.seed]
+        if kind == "ga":
+            members += [Member(None, config.seed + 1 + r, r) for r in range(config.null_candidates)]
+        out[kind] = (config.candidate_start if kind == "ga" else "teacher", members)
+    return out
 
 
 def importance(kind: str, kl: float) -> float:
@@ -212,6 +227,7 @@ def noise_floors(fam: FamilyScores) -> list[rules.NoiseFloor]:
 
 __all__ = [
     "FamilyScores",
+    "candidate_families",
     "Member",
     "importance",
     "kl_at",
