@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_distill.distill import read_metrics
+from hybrid_distill.distill import read_metrics, read_progress
 from hybrid_distill.distill.config import ConfigError
 from hybrid_distill.selection import SelectionConfig, run_selection, selected_layers, train_base_student
 from hybrid_distill.selection import candidates as cand_mod
@@ -382,7 +382,7 @@ def test_select_cli_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["budgets"]["25%"]) == 1 and sorted(out["ranking"]) == [0, 1, 2, 3]
-    assert (tmp_path / "ga-s2" / "selection.json").is_file() and (tmp_path / "base" / "stage1" / "DONE").is_file()
+    assert (tmp_path / "ga-s2" / "selection.json").is_file() and read_progress(tmp_path / "base" / "stage1").done
     assert main(args[:4] + ["4"] + args[5:]) == 2  # budget = number of layers: clear error, exit code 2
     assert "layers" in capsys.readouterr().err
 

@@ -71,7 +71,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_distill(args) -> int:
     """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
-    from .distill import run_distill_from_args
+    from .distill.recipe import run_distill_from_args
 
     result = run_distill_from_args(args)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2, default=str))
@@ -138,7 +138,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import add_distill_arguments
+    from .distill.recipe import add_distill_arguments
     from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)

@@ -183,22 +183,20 @@ def _paused_result(job: CandidateJob) -> dict[str, Any] | None:
     """When an earlier call already trained to or past ``job.pause_at_tokens`` (a restarted selection
     replaying its rounds), that round's result from the stored snapshots, without loading any model.
     Call `check_reusable` first: it refuses a directory trained with other settings."""
-    from ..distill import latest_checkpoint, read_metrics
+    from ..distill import read_progress
 
     run_dir = Path(job.run_dir)
     if job.pause_at_tokens is None:
         return None
-    ckpt = latest_checkpoint(run_dir / "stage2")
+    progress = read_progress(run_dir / "stage2")
     s1, initial = read_json(run_dir / STAGE1_EVAL_FILE), read_json(run_dir / INITIAL_EVAL_FILE)
-    if ckpt is None or s1 is None or initial is None:
+    if progress is None or progress.total_tokens is None or s1 is None or initial is None:
         return None
-    state = read_json(ckpt / "state.json")
-    if state["tokens"] < job.pause_at_tokens:
+    if progress.tokens < job.pause_at_tokens:
         return None
-    tokens_per_step = stage2_tokens_per_step(job.stage2)
     snapshots, reached = snapshots_until(
-        [{"tokens": r["tokens"], "kl": r["eval_kl"]} for r in read_metrics(run_dir / "stage2", "eval")],
-        job.pause_at_tokens, tokens_per_step, state["total_steps"] * tokens_per_step)
+        [{"tokens": r["tokens"], "kl": r["eval_kl"]} for r in progress.snapshots],
+        job.pause_at_tokens, stage2_tokens_per_step(job.stage2), progress.total_tokens)
     return {
         "job_key": job_key(job), "kind": job.kind, "layer": job.layer, "mixers": job.mixers, "done": False,
         "s1_loss": s1["s1_loss"], "kl_initial": initial["kl"], "snapshots": snapshots,
@@ -266,7 +264,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
     """
     from ..distill import DistillConfig, distill, read_metrics
     from ..distill import distributed as hd_dist
-    from ..distill.trainer import _autocast
+    from ..distill.trainer import autocast_for
     from ..distill.stages import Stage1Alignment, evaluate_kl, evaluate_stage
     from ..surgery import derive_student
 
@@ -305,7 +303,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         teacher.to(device)
         student.to(device)
         stage = Stage1Alignment(student, teacher, DistillConfig(stage=1, target_tokens=1))
-        _, autocast = _autocast(cfg2, device)  # a cached teacher may already be bf16 (distill casts it on CUDA)
+        _, autocast = autocast_for(cfg2, device)  # a cached teacher may already be bf16 (distill casts it on CUDA)
         try:
             with autocast():
                 loss = evaluate_stage(stage, heldout_batches(data1, cfg2.eval_batch_size or 4, job.eval_batches), device)
@@ -323,7 +321,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         teacher.to(device)
         student.to(device)
         batch = cfg2.eval_batch_size or cfg2.micro_batch(1)
-        _, autocast = _autocast(cfg2, device)  # the precision the snapshots use
+        _, autocast = autocast_for(cfg2, device)  # the precision the snapshots use
         with autocast():
             kl = evaluate_kl(student, teacher, heldout_batches(data2, batch, job.eval_batches), cfg2.tau, cfg2.kl_chunk_size)
         initial = {"kl": kl}
