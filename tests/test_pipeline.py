@@ -176,7 +176,7 @@ def test_bad_text_field_is_named_before_training(tmp_path):
     cfg = RunConfig.from_dict(_config(tmp_path, data={"source": str(corpus), "text_field": "text"}))
     with pytest.raises(Exception, match="text"):
         Pipeline(cfg, progress=False).run(("stage1",))
-    assert not (Path(cfg.run_dir) / "stage1" / "DONE").exists()
+    assert not (Path(cfg.run_dir) / "stage1" / "step.json").exists()  # no run recorded, let alone finished
 
 
 def test_sequences_too_short_for_the_recall_mix_are_refused_before_any_stage_runs(tmp_path):

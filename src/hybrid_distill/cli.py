@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
+from .config import parse_json
 from .errors import HybridDistillError
 
 
@@ -23,7 +24,7 @@ def cmd_convert(args) -> int:
 
     teacher = load_teacher(args.teacher)
     mixers = resolve_mixers(teacher.config.num_hidden_layers, args.mixers, args.softmax_layers, args.linear)
-    options = json.loads(args.mixer_options) if args.mixer_options else None
+    options = args.mixer_options
     student = build_student(teacher, mixers, options)
     tokenizer = None
     if not args.teacher.startswith("tiny:"):
@@ -78,7 +79,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_distill(args) -> int:
     """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
-    from .distill import run_distill_from_args
+    from .distill.recipe import run_distill_from_args
 
     result = run_distill_from_args(args)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2, default=str))
@@ -143,7 +144,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import add_distill_arguments
+    from .distill.recipe import add_distill_arguments
     from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixers", help="comma-separated mixer per layer (softmax, gdn, gla, swa)")
     group.add_argument("--softmax-layers", help="comma-separated 0-based layers to keep softmax; others --linear")
     p.add_argument("--linear", default="gdn", help="linear mixer for non-softmax layers (default gdn)")
-    p.add_argument("--mixer-options", help='JSON, e.g. \'{"gdn_use_short_conv": true}\'')
+    p.add_argument("--mixer-options", type=parse_json, help='JSON, e.g. \'{"gdn_use_short_conv": true}\'')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="run one distillation stage (1: attention alignment, 2: KL, 3: fine-tune)")

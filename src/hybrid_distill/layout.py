@@ -4,7 +4,7 @@
 
     step.json            settings key, upstream run ids, state, result (`hybrid_distill.artifacts.Step`)
     metrics.jsonl        one line per log step ("kind": "train") and per held-out evaluation ("kind": "eval")
-    checkpoints/step_N/  model, optimizer, trainer state (safetensors + JSON)
+    checkpoints/step_N/  model.pt, optimizer.pt (tensors, loaded weights-only), state.json, rng_rank<r>.json
     final/               the trained student as a Hugging Face checkpoint
 
 ``SelectionLayout``: a selection folder (shared by selectors; candidates are reused)::

@@ -151,11 +151,16 @@ class Pipeline:
 
         return self.config.data.load(self.tokenizer, seq_len, seed=self.config.seed, require_sequences=require)
 
-    def _distill(self, student, cfg, out: Path) -> dict:
+    def _distill(self, student, cfg, out: Path, key: str):
+        """Train into ``out``; a run there made under another ``key`` is set aside to ``superseded/`` first."""
         from ..distill import distill
 
-        result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out,
-                         tokenizer=self.tokenizer)
+        return distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out,
+                       tokenizer=self.tokenizer, identity={"pipeline": key}, on_stale="set_aside",
+                       superseded=self.run_dir / SUPERSEDED_DIR)
+
+    @staticmethod
+    def _info(result) -> dict:
         return {"tokens": result.tokens, "compute_time_s": result.wall_time_s, "final": result.final_model_dir,
                 "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
 
@@ -168,8 +173,7 @@ class Pipeline:
         cfg = self.stage_config(self.config.stage1)
         torch.manual_seed(self.config.seed)
         student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
-        claim_output_dir(self.run_dir / "stage1", self.stage_key("stage1"), self.run_dir)
-        return self._distill(student, cfg, self.run_dir / "stage1")
+        return self._info(self._distill(student, cfg, self.run_dir / "stage1", self.stage_key("stage1")))
 
     def stage2(self) -> dict:
         from ..checkpoint import load_student
@@ -178,8 +182,7 @@ class Pipeline:
             return {"tokens": 0, "final": str(self.run_dir / "stage1" / "final"), "skipped": True}
         cfg = self.stage_config(self.config.stage2)
         student = load_student(self.run_dir / "stage1" / "final").float()
-        claim_output_dir(self.run_dir / "stage2", self.stage_key("stage2"), self.run_dir)
-        return self._distill(student, cfg, self.run_dir / "stage2")
+        return self._info(self._distill(student, cfg, self.run_dir / "stage2", self.stage_key("stage2")))
 
     def base_dirs(self) -> tuple[str, str]:
         stage1, base = base_students(self.config, self.layout)
@@ -229,14 +232,13 @@ class Pipeline:
         for name, item in planned.items():
             model_dir = self.run_dir / "models" / name
             key = _key({"upstream": self.stage_key("stage2"), "final": final_settings, "layers": item["layers"]})
-            recorded = read_json(self.run_dir / "final" / name / KEY_FILE)
-            if (recorded or {}).get("key") != key and model_dir.exists():
-                set_aside(model_dir, self.run_dir)  # with its stale (or unrecorded) training run
-            claim_output_dir(self.run_dir / "final" / name, key, self.run_dir)
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
             torch.manual_seed(self.config.seed)
             student = build_student(self.teacher, mixers, self.config.mixer_options, init_from=init_from).float()
-            res = self._distill(student, cfg, self.run_dir / "final" / name)
+            result = self._distill(student, cfg, self.run_dir / "final" / name, key)
+            if not result.already_done and model_dir.exists():
+                set_aside(model_dir, self.run_dir)  # saved from an earlier training run of this set
+            res = self._info(result)
             card = self.model_card(name, item, res)
             if not (model_dir / "config.json").is_file():
                 save_student(student, model_dir, tokenizer=self.tokenizer, model_card=card)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from ..artifacts import Step
 from ..checkpoint import load_student
 from ..data import HELDOUT_RULE, DataConfig
 from ..data.sources import DataSourceError
-from ..distill import DistillConfig, Trainer, autocast_for, read_metrics, read_progress
+from ..distill import DistillConfig, Trainer, read_metrics, read_progress
+from ..distill.trainer import autocast_for
 from ..distill import distributed as hd_dist
 from ..distill.stages import Stage1Alignment, evaluate_kl, evaluate_stage
 from ..fileio import atomic_write_json, read_json
@@ -64,6 +66,7 @@ class CandidateJob:
     eval_batches: int = 16
     teacher_weights: str | None = None
     base_weights: str | None = None
+    keep_trainer: bool = False  # the same process runs every round (inline executor): keep the paused trainer
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,8 +164,27 @@ def _cached(key: tuple, make):
 
 
 def clear_cache() -> None:
-    """Drop the models and datasets cached by `run_candidate` in this process."""
+    """Drop the models, datasets and paused trainers cached by `run_candidate` in this process."""
     _CACHE.clear()
+    _TRAINERS.clear()
+
+
+# Paused candidates whose trainers this process keeps, so that the next round continues in memory (no student to
+# rebuild, no checkpoint to write and read back). Each holds a student with its gradients and optimizer moments
+# (about 16 bytes a parameter); they are kept while all of them fit in this share of the device's memory.
+_TRAINERS: dict[str, tuple[str, Trainer]] = {}
+KEEP_TRAINERS_MEMORY_SHARE = 0.3
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _may_keep(student: torch.nn.Module, device: torch.device) -> bool:
+    per = 16 * sum(p.numel() for p in student.parameters())
+    return per * (len(_TRAINERS) + 1) <= KEEP_TRAINERS_MEMORY_SHARE * _device_memory(device)
 
 
 def _load(job: CandidateJob):
@@ -199,11 +221,15 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
                                                        "folder to train it again")
     if record.state == "done":
         return {**record.result, "reused": True}
+    t0 = time.perf_counter()
+    kept = _TRAINERS.get(job.run_dir)
+    if kept is not None and kept[0] == step.key:  # paused by this process in an earlier round
+        progress = kept[1].run(job.until_tokens, checkpoint_at_pause=False)
+        return _result(job, step, layout, progress, read_json(layout.s1_eval), read_json(layout.initial_eval), t0)
     replay = _replayed_round(job, layout)
     if replay is not None:
         return replay
 
-    t0 = time.perf_counter()
     teacher, tokenizer, base, data = _load(job)
     torch.manual_seed(job.seed)
     student = derive_student(teacher, base, job.mixers).float()
@@ -246,18 +272,27 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
             batches = heldout_batches(data2, cfg2.eval_batch_size or cfg2.micro_batch(1), job.eval_batches)
             initial = {"kl": evaluate_kl(student, teacher, batches, cfg2.tau, cfg2.kl_chunk_size)}
         atomic_write_json(layout.initial_eval, initial)
-    progress = Trainer(student, teacher, data2, cfg2, layout.stage2.root, identity=identity).run(job.until_tokens)
+    trainer = Trainer(student, teacher, data2, cfg2, layout.stage2.root, identity=identity)
+    keep = job.keep_trainer and job.until_tokens is not None and _may_keep(student, device)
+    progress = trainer.run(job.until_tokens, checkpoint_at_pause=not keep)
+    if keep and not progress.done:
+        _TRAINERS[job.run_dir] = (step.key, trainer)
+    return _result(job, step, layout, progress, s1, initial, t0)
+
+
+def _result(job: CandidateJob, step: Step, layout: CandidateLayout, progress, s1: dict, initial: dict,
+            t0: float) -> dict[str, Any]:
+    """The job's answer after a round; a finished candidate publishes it and drops its large files."""
     speeds = [r["tokens_per_s"] for r in read_metrics(layout.stage2.root) if r.get("tokens_per_s")]
     result = _record(job, progress.done, s1, initial, _kl_snapshots(progress.snapshots), s1["tokens"] + progress.tokens,
                      progress.tokens, time.perf_counter() - t0, sum(speeds) / len(speeds) if speeds else None)
     if progress.done:
         step.publish(result)
+        _TRAINERS.pop(job.run_dir, None)
         for stale in (layout.stage2.checkpoints, layout.stage1.checkpoints, layout.stage1.final):  # large; not needed
             shutil.rmtree(stale, ignore_errors=True)
-    student.cpu()
-    del student
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return result
 
 

@@ -142,7 +142,8 @@ def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLa
                                run_dir=str(candidate_folder(layout.root, who, start, name)), teacher=teacher,
                                base_student=str(base), mixers=mixers, data=data.to_dict(), stage1=s1, stage2=stage2,
                                tokenizer=tokenizer, until_tokens=until, eval_batches=eval_batches,
-                               teacher_weights=teacher_weights, base_weights=weights[str(base)])
+                               teacher_weights=teacher_weights, base_weights=weights[str(base)],
+                               keep_trainer=config.executor == "inline")
             return job.to_dict()
 
         return make_job

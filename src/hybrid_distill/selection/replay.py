@@ -79,7 +79,8 @@ def replay_selection(selection: SelectionResult | str | Path, early_stop: bool =
         families[kind] = score_family(kind, start, members, config, make_job, None, executor, ks, total)
     inputs = SelectInputs(config, sel.num_layers, ks, score_tables(families, ks),
                           eliminated={kind: fam.layers.eliminated for kind, fam in families.items()})
-    sets = {k: selector.select(inputs, k).sets[0] for k in ks}
+    chosen = {k: selector.select(inputs, k) for k in ks}
+    sets = {k: c.sets[0] for k, c in chosen.items()}
     full_sets = {b.k: b.layers for b in sel.budgets.values()}
     spent = sum(fam.layers.tokens_spent + (fam.null.tokens_spent if fam.null else 0) for fam in families.values())
     full = sel.tokens["spent"]
@@ -97,6 +98,7 @@ def replay_selection(selection: SelectionResult | str | Path, early_stop: bool =
         "stop_tokens": {str(k): (main.snapshot_tokens[v] if v is not None else None)
                         for k, v in main.stop_by_budget.items()},
         "eliminated_round": {kind: {str(k): v for k, v in fam.layers.eliminated.items()} for kind, fam in families.items()},
+        "ranking": chosen[max(ks)].ranking,
         "budgets": {str(k): {"layers": sets[k], "full_layers": full_sets[k], "jaccard": rules.jaccard(sets[k], full_sets[k])}
                     for k in ks},
     }
