@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..tasks import TASKS, LengthError, generate_samples
 from .sources import DataSourceError
 
 # The shipped teacher's pretraining mixture (scripts/pretrain_teacher.yaml): task -> weight.
@@ -44,8 +45,6 @@ class RecallMix:
     seed: int = 1_000_000
 
     def __post_init__(self):
-        from ..evaluation import TASKS
-
         if isinstance(self.fraction, bool) or not 0.0 < float(self.fraction) < 1.0:
             raise DataSourceError(f"data.recall_fraction must be in (0, 1), got {self.fraction!r}")
         if not self.tasks:
@@ -66,8 +65,6 @@ class RecallMix:
 
     def seeded_documents(self, tokenizer, seq_len: int) -> Iterator[tuple[int, str]]:
         """``(generator seed, document)`` pairs of `documents` (the seed identifies a document at every seq_len)."""
-        from ..evaluation import TASKS, LengthError, generate_samples
-
         names = sorted(self.tasks)
         weights = [float(self.tasks[n]) for n in names]
         low, high = max(16, seq_len * 3 // 8), max(17, seq_len - 16)

@@ -31,8 +31,11 @@ import socket
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from ..tasks.haystack import NAMED_HAYSTACKS, TextHaystack
 
 logger = logging.getLogger(__name__)
 
@@ -430,3 +433,20 @@ def _iter_hub(res: ResolvedSource, text_field: str, split: str) -> Iterator[str]
     where = f"dataset {res.hub_name!r} split {split!r}"
     for i, rec in enumerate(ds):
         yield from _field(rec, text_field, where, f"record {i}")  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=8)
+def _corpus_haystack(spec: str) -> TextHaystack:
+    if not (spec == "default" or spec.startswith("default:")) and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"haystack corpus {spec!r} not found (pass a local file/folder or 'default:prose')")
+    return TextHaystack(iter_texts(spec), name=f"corpus:{spec}")
+
+
+def read_haystack(spec: Any) -> Any:
+    """A recall-task haystack spec with a corpus read: ``"default[:prose|code]"`` or a local file/folder
+    (read by `iter_texts`) -> a `hybrid_distill.tasks.TextHaystack` of its sentences (cached per spec).
+    Every other spec (``None``, a name of ``NAMED_HAYSTACKS`` such as ``"noise"`` or ``"prose"``, a list of
+    strings, a `Haystack`) is returned as it is, for `hybrid_distill.tasks.resolve_haystack`."""
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec) not in NAMED_HAYSTACKS:
+        return _corpus_haystack(os.fspath(spec))
+    return spec

@@ -27,8 +27,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data import read_haystack
 from ..fileio import atomic_write, atomic_write_text, jsonable, read_json
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
+from ..tasks import DEFAULT_RECALL_TASKS, RULER_OFFLINE_TASKS, TASKS, LengthError, generate_samples
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,6 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                progress: bool = False) -> dict[str, Any]:
     """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
     task are skipped (listed under ``skipped``)."""
-    from .recall_tasks import RULER_OFFLINE_TASKS, LengthError, generate_samples
     from .runner import run_samples
     from .scoring import aggregate
 
@@ -116,7 +117,7 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
             try:
                 key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())))
                 samples += _cached_samples(tokenizer, key, generate_samples, task, tokenizer, int(length), num_samples,
-                                           seed=seed, haystack=haystack, **opts)
+                                           seed=seed, haystack=read_haystack(haystack), **opts)
             except LengthError as err:
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
@@ -201,8 +202,6 @@ def evaluate_model(
     ``efficiency_dtype``: measure copies in that dtype, e.g. "bfloat16", where the models' differs).
     Returns the results dict (as written to results.json).
     """
-    from .recall_tasks import DEFAULT_RECALL_TASKS, TASKS
-
     parts = parse_suite(suite)
     if "quality" in parts:
         from .quality import as_data_spec

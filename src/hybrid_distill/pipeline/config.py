@@ -169,7 +169,7 @@ class RunConfig:
 
     def _check_eval(self) -> None:
         """eval's fields, checked before any training so that a typo does not surface after the last stage."""
-        from ..evaluation.recall_tasks import TASKS
+        from ..tasks import TASKS
         from ..evaluation.suite import MODEL_DTYPES, parse_suite
 
         if not isinstance(self.eval, dict):
