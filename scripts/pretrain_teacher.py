@@ -9,7 +9,7 @@ Steps (all on the machine that runs it; no network, no downloads):
 2. a byte-level BPE tokenizer (``hybrid_distill.tokenization.train_tokenizer``) trained on that text
    plus recall documents;
 3. synthetic recall documents from the project's own generators
-   (``hybrid_distill.evaluation.generate_samples``, seeds >= ``data.synthetic_seed``, disjoint from
+   (``hybrid_distill.tasks.generate_samples``, seeds >= ``data.synthetic_seed``, disjoint from
    the evaluation seeds), written as ``BOS prompt answer_prefix answer EOS`` (answer tokens weighted
    ``data.answer_loss_weight`` in the loss), in worker processes;
 4. packed rows of ``seq_len + 1`` tokens (recall documents never split across rows), about
@@ -233,7 +233,7 @@ def _synth_worker(job: dict):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import numpy as np
 
-    from hybrid_distill.evaluation import TASKS, LengthError, generate_samples
+    from hybrid_distill.tasks import TASKS, LengthError, generate_samples
 
     if job["tokenizer_dir"]:
         from transformers import PreTrainedTokenizerFast
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         "recall": {},
     }
     if not args.skip_eval:
-        from hybrid_distill.evaluation import generate_samples
+        from hybrid_distill.tasks import generate_samples
         from hybrid_distill.evaluation.runner import run_samples
 
         ecfg = cfg["eval"]
