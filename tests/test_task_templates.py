@@ -171,11 +171,13 @@ def test_vt_variants_ask_one_of_several_chains(tok):
 
 
 class _CountingTokenizer:
+    """Counts the characters it tokenizes (tokenizing is most of a sample's cost)."""
+
     def __init__(self, tok):
-        self.tok, self.calls = tok, 0
+        self.tok, self.chars = tok, 0
 
     def encode(self, text, add_special_tokens=False, verbose=False):
-        self.calls += 1
+        self.chars += len(text)
         return self.tok.encode(text, add_special_tokens=add_special_tokens, verbose=verbose)
 
 
@@ -207,5 +209,5 @@ def test_approximate_length_tokenizes_far_less(tok):
         counting = _CountingTokenizer(tok)
         for task in ("niah_multikey_1", "kv_retrieval", "vt", "mqar"):
             generate_samples(task, counting, 2048, 3, seed=1, exact_length=exact)
-        counts[exact] = counting.calls
-    assert counts[False] * 4 < counts[True], counts
+        counts[exact] = counting.chars
+    assert counts[False] * 5 < counts[True], counts

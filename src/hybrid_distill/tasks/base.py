@@ -235,26 +235,35 @@ APPROX_TOLERANCE = 0.03
 
 def fit_length_approx(tokenizer: Any, build: Build, budget: int, n_min: int = 0, what: str = "task") -> Fit:
     """A unit count whose prompt has at most ``budget`` tokens and, where the units are small enough,
-    at least ``(1 - APPROX_TOLERANCE) * budget``: the tokens per unit estimated from ``n_min`` and
-    ``n_min + 4`` units, then corrected from each full build's measured count (the first correction
-    usually lands within the tolerance). No pad: the haystack ends after a whole unit."""
+    at least ``(1 - APPROX_TOLERANCE) * budget``. Tokens grow about linearly with the units, so each
+    measured build gives the tokens per unit for the next guess, aimed at the middle of that window:
+    ``n_min + 4`` units, then a quarter of the estimated count, then the whole (usually within the
+    window), then corrections. No pad: the haystack ends after a whole unit."""
     cost = _Costs(tokenizer, build)
     c0 = cost.minimum(n_min, budget, what)
-    n, per_unit = cost.first_guess(n_min, c0, budget)
     floor = budget - int(APPROX_TOLERANCE * budget)
+    aim = (budget + floor) / 2
+
+    def estimate(per_unit: float) -> int:
+        return n_min + max(0, int((aim - c0) / per_unit))
+
+    _, per_unit = cost.first_guess(n_min, c0, budget)
+    quarter = n_min + (estimate(per_unit) - n_min) // 4
+    if quarter > n_min + 4:  # a rate measured over a quarter of the haystack
+        per_unit = max((cost(quarter) - c0) / (quarter - n_min), 0.25)
+    n = max(n_min + 1, estimate(per_unit))
     fits, over = n_min, None  # largest unit count known to fit, smallest known not to
     for _ in range(8):
         c = cost(n)
-        if n > n_min:
-            per_unit = max((c - c0) / (n - n_min), 0.25)
+        per_unit = max((c - c0) / (n - n_min), 0.25)
         if c <= budget:
             fits = max(fits, n)
             if c >= floor:
                 break
-            n += max(1, int((budget - c) / per_unit))
+            n = max(n + 1, estimate(per_unit))
         else:
             over = n if over is None else min(over, n)
-            n = n_min + int((budget - c0) / per_unit)
+            n = min(n - 1, estimate(per_unit))
         if over is not None:
             n = min(n, over - 1)
         if n <= fits:
