@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from hybrid_distill.fileio import atomic_write, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from hybrid_distill.fileio import atomic_write, atomic_write_json, atomic_write_text, pid_alive, read_json  # noqa: E402
 from hybrid_distill.tasks import TASKS, TEMPLATE_FAMILIES  # noqa: E402
 
 DEFAULTS: dict = {
@@ -613,16 +613,6 @@ class Status:
         atomic_write_json(self.path, self.data)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def collect(out: Path, dest: Path, final: bool) -> list[str]:
     """Copy the run's small files into ``dest``; with ``final`` also the evaluation and the pack as one tar."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -667,7 +657,7 @@ def poll(out: Path, seconds: float, every: float, dest: str | None) -> int:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
             if status["phase"] in ("done", "failed"):
                 state = status["phase"]
-            elif not _alive(int(status["pid"])):
+            elif not pid_alive(int(status["pid"])):
                 state = "died"
                 line += f" -- process {status['pid']} is gone without finishing"
         print(f"[poll {time.time() - t0:5.0f}s] {line}", flush=True)

@@ -38,7 +38,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from hybrid_distill.checkpoint import atomic_directory_write  # noqa: E402
-from hybrid_distill.fileio import atomic_write_json  # noqa: E402
+from hybrid_distill.fileio import atomic_write_json, sha256_file  # noqa: E402
 
 FORMAT = "hybrid-distill-int8-rowwise-v1"
 WEIGHTS = "teacher.int8.safetensors"
@@ -53,14 +53,6 @@ QMAX = 127
 
 class PackError(ValueError):
     """A pack or a teacher directory that cannot be used as asked; the message names the file."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from hybrid_distill.fileio import sha256_file
 from hybrid_distill.tokenization import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_unpack_is_deterministic_and_checked(tmp_path):
     manifest = tp.pack(tmp_path / "teacher", tmp_path / "pack")
     tp.unpack(tmp_path / "pack", tmp_path / "a")
     tp.unpack(tmp_path / "pack", tmp_path / "b")
-    assert tp.sha256_file(tmp_path / "a" / tp.MODEL_FILE) == tp.sha256_file(tmp_path / "b" / tp.MODEL_FILE)
+    assert sha256_file(tmp_path / "a" / tp.MODEL_FILE) == sha256_file(tmp_path / "b" / tp.MODEL_FILE)
     assert tp.weights_sha256(load_file(str(tmp_path / "a" / tp.MODEL_FILE))) == manifest["dequantized_weights_sha256"]
     listed = set(manifest["files"])
     assert {tp.WEIGHTS, "config.json", "generation_config.json", "tokenizer.json"} <= listed

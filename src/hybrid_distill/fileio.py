@@ -3,6 +3,7 @@ so an interrupted run never leaves a half-written result that a restart would tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -104,3 +105,23 @@ def read_json(path: str | os.PathLike) -> Any | None:
     """The JSON in ``path``, or None when the file does not exist."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

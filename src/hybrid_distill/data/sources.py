@@ -22,7 +22,6 @@ lone UTF-16 surrogates from JSON escapes (``"\\ud83d"``) are replaced by U+FFFD.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..fileio import sha256_file
 from ..tasks.haystack import NAMED_HAYSTACKS, TextHaystack
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ResolvedSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the content, for cache keys (paths + sizes + mtimes for files)."""
         if self.kind == "default":
-            return {"kind": "default", "sha256": _sha256_file(DEFAULT_CORPUS_FILE), "kinds": list(self.default_kinds)}
+            return {"kind": "default", "sha256": sha256_file(DEFAULT_CORPUS_FILE), "kinds": list(self.default_kinds)}
         if self.kind == "hub":
             return {"kind": "hub", "name": self.hub_name, "config": self.hub_config, "revision": self.hub_revision}
         entries = []
@@ -80,14 +80,6 @@ class ResolvedSource:
             st = f.stat()
             entries.append([str(f), st.st_size, st.st_mtime_ns])
         return {"kind": "files", "files": entries}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_format(path: Path) -> str | None:
