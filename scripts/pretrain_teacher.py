@@ -36,7 +36,9 @@ prints it until the run ends, so a run started in the background can be watched:
 
 The fixed teacher of the decisive reproduction (``scripts/pretrain_teacher_fixed.yaml``, docs/reproduction.md)
 runs on a GPU machine that allows commands of at most 10 minutes and sends back only what is under $OUT
-(at most 8 files). Two commands, the second sent as soon as the first returns:
+(at most 8 files). Two commands (a third poll if the second returns before the run is done: data about
+3-4 minutes, training at most ``train.max_minutes``, pack and evaluation about 2-3), each sent as soon as the
+previous one returns, so that the machine stays warm and the background run alive:
 
     mkdir -p runs/teacher && setsid nohup python3 scripts/pretrain_teacher.py --config scripts/pretrain_teacher_fixed.yaml \
         --out runs/teacher > runs/teacher.log 2>&1 < /dev/null & sleep 2; \
@@ -132,6 +134,7 @@ DEFAULTS: dict = {
     "pack": False,  # quantize the teacher into OUT/pack (scripts/teacher_pack.py) and evaluate the dequantized one
 }
 STATUS = "status.json"
+NO_STATUS_S = 60  # --poll gives up on a run that has written no status.json after this long
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,6 +654,8 @@ def poll(out: Path, seconds: float, every: float, dest: str | None) -> int:
         status = read_json(out / STATUS)
         if status is None:
             line = "no status.json yet"
+            if time.time() - t0 > NO_STATUS_S:
+                state = "not started"
         else:
             info = status.get("info") or {}
             line = f"{status['phase']} at {status.get('elapsed_s', 0):.0f}s " + " ".join(
