@@ -3,9 +3,9 @@
 A teacher pretrained on recall documents (as the shipped tiny teacher) only shows its recall
 behaviour on prompts of that format; a student distilled on generic text alone never sees them.
 `RecallMix` interleaves whole recall documents (prompt + answer prefix + a correct answer, made
-by the evaluation suite's generators with the run's tokenizer) into the documents of any source,
-so that about ``fraction`` of the characters are recall documents. Generator seeds start at
-``seed`` (default 10**6), far from the evaluation's sample seeds.
+by the recall task generators of `hybrid_distill.tasks` with the run's tokenizer, in the evaluation's
+template family) into the documents of any source, so that about ``fraction`` of the characters are
+recall documents. Generator seeds start at ``seed`` (default 10**6), far from the evaluation's sample seeds.
 
 It is off by default: the paper distills on generic text only.
 """

@@ -26,9 +26,10 @@ Length (as in RULER, input + generated tokens)::
    sample is returned with ``metadata["length_exact"] = False`` and a warning.
 
 Training documents need no exact length: :func:`fit_length_approx` estimates the tokens per
-unit from two small builds, builds once near the budget and corrects the unit count from
-that build's measured tokens (usually 2-3 tokenizations of a full prompt instead of 20-40);
-its prompts are at most the budget and a few percent below it.
+unit from smaller builds, builds near the budget and corrects the unit count from that build's
+measured tokens: about 2 prompts' worth of text tokenized per sample instead of 10-20; its
+prompts have at most the budget and at least ``1 - APPROX_TOLERANCE`` of it where the units
+are small enough.
 
 The continuation never adds an answer: each task validates the final text (answers occur
 exactly as often as intended, keys do not collide, aggregation counts are strict) and
