@@ -6,10 +6,10 @@ import pytest
 
 from hybrid_distill.data import DataConfig, build_token_dataset
 from hybrid_distill.data.recall_mix import DEFAULT_RECALL_MIX, RecallMix
-from hybrid_distill.evaluation import TASKS, generate_samples
 from hybrid_distill.evaluation.scoring import score_sample
 from hybrid_distill.pipeline.config import ConfigError, RunConfig
 from hybrid_distill.surgery import load_tokenizer
+from hybrid_distill.tasks import TASKS, generate_samples
 from hybrid_distill.pipeline.config import SHIPPED_TEACHER
 
 

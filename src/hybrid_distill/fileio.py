@@ -5,6 +5,7 @@ result."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -185,3 +186,23 @@ class atomic_directory_write:  # noqa: N801 (used as a function: ``with atomic_d
             return False
         publish_directory(self.tmp, self.path)
         return False
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -25,7 +25,7 @@ from .packing import (
     resolve_bos,
     tokenizer_fingerprint,
 )
-from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
+from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, read_haystack, resolve_source
 
 __all__ = [
     "HELDOUT_RULE",
@@ -43,6 +43,7 @@ __all__ = [
     "heldout_hash",
     "heldout_units",
     "iter_texts",
+    "read_haystack",
     "resolve_bos",
     "resolve_source",
     "split_indices",

@@ -78,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Invalid, integer, optional, real
-from ..fileio import fsync_directory
+from ..fileio import fsync_directory, pid_alive
 from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
@@ -379,16 +379,6 @@ def _cache_problem(path: Path, key: str) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temps(cache_dir: Path, key: str) -> None:
     """Delete temp build dirs of ``key`` left by killed processes on this host."""
     host = socket.gethostname()
@@ -397,7 +387,7 @@ def _remove_dead_temps(cache_dir: Path, key: str) -> None:
             owner = json.loads((tmp / "owner.json").read_text())
         except (OSError, ValueError):
             continue
-        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == host and not pid_alive(int(owner.get("pid", -1))):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -22,7 +22,7 @@ from ..config import (
     real,
     setting,
 )
-from .recall_tasks import TASKS
+from ..tasks import TASKS
 
 SUITES = ("recall", "niah", "quality", "efficiency")
 # "all": what the model knows. Efficiency times the device and is asked for by name.

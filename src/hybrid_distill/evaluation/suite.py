@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from ..config import add_flags, flag_values
-from ..data import add_data_flags, data_config_from_flags
+from ..data import add_data_flags, data_config_from_flags, read_haystack
 from ..fileio import atomic_write, atomic_write_text, jsonable, read_json
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
+from ..tasks import DEFAULT_RECALL_TASKS, RULER_OFFLINE_TASKS, LengthError, generate_samples
 from .config import MODEL_DTYPES, SUITES, EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,6 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                progress: bool = False) -> dict[str, Any]:
     """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
     task are skipped (listed under ``skipped``)."""
-    from .recall_tasks import RULER_OFFLINE_TASKS, LengthError, generate_samples
     from .runner import run_samples
     from .scoring import aggregate
 
@@ -105,7 +105,7 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
             try:
                 key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())))
                 samples += _cached_samples(tokenizer, key, generate_samples, task, tokenizer, int(length), num_samples,
-                                           seed=seed, haystack=haystack, **opts)
+                                           seed=seed, haystack=read_haystack(haystack), **opts)
             except LengthError as err:
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
@@ -171,8 +171,6 @@ def evaluate_model(
     with ``teacher`` measured beside the model as the baseline of speed-ups.
     Returns the results dict (as written to results.json).
     """
-    from .recall_tasks import DEFAULT_RECALL_TASKS
-
     config = (config or EvalConfig()).replace(**fields) if fields else (config or EvalConfig())
     suite, lengths, seed, batch_size, haystack = config.suite, config.lengths, config.seed, config.batch_size, config.haystack
     num_samples, niah_depths, niah_samples = config.num_samples, config.niah_depths, config.niah_samples

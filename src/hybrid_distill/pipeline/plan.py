@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..evaluation.recall_tasks import DEFAULT_RECALL_TASKS
+from ..tasks import DEFAULT_RECALL_TASKS
 from .config import RunConfig
 
 H100_BF16_FLOPS = 989e12

@@ -36,7 +36,7 @@ from .config import SelectionConfig
 from .executors import make_executor
 from .registry import SELECTORS, TASK_SELECTORS, SelectInputs
 from .result import BudgetSet, SelectionResult
-from .scoring import FamilyScores, candidate_families, noise_floors, score_family, score_tables, snapshot_sets
+from .scoring import FamilyScores, Member, candidate_families, noise_floors, score_family, score_tables, snapshot_sets
 
 # A bypass-task selector means nothing when the teacher cannot do its task: below this accuracy it says so.
 MIN_TEACHER_TASK_ACCURACY = 0.1
