@@ -53,7 +53,8 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     state = run_pipeline(cfg, progress=False)
     run = Path(cfg.run_dir)
     assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
-    assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == 4 * 2 * SEQ * BATCH
+    # 4 one-swap candidates and 3 null candidates (the noise floor), 2 steps each
+    assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == (4 + 3) * 2 * SEQ * BATCH
     sets = Pipeline(cfg, progress=False).final_sets()
     uniform = json.loads((run / "selection/uniform/selection.json").read_text())
     assert uniform["budgets"]["K=2"]["layers"] == [1, 3]
@@ -93,7 +94,7 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     Pipeline(changed, progress=False).evaluate("teacher")
     res = json.loads(teacher_results.read_text())
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
-    assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
+    assert json.loads((run / "eval" / "teacher" / "step.json").read_text())["settings"]["num_samples"] == 3
     from hybrid_distill.data import DataConfig
 
     assert res["config"]["data"] == DataConfig.from_value(cfg.data).to_dict()  # the run's held-out split
@@ -242,19 +243,19 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     base = _config(tmp_path, selection=uniform, eval={"suite": ["quality"], "quality_seq_len": SEQ, "quality_sequences": 4})
     run = Path(base["run_dir"])
     run_pipeline(RunConfig.from_dict(base), progress=False)
-    first = {p: weights_fingerprint(run / p) for p in ("stage1/final", "stage2/final", "models/hybrid-gdn-k1-L2")}
+    first = {p: weights_fingerprint(run / p) for p in ("stage1/final", "stage2/final", "models/hybrid-gdn-k1-L3")}
     teacher_eval = (run / "eval/teacher/results.json").stat().st_mtime_ns
 
     # Final settings changed: the hybrid is trained again (from scratch: no reuse of Stage-1 mixers) and re-evaluated.
     no_reuse = {**base, "final": {**base["final"], "reuse_stage1_mixers": False}}
     run_pipeline(RunConfig.from_dict(no_reuse), progress=False)
-    assert weights_fingerprint(run / "models/hybrid-gdn-k1-L2") != first["models/hybrid-gdn-k1-L2"]
+    assert weights_fingerprint(run / "models/hybrid-gdn-k1-L3") != first["models/hybrid-gdn-k1-L3"]
     assert weights_fingerprint(run / "stage2/final") == first["stage2/final"]  # upstream untouched
-    res = json.loads((run / "eval/hybrid-gdn-k1-L2/settings.json").read_text())
-    assert res["model"]["weights"] == weights_fingerprint(run / "models/hybrid-gdn-k1-L2")
+    res = json.loads((run / "eval/hybrid-gdn-k1-L3/step.json").read_text())["settings"]
+    assert res["model"]["weights"] == weights_fingerprint(run / "models/hybrid-gdn-k1-L3")
     assert (run / "eval/teacher/results.json").stat().st_mtime_ns == teacher_eval  # same teacher, same results
     superseded = sorted(p.name for p in (run / "superseded").iterdir())
-    assert [n.rsplit("-", 1)[0] for n in superseded] == ["final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2"]
+    assert [n.rsplit("-", 1)[0] for n in superseded] == ["final--hybrid-gdn-k1-L3", "models--hybrid-gdn-k1-L3"]
 
     # Data changed: a partial run on the stale Stage 1 is refused; the full run redoes everything from Stage 1.
     other_data = {**no_reuse, "data": {**base["data"], "max_tokens": 30_000}}
@@ -272,9 +273,9 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     run_pipeline(RunConfig.from_dict(other_budget), progress=False)
     for folder in ("final", "models", "eval"):
         names = sorted(p.name for p in (run / folder).iterdir() if p.is_dir())
-        assert "hybrid-gdn-k1-L2" not in names and any(n.startswith("hybrid-gdn-k2") for n in names), (folder, names)
+        assert "hybrid-gdn-k1-L3" not in names and any(n.startswith("hybrid-gdn-k2") for n in names), (folder, names)
     moved = [p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()]
-    assert {"final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2", "eval--hybrid-gdn-k1-L2"} <= set(moved)
+    assert {"final--hybrid-gdn-k1-L3", "models--hybrid-gdn-k1-L3", "eval--hybrid-gdn-k1-L3"} <= set(moved)
 
 
 def test_changed_candidate_settings_retrain_the_candidates_and_new_budgets_reuse_them(tmp_path):

@@ -344,7 +344,7 @@ def test_early_stop_fires_per_budget_and_racing_saves_tokens(env, tmp_path):
     assert rep["budgets"]["1"]["full_layers"] == full.budgets["K=1"].layers
     assert rep["tokens_spent"] == early.tokens["spent"] and rep["full_tokens"] == full.tokens["spent"]
     rep = replay_selection(full, early_stop=False, racing=True, racing_keep_fraction=0.5, racing_min_keep=2,
-                           round_snapshots=2)
+                           round_snapshots=2, budgets=[1])  # racing keeps enough candidates for the largest budget
     assert rep["eliminated_round"] == {"ga": {str(k): v for k, v in eliminated.items()}}
     assert rep["ranking"] == racing.ranking and rep["tokens_spent"] == racing.tokens["spent"]
     rep = replay_selection(full, early_stop=False)  # no rounds: the full run itself

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -214,14 +215,20 @@ class Step:
         """Open the folder for this step's work and return its record (``started``, or ``done`` if finished).
 
         ``on_stale``: ``"refuse"`` raises `StaleStepError` naming the changed settings; ``"set_aside"`` moves the
-        folder to ``superseded`` (a folder) first. ``fresh_hint``: what the user can do, for the refusal."""
+        folder to ``superseded`` (a folder) first; ``"replace"`` deletes it (for work as cheap to redo as an
+        evaluation). ``fresh_hint``: what the user can do, for the refusal."""
         reason = self.stale_reason()
         if reason is not None:
             if on_stale == "refuse":
                 raise StaleStepError(f"{reason}; {fresh_hint}")
-            if on_stale != "set_aside" or superseded is None:
-                raise ValueError(f"on_stale must be 'refuse' or 'set_aside' with a superseded folder, got {on_stale!r}")
-            set_aside(self.folder, Path(superseded), reason)
+            if on_stale == "replace":
+                logger.info("%s; replacing it", reason)
+                shutil.rmtree(self.folder)
+            elif on_stale == "set_aside" and superseded is not None:
+                set_aside(self.folder, Path(superseded), reason)
+            else:
+                raise ValueError(f"on_stale must be 'refuse', 'replace' or 'set_aside' with a superseded folder, "
+                                 f"got {on_stale!r}")
         rec = self.record()
         if rec is None:
             rec = StepRecord(key=self.key, settings=self.settings, upstream=self.upstream, run_id=uuid.uuid4().hex[:12])
@@ -229,10 +236,13 @@ class Step:
         return rec
 
     def publish(self, result: Mapping[str, Any]) -> StepRecord:
-        """Mark the step done with ``result`` (one atomic write)."""
+        """Mark the step done with ``result`` (one atomic write). A folder with no record yet (just written whole,
+        e.g. by an atomic folder write) gets one."""
         rec = self.record()
-        if rec is None or rec.key != self.key:
-            raise RuntimeError(f"{self.folder}: publish() without begin() under this step's settings")
+        if rec is None:
+            rec = StepRecord(key=self.key, settings=self.settings, upstream=self.upstream, run_id=uuid.uuid4().hex[:12])
+        elif rec.key != self.key:
+            raise RuntimeError(f"{self.folder}: publish() under other settings than the folder's record")
         rec.state, rec.result = "done", canonical(dict(result))
         atomic_write_json(self.folder / STEP_FILE, rec.to_dict())
         return rec

@@ -12,6 +12,7 @@ from .scoring import (
     string_match_all,
     string_match_part,
 )
+from .niah import niah_grid_samples, niah_table, plot_niah_heatmap
 
 __all__ = [
     "METRICS",

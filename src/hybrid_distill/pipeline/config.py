@@ -103,6 +103,11 @@ class RunSelectionConfig(SelectionConfig):
         for name in self.selectors:
             self.for_selector(name)  # rules of one selector (e.g. 'given' needs layers)
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("selector")  # a run lists its selectors under ``selectors``
+        return out
+
     def for_selector(self, selector: str) -> SelectionConfig:
         """The `SelectionConfig` of one of ``selectors``."""
         fields = {k: v for k, v in self.to_dict().items() if k != "selectors"}
