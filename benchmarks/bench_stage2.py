@@ -34,7 +34,7 @@ from hybrid_distill.distill import DistillConfig, TensorTokenDataset, distill, r
 from hybrid_distill.distill.distributed import forward_hidden
 from hybrid_distill.distill.losses import chunked_kl_div
 from hybrid_distill.distill.stages import mixer_parameter_names
-from hybrid_distill.distill.trainer import build_optimizer
+from hybrid_distill.distill.optim import build_optimizer
 from hybrid_distill.surgery import build_student
 
 NOMINAL_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16

@@ -138,7 +138,7 @@ def gate_tasks(teacher_results: dict, gate: float) -> list[str]:
 
 
 def _candidate_kinds(selector: str) -> tuple[str, ...]:
-    from hybrid_distill.selection.config import LEARNED_SELECTORS, candidate_kinds
+    from hybrid_distill.selection.registry import LEARNED_SELECTORS, candidate_kinds
 
     return candidate_kinds(selector) if selector in LEARNED_SELECTORS else ()
 
@@ -189,7 +189,7 @@ def cmd_run(args) -> int:
 def _run(args, work: Path, tl: Timeline) -> int:
     import yaml
 
-    from hybrid_distill.selection.config import RULE_SELECTORS
+    from hybrid_distill.selection.registry import RULE_SELECTORS
 
     deadline = tl.t0 + args.deadline_minutes * 60 if args.deadline_minutes else None
     config = yaml.safe_load(Path(args.config).read_text())
@@ -430,7 +430,7 @@ def analyze(work: Path) -> dict:
     ``WORK/analysis.json``, ``WORK/analysis.md`` and plots."""
     from hybrid_distill.fileio import atomic_write_json, atomic_write_text, read_json
     from hybrid_distill.pipeline.report import selector_budget_table
-    from hybrid_distill.selection.config import LEARNED_SELECTORS
+    from hybrid_distill.selection.registry import LEARNED_SELECTORS
     from hybrid_distill.selection.replay import replay_selection
 
     run = work / "pipeline"
@@ -443,11 +443,11 @@ def analyze(work: Path) -> dict:
     out["pretrain"] = next((r for r in pre if r.get("event") == "done"), None)
     out["pretrain_data"] = next((r for r in pre if r.get("event") == "data"), None)
     out["tables"] = {m: selector_budget_table(run, selectors, m) for m in ("recall/overall", "niah/mean", "quality/kl")}
-    from hybrid_distill.evaluation.compare import _metrics
+    from hybrid_distill.evaluation.compare import flat_metrics
 
-    out["models"] = {d.name: _metrics(read_json(d / "results.json")) for d in sorted((run / "eval").glob("*"))
+    out["models"] = {d.name: flat_metrics(read_json(d / "results.json")) for d in sorted((run / "eval").glob("*"))
                      if (d / "results.json").is_file()}
-    from hybrid_distill.pipeline.run import hybrid_name
+    from hybrid_distill.pipeline.models import hybrid_name
 
     config = state.get("config", {})
     linear = (config.get("student") or {}).get("linear", "gdn")
@@ -456,7 +456,7 @@ def analyze(work: Path) -> dict:
         name = hybrid_name(sorted(layers), linear)
         out["probes"][label] = {"layers": sorted(layers), "model": name, **(out["models"].get(name) or {})}
     every = read_json(work / TEACHER_ALL_TASKS / "results.json")
-    out["teacher_all_tasks"] = _metrics(every) if every else None
+    out["teacher_all_tasks"] = flat_metrics(every) if every else None
     if every:
         out["teacher_all_tasks"]["per_task"] = every["recall"]["aggregate"]["per_task"]
     out["selection"], out["selection_cost"] = {}, {}

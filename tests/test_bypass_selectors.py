@@ -8,15 +8,7 @@ import re
 import pytest
 import torch
 
-from hybrid_distill.evaluation import (
-    DEFAULT_RECALL_TASKS,
-    RULER_OFFLINE_TASKS,
-    TASKS,
-    RecallSample,
-    count_tokens,
-    generate_samples,
-    score_sample,
-)
+from hybrid_distill.evaluation import score_sample
 from hybrid_distill.selection import bypass
 from hybrid_distill.selection.bypass import (
     TASK_SELECTORS,
@@ -25,6 +17,14 @@ from hybrid_distill.selection.bypass import (
     decoder_layers,
     lm_ppl_scores,
     task_scores,
+)
+from hybrid_distill.tasks import (
+    DEFAULT_RECALL_TASKS,
+    RULER_OFFLINE_TASKS,
+    TASKS,
+    RecallSample,
+    count_tokens,
+    generate_samples,
 )
 from hybrid_distill.surgery import build_student
 from hybrid_distill.tiny_teachers import tiny_teacher

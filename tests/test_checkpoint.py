@@ -317,7 +317,7 @@ def test_a_copy_left_by_a_crashed_writer_neither_blocks_nor_lingers(tmp_path):
 def test_interrupted_replace_of_a_name_with_glob_characters_is_restored(tmp_path):
     import os
 
-    from hybrid_distill.checkpoint import restore_interrupted_replace
+    from hybrid_distill.fileio import restore_interrupted_replace
 
     path = save_student(build_student(tiny_teacher("llama-gqa"), ["gdn"] * 4), tmp_path / "ckpt[v2]")
     os.replace(path, tmp_path / ".ckpt[v2].old-123")

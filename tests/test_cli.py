@@ -138,12 +138,12 @@ def test_data_options_reach_distill_and_eval(tmp_path, capsys):
     assert res["quality"]["sequences"] == 3 and res["quality"]["heldout_fraction"] == 0.1
     assert "held out by content hash" in (out / "summary.md").read_text()
 
-    from hybrid_distill.data import DataSpec
+    from hybrid_distill.data import DataConfig
     from hybrid_distill.evaluation.quality import heldout_batches
     from hybrid_distill.surgery import load_teacher, load_tokenizer
 
     tok = load_tokenizer("tiny:llama-gqa", None, load_teacher("tiny:llama-gqa").config.vocab_size)
-    spec = DataSpec(source=str(corpus), text_field="content", heldout_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    spec = DataConfig(source=str(corpus), text_field="content", heldout_fraction=0.1, cache_dir=str(tmp_path / "cache"))
     ds = spec.load(tok, 64)
     trained = {tuple(ds[int(i)].tolist()) for i in ds.train_indices}
     scored = [tuple(row.tolist()) for b in heldout_batches(tok, spec, seq_len=64, max_sequences=3) for row in b]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hybrid_distill.data import DataSourceError, DataSpec, build_token_dataset, iter_texts, packing, resolve_source
+from hybrid_distill.config import ConfigError
+from hybrid_distill.data import DataSourceError, DataConfig, build_token_dataset, iter_texts, packing, resolve_source
 from hybrid_distill.tokenization import tiny_tokenizer
 
 WORDS = "the sky is blue and the grass is green here we go again what a special magic number".split()
@@ -181,22 +182,22 @@ def test_symlinked_folders_are_followed_and_skipped_files_logged(tmp_path, caplo
 def test_numeric_settings_from_yaml_and_numpy(tmp_path, tok):
     cfg = yaml.safe_load("source: default\nheldout_fraction: 1e-2\nmax_tokens: 1e6\nrecall_fraction: 0\n")
     assert cfg["heldout_fraction"] == "1e-2" and cfg["max_tokens"] == "1e6"  # YAML 1.1: strings
-    spec = DataSpec.from_dict(cfg)
+    spec = DataConfig.from_value(cfg)
     assert spec.heldout_fraction == 0.01 and type(spec.heldout_fraction) is float
     assert spec.max_tokens == 1_000_000 and type(spec.max_tokens) is int
     for value in (20000.0, np.int64(20000), "20000", "2e4"):
-        assert type(DataSpec(max_tokens=value).max_tokens) is int
-    json.dumps(DataSpec(max_tokens=np.int64(5), heldout_fraction=np.float32(0.5)).to_dict())
+        assert type(DataConfig(max_tokens=value).max_tokens) is int
+    json.dumps(DataConfig(max_tokens=np.int64(5), heldout_fraction=np.float32(0.5)).to_dict())
     for field, value in (("max_tokens", "lots"), ("max_tokens", 1500.5), ("max_tokens", "1.5e3x"),
                          ("heldout_fraction", "some"), ("recall_fraction", "x")):
-        with pytest.raises(DataSourceError, match=rf"data\.{field} must be"):
-            DataSpec(**{field: value})
+        with pytest.raises(ConfigError, match=rf"data\.{field} must be"):
+            DataConfig(**{field: value})
 
     src = write_jsonl(tmp_path / "c.jsonl", make_docs(300, seed=5))
     ds = build_token_dataset(src, tok, 16, tmp_path / "c", max_tokens=np.int64(3000), heldout_fraction="0.2",
                              heldout_sequences=np.int64(2), require_sequences=np.int64(4))
     assert ds.meta["max_tokens"] == 3000 and ds.meta["heldout"]["fraction"] == 0.2 and len(ds.heldout_indices) == 2
-    same = DataSpec(source=str(src), max_tokens=3000.0, heldout_fraction="2e-1", cache_dir=str(tmp_path / "c")).load(tok, 16)
+    same = DataConfig(source=str(src), max_tokens=3000.0, heldout_fraction="2e-1", cache_dir=str(tmp_path / "c")).load(tok, 16)
     assert same.path == ds.path
     with pytest.raises(DataSourceError, match="max_tokens must be an integer"):
         build_token_dataset(src, tok, 16, tmp_path / "c", max_tokens=3000.5)

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybrid_distill.artifacts import STEP_FILE, StepRecord
 from hybrid_distill.distill import distributed as hd_dist
+from hybrid_distill.fileio import atomic_write_json
 
 SEQ, GLOBAL = 16, 4
 
@@ -73,9 +75,10 @@ def worker(out_dir: str, device: str = "cpu", fsdp: str = "auto") -> None:
         if stage == 2 and summary["stage2"]["sharded"]:  # resume under FSDP from the step-3 checkpoint
             if ctx.is_main:
                 shutil.copytree(out / "stage2", out / "stage2_resume")
-                for name in ("DONE", "final", "result.json"):
-                    p = out / "stage2_resume" / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                shutil.rmtree(out / "stage2_resume" / "final")
+                record = StepRecord.read(out / "stage2_resume")  # back to "started": resumes from step 3
+                record.state, record.result = "started", None
+                atomic_write_json(out / "stage2_resume" / STEP_FILE, record.to_dict())
             hd_dist.barrier()
             teacher, student = fresh_pair()
             again = distill(student, teacher, data, cfg, out / "stage2_resume")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from hybrid_distill.evaluation import generate_samples
 from hybrid_distill.evaluation.runner import run_samples
 from hybrid_distill.evaluation.suite import evaluate_model
 from hybrid_distill.pipeline import SHIPPED_TEACHER
 from hybrid_distill.surgery import load_teacher
+from hybrid_distill.tasks import generate_samples
 
 TASKS, LENGTH, SAMPLES = ("niah_single_1", "kv_retrieval", "vt"), 256, 8
 

@@ -11,7 +11,8 @@ import torch
 
 from hybrid_distill.evaluation.compare import compare_results
 from hybrid_distill.evaluation.quality import evaluate_quality, heldout_batches, perplexity, teacher_student_kl
-from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, parse_suite, run_eval_from_args
+from hybrid_distill.evaluation.config import parse_suite
+from hybrid_distill.evaluation.suite import add_eval_arguments, evaluate_model, run_eval_from_args
 from hybrid_distill.tiny_teachers import tiny_teacher
 from hybrid_distill.tokenization import tiny_tokenizer
 
@@ -65,10 +66,10 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
 
 
 def test_second_model_reuses_the_generated_samples(model, tok, tmp_path, monkeypatch):
-    from hybrid_distill.evaluation import niah, recall_tasks, suite
+    from hybrid_distill.evaluation import niah, suite
 
     made = []
-    for mod, name in ((recall_tasks, "generate_samples"), (niah, "niah_grid_samples")):
+    for mod, name in ((suite, "generate_samples"), (niah, "niah_grid_samples")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
     tokenizer = copy.deepcopy(tiny_tokenizer())  # a new tokenizer object: nothing cached for it yet

@@ -3,12 +3,12 @@
 import pytest
 
 from hybrid_distill.evaluation import (
-    count_tokens,
     niah_grid_samples,
     niah_table,
     plot_niah_heatmap,
     score_sample,
 )
+from hybrid_distill.tasks import count_tokens
 from hybrid_distill.tokenization import tiny_tokenizer, train_tokenizer
 
 DEPTHS = (0, 10, 25, 50, 75, 90, 100)

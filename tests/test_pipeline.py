@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from hybrid_distill.cli import main
-from hybrid_distill.distill.config import ConfigError
+from hybrid_distill.config import ConfigError
 from hybrid_distill.pipeline import Pipeline, RunConfig, run_pipeline
 
 SEQ, BATCH = 32, 4
@@ -53,7 +53,8 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     state = run_pipeline(cfg, progress=False)
     run = Path(cfg.run_dir)
     assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
-    assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == 4 * 2 * SEQ * BATCH
+    # 4 one-swap candidates and 3 null candidates (the noise floor), 2 steps each
+    assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == (4 + 3) * 2 * SEQ * BATCH
     sets = Pipeline(cfg, progress=False).final_sets()
     uniform = json.loads((run / "selection/uniform/selection.json").read_text())
     assert uniform["budgets"]["K=2"]["layers"] == [1, 3]
@@ -93,10 +94,10 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     Pipeline(changed, progress=False).evaluate("teacher")
     res = json.loads(teacher_results.read_text())
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
-    assert json.loads((run / "eval" / "teacher" / "settings.json").read_text())["num_samples"] == 3
-    from hybrid_distill.data import DataSpec
+    assert json.loads((run / "eval" / "teacher" / "step.json").read_text())["settings"]["num_samples"] == 3
+    from hybrid_distill.data import DataConfig
 
-    assert res["config"]["data"] == DataSpec.from_dict(cfg.data).to_dict()  # the run's held-out split
+    assert res["config"]["data"] == DataConfig.from_value(cfg.data).to_dict()  # the run's held-out split
 
     # a hand-picked set added afterwards: only it is distilled and evaluated; finished hybrids are kept as they are
     weights = {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets}
@@ -123,7 +124,7 @@ def test_invalid_configs_fail_before_compute(tmp_path):
         with pytest.raises(exc, match=match):
             RunConfig.from_dict(_config(tmp_path, **over))
 
-    fails(r"SelectionConfig\.selector", selection={"selectors": ["best-guess"], "budgets": [1]})
+    fails(r"selection\.selectors must be a list of selector names; 'best-guess' must be one of", selection={"selectors": ["best-guess"], "budgets": [1]})
     fails(r"selection\.budgets.*4-layer model", selection={"selectors": ["ga-s2"], "budgets": [4]})
     fails(r"selection\.budgets", selection={"selectors": ["ga-s2"], "budgets": [1.0]})
     fails(r"teacher: .*no-such-dir.*config\.json", exc=FileNotFoundError, teacher=str(tmp_path / "no-such-dir"))
@@ -132,30 +133,30 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     GPT2Config(n_layer=2, n_embd=64, n_head=2).save_pretrained(tmp_path / "gpt2")
     fails(r"teacher: .*gpt2': Unsupported architecture 'gpt2'", teacher=str(tmp_path / "gpt2"),
           selection={"selectors": ["ga-s2"], "budgets": [4]})  # named before the budget is checked against its layers
-    fails(r"unknown data field.*txt_field", data={"source": "default", "txt_field": "body"})
-    fails(r"stage2: .*DistillConfig\.lr_mixer", stage2={"lr_mixer": -1})
+    fails(r"data has unknown field.*txt_field", data={"source": "default", "txt_field": "body"})
+    fails(r"stage2\.lr_mixer must be > 0", stage2={"lr_mixer": -1})
     fails(r"unknown top-level field.*stage_2", stage_2={})
     fails(r"student\.linear", student={"linear": "mamba"})
     fails(r"final\.extra_sets\.p: .*out of range for a 4-layer", final={"extra_sets": {"p": [1, 4]}})
-    fails(r"final\.extra_sets\.p: expected distinct", final={"extra_sets": {"p": [1, 1]}})
-    fails(r"final\.extra_sets must map", final={"extra_sets": [[0, 1]]})
-    fails(r"eval\.suite: unknown suite part.*speed", eval={"suite": ["recall", "speed"]})
-    fails(r"eval\.tasks: unknown task.*nosuch", eval={"tasks": ["niah_single_1", "nosuch"]})
-    fails(r"eval\.lengths must be a non-empty list of positive integers", eval={"lengths": [-5]})
+    fails(r"final\.extra_sets must map a label to distinct 0-based layer indices; p: \[1, 1\]", final={"extra_sets": {"p": [1, 1]}})
+    fails(r"final\.extra_sets must be a mapping", final={"extra_sets": [[0, 1]]})
+    fails(r"eval\.suite must name parts among .*unknown: \['speed'\]", eval={"suite": ["recall", "speed"]})
+    fails(r"eval\.tasks has unknown task.*nosuch", eval={"tasks": ["niah_single_1", "nosuch"]})
+    fails(r"eval\.lengths must be a list of positive integers.*-5 must be >= 1", eval={"lengths": [-5]})
     fails(r"eval\.lengths must be", eval={"lengths": "128,256"})
-    fails(r"eval\.num_samples must be a positive integer", eval={"num_samples": 0})
+    fails(r"eval\.num_samples must be >= 1", eval={"num_samples": 0})
     fails(r"eval\.niah_depths", eval={"niah_depths": [50, 120]})
     fails(r"eval\.suite must be a name or a list", eval={"suite": 5})
     fails(r"eval\.seed must be an integer", eval={"seed": "x"})
     fails(r"eval\.compile_decode must be true or false", eval={"compile_decode": "no"})
-    fails(r"eval\.efficiency_dtype must be float32, bfloat16 or float16", eval={"efficiency_dtype": "float8"})
+    fails(r"eval\.efficiency_dtype must be one of \['float32', 'bfloat16', 'float16'\]", eval={"efficiency_dtype": "float8"})
     fails(r"student must be a mapping", student="gdn")
     fails(r"student\.mixer_options must be a mapping", student={"linear": "gdn", "mixer_options": "x"})
-    fails(r"student\.mixer_options: mixer option gdn_use_short_conv must be true or false",
+    fails(r"student\.mixer_options has a bad value: mixer option gdn_use_short_conv must be true or false",
           student={"mixer_options": {"gdn_use_short_conv": "yes"}})
-    fails(r"run_dir must be a folder path", run_dir=5)
+    fails(r"run_dir must be a non-empty string", run_dir=5)
     fails(r"report must be a mapping", report="x")
-    fails(r"report must be a mapping", report={"titel": "x"})
+    fails(r"report has unknown field.*titel", report={"titel": "x"})
     assert not (tmp_path / "run").exists()
     path = _write(tmp_path, _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [0.99]}))
     assert main(["run", str(path)]) == 2 and not (tmp_path / "run").exists()
@@ -176,7 +177,7 @@ def test_bad_text_field_is_named_before_training(tmp_path):
     cfg = RunConfig.from_dict(_config(tmp_path, data={"source": str(corpus), "text_field": "text"}))
     with pytest.raises(Exception, match="text"):
         Pipeline(cfg, progress=False).run(("stage1",))
-    assert not (Path(cfg.run_dir) / "stage1" / "DONE").exists()
+    assert not (Path(cfg.run_dir) / "stage1" / "step.json").exists()  # no run recorded, let alone finished
 
 
 def test_sequences_too_short_for_the_recall_mix_are_refused_before_any_stage_runs(tmp_path):
@@ -217,7 +218,7 @@ def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
     """The quality suite reads the run's own data (its text field, held-out share, cache), not the bare source."""
     import random
 
-    from hybrid_distill.data import DataSpec
+    from hybrid_distill.data import DataConfig
 
     rng = random.Random(0)
     words = "alpha beta gamma delta river stone cloud paper engine garden yellow seven".split()
@@ -228,7 +229,7 @@ def test_quality_eval_scores_the_text_the_runs_data_held_out(tmp_path):
                                                                   "quality_sequences": 4}))
     pipe = Pipeline(cfg, progress=False)
     res = json.loads((pipe.evaluate("teacher") / "results.json").read_text())
-    assert res["config"]["data"] == DataSpec.from_dict(data).to_dict()
+    assert res["config"]["data"] == DataConfig.from_value(data).to_dict()
     assert res["quality"]["sequences"] == 4 and res["quality"]["heldout_fraction"] == 0.2
     assert pipe.eval_settings()["data"]["text_field"] == "body"
 
@@ -242,19 +243,19 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     base = _config(tmp_path, selection=uniform, eval={"suite": ["quality"], "quality_seq_len": SEQ, "quality_sequences": 4})
     run = Path(base["run_dir"])
     run_pipeline(RunConfig.from_dict(base), progress=False)
-    first = {p: weights_fingerprint(run / p) for p in ("stage1/final", "stage2/final", "models/hybrid-gdn-k1-L2")}
+    first = {p: weights_fingerprint(run / p) for p in ("stage1/final", "stage2/final", "models/hybrid-gdn-k1-L3")}
     teacher_eval = (run / "eval/teacher/results.json").stat().st_mtime_ns
 
     # Final settings changed: the hybrid is trained again (from scratch: no reuse of Stage-1 mixers) and re-evaluated.
     no_reuse = {**base, "final": {**base["final"], "reuse_stage1_mixers": False}}
     run_pipeline(RunConfig.from_dict(no_reuse), progress=False)
-    assert weights_fingerprint(run / "models/hybrid-gdn-k1-L2") != first["models/hybrid-gdn-k1-L2"]
+    assert weights_fingerprint(run / "models/hybrid-gdn-k1-L3") != first["models/hybrid-gdn-k1-L3"]
     assert weights_fingerprint(run / "stage2/final") == first["stage2/final"]  # upstream untouched
-    res = json.loads((run / "eval/hybrid-gdn-k1-L2/settings.json").read_text())
-    assert res["model"]["weights"] == weights_fingerprint(run / "models/hybrid-gdn-k1-L2")
+    res = json.loads((run / "eval/hybrid-gdn-k1-L3/step.json").read_text())["settings"]
+    assert res["model"]["weights"] == weights_fingerprint(run / "models/hybrid-gdn-k1-L3")
     assert (run / "eval/teacher/results.json").stat().st_mtime_ns == teacher_eval  # same teacher, same results
     superseded = sorted(p.name for p in (run / "superseded").iterdir())
-    assert [n.rsplit("-", 1)[0] for n in superseded] == ["final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2"]
+    assert [n.rsplit("-", 1)[0] for n in superseded] == ["final--hybrid-gdn-k1-L3", "models--hybrid-gdn-k1-L3"]
 
     # Data changed: a partial run on the stale Stage 1 is refused; the full run redoes everything from Stage 1.
     other_data = {**no_reuse, "data": {**base["data"], "max_tokens": 30_000}}
@@ -272,9 +273,9 @@ def test_changed_settings_never_reuse_stale_models_or_results(tmp_path):
     run_pipeline(RunConfig.from_dict(other_budget), progress=False)
     for folder in ("final", "models", "eval"):
         names = sorted(p.name for p in (run / folder).iterdir() if p.is_dir())
-        assert "hybrid-gdn-k1-L2" not in names and any(n.startswith("hybrid-gdn-k2") for n in names), (folder, names)
+        assert "hybrid-gdn-k1-L3" not in names and any(n.startswith("hybrid-gdn-k2") for n in names), (folder, names)
     moved = [p.name.rsplit("-", 1)[0] for p in (run / "superseded").iterdir()]
-    assert {"final--hybrid-gdn-k1-L2", "models--hybrid-gdn-k1-L2", "eval--hybrid-gdn-k1-L2"} <= set(moved)
+    assert {"final--hybrid-gdn-k1-L3", "models--hybrid-gdn-k1-L3", "eval--hybrid-gdn-k1-L3"} <= set(moved)
 
 
 def test_changed_candidate_settings_retrain_the_candidates_and_new_budgets_reuse_them(tmp_path):
@@ -390,7 +391,7 @@ def test_kill_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")), ids=lambda p: p.stem)
 def test_example_configs_validate(path):
     cfg = RunConfig.from_file(path, check_paths=False)  # real teachers need the hub; fields are checked offline
-    assert cfg.selectors and cfg.distill_config("stage2", 2).seq_len == 4096
+    assert cfg.selectors and cfg.stage2.data_seq_len == 4096
     assert cfg.selection_config("ga-s2").early_stop
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,71 @@ def test_loguniform_recall_document_lengths():
     assert mean_tokens["loguniform"] < 0.8 * mean_tokens["uniform"]
     with pytest.raises(SystemExit, match="prompt_length_dist"):
         load_config(None, ["data.prompt_length_dist=normal"])
+
+
+def _script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import pretrain_teacher
+    finally:
+        sys.path.pop(0)
+    return pretrain_teacher
+
+
+def test_fixed_teacher_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid_distill.tasks import TASKS
+
+    pt = _script()
+    cfg = pt.load_config(str(ROOT / "scripts" / "pretrain_teacher_fixed.yaml"), [])
+    m = cfg["model"]
+    config = LlamaConfig(vocab_size=cfg["tokenizer"]["vocab_size"], hidden_size=m["hidden_size"],
+                         intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_hidden_layers"],
+                         num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_key_value_heads"],
+                         tie_word_embeddings=m["tie_word_embeddings"])
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert 10.0e6 < params < 11.0e6 and m["hidden_size"] // m["num_attention_heads"] == 64
+    assert cfg["train"]["target_tokens"] >= 30 * params and cfg["pack"] is True
+    d = cfg["data"]
+    assert {"ar", "ar_multihop", "kv_retrieval", "vt", "cwe"} <= set(d["tasks"])  # every bypass baseline's task
+    assert set(d["templates"]) == {"eval", "train"} and d["exact_length"] is False
+    longest_answer = 45  # cwe (10 words) takes up to about 40 tokens of a 4096-token BPE; the worker drops longer documents
+    assert d["prompt_tokens"][1] + longest_answer + 2 <= d["seq_len"] + 1
+    e = cfg["eval"]
+    assert set(e["required"]) <= set(e["tasks"]) <= set(TASKS) and e["lengths"] == [1024, 2048]
+    assert e["num_samples"] == 64 and e["seed"] < d["synthetic_seed"]
+
+
+def test_config_errors_name_the_field():
+    pt = _script()
+    fixed = str(ROOT / "scripts" / "pretrain_teacher_fixed.yaml")
+    for sets, field in ((["data.tasks={nope: 1}"], "data.tasks"), (["eval.required=[cwe_x]"], "eval.required"),
+                        (["data.templates={eval: 1, exam: 1}"], "data.templates"),
+                        (["train.target_tokens=-5"], "train.target_tokens"),
+                        (["data.synthetic_tokens=1.5"], "data.synthetic_tokens")):
+        with pytest.raises(SystemExit, match=field.replace(".", r"\.")):
+            pt.load_config(fixed, sets)
+
+
+def test_training_budget_stops_at_the_target_and_cuts_a_target_the_cap_cannot_fit():
+    pt = _script()
+    b = pt.TrainingBudget(target_tokens=1000, cap_s=100, step_tokens=10)
+    assert b.fraction(0, 0.0) == 0.0 and b.fraction(500, 1.0) == 0.5
+    assert b.fraction(1000, 2.0) is None and b.stopped_by == "target_tokens" and not b.summary()["cut_by_max_minutes"]
+
+    b = pt.TrainingBudget(target_tokens=100_000, cap_s=100, step_tokens=10)  # 10 tokens/s: 10k s needed
+    assert not b.needs_timing(9) and b.needs_timing(10) and b.needs_timing(40)
+    assert b.observe(10, 100, 10.0) == []
+    msgs = b.observe(40, 400, 40.0)
+    assert msgs[-1].startswith("WARNING: max_minutes") and b.target == 980  # 400 + 10 * (98 - 40)
+    assert b.fraction(400, 40.0) == pytest.approx(400 / 980)
+    assert b.fraction(980, 98.0) is None and b.stopped_by == "target_tokens" and b.summary()["cut_by_max_minutes"]
+
+    b = pt.TrainingBudget(target_tokens=100_000, cap_s=100, step_tokens=10)
+    assert b.fraction(50, 100.0) is None and b.stopped_by == "max_minutes" and b.summary()["cut_by_max_minutes"]
+
+    b = pt.TrainingBudget(target_tokens=None, cap_s=100, step_tokens=10)  # the wall-clock schedule of older configs
+    assert b.fraction(10**9, 50.0) == 0.5 and not b.needs_timing(10)
+    assert b.fraction(0, 100.0) is None and b.stopped_by == "max_minutes"

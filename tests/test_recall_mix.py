@@ -4,12 +4,12 @@ import itertools
 
 import pytest
 
-from hybrid_distill.data import DataSourceError, DataSpec, build_token_dataset
+from hybrid_distill.data import DataConfig, build_token_dataset
 from hybrid_distill.data.recall_mix import DEFAULT_RECALL_MIX, RecallMix
-from hybrid_distill.evaluation import TASKS, generate_samples
 from hybrid_distill.evaluation.scoring import score_sample
 from hybrid_distill.pipeline.config import ConfigError, RunConfig
 from hybrid_distill.surgery import load_tokenizer
+from hybrid_distill.tasks import TASKS, generate_samples
 from hybrid_distill.pipeline.config import SHIPPED_TEACHER
 
 
@@ -44,8 +44,8 @@ def test_interleave_hits_the_fraction_and_keeps_every_text(tok):
 
 
 def test_dataset_with_recall_mix_has_its_own_cache_and_meta(tmp_path, tok):
-    plain = DataSpec(source="default", max_tokens=40_000, cache_dir=str(tmp_path)).load(tok, 128)
-    mixed = DataSpec(source="default", max_tokens=40_000, cache_dir=str(tmp_path), recall_fraction=0.3).load(tok, 128)
+    plain = DataConfig(source="default", max_tokens=40_000, cache_dir=str(tmp_path)).load(tok, 128)
+    mixed = DataConfig(source="default", max_tokens=40_000, cache_dir=str(tmp_path), recall_fraction=0.3).load(tok, 128)
     assert plain.path != mixed.path
     assert plain.meta["recall_mix"] is None and mixed.meta["recall_mix"]["fraction"] == 0.3
     text = tok.decode(mixed.get_batch(mixed.indices("all")).flatten().tolist())
@@ -65,13 +65,13 @@ def test_dataset_with_recall_mix_has_its_own_cache_and_meta(tmp_path, tok):
     ],
 )
 def test_bad_recall_fields_fail_clearly(fields, match):
-    with pytest.raises(DataSourceError, match=match):
-        DataSpec(source="default", **fields)
+    with pytest.raises(ConfigError, match=rf"data\.{match}"):
+        DataConfig(source="default", **fields)
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_dict({"teacher": "tiny:llama-gqa", "data": {"source": "default", **fields}}).validate()
 
 
 def test_task_list_and_mapping_forms():
-    assert DataSpec(recall_fraction=0.2, recall_tasks=["mqar", "vt"]).recall_mix().tasks == {"mqar": 1.0, "vt": 1.0}
-    assert DataSpec(recall_fraction=0.2, recall_tasks={"mqar": 3}).recall_mix().tasks == {"mqar": 3.0}
-    assert DataSpec().recall_mix() is None
+    assert DataConfig(recall_fraction=0.2, recall_tasks=["mqar", "vt"]).recall_mix().tasks == {"mqar": 1.0, "vt": 1.0}
+    assert DataConfig(recall_fraction=0.2, recall_tasks={"mqar": 3}).recall_mix().tasks == {"mqar": 3.0}
+    assert DataConfig().recall_mix() is None

@@ -1,5 +1,6 @@
 """Recall task generators: exact lengths, answer placement, determinism, haystacks."""
 
+import hashlib
 import json
 import random
 import re
@@ -7,9 +8,10 @@ from collections import Counter
 
 import pytest
 
-from hybrid_distill.evaluation import (
+from hybrid_distill.data import read_haystack
+from hybrid_distill.evaluation import METRICS
+from hybrid_distill.tasks import (
     DEFAULT_RECALL_TASKS,
-    METRICS,
     RULER_OFFLINE_TASKS,
     TASKS,
     LengthError,
@@ -19,8 +21,9 @@ from hybrid_distill.evaluation import (
     resolve_haystack,
     sample_seed,
 )
-from hybrid_distill.evaluation.haystack import NOISE_SENTENCES, ProseHaystack, TextHaystack
-from hybrid_distill.evaluation.recall_tasks import fwe_counts
+from hybrid_distill.tasks import base
+from hybrid_distill.tasks.aggregation import fwe_counts
+from hybrid_distill.tasks.haystack import NOISE_SENTENCES, ProseHaystack, TextHaystack
 from hybrid_distill.tokenization import tiny_tokenizer, train_tokenizer
 
 LENGTHS = (512, 777, 1024, 2048)
@@ -70,20 +73,22 @@ def check_answers(s: RecallSample) -> None:
         if s.task in ("niah_multikey_2", "niah_multikey_3"):
             lines = s.prompt.split("\n")[1:-2]  # the last context line may be trimmed
             assert len(lines) >= 1 and all(line.startswith("One of the special magic") for line in lines)
-    elif s.task == "vt":
-        chain = s.answers
-        assert len(chain) == 5 and len(set(chain)) == 5
-        value = s.metadata["values"][0]
-        assert text.count(f"VAR {chain[0]} = {value}.") == 1
-        positions = [text.index(f"VAR {chain[0]} = {value}.")]
-        for prev, cur in zip(chain, chain[1:]):
-            stmt = f"VAR {cur} = VAR {prev}."
-            assert text.count(stmt) == 1
-            positions.append(text.index(stmt))
-        assert positions == sorted(positions)  # the chain reads in order
-        for name in chain:
-            assert text.count(f"VAR {name} =") == 1
-        assert str(value) in s.answer_prefix
+    elif s.task in ("vt", "vt_2chains", "vt_3chains"):
+        assert len(s.metadata["chains"]) == {"vt": 1, "vt_2chains": 2, "vt_3chains": 3}[s.task]
+        assert s.metadata["chains"][0] == s.answers
+        for chain, value in zip(s.metadata["chains"], s.metadata["values"]):
+            assert len(chain) == 5 and len(set(chain)) == 5
+            assert text.count(f"VAR {chain[0]} = {value}.") == 1
+            positions = [text.index(f"VAR {chain[0]} = {value}.")]
+            for prev, cur in zip(chain, chain[1:]):
+                stmt = f"VAR {cur} = VAR {prev}."
+                assert text.count(stmt) == 1
+                positions.append(text.index(stmt))
+            assert positions == sorted(positions)  # the chain reads in order
+            for name in chain:
+                assert text.count(f"VAR {name} =") == 1
+        assert str(s.metadata["values"][0]) in s.answer_prefix
+        assert all(str(v) not in s.answer_prefix for v in s.metadata["values"][1:])
     elif s.task == "cwe":
         body = s.prompt.split("\n")[1]
         counts = Counter(re.findall(r"\d+\. ([a-z]+)", body))
@@ -282,16 +287,16 @@ def test_text_haystack_from_strings_and_file(tok, tmp_path):
     check_answers(s)
     f = tmp_path / "corpus.txt"
     f.write_text("\n\n".join(texts * 3))
-    s2 = generate_samples("niah_single_3", tok, 900, 1, haystack=str(f))[0]
+    s2 = generate_samples("niah_single_3", tok, 900, 1, haystack=read_haystack(str(f)))[0]
     assert s2.metadata["haystack"].startswith("corpus:") and "Owls lived in its roof." in s2.prompt
     check_answers(s2)
     with pytest.raises(FileNotFoundError):
-        generate_samples("niah_single_2", tok, 900, 1, haystack=str(tmp_path / "missing.txt"))
+        generate_samples("niah_single_2", tok, 900, 1, haystack=read_haystack(str(tmp_path / "missing.txt")))
     assert isinstance(resolve_haystack(texts), TextHaystack)
 
 
 def test_default_corpus_haystack(tok):
-    s = generate_samples("niah_multikey_1", tok, 1500, 1, haystack="default:prose")[0]
+    s = generate_samples("niah_multikey_1", tok, 1500, 1, haystack=read_haystack("default:prose"))[0]
     assert s.metadata["haystack"] == "corpus:default:prose"
     assert count_tokens(tok, s.input_text) + s.max_new_tokens == 1500
     check_answers(s)
@@ -312,10 +317,8 @@ def test_inexact_fallback_warns():
 
 
 def test_values_never_collide_with_haystack(tok, monkeypatch):
-    from hybrid_distill.evaluation import recall_tasks
-
     # only three possible values, two of which occur in the haystack text
-    monkeypatch.setitem(recall_tasks._RANDOM, "numbers", lambda rng: rng.choice(["1111111", "2222222", "3333333"]))
+    monkeypatch.setitem(base.RANDOM_VALUES, "numbers", lambda rng: rng.choice(["1111111", "2222222", "3333333"]))
     texts = ["The code 1111111 opened the door.", "Later 2222222 was printed on the sign.", "Nothing else happened."]
     for s in generate_samples("niah_single_2", tok, 700, 4, haystack=texts):
         assert s.answers == ["3333333"] and s.input_text.count("3333333") == 1
@@ -323,10 +326,8 @@ def test_values_never_collide_with_haystack(tok, monkeypatch):
 
 
 def test_keys_are_not_substrings_of_each_other(tok, monkeypatch):
-    from hybrid_distill.evaluation import recall_tasks
-
     pool = ["red-cat", "bored-cat", "big-dog", "small-fox", "tall-owl", "hired-cat"]
-    monkeypatch.setitem(recall_tasks._RANDOM, "words", lambda rng: rng.choice(pool))
+    monkeypatch.setitem(base.RANDOM_VALUES, "words", lambda rng: rng.choice(pool))
     for s in generate_samples("niah_multikey_1", tok, 900, 4):
         keys = s.metadata["keys"]
         assert len(keys) == 4
@@ -353,3 +354,38 @@ def test_recall_batches_do_not_depend_on_the_other_tasks(tok):
     assert vt_batches == as_keys(alone, recall_batches(alone, batch_size=2))
     with pytest.raises(ValueError, match="batch_size"):
         recall_batches(both, 0)
+
+
+# SHA-256 (first 16 hex digits) of (task, length, prompt, answer prefix, answers, max_new_tokens, metric) of samples
+# 0-1 at 700 tokens and sample 0 at 1500 tokens (seed 5, the tiny tokenizer), as the generators made them before
+# the tasks moved to hybrid_distill.tasks: the eval templates must keep making these exact samples.
+PINNED_SAMPLES = {
+    "ar": "7e6015141a59c966", "ar_multihop": "e758288a73d69aa7", "cwe": "cdd9e6fc6e691249",
+    "fwe": "c138c2cf43ac8b54", "kv_retrieval": "c89bdbe534ede83f", "mqar": "4fa9ab7575281573",
+    "niah_multikey_1": "a80a2eb86cb4149a", "niah_multikey_2": "5b472949928fd52c",
+    "niah_multikey_3": "1d5e01d3a155fd3c", "niah_multiquery": "612833bc186eaaa1",
+    "niah_multivalue": "2070ffd16b83d4e0", "niah_single_1": "4fac685dea25e330",
+    "niah_single_2": "ebaec4b5a053451a", "niah_single_3": "0e624e7469077603", "vt": "3ebf64e502f1dbd1",
+}
+
+
+def _digest(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        fields = [s.task, s.length, s.prompt, s.answer_prefix, s.answers, s.max_new_tokens, s.metric]
+        h.update(json.dumps(fields, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("task", sorted(PINNED_SAMPLES))
+def test_eval_template_samples_are_pinned(task, tok):
+    samples = generate_samples(task, tok, 700, 2, seed=5) + generate_samples(task, tok, 1500, 1, seed=5)
+    assert _digest(samples) == PINNED_SAMPLES[task]
+
+
+def test_niah_grid_and_corpus_haystack_samples_are_pinned(tok):
+    from hybrid_distill.evaluation import niah_grid_samples
+
+    assert _digest(niah_grid_samples(tok, [600, 1100], [0, 40, 100], 1, seed=3)) == "3e05cfa8ef3badbf"
+    corpus = read_haystack("default:prose")
+    assert _digest(generate_samples("niah_multikey_1", tok, 900, 2, seed=5, haystack=corpus)) == "12c1326d507f13b0"

@@ -5,7 +5,6 @@ import math
 import pytest
 
 from hybrid_distill.evaluation import (
-    RecallSample,
     aggregate,
     first_int_exact,
     mqar_accuracy,
@@ -14,6 +13,7 @@ from hybrid_distill.evaluation import (
     string_match_part,
 )
 from hybrid_distill.evaluation.scoring import postprocess_prediction
+from hybrid_distill.tasks import RecallSample
 
 
 def test_string_match_all():

@@ -1,6 +1,6 @@
-"""Layer selection end to end on a tiny teacher: GA-S2 / GR / AVG / SMART / distance / bypass / rule
-selectors through `run_selection` and the CLI, candidate construction, restart without recomputation,
-retries and failure reports, early stopping and racing, executors."""
+"""Layer selection end to end on a tiny teacher: GA-S2 / GR / AVG / SMART / distance / bypass / rule / random
+selectors through `run_selection` and the CLI, candidate start points, null candidates and seeds, restart without
+recomputation, failures, early stopping and racing, executors."""
 
 from __future__ import annotations
 
@@ -8,16 +8,21 @@ import json
 import math
 import operator
 import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from hybrid_distill.distill import read_metrics
-from hybrid_distill.distill.config import ConfigError
-from hybrid_distill.selection import SelectionConfig, run_selection, selected_layers, train_base_student
+from hybrid_distill.artifacts import StaleStepError
+from hybrid_distill.config import ConfigError
+from hybrid_distill.data import DataConfig
+from hybrid_distill.distill import read_metrics, read_progress
+from hybrid_distill.layout import SelectionLayout
+from hybrid_distill.selection import SelectionConfig, SelectionResult, run_selection, rules, train_base_student
 from hybrid_distill.selection import candidates as cand_mod
-from hybrid_distill.selection import runner as runner_mod
+from hybrid_distill.selection import recipe as recipe_mod
 from hybrid_distill.selection.executors import InlineExecutor, LocalExecutor, make_executor
 
 TEACHER = "tiny:llama-gqa"
@@ -32,13 +37,14 @@ def _stage(steps, **kw):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
-    data = {"source": "default", "max_tokens": 40_000, "cache_dir": str(root / "tokens")}
+    data = DataConfig(source="default", max_tokens=40_000, cache_dir=str(root / "tokens"))
     stage1, base = train_base_student(TEACHER, root / "base", data, "gdn", _stage(3), _stage(2))
     return {"root": root, "data": data, "stage1": stage1, "base": base}
 
 
 def _config(**kw):
-    fields = dict(selector="ga-s2", budgets=[0.25, 0.5], stage2=_stage(4), snapshot_every_tokens=STEP_TOKENS)
+    fields = dict(selector="ga-s2", budgets=[0.25, 0.5], stage2=_stage(4), snapshot_every_tokens=STEP_TOKENS,
+                  snapshot_batches=2, null_candidates=0)
     fields.update(kw)
     return SelectionConfig(**fields)
 
@@ -49,80 +55,163 @@ def _run(env, run_dir, **kw):
                          stage1_student=env["stage1"], progress=False)
 
 
+def _candidate(root, kind, layer, seed=0, start="stage1"):
+    return cand_mod.candidate_folder(root, kind, start, cand_mod.candidate_name(kind, layer, 0, seed))
+
+
 def test_ga_s2_scores_are_held_out_kl_of_one_swap_candidates(env, tmp_path):
     sel = _run(env, tmp_path)
-    assert sorted(sel["ranking"]) == [0, 1, 2, 3]
+    assert sorted(sel.ranking) == [0, 1, 2, 3] and sel.candidate_start == "stage1" and sel.source == "s2"
     for layer in range(4):
-        metrics = read_metrics(tmp_path / "candidates" / "ga" / f"layer_{layer:02d}" / "stage2", "eval")
+        metrics = read_metrics(_candidate(tmp_path, "ga", layer) / "stage2", "eval")
         assert [r["tokens"] for r in metrics] == [STEP_TOKENS * i for i in (1, 2, 3, 4)]
-        assert sel["scores"][str(layer)] == pytest.approx(-metrics[-1]["eval_kl"])  # I(l) = -held-out KL
-        assert sel["snapshots"]["ga"]["kl"][str(layer)] == [r["eval_kl"] for r in metrics]
-    best = max(range(4), key=lambda i: sel["scores"][str(i)])
-    assert sel["budgets"]["25%"] == {"k": 1, "layers": [best], "adjacency": 0, "expected_adjacency": 0.0}
-    assert sel["budgets"]["50%"]["layers"] == sorted(sel["ranking"][:2])
-    assert selected_layers(sel, 0.5) == sel["budgets"]["50%"]["layers"]
-    assert sel["tokens"]["spent"] == sel["tokens"]["full_budget"] == 4 * 4 * STEP_TOKENS
-    saved = json.loads((tmp_path / "ga-s2" / "selection.json").read_text())
-    assert saved["ranking"] == sel["ranking"] and saved["probe"] == "gdn"
+        assert sel.scores[layer] == pytest.approx(-metrics[-1]["eval_kl"])  # I(l) = -held-out KL
+        assert sel.candidates["ga"].kl[layer] == [r["eval_kl"] for r in metrics]
+    best = max(range(4), key=lambda i: sel.scores[i])
+    assert (sel.budgets["25%"].k, sel.budgets["25%"].layers, sel.budgets["25%"].adjacency) == (1, [best], 0)
+    assert sel.budgets["50%"].layers == sorted(sel.ranking[:2]) == sel.set_for(0.5)
+    assert sel.tokens["spent"] == sel.tokens["full_budget"] == 4 * 4 * STEP_TOKENS
+    saved = SelectionResult.load(tmp_path / "ga-s2")
+    assert saved.to_dict() == sel.to_dict() and saved.probe == "gdn"
     for png in ("importance.png", "selected_layers.png", "kl_ga.png", "stability_ga_k1.png"):
         assert (tmp_path / "ga-s2" / png).stat().st_size > 1000
     # GA-S1 reuses the same candidates (their Stage-1 loss); nothing is trained again.
     s1 = _run(env, tmp_path, selector="ga-s1")
-    assert s1["candidates"]["reused"] == 4 and s1["tokens"]["spent"] == sel["tokens"]["spent"]
-    losses = {i: json.loads((tmp_path / "candidates/ga" / f"layer_{i:02d}" / "stage1_eval.json").read_text())["s1_loss"] for i in range(4)}
-    assert s1["ranking"] == sorted(range(4), key=lambda i: (losses[i], i))  # lower remaining MSE = more important
+    assert s1.candidates["ga"].reused == 4 and s1.tokens["spent"] == sel.tokens["spent"]
+    losses = {i: json.loads((_candidate(tmp_path, "ga", i) / "stage1_eval.json").read_text())["s1_loss"] for i in range(4)}
+    assert s1.ranking == sorted(range(4), key=lambda i: (losses[i], i))  # lower remaining MSE = more important
 
 
-def test_candidate_students_are_one_swaps(env, tmp_path):
+class _Recording:
+    """Stands in for the trainer inside candidates: records the student it is handed, then trains it."""
+
+    def __init__(self, real, seen):
+        self.real, self.seen = real, seen
+
+    def __call__(self, student, teacher, data, config, run_dir, **kw):
+        self.seen.append((Path(run_dir), {k: v.detach().clone() for k, v in student.state_dict().items()}, config.seed))
+        return self.real(student, teacher, data, config, run_dir, **kw)
+
+
+def test_candidates_start_where_asked(env, tmp_path, monkeypatch):
     from hybrid_distill.checkpoint import load_student
-    from hybrid_distill.surgery import derive_student, load_teacher
+    from hybrid_distill.surgery import load_teacher
 
-    teacher, base, stage1 = load_teacher(TEACHER), load_student(env["base"]), load_student(env["stage1"])
-    ga = derive_student(teacher, base, ["gdn", "softmax", "gdn", "gdn"])
-    gr = derive_student(teacher, stage1, ["softmax", "softmax", "gdn", "softmax"])
-    t, b, s1 = teacher.state_dict(), base.state_dict(), stage1.state_dict()
-    for key, value in ga.state_dict().items():
-        ref = t[key] if key.startswith("model.layers.1.self_attn.") else b[key]
-        assert torch.equal(value, ref), key  # layer 1 restored to the teacher's attention, the rest from base
-    for key, value in gr.state_dict().items():
-        ref = s1[key] if key.startswith("model.layers.2.self_attn.") else t[key]
-        assert torch.equal(value, ref), key  # greedy removal starts from the teacher, layer 2 Stage-1 mixer
-    assert gr.config.mixers == ["softmax", "softmax", "gdn", "softmax"]
+    seen = []
+    monkeypatch.setattr(cand_mod, "Trainer", _Recording(cand_mod.Trainer, seen))
+    teacher, stage1, stage2 = (load_teacher(TEACHER).state_dict(), load_student(env["stage1"]).state_dict(),
+                               load_student(env["base"]).state_dict())
+    for start, base in (("stage1", stage1), ("stage2", stage2)):
+        seen.clear()
+        sel = _run(env, tmp_path / start, budgets=[1], stage2=_stage(1), candidate_start=start)
+        assert sel.candidate_start == start and SelectionResult.load(tmp_path / start / "ga-s2").candidate_start == start
+        for layer in range(4):
+            [(_, weights, _)] = [s for s in seen if s[0] == _candidate(tmp_path / start, "ga", layer, start=start) / "stage2"]
+            for key, value in weights.items():  # before training: the base, with layer l the teacher's attention
+                ref = teacher[key] if key.startswith(f"model.layers.{layer}.self_attn.") else base[key]
+                assert torch.equal(value, ref.to(value.dtype)), (start, layer, key)
+    # The paper's Algorithm 1 as written: the Stage-2 student with layer l restored, Stage 1 again, then Stage 2.
+    seen.clear()
+    with pytest.raises(ConfigError, match="stage1 must give the candidates' Stage 1"):
+        _config(candidate_start="stage2-s1")
+    sel = _run(env, tmp_path / "s2s1", budgets=[1], stage2=_stage(1), stage1=_stage(1), candidate_start="stage2-s1")
+    folder = _candidate(tmp_path / "s2s1", "ga", 2, start="stage2-s1")
+    assert [s[0] for s in seen if s[0].parent == folder] == [folder / "stage1", folder / "stage2"]
+    first = next(s[1] for s in seen if s[0] == folder / "stage1")
+    assert all(torch.equal(v, (teacher[k] if k.startswith("model.layers.2.self_attn.") else stage2[k]).to(v.dtype))
+               for k, v in first.items())
+    assert read_progress(folder / "stage1").done and sel.tokens["per_candidate_stage1"] == STEP_TOKENS
+
+
+def test_null_candidates_measure_the_noise_floor(env, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cand_mod, "Trainer", _Recording(cand_mod.Trainer, seen))
+    sel = _run(env, tmp_path, budgets=[1, 2], null_candidates=3)
+    null = sel.candidates["null"]
+    assert sorted(null.kl) == [0, 1, 2] and all(len(v) == 4 for v in null.kl.values())
+    starts = [s for s in seen if "null" in s[0].parent.name]
+    assert [s[2] for s in starts] == [1, 2, 3]  # the null candidates differ in their data-order seed ...
+    assert all(torch.equal(starts[0][1][k], s[1][k]) for s in starts[1:] for k in starts[0][1])  # ... not their weights
+    assert len({v for v in null.kl_initial.values()}) == 1  # the same student before training
+    assert len({tuple(v) for v in null.kl.values()}) == 3  # trained on other batches: other curves
+    floor = sel.noise_floor[-1]
+    kls = [v[-1] for v in null.kl.values()]
+    assert floor["null_mean"] == pytest.approx(sum(kls) / 3) and floor["null_std"] > 0
+    for layer, delta in floor["delta"].items():
+        assert delta == pytest.approx(sel.candidates["ga"].kl[int(layer)][-1] - floor["null_mean"])
+    assert floor["snr"] == pytest.approx(floor["spread"] / floor["null_std"])
+    ordered = sorted(v[-1] for v in sel.candidates["ga"].kl.values())
+    assert sel.budgets["K=1"].resolved == (ordered[1] - ordered[0] > 2 * floor["null_std"])
+    assert sel.tokens["candidates"] == 4 + 3 and (tmp_path / "ga-s2" / "kl_ga.png").is_file()
+
+
+def test_candidate_seeds_average_the_scores(env, tmp_path):
+    sel = _run(env, tmp_path, budgets=[1], stage2=_stage(2), candidate_seeds=[5], candidate_seed_layers=[0, 2])
+    ga = sel.candidates["ga"]
+    assert sorted(ga.seed_kl) == [0, 2] and all(sorted(v) == [0, 5] for v in ga.seed_kl.values())
+    for layer in (0, 2):
+        assert ga.kl[layer][-1] == pytest.approx(sum(ga.seed_kl[layer].values()) / 2)
+    assert _candidate(tmp_path, "ga", 2, seed=5).is_dir() and not _candidate(tmp_path, "ga", 1, seed=5).exists()
+    assert sel.tokens["candidates"] == 6
 
 
 def test_gr_avg_smart_and_distance_selectors(env, tmp_path):
     gr = _run(env, tmp_path, selector="gr-s2")
-    assert all(m.count("gdn") == 1 for m in (json.loads(p.read_text())["mixers"]
-                                             for p in (tmp_path / "candidates" / "gr").glob("*/candidate.json")))
-    kl = {int(k): v[-1] for k, v in gr["snapshots"]["gr"]["kl"].items()}
-    assert gr["ranking"] == sorted(range(4), key=lambda i: (-kl[i], i))  # removal that hurts most = most important
+    folders = sorted((tmp_path / "candidates" / "gr").iterdir())
+    assert len(folders) == 4 and all(json.loads((f / "step.json").read_text())["settings"]["mixers"].count("gdn") == 1
+                                     for f in folders)
+    kl = {k: v[-1] for k, v in gr.candidates["gr"].kl.items()}
+    assert gr.ranking == sorted(range(4), key=lambda i: (-kl[i], i))  # removal that hurts most = most important
     ga = _run(env, tmp_path, selector="ga-s2")
     avg = _run(env, tmp_path, selector="avg-s2")
-    assert avg["candidates"]["reused"] == 8
-    pos = {i: ga["ranking"].index(i) + gr["ranking"].index(i) for i in range(4)}
-    assert avg["ranking"] == sorted(range(4), key=lambda i: (pos[i], ga["ranking"].index(i)))
+    assert avg.candidates["ga"].reused == 4 and avg.candidates["gr"].reused == 4
+    pos = {i: ga.ranking.index(i) + gr.ranking.index(i) for i in range(4)}
+    assert avg.ranking == sorted(range(4), key=lambda i: (pos[i], ga.ranking.index(i)))
     smart = _run(env, tmp_path, selector="smart")
-    assert smart["ranking"] is None and all(len(e["layers"]) == e["k"] for e in smart["budgets"].values())
+    assert smart.ranking is None and all(len(e.layers) == e.k for e in smart.budgets.values())
     dist = _run(env, tmp_path, config=_config(selector="ga-s2-dist", distance_lambda=0.0))
-    assert dist["budgets"] == ga["budgets"]  # lambda = 0 is plain GA-S2
+    assert {label: b.layers for label, b in dist.budgets.items()} == {label: b.layers for label, b in ga.budgets.items()}
     far = _run(env, tmp_path, config=_config(selector="ga-s2-dist", distance_lambda=1e3, distance_sigma=1.0, budgets=[2]))
-    first = ga["ranking"][0]
-    chosen = far["budgets"]["K=2"]["layers"]
+    first = ga.ranking[0]
+    chosen = far.budgets["K=2"].layers
     assert first in chosen and abs(chosen[0] - chosen[1]) == max(abs(first - j) for j in range(4))
 
 
-def test_bypass_and_rule_selectors(env, tmp_path):
+def test_bypass_rule_and_random_selectors(env, tmp_path):
     for selector in ("act-mse", "lm-ppl"):
         sel = _run(env, tmp_path, config=_config(selector=selector, task_length=SEQ, bypass_batches=2, batch_size=2))
-        assert sorted(sel["ranking"]) == [0, 1, 2, 3] and len(sel["scores"]) == 4
+        assert sorted(sel.ranking) == [0, 1, 2, 3] and len(sel.scores) == 4 and sel.degenerate is None
     uni = _run(env, tmp_path, config=_config(selector="uniform", budgets=[1, 2]))
-    assert uni["budgets"]["K=2"]["layers"] == [1, 3] and uni["scores"] is None
+    assert uni.budgets["K=2"].layers == [1, 3] and uni.scores is None
     given = _run(env, tmp_path, config=_config(selector="given", layers=[3, 0]))
-    assert list(given["budgets"].values())[0]["layers"] == [0, 3]
+    assert list(given.budgets.values())[0].layers == [0, 3]
+    rnd = _run(env, tmp_path, config=_config(selector="random", budgets=[2], random_sets=4, seed=7))
+    sets = rnd.budgets["K=2"].sets
+    assert len(sets) == 4 and all(len(s) == 2 == len(set(s)) for s in sets) and rnd.budgets["K=2"].layers == sets[0]
+    assert sets == rules.random_layer_sets(4, 2, 4, seed=7) == _run(env, tmp_path, config=_config(
+        selector="random", budgets=[2], random_sets=4, seed=7)).budgets["K=2"].sets  # seeded
     with pytest.raises(ValueError, match="K = 1..3 softmax layers"):
         _run(env, tmp_path, config=_config(selector="uniform", budgets=[4]))
     with pytest.raises(ConfigError, match="SelectionConfig.selector"):
         SelectionConfig(selector="best-guess")
+
+
+def test_a_task_the_teacher_cannot_do_gives_no_ranking(env, tmp_path):
+    sel = _run(env, tmp_path, config=_config(selector="kv", budgets=[1], task_length=160, task_samples=4, batch_size=4))
+    assert sel.bypass["baseline"]["accuracy"] == 0.0  # a random-weight teacher retrieves nothing
+    assert "tie-break noise" in sel.degenerate and sel.budgets == {} and sel.ranking is None
+    details = {"baseline": {"accuracy": 0.9}, "num_samples": 100, "task": "kv_retrieval", "length": 512,
+               "details": {0: {"accuracy_drop": 0.05}, 1: {"accuracy_drop": 0.02}}}
+    assert "by more than its noise" in recipe_mod.degenerate_task(details)  # 2 x sqrt(0.9 x 0.1 / 100) = 0.06 > 0.05
+    details["details"][1]["accuracy_drop"] = 0.5
+    assert recipe_mod.degenerate_task(details) is None
+
+
+def test_uniform_places_its_layers_at_block_ends_by_default():
+    assert SelectionConfig().uniform_anchor == "end"
+    assert rules.uniform_layers(16, 4, anchor="end") == [3, 7, 11, 15]
+    assert rules.uniform_layers(28, 7, anchor="end") == [3, 7, 11, 15, 19, 23, 27]
+    assert rules.uniform_layers(16, 4, anchor="center") == [2, 6, 10, 14]
 
 
 class _Killed(BaseException):
@@ -140,7 +229,7 @@ def test_restart_recomputes_nothing_finished(env, tmp_path, monkeypatch):
         trained.append(job["layer"])
         return out
 
-    monkeypatch.setattr(runner_mod, "run_candidate", dies_on_third)
+    monkeypatch.setattr(recipe_mod, "run_candidate", dies_on_third)
     with pytest.raises(_Killed):
         _run(env, tmp_path)
     assert trained == [0, 1]
@@ -151,134 +240,136 @@ def test_restart_recomputes_nothing_finished(env, tmp_path, monkeypatch):
         return out
 
     trained.clear()
-    monkeypatch.setattr(runner_mod, "run_candidate", counting)
+    monkeypatch.setattr(recipe_mod, "run_candidate", counting)
     sel = _run(env, tmp_path)
     assert trained == [(0, True), (1, True), (2, False), (3, False)]
-    assert sel["candidates"]["reused"] == 2
-    with pytest.raises(ValueError, match="other settings"):  # a changed budget must not silently reuse
+    assert sel.candidates["ga"].reused == 2
+    with pytest.raises(StaleStepError, match=r"other settings.*stage2\.target_tokens"):  # a changed budget: no reuse
         _run(env, tmp_path, stage2=_stage(5))
 
 
 def test_a_base_student_retrained_in_place_is_not_reused(env, tmp_path):
-    """Candidates record a fingerprint of the base's weights, not only its path: a base overwritten by
-    another run (same path, same shapes) must not silently score from the old candidates."""
+    """Candidates record a fingerprint of the base's weights, not only its path: a base overwritten by another run
+    (same path, same shapes) must not silently score from the old candidates."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from hybrid_distill.checkpoint import weights_fingerprint
 
-    base = tmp_path / "base"
-    shutil.copytree(env["base"], base)
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(env["stage1"], stage1)
     config = _config(budgets=[1], stage2=_stage(1))
-    run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
-                  stage1_student=env["stage1"], progress=False)
-    assert run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
-                         stage1_student=env["stage1"], progress=False)["candidates"]["reused"] == 4
+
+    def select(data=env["data"], student=stage1):
+        return run_selection(config, TEACHER, tmp_path / "sel", data=data, base_student=env["base"],
+                             stage1_student=str(student), progress=False)
+
+    select()
+    assert select().candidates["ga"].reused == 4
     # the same weights elsewhere (a moved run directory) and the token cache moved: candidates are kept
-    moved = tmp_path / "moved-base"
-    shutil.copytree(base, moved)
-    data = {**env["data"], "cache_dir": str(tmp_path / "tokens-moved")}
-    assert run_selection(config, TEACHER, tmp_path / "sel", data=data, base_student=str(moved),
-                         stage1_student=env["stage1"], progress=False)["candidates"]["reused"] == 4
-    before = weights_fingerprint(base)
-    weights = load_file(str(base / "model.safetensors"))
-    save_file({k: v * 1.01 for k, v in weights.items()}, str(base / "model.safetensors"), metadata={"format": "pt"})
-    assert weights_fingerprint(base) != before
-    with pytest.raises(ValueError, match=r"other settings.*base_weights"):
-        run_selection(config, TEACHER, tmp_path / "sel", data=env["data"], base_student=str(base),
-                      stage1_student=env["stage1"], progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(stage1, moved)
+    assert select(env["data"].replace(cache_dir=str(tmp_path / "tokens-moved")), moved).candidates["ga"].reused == 4
+    before = weights_fingerprint(stage1)
+    weights = load_file(str(stage1 / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(stage1 / "model.safetensors"), metadata={"format": "pt"})
+    assert weights_fingerprint(stage1) != before
+    with pytest.raises(StaleStepError, match=r"other settings.*base:"):
+        select()
 
 
-def test_failed_candidate_is_retried_once_then_reported(env, tmp_path, monkeypatch):
+def test_candidate_failures_are_reported_and_bugs_raised(env, tmp_path, monkeypatch):
+    from hybrid_distill.selection.executors import CandidateFailure, JobError
+
     real = cand_mod.run_candidate
     calls = []
 
     def flaky(job):
         calls.append(job["layer"])
         if job["layer"] == 3:
-            raise RuntimeError("CUDA error: out of memory (simulated)")
+            raise CandidateFailure("loss diverged at step 2")
         if job["layer"] == 1 and calls.count(1) == 1:
-            raise RuntimeError("transient")
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(job)
 
-    monkeypatch.setattr(runner_mod, "run_candidate", flaky)
+    monkeypatch.setattr(recipe_mod, "run_candidate", flaky)
     sel = _run(env, tmp_path, budgets=[1])
-    assert calls.count(3) == 2 and calls.count(1) == 2 and calls.count(0) == 1
-    assert list(sel["failed"]) == ["ga-3"] and "out of memory" in sel["failed"]["ga-3"]
-    assert sorted(sel["ranking"]) == [0, 1, 2]
+    assert calls.count(3) == 1 and calls.count(1) == 2 and calls.count(0) == 1  # the out-of-memory one retried
+    assert list(sel.candidates["ga"].failures) == [3] and "loss diverged" in sel.candidates["ga"].failures[3]
+    assert sorted(sel.ranking) == [0, 1, 2]
+
+    def buggy(job):
+        raise KeyError("no such field")
+
+    monkeypatch.setattr(recipe_mod, "run_candidate", buggy)
+    with pytest.raises(JobError, match="KeyError"):
+        _run(env, tmp_path / "bug", budgets=[1])
 
 
-def test_early_stop_and_racing_save_tokens(env, tmp_path):
-    full = _run(env, tmp_path / "full", stage2=_stage(6), budgets=[1])
-    early = run_selection(_config(stage2=_stage(6), budgets=[1], early_stop=True, early_stop_window=2,
-                                  early_stop_min_jaccard=0.5, round_snapshots=2),
+def test_early_stop_fires_per_budget_and_racing_saves_tokens(env, tmp_path):
+    full = _run(env, tmp_path / "full", stage2=_stage(8), budgets=[1, 2])
+    early = run_selection(_config(stage2=_stage(8), budgets=[1, 2], early_stop=True, early_stop_window=2,
+                                  early_stop_min_jaccard=0.5),
                           TEACHER, tmp_path / "early", data=env["data"], base_student=env["base"],
                           stage1_student=env["stage1"], reference=tmp_path / "full" / "ga-s2", progress=False)
-    stop = early["early_stop"]["stop_snapshot"]["ga"]
-    assert stop is not None and stop >= 1
-    sets = early["snapshots"]["ga"]["sets"]["1"]
-    assert sets[stop] == sets[stop - 1]  # window of 2 with |union| <= K+1 and backbone >= K-1: the rule held
-    assert early["tokens"]["spent"] < full["tokens"]["spent"]
-    kl_at_stop = {int(k): v[stop] for k, v in early["snapshots"]["ga"]["kl"].items()}
-    assert early["ranking"][0] == min(kl_at_stop, key=lambda i: (kl_at_stop[i], i))
-    assert 0.0 <= early["reference"]["jaccard"]["K=1"] <= 1.0
-    assert early["reference"]["tokens_saved_fraction"] == pytest.approx(1 - early["tokens"]["spent"] / full["tokens"]["spent"])
+    stop = early.candidates["ga"].stop_by_budget
+    assert all(v is not None for v in stop.values()) and max(stop.values()) < 7  # fired before the last snapshot
+    assert early.tokens["spent"] < full.tokens["spent"]
+    kls = early.candidates["ga"].kl
+    for label, budget in early.budgets.items():  # each budget takes its set at its own stop snapshot
+        s = stop[budget.k]
+        assert budget.stop_snapshot == s
+        assert budget.layers == sorted(sorted(range(4), key=lambda i: (kls[i][s], i))[: budget.k])
+        sets = [sorted(sorted(range(4), key=lambda i: (kls[i][j], i))[: budget.k]) for j in range(s + 1)]
+        assert rules.EarlyStopRule(window=2, min_jaccard=0.5).first_stop(sets, budget.k) == s
+    assert 0.0 <= early.reference["jaccard"]["K=1"] <= 1.0
+    assert early.reference["tokens_saved_fraction"] == pytest.approx(1 - early.tokens["spent"] / full.tokens["spent"])
 
-    racing = run_selection(_config(stage2=_stage(6), budgets=[1], racing=True, racing_keep_fraction=0.5,
+    racing = run_selection(_config(stage2=_stage(8), budgets=[1], racing=True, racing_keep_fraction=0.5,
                                    racing_min_keep=2, round_snapshots=2),
                            TEACHER, tmp_path / "racing", data=env["data"], base_student=env["base"],
-                           stage1_student=env["stage1"], reference=tmp_path / "full" / "ga-s2", progress=False)
-    eliminated = racing["racing"]["eliminated_round"]["ga"]
-    assert len(eliminated) == 2 and racing["tokens"]["spent"] < full["tokens"]["spent"]
-    survivors = [i for i in range(4) if str(i) not in eliminated]
-    assert sorted(racing["ranking"][:2]) == survivors  # survivors rank above every eliminated candidate
-    assert "K=1" in racing["reference"]["jaccard"]
+                           stage1_student=env["stage1"], progress=False)
+    eliminated = racing.candidates["ga"].eliminated
+    assert len(eliminated) == 2 and racing.tokens["spent"] < full.tokens["spent"]
+    survivors = [i for i in range(4) if i not in eliminated]
+    assert sorted(racing.ranking[:2]) == survivors  # survivors rank above every eliminated candidate
 
     # Replaying the full run's snapshots through the round logic gives what the live runs did.
     from hybrid_distill.selection.replay import replay_selection
 
-    rep = replay_selection(tmp_path / "full" / "ga-s2", early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5,
-                           round_snapshots=2)
-    assert rep["stop_snapshot"] == early["early_stop"]["stop_snapshot"]
-    assert rep["budgets"]["1"]["layers"] == early["budgets"]["K=1"]["layers"]
-    assert rep["budgets"]["1"]["full_layers"] == full["budgets"]["K=1"]["layers"]
-    assert rep["tokens_spent"] == early["tokens"]["spent"] and rep["full_tokens"] == full["tokens"]["spent"]
-    rep = replay_selection(tmp_path / "full" / "ga-s2", early_stop=False, racing=True, racing_keep_fraction=0.5,
-                           racing_min_keep=2, round_snapshots=2)
-    assert rep["eliminated_round"] == racing["racing"]["eliminated_round"]
-    assert rep["ranking"] == racing["ranking"] and rep["tokens_spent"] == racing["tokens"]["spent"]
+    rep = replay_selection(tmp_path / "full" / "ga-s2", early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5)
+    assert rep["stop_snapshot"] == {str(k): v for k, v in stop.items()}
+    assert rep["budgets"]["1"]["layers"] == early.budgets["K=1"].layers
+    assert rep["budgets"]["1"]["full_layers"] == full.budgets["K=1"].layers
+    assert rep["tokens_spent"] == early.tokens["spent"] and rep["full_tokens"] == full.tokens["spent"]
+    rep = replay_selection(full, early_stop=False, racing=True, racing_keep_fraction=0.5, racing_min_keep=2,
+                           round_snapshots=2, budgets=[1])  # racing keeps enough candidates for the largest budget
+    assert rep["eliminated_round"] == {"ga": {str(k): v for k, v in eliminated.items()}}
+    assert rep["ranking"] == racing.ranking and rep["tokens_spent"] == racing.tokens["spent"]
     rep = replay_selection(full, early_stop=False)  # no rounds: the full run itself
-    assert rep["tokens_spent"] == full["tokens"]["spent"] and rep["ranking"] == full["ranking"]
-    with pytest.raises(ValueError, match="full-budget"):
+    assert rep["tokens_spent"] == full.tokens["spent"] and rep["ranking"] == full.ranking
+    with pytest.raises(ConfigError, match="full-budget"):
         replay_selection(early)
 
 
-# A snapshot interval the tokens per optimizer step do not divide (the usual case): the trainer logs each
-# snapshot at the first step at or past k * interval and pauses a round at the first step at or past its
-# pause point, so a round ends (and logs its last snapshot) above the pause point. Rounds of 2 snapshots:
-# pause at 320 tokens -> paused after step 3 (384 tokens) with snapshots at 256 and 384.
-OVERSHOOT = dict(stage2=_stage(4), snapshot_every_tokens=STEP_TOKENS * 5 // 4, round_snapshots=2)
-# K=3 of 4 layers: any two top-3 sets have Jaccard >= 0.5 and share >= 2 layers, so a window of 2 always
-# stops at the second snapshot: the early stop happens in round 1, whatever the scores.
-OVERSHOOT_EARLY = dict(OVERSHOOT, budgets=[3], early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5)
+def test_defaults_give_the_early_stopping_rule_room_and_cheap_snapshots():
+    cfg = SelectionConfig(stage2={"target_tokens": 100_000_000, "seq_len": 4096, "global_batch_size": 8})
+    assert cfg.snapshot_interval() * 40 == 100_000_000 and cfg.round_snapshots == 1 and cfg.early_stop_window == 10
+    batch_tokens = 8 * 4096
+    per_snapshot = cfg.snapshot_eval_batches(batch_tokens) * batch_tokens
+    # a snapshot runs teacher + student forward (~4N FLOPs a token), training ~8N a token: at most 10% of the compute
+    assert 4 * per_snapshot <= 0.1 * 8 * cfg.snapshot_interval() and cfg.snapshot_eval_batches(batch_tokens) >= 1
+    assert SelectionConfig(snapshot_batches=3).snapshot_eval_batches(batch_tokens) == 3
 
 
-@pytest.fixture(scope="module")
-def overshoot(env, tmp_path_factory):
-    """A full-budget run and a live early-stopped run (paused after round 1) with OVERSHOOT rounds."""
-    root = tmp_path_factory.mktemp("overshoot")
-    full = _run(env, root / "full", budgets=[3], **OVERSHOOT)
-    early = _run(env, root / "early", **OVERSHOOT_EARLY)
-    return {"root": root, "full": full, "early": early}
-
-
-def _outcome(sel):
-    keys = ("ranking", "scores", "score_tables", "budgets", "snapshots", "early_stop", "racing", "rounds", "tokens")
-    return {k: sel[k] for k in keys}
-
-
-def _rerun_counting(env, run_dir, monkeypatch, **kw):
+def test_restart_replays_paused_rounds(env, tmp_path, monkeypatch):
+    """A selection killed while its candidates are paused (early stopping in rounds) resumes them where they
+    stopped; an identical re-run of a finished one trains nothing and gives the same result."""
+    kw = dict(stage2=_stage(6), budgets=[3], early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5,
+              executor="local", workers=1)
+    first = _run(env, tmp_path, **kw)
+    assert first.candidates["ga"].stop_by_budget == {3: 1}  # K=3 of 4: any two top-3 sets satisfy the rule
     calls = []
     real = cand_mod.run_candidate
 
@@ -287,76 +378,34 @@ def _rerun_counting(env, run_dir, monkeypatch, **kw):
         calls.append((job["layer"], out["reused"], out["stage2_tokens"]))
         return out
 
-    monkeypatch.setattr(runner_mod, "run_candidate", counting)
-    return _run(env, run_dir, **kw), calls
+    monkeypatch.setattr(recipe_mod, "run_candidate", counting)
+    again = _run(env, tmp_path, **{**kw, "executor": "inline"})
+    assert calls == [(layer, True, r * STEP_TOKENS) for r in (1, 2) for layer in range(4)]
+    assert again.candidates["ga"].kl == first.candidates["ga"].kl and again.budgets["K=3"].layers == first.budgets["K=3"].layers
 
 
-def test_paused_candidates_refuse_other_settings(env, overshoot, tmp_path, monkeypatch):
-    import dataclasses
-    import shutil
+def test_select_cli_end_to_end(tmp_path, capsys):
+    from hybrid_distill.cli import main
 
-    early_dir = overshoot["root"] / "early"
-    layer0 = early_dir / "candidates" / "ga" / "layer_00"
-    metrics = (layer0 / "stage2" / "metrics.jsonl").read_text()
-    calls = []
-    monkeypatch.setattr(runner_mod, "run_candidate", lambda job: calls.append(job) or cand_mod.run_candidate(job))
-    config = _config(**OVERSHOOT_EARLY)
-    with pytest.raises(ValueError, match=r"partly trained candidate trained with other settings.*base_weights: .*delete"):
-        run_selection(config, TEACHER, early_dir, data=env["data"], base_student=env["stage1"],  # another base student
-                      stage1_student=env["stage1"], progress=False)
-    with pytest.raises(ValueError, match=r"other settings.*stage2\.lr_other"):
-        _run(env, early_dir, config=_config(**{**OVERSHOOT_EARLY, "stage2": _stage(4, lr_other=1e-5)}))
-    with pytest.raises(ValueError, match=r"other settings.*data\.max_tokens"):
-        run_selection(config, TEACHER, early_dir, data={**env["data"], "max_tokens": 30_000}, base_student=env["base"],
-                      stage1_student=env["stage1"], progress=False)
-    assert calls == [] and (layer0 / "stage2" / "metrics.jsonl").read_text() == metrics  # refused before any work
-
-    # A partly trained candidate without a settings record (an older version's) cannot be checked: refused too.
-    copy = tmp_path / "layer_00"
-    shutil.copytree(layer0, copy)
-    (copy / "job.json").unlink()
-    job = cand_mod.CandidateJob(kind="ga", layer=0, run_dir=str(copy), teacher=TEACHER, base_student=env["base"],
-                                mixers=["softmax", "gdn", "gdn", "gdn"], data=env["data"], stage1=None,
-                                stage2=_stage(4), pause_at_tokens=320)
-    with pytest.raises(ValueError, match="no record of its settings"):
-        cand_mod.run_candidate(job)
-    assert cand_mod.check_reusable(dataclasses.replace(job, run_dir=str(tmp_path / "new"))) is None  # nothing there yet
-
-
-def test_restart_and_replay_see_the_live_rounds_when_snapshots_overshoot(env, overshoot, monkeypatch):
-    from hybrid_distill.selection.replay import replay_selection
-
-    root, full, early = overshoot["root"], overshoot["full"], overshoot["early"]
-    assert full["snapshots"]["ga"]["tokens"] == [256, 384, 512]
-    assert early["early_stop"]["stop_snapshot"] == {"ga": 1} and early["early_stop"]["stop_tokens"] == {"ga": 384}
-    assert early["snapshots"]["ga"]["tokens"] == [256, 384] and early["tokens"]["spent"] == 4 * 384
-    for layer in range(4):  # paused, not finished
-        assert not (root / "early" / "candidates" / "ga" / f"layer_{layer:02d}" / "candidate.json").exists()
-
-    # An identical re-run in the same directory trains nothing and gives the live result.
-    again, calls = _rerun_counting(env, root / "early", monkeypatch, **OVERSHOOT_EARLY)
-    assert calls == [(layer, True, 384) for layer in range(4)]
-    assert _outcome(again) == _outcome(early) and again["candidates"]["reused"] == 4
-    # Replaying the full run reports what the live run did and spent.
-    rep = replay_selection(full, early_stop=True, early_stop_window=2, early_stop_min_jaccard=0.5, round_snapshots=2)
-    assert rep["stop_snapshot"] == {"ga": 1} and rep["stop_tokens"] == {"ga": 384}
-    assert rep["tokens_spent"] == early["tokens"]["spent"]
-    assert rep["budgets"]["3"]["layers"] == early["budgets"]["K=3"]["layers"]
-
-    # Racing: round 1 (paused at 384 tokens) eliminates 2 of 4; the survivors finish.
-    racing_cfg = dict(OVERSHOOT, budgets=[1], racing=True, racing_keep_fraction=0.5, racing_min_keep=2)
-    monkeypatch.setattr(runner_mod, "run_candidate", cand_mod.run_candidate)
-    racing = _run(env, root / "racing", **racing_cfg)
-    eliminated = racing["racing"]["eliminated_round"]["ga"]
-    assert len(eliminated) == 2 and racing["tokens"]["spent"] == 2 * 384 + 2 * 512
-    again, calls = _rerun_counting(env, root / "racing", monkeypatch, **racing_cfg)
-    assert all(reused for _, reused, _ in calls) and _outcome(again) == _outcome(racing)
-    full1 = _run(env, root / "full", budgets=[1], **OVERSHOOT)  # the full run's candidates, K=1
-    assert full1["candidates"]["reused"] == 4
-    rep = replay_selection(full1, early_stop=False, racing=True, racing_keep_fraction=0.5, racing_min_keep=2,
-                           round_snapshots=2)
-    assert rep["eliminated_round"] == racing["racing"]["eliminated_round"] and rep["ranking"] == racing["ranking"]
-    assert rep["tokens_spent"] == racing["tokens"]["spent"]
+    args = ["select", "--selector", "ga-s2", "--budget", "0.25", "--teacher", TEACHER, "--run-dir", str(tmp_path),
+            "--data-cache-dir", str(tmp_path / "tok"), "--max-data-tokens", "40000", "--seq-len", str(SEQ),
+            "--global-batch-size", str(BATCH), "--candidate-tokens", str(2 * STEP_TOKENS),
+            "--snapshot-every", str(STEP_TOKENS), "--base-stage1-tokens", str(2 * STEP_TOKENS),
+            "--base-stage2-tokens", "0", "--null-candidates", "2", "--no-progress"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["budgets"]["25%"]) == 1 and sorted(out["ranking"]) == [0, 1, 2, 3]
+    assert out["candidate_start"] == "stage1" and out["resolved"]["25%"] in (True, False)
+    assert (tmp_path / "ga-s2" / "selection.json").is_file() and read_progress(tmp_path / "base" / "stage1").done
+    assert main(args[:4] + ["4"] + args[5:]) == 2  # budget = number of layers: clear error, exit code 2
+    assert "layers" in capsys.readouterr().err
+    # a config file's selector and budgets hold unless a flag is given
+    (tmp_path / "sel.yaml").write_text(yaml.safe_dump({"selector": "uniform", "budgets": [1, 2]}))
+    rest = ["--teacher", TEACHER, "--run-dir", str(tmp_path / "u"), "--config", str(tmp_path / "sel.yaml"), "--no-progress"]
+    assert main(["select", *rest]) == 0
+    assert json.loads(capsys.readouterr().out)["budgets"] == {"K=1": [3], "K=2": [1, 3]}
+    assert main(["select", *rest, "--budget", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["budgets"] == {"K=3": [0, 1, 3]}
 
 
 def test_replay_cli(env, tmp_path, capsys):
@@ -367,43 +416,52 @@ def test_replay_cli(env, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["racing"] and not out["early_stop"] and out["settings"]["round_snapshots"] == 2
     assert 0 < out["tokens_spent"] < out["full_tokens"] and out["budgets"]["1"]["full_layers"]
-    with pytest.raises(SystemExit, match="--early-stop, --racing"):
-        main(["replay", str(tmp_path / "ga-s2")])
-
-
-def test_select_cli_end_to_end(tmp_path, capsys):
-    from hybrid_distill.cli import main
-
-    args = ["select", "--selector", "ga-s2", "--budget", "0.25", "--teacher", TEACHER, "--run-dir", str(tmp_path),
-            "--data-cache-dir", str(tmp_path / "tok"), "--max-data-tokens", "40000", "--seq-len", str(SEQ),
-            "--global-batch-size", str(BATCH), "--candidate-tokens", str(2 * STEP_TOKENS),
-            "--snapshot-every", str(STEP_TOKENS), "--base-stage1-tokens", str(2 * STEP_TOKENS),
-            "--base-stage2-tokens", "0", "--no-progress"]
-    assert main(args) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert len(out["budgets"]["25%"]) == 1 and sorted(out["ranking"]) == [0, 1, 2, 3]
-    assert (tmp_path / "ga-s2" / "selection.json").is_file() and (tmp_path / "base" / "stage1" / "DONE").is_file()
-    assert main(args[:4] + ["4"] + args[5:]) == 2  # budget = number of layers: clear error, exit code 2
-    assert "layers" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "ga-s2")]) == 2
+    assert "--early-stop, --racing" in capsys.readouterr().err
 
 
 # -- executors --------------------------------------------------------------------------------------
 
 
-def test_inline_executor_retries_and_reports():
-    outs = InlineExecutor(retries=1, progress=False).map(math.sqrt, [4.0, -1.0, 9.0])
+def _sqrt_or_fail(x: float) -> float:
+    """Module-level (picklable): -1 fails transiently, -2 as the job's own failure, -3 with a bug."""
+    from hybrid_distill.selection.executors import CandidateFailure
+
+    if x == -1:
+        raise ConnectionResetError("lost the node")
+    if x == -2:
+        raise CandidateFailure("loss diverged")
+    if x == -3:
+        raise TypeError("a bug")
+    return math.sqrt(x)
+
+
+def test_inline_executor_retries_transient_failures_only_and_raises_bugs():
+    from hybrid_distill.config import ConfigError
+    from hybrid_distill.selection.executors import JobError
+
+    outs = InlineExecutor(retries=1, progress=False).map(_sqrt_or_fail, [4.0, -1.0, 9.0, -2.0])
     assert [o.value for o in outs if o.ok] == [2.0, 3.0]
-    assert not outs[1].ok and outs[1].attempts == 2 and "math domain error" in outs[1].error
+    assert (outs[1].kind, outs[1].attempts) == ("transient", 2) and "lost the node" in outs[1].error
+    assert (outs[3].kind, outs[3].attempts) == ("failed", 1) and "loss diverged" in outs[3].error
+    with pytest.raises(JobError, match="(?s)not a candidate failure.*TypeError: a bug"):
+        InlineExecutor(retries=3, progress=False).map(_sqrt_or_fail, [1.0, -3.0])
+
+    def bad_setting(_):
+        raise ConfigError("stage2.tau must be > 0")
+
+    with pytest.raises(ConfigError, match="tau"):  # a user error keeps its type: the command line prints its message
+        InlineExecutor(retries=3, progress=False).map(bad_setting, [0])
 
 
 def test_local_executor_runs_jobs_in_worker_processes():
     ex = LocalExecutor(workers=2, retries=1, progress=False, threads_per_worker=1)
     try:
-        outs = ex.map(math.sqrt, [16.0, -4.0, 25.0])
+        outs = ex.map(_sqrt_or_fail, [16.0, -1.0, 25.0])
         pids = ex.map(_os_getpid_of, [0, 1, 2, 3])
     finally:
         ex.close()
-    assert [o.value for o in outs] == [4.0, None, 5.0] and outs[1].attempts == 2
+    assert [o.value for o in outs] == [4.0, None, 5.0] and outs[1].attempts == 2 and outs[1].kind == "transient"
     import os
 
     assert all(o.ok for o in pids) and os.getpid() not in {o.value for o in pids}
@@ -425,7 +483,8 @@ def test_cluster_executors(name, tmp_path, monkeypatch):
     options = {"init_options": {"num_cpus": 2, "include_dashboard": False}} if name == "ray" else {"cluster": "local", "timeout_min": 5}
     ex = make_executor(name, retries=1, options=options, folder=tmp_path / "logs", progress=False)
     try:
-        outs = ex.map(operator.neg, [1, 2]) + ex.map(math.sqrt, [-1.0])
+        # a closed port refuses the connection: a transient failure from a function the workers can import
+        outs = ex.map(operator.neg, [1, 2]) + ex.map(socket.create_connection, [("127.0.0.1", 1)])
         # Set after Ray started its workers: only the executor can hand it on (as to workers on other nodes).
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         confs = ex.map(os.getenv, ["PYTORCH_CUDA_ALLOC_CONF"])
@@ -436,7 +495,7 @@ def test_cluster_executors(name, tmp_path, monkeypatch):
 
             ray.shutdown()
     assert [o.value for o in outs[:2]] == [-1, -2]
-    assert not outs[2].ok and outs[2].attempts == 2 and "math domain error" in outs[2].error
+    assert not outs[2].ok and outs[2].attempts == 2 and "Connection refused" in outs[2].error
     assert confs[0].value == "expandable_segments:True", confs[0].error
 
 
@@ -470,7 +529,7 @@ def test_config_validation_names_fields():
         SelectionConfig(selector="given")
     with pytest.raises(ConfigError, match="Unknown SelectionConfig field"):
         SelectionConfig.from_dict({"selecter": "ga-s2"})
-    assert Path(runner_mod.selection_path("r", "ga-s2")) == Path("r/ga-s2/selection.json")
+    assert SelectionLayout("r").selection_file("ga-s2") == Path("r/ga-s2/selection.json")
 
 
 def test_removal_candidates_need_the_stage1_student(env, tmp_path):

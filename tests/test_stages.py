@@ -312,7 +312,7 @@ def test_stage1_runs_a_teacher_compiled_by_an_earlier_stage2(monkeypatch):
             with torch.no_grad():
                 teacher(ids)  # compiles
         stage = Stage1Alignment(student, teacher, DistillConfig(stage=1))
-        losses.append(stage.run(ids, None, grad_scale=None))
+        losses.append(stage.run(ids, None, grad_scale=None).item())  # a Python float: pytest.approx refuses 0-d tensors
         stage.close()
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 

@@ -1,4 +1,4 @@
-"""Trainer: SIGKILL + resume reproduces the uninterrupted loss curve, DONE no-op, config refusal on resume,
+"""Trainer: SIGKILL + resume reproduces the uninterrupted loss curve, a finished run is a no-op, config refusal on resume,
 schedule and optimizer groups, config validation. Doubles as the worker script of the kill test:
 ``python tests/test_trainer_resume.py RUN_DIR STAGE SECONDS_PER_BATCH``."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybrid_distill.artifacts import STEP_FILE, StepRecord
 from hybrid_distill.distill import (
     ConfigError,
     DistillConfig,
@@ -23,7 +24,8 @@ from hybrid_distill.distill import (
     latest_checkpoint,
     read_metrics,
 )
-from hybrid_distill.distill.trainer import build_optimizer, lr_factor, lr_mixer_parameter_names
+from hybrid_distill.distill.optim import build_optimizer, lr_factor, lr_mixer_parameter_names
+from hybrid_distill.fileio import atomic_write_json
 
 SEQ, GLOBAL, STEPS = 16, 4, 14
 
@@ -97,6 +99,19 @@ def _wait(proc: subprocess.Popen, timeout=120) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether the run folder's step record says done."""
+    record = StepRecord.read(run_dir)
+    return record is not None and record.state == "done"
+
+
+def _reopen(run_dir: Path) -> None:
+    """Make a finished run look stopped after its last checkpoint (its step record back to "started")."""
+    record = StepRecord.read(run_dir)
+    record.state, record.result = "started", None
+    atomic_write_json(run_dir / STEP_FILE, record.to_dict())
+
+
 def _logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     steps = [0]
@@ -124,7 +139,7 @@ def test_kill_and_resume_reproduces_loss_curve(tmp_path, stage):
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not (run_dir / "DONE").exists(), "run finished before the kill; slow it down"
+    assert not _finished(run_dir), "run finished before the kill; slow it down"
     killed_at = _logged_steps(run_dir)
     ckpt_step = int(latest_checkpoint(run_dir).name.split("_")[1])
     assert ckpt_step < STEPS
@@ -138,7 +153,8 @@ def test_kill_and_resume_reproduces_loss_curve(tmp_path, stage):
     assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in want]
     eval_key = "eval_align_loss" if stage == 1 else "eval_kl"
     assert [r[eval_key] for r in read_metrics(run_dir, "eval")] == [r[eval_key] for r in read_metrics(ref_dir, "eval")]
-    result = json.loads((run_dir / "result.json").read_text())
+    assert _finished(run_dir)
+    result = StepRecord.read(run_dir).result
     assert result["resumed_from_step"] == ckpt_step and result["steps"] == STEPS
     assert killed_at > first_ckpt
     from safetensors.torch import load_file
@@ -156,7 +172,7 @@ def test_done_run_is_a_noop_and_loads_final_weights(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 3, save_every_tokens=None)
     first = distill(student, teacher, _data(), cfg, tmp_path / "run")
-    assert (tmp_path / "run" / "DONE").is_file() and not first.already_done
+    assert _finished(tmp_path / "run") and not first.already_done
     trained = {k: v.clone() for k, v in student.state_dict().items()}
     fresh, teacher2 = _models()
     t0 = time.perf_counter()
@@ -183,7 +199,7 @@ def test_done_run_found_by_relative_path_after_a_move(tmp_path, monkeypatch):
     import shutil
 
     shutil.rmtree(tmp_path / "elsewhere" / "run" / "final")
-    with pytest.raises(FileNotFoundError, match=r"final model .*final is missing.*delete .*DONE"):
+    with pytest.raises(FileNotFoundError, match=r"final model .*final is missing.*delete .*elsewhere/run to train it again"):
         distill(fresh, teacher2, _data(), cfg, tmp_path / "elsewhere" / "run")
 
 
@@ -191,7 +207,7 @@ def test_refused_resume_leaves_no_hooks_on_the_teacher(tmp_path):
     student, teacher = _models()
     cfg = _config(1, target_tokens=GLOBAL * SEQ * 4, save_every_tokens=GLOBAL * SEQ * 2)
     distill(student, teacher, _data(), cfg, tmp_path / "run")
-    (tmp_path / "run" / "DONE").unlink()  # stopped after its last checkpoint
+    _reopen(tmp_path / "run")  # stopped after its last checkpoint
 
     def hooks():
         return sum(len(m._forward_hooks) for m in teacher.modules())
@@ -240,7 +256,7 @@ def test_pause_and_continue_equals_uninterrupted(tmp_path):
         student, teacher = _models()
         part = distill(student, teacher, _data(), cfg, tmp_path / "rounds", pause_at_tokens=pause)
         if pause is not None:
-            assert part.paused and part.tokens == pause and not (tmp_path / "rounds" / "DONE").exists()
+            assert part.paused and part.tokens == pause and not _finished(tmp_path / "rounds")
             assert latest_checkpoint(tmp_path / "rounds").name == f"step_{pause // per_step:08d}"
     assert not part.paused and part.steps == ref.steps == STEPS
     assert [r["loss"] for r in read_metrics(tmp_path / "rounds")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
@@ -252,9 +268,9 @@ def test_resume_refuses_changed_config(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 5, save_every_tokens=GLOBAL * SEQ * 2)
     distill(student, teacher, _data(), cfg, tmp_path / "run")
-    (tmp_path / "run" / "DONE").unlink()  # pretend it stopped after its last checkpoint
+    _reopen(tmp_path / "run")  # pretend it stopped after its last checkpoint
     student, teacher = _models()
-    with pytest.raises(ValueError, match=r"lr_mixer: checkpoint 0\.0001 != now 0\.0005"):
+    with pytest.raises(ValueError, match=r"train\.lr_mixer: 0\.0001 -> 0\.0005"):
         distill(student, teacher, _data(), cfg.replace(lr_mixer=5e-4), tmp_path / "run")
     with pytest.raises(ValueError, match="global_batch_size"):
         distill(student, teacher, _data(), cfg.replace(global_batch_size=8, micro_batch_size=4), tmp_path / "run")
@@ -376,14 +392,14 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_config_defaults_files_and_args(tmp_path):
     import argparse
 
-    from hybrid_distill.distill.config import add_config_arguments, config_from_args
+    from hybrid_distill.distill.config import add_distill_config_flags, distill_config_from_flags
 
     assert DistillConfig(stage=1).lr_mixer == 1e-3 and DistillConfig(stage=2).schedule == "constant"
     with pytest.raises(ConfigError, match="bogus"):
         DistillConfig.from_dict({"bogus": 1})
     (tmp_path / "c.yaml").write_text("stage: 2\ntau: 2.0\nglobal_batch_size: 8\n")
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
+    add_distill_config_flags(parser)
     args = parser.parse_args(
         [
             "--config",
@@ -396,7 +412,7 @@ def test_config_defaults_files_and_args(tmp_path):
             "tensorboard",
         ]
     )
-    cfg = config_from_args(args)
+    cfg = distill_config_from_flags(args)
     assert (cfg.tau, cfg.global_batch_size, cfg.lr_mixer, cfg.activation_checkpointing, cfg.report_to) == (
         2.0,
         8,

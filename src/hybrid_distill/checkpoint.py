@@ -2,84 +2,20 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import shutil
 import struct
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .fileio import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, fsync_directory, fsync_tree
+from .errors import HybridDistillError
+from .fileio import atomic_directory_write, interrupted_replace_copies
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HybridDistillError, RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
-
-
-def atomic_directory_write(path: str | Path):
-    """Context manager yielding a temporary sibling directory that replaces `path` only on success."""
-    return _AtomicDir(Path(path))
-
-
-def _set_aside_copies(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def restore_interrupted_replace(path: str | Path) -> Path | None:
-    """Put back the previous directory an interrupted replace set aside (a crash between its two renames
-    leaves ``.NAME.old-PID`` and no ``NAME``); returns the restored path, or None if nothing was missing."""
-    path = Path(path)
-    if path.exists():
-        return None
-    for old in _set_aside_copies(path):
-        try:
-            os.replace(old, path)
-        except OSError:
-            continue
-        fsync_directory(path.parent)
-        return path
-    return None
-
-
-class _AtomicDir:
-    def __init__(self, path: Path):
-        # A symlinked checkpoint path is written where the link points, so the link keeps naming it.
-        self.path = path.resolve() if path.is_symlink() else path
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        restore_interrupted_replace(self.path)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        os.chmod(self.tmp, DEFAULT_DIR_MODE)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        try:
-            for root, _, files in os.walk(self.tmp):  # writers such as safetensors create their files 0600
-                for name in files:
-                    os.chmod(os.path.join(root, name), DEFAULT_FILE_MODE)
-            fsync_tree(self.tmp)
-            if self.path.exists():
-                # unique, so a copy left by a crashed writer (which the next write restores) never blocks this one
-                os.replace(self.path, self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        fsync_directory(self.path.parent)
-        # this write's set-aside copy, and any left by writers that crashed after their second rename
-        for stale in _set_aside_copies(self.path):
-            shutil.rmtree(stale, ignore_errors=True)
-        return False
 
 
 def save_student(model: PreTrainedModel, path: str | Path, tokenizer=None, model_card: str | None = None) -> Path:
@@ -119,7 +55,7 @@ def _tensor_ranges(file: Path, header: dict) -> list[tuple[int, int]]:
                               "Re-save or re-download the checkpoint.") from err
 
 
-def _check_safetensors_file(file: Path) -> None:
+def check_safetensors_file(file: Path) -> None:
     size = file.stat().st_size
     header_len, header = _safetensors_header(file)
     end = max((stop for _, stop in _tensor_ranges(file, header)), default=0)
@@ -159,7 +95,7 @@ def verify_checkpoint(path: str | Path) -> dict:
     """Check that a checkpoint directory is complete and readable; returns its config dict."""
     path = Path(path)
     if not path.is_dir():
-        set_aside = _set_aside_copies(path) if path.parent.is_dir() else []
+        set_aside = interrupted_replace_copies(path) if path.parent.is_dir() else []
         hint = (f" A replace of it was interrupted; the previous checkpoint is at {str(set_aside[0])!r} (rename it back, "
                 "or write the checkpoint again, which restores it first)." if set_aside else "")
         raise CheckpointError(f"Checkpoint directory {str(path)!r} does not exist.{hint}")
@@ -186,7 +122,7 @@ def verify_checkpoint(path: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"Checkpoint {str(path)!r} is missing weight shard(s) {missing}.")
     for shard in shards:
-        _check_safetensors_file(path / shard)
+        check_safetensors_file(path / shard)
     return config
 
 

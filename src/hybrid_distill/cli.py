@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import parse_json
+from .errors import HybridDistillError
 
 
 def cmd_convert(args) -> int:
@@ -16,7 +24,7 @@ def cmd_convert(args) -> int:
 
     teacher = load_teacher(args.teacher)
     mixers = resolve_mixers(teacher.config.num_hidden_layers, args.mixers, args.softmax_layers, args.linear)
-    options = json.loads(args.mixer_options) if args.mixer_options else None
+    options = args.mixer_options
     student = build_student(teacher, mixers, options)
     tokenizer = None
     if not args.teacher.startswith("tiny:"):
@@ -48,7 +56,7 @@ def cmd_inspect(args) -> int:
         return 0
     layers = config.get("num_hidden_layers")
     if not isinstance(mixers, list) or (layers is not None and len(mixers) != layers):
-        raise ValueError(f"{args.checkpoint}/config.json is inconsistent: its mixers {mixers!r} do not list one mixer "
+        raise CheckpointError(f"{args.checkpoint}/config.json is inconsistent: its mixers {mixers!r} do not list one mixer "
                          f"for each of its {layers} layers")
     info = {
         "model_type": config["model_type"],
@@ -81,7 +89,7 @@ def cmd_export(args) -> int:
 
 def cmd_distill(args) -> int:
     """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
-    from .distill import run_distill_from_args
+    from .distill.recipe import run_distill_from_args
 
     result = run_distill_from_args(args)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2, default=str))
@@ -90,10 +98,8 @@ def cmd_distill(args) -> int:
 
 def refuse_torchrun(command: str) -> None:
     """``run`` and ``select`` drive whole stages themselves (one process; candidates fan out through executors)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
+        raise HybridDistillError(
             f"`hybrid-distill {command}` runs as one process (layer-scoring candidates fan out to GPUs through its "
             "executors: local, ray, slurm); start it without torchrun. Under torchrun, use `hybrid-distill distill` "
             "for one sharded stage at a time"
@@ -120,7 +126,7 @@ def cmd_run(args) -> int:
 
 def cmd_select(args) -> int:
     """Score layers with one selector and write its selection.json (+ plots)."""
-    from .selection.cli import run_select_from_args
+    from .selection.recipe import run_select_from_args
 
     refuse_torchrun("select")
     return run_select_from_args(args)
@@ -148,10 +154,11 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill import add_distill_arguments
+    from .distill.recipe import add_distill_arguments
     from .evaluation.suite import add_eval_arguments, run_eval_from_args
 
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .pipeline.run import STAGES
@@ -175,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixers", help="comma-separated mixer per layer (softmax, gdn, gla, swa)")
     group.add_argument("--softmax-layers", help="comma-separated 0-based layers to keep softmax; others --linear")
     p.add_argument("--linear", default="gdn", help="linear mixer for non-softmax layers (default gdn)")
-    p.add_argument("--mixer-options", help='JSON, e.g. \'{"gdn_use_short_conv": true}\'')
+    p.add_argument("--mixer-options", type=parse_json, help='JSON, e.g. \'{"gdn_use_short_conv": true}\'')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="run one distillation stage (1: attention alignment, 2: KL, 3: fine-tune)")
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    from .selection.cli import add_replay_arguments, add_select_arguments, run_replay_from_args
+    from .selection.recipe import add_replay_arguments, add_select_arguments, run_replay_from_args
 
     p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
     add_select_arguments(p)
@@ -225,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that report a problem with the input, files or environment: one line, no traceback (unless --debug).
+USER_ERRORS = (HybridDistillError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cuda_allocator import prefer_expandable_segments
 
@@ -236,8 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # transformers' own bars (loading / writing weights) too
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+    except KeyboardInterrupt:
+        where = getattr(args, "run_dir", None) or getattr(args, "config", None)
+        hint = f"; run the same command again to resume{f' ({where})' if where else ''}" if args.command in (
+            "run", "distill", "select") else ""
+        print(f"hybrid-distill {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"hybrid-distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as err:  # the message says what to change and where the run resumes
+        if args.debug:
+            traceback.print_exc()
+        print(f"hybrid-distill {args.command}: out of memory: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,16 +1,20 @@
-"""Atomic file writes (temporary sibling, fsync, ``os.replace``) and JSON helpers shared by every stage,
-so an interrupted run never leaves a half-written result that a restart would trust."""
+"""Atomic writes of files and whole folders (temporary sibling, fsync, ``os.replace``) and JSON helpers: the
+one way this package writes anything a later step trusts, so an interrupted run never leaves a half-written
+result."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -104,3 +108,101 @@ def read_json(path: str | os.PathLike) -> Any | None:
     """The JSON in ``path``, or None when the file does not exist."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole folders
+
+
+def interrupted_replace_copies(path: Path) -> list[Path]:
+    """Copies of ``path`` an interrupted or finished replace left beside it (newest first)."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def restore_interrupted_replace(path: str | os.PathLike) -> Path | None:
+    """Put back the previous folder an interrupted replace set aside (a crash between its two renames
+    leaves ``.NAME.old-PID`` and no ``NAME``); returns the restored path, or None if nothing was missing."""
+    path = Path(path)
+    if path.exists():
+        return None
+    for old in interrupted_replace_copies(path):
+        try:
+            os.replace(old, path)
+        except OSError:
+            continue
+        fsync_directory(path.parent)
+        return path
+    return None
+
+
+def temporary_directory_for(path: str | os.PathLike) -> Path:
+    """A new empty sibling of ``path`` to write a folder into before `publish_directory`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_replace(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, DEFAULT_DIR_MODE)
+    return tmp
+
+
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the written folder ``tmp`` the folder ``path``: usual file modes, fsync everything, then rename over
+    any previous ``path`` (set aside first, removed after). ``tmp`` is removed if publishing fails."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        for root, _, files in os.walk(tmp):  # writers such as safetensors create their files 0600
+            for name in files:
+                os.chmod(os.path.join(root, name), DEFAULT_FILE_MODE)
+        fsync_tree(tmp)
+        if path.exists():
+            # unique, so a copy left by a crashed writer (which the next write restores) never blocks this one
+            os.replace(path, path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_directory(path.parent)
+    # this write's set-aside copy, and any left by writers that crashed after their second rename
+    for stale in interrupted_replace_copies(path):
+        shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+class atomic_directory_write:  # noqa: N801 (used as a function: ``with atomic_directory_write(path) as tmp``)
+    """Context manager yielding a temporary sibling folder that replaces ``path`` only on success. A symlinked
+    ``path`` is written where the link points, so the link keeps naming it."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path.resolve() if path.is_symlink() else path
+
+    def __enter__(self) -> Path:
+        self.tmp = temporary_directory_for(self.path)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        publish_directory(self.tmp, self.path)
+        return False
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

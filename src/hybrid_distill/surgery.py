@@ -6,9 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .checkpoint import check_safetensors_file, weights_fingerprint
+from .config import ConfigError
 from .dtypes import cast_model
+from .tiny_teachers import tiny_teacher
+from .tokenization import tiny_tokenizer
 from .modeling import (
     HYBRID_CAUSAL_LM_CLASSES,
     HYBRID_CONFIG_CLASSES,
@@ -38,10 +42,10 @@ def teacher_family(config) -> str:
 def mixers_from_softmax_layers(num_layers: int, softmax_layers: Sequence[int], linear: str = "gdn") -> list[str]:
     """Per-layer mixer list with `softmax_layers` kept as softmax and every other layer `linear`."""
     if linear not in MIXER_TYPES or linear == "softmax":
-        raise ValueError(f"linear mixer must be one of {[m for m in MIXER_TYPES if m != 'softmax']}, got {linear!r}")
+        raise ConfigError(f"linear mixer must be one of {[m for m in MIXER_TYPES if m != 'softmax']}, got {linear!r}")
     bad = [i for i in softmax_layers if not 0 <= int(i) < num_layers]
     if bad:
-        raise ValueError(f"Softmax layer indices {bad} are out of range for a model with {num_layers} layers (0-based).")
+        raise ConfigError(f"Softmax layer indices {bad} are out of range for a model with {num_layers} layers (0-based).")
     keep = {int(i) for i in softmax_layers}
     return ["softmax" if i in keep else linear for i in range(num_layers)]
 
@@ -53,7 +57,7 @@ def resolve_mixers(
     if mixers is not None:
         parsed = [m.strip() for m in mixers.split(",") if m.strip()] if isinstance(mixers, str) else list(mixers)
         if not parsed:
-            raise ValueError(f"the mixer list is empty; give one mixer per layer ({num_layers}), or softmax layers instead")
+            raise ConfigError(f"the mixer list is empty; give one mixer per layer ({num_layers}), or softmax layers instead")
         return parsed
     if isinstance(softmax_layers, str):
         softmax_layers = [int(x) for x in softmax_layers.replace(" ", "").split(",") if x]
@@ -71,9 +75,12 @@ def student_config(teacher_config, mixers: Sequence[str], mixer_options: dict | 
         "name_or_path": teacher_name or getattr(teacher_config, "_name_or_path", "") or "",
         "architectures": list(getattr(teacher_config, "architectures", None) or []),
     }
-    config = HYBRID_CONFIG_CLASSES[family](
-        **fields, mixers=list(mixers), mixer_options=mixer_options, teacher=teacher_info
-    )
+    try:  # the config classes raise ValueError (they are remote code: no imports from this package)
+        config = HYBRID_CONFIG_CLASSES[family](
+            **fields, mixers=list(mixers), mixer_options=mixer_options, teacher=teacher_info
+        )
+    except ValueError as err:
+        raise ConfigError(f"student layout: {err}") from None
     config._attn_implementation = getattr(teacher_config, "_attn_implementation", None) or "sdpa"
     return config
 
@@ -140,7 +147,7 @@ def derive_student(teacher: PreTrainedModel, base: PreTrainedModel, mixers: Sequ
     student = build_student(teacher, mixers, base.config.mixer_options).to(next(base.parameters()).dtype)
     base_mixers = list(base.config.mixers)
     if len(base_mixers) != len(mixers):
-        raise ValueError(f"base student has {len(base_mixers)} layers, the new layout {len(mixers)}")
+        raise ConfigError(f"base student has {len(base_mixers)} layers, the new layout {len(mixers)}")
     changed = tuple(f"model.layers.{i}.self_attn." for i, (a, b) in enumerate(zip(base_mixers, mixers)) if a != b)
     own = student.state_dict()
     with torch.no_grad():
@@ -167,7 +174,7 @@ def _copy_matching_mixers(student: PreTrainedModel, source: PreTrainedModel) -> 
     """Copy mixer weights of layers whose mixer type is the same in `source` and `student`."""
     src_mixers, dst_mixers = source.config.mixers, student.config.mixers
     if len(src_mixers) != len(dst_mixers):
-        raise ValueError("init_from has a different number of layers than the student")
+        raise ConfigError("init_from has a different number of layers than the student")
     src_layers, dst_layers = source.model.layers, student.model.layers
     with torch.no_grad():
         for i, (a, b) in enumerate(zip(src_mixers, dst_mixers)):
@@ -179,8 +186,6 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
     """Load a teacher causal LM (local path, hub id, or `tiny:<variant>` for a built-in random-weight
     teacher); clear errors for missing paths and unsupported families."""
     if str(path_or_name).startswith("tiny:"):
-        from .tiny_teachers import tiny_teacher
-
         model = tiny_teacher(str(path_or_name).split(":", 1)[1])
         model.name_or_path = str(path_or_name)
         if dtype is not None and dtype != "auto":
@@ -194,10 +199,8 @@ def load_teacher(path_or_name: str | Path, dtype: torch.dtype | str | None = Non
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(f"Model path {str(path)!r} has no config.json (is it a Hugging Face model directory?)")
     if looks_local:
-        from .checkpoint import _check_safetensors_file
-
         for file in sorted(path.glob("*.safetensors")):
-            _check_safetensors_file(file)  # a truncated download fails here with the file named
+            check_safetensors_file(file)  # a truncated download fails here with the file named
     try:
         config = AutoConfig.from_pretrained(str(path_or_name), **kwargs)
     except OSError as err:
@@ -219,12 +222,26 @@ def load_tokenizer(teacher_spec: str, tokenizer_path: str | None = None, vocab_s
     else (tiny teachers) the tiny tokenizer."""
     spec = str(tokenizer_path or teacher_spec)
     if spec == "tiny" or spec.startswith("tiny:"):
-        from .tokenization import tiny_tokenizer
-
         return tiny_tokenizer(vocab_size) if vocab_size else tiny_tokenizer()
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
-        raise ValueError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
+        raise ConfigError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
+
+
+def teacher_num_layers(teacher: str) -> int:
+    """Number of decoder layers of a teacher spec (reads only the config of a real checkpoint)."""
+    if str(teacher).startswith("tiny:"):
+        return tiny_teacher(str(teacher).split(":", 1)[1]).config.num_hidden_layers
+    config = AutoConfig.from_pretrained(str(teacher))
+    teacher_family(config)  # an unsupported architecture is named before its layer count is used anywhere
+    return config.num_hidden_layers
+
+
+def model_identity(spec: str) -> dict[str, str]:
+    """A model spec plus, for a local checkpoint, the fingerprint of its weights (a model overwritten in place
+    at the same path is another model)."""
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return {"spec": str(spec), "weights": weights_fingerprint(path)}
+    return {"spec": str(spec)}

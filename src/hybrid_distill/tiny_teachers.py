@@ -19,6 +19,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from .config import ConfigError
 from .dtypes import cast_model
 
 _FAMILIES = {
@@ -55,7 +56,7 @@ TINY_TEACHER_VARIANTS: dict[str, tuple[str, dict]] = {
 def tiny_teacher_config(family: str, **overrides):
     """A small config of `family` (llama, mistral, qwen2, qwen3); `overrides` replace any field."""
     if family not in _FAMILIES:
-        raise ValueError(f"Unknown family {family!r}; choose from {sorted(_FAMILIES)}")
+        raise ConfigError(f"Unknown family {family!r}; choose from {sorted(_FAMILIES)}")
     config_cls, _ = _FAMILIES[family]
     fields = dict(
         vocab_size=512,
@@ -85,7 +86,7 @@ def tiny_teacher(family_or_variant: str = "llama-gqa", seed: int = 0, dtype=torc
     elif family_or_variant in _FAMILIES:
         family = family_or_variant
     else:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown tiny teacher {family_or_variant!r}; choose a variant {sorted(TINY_TEACHER_VARIANTS)} "
             f"or a family {sorted(_FAMILIES)}"
         )

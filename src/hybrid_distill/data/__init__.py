@@ -14,6 +14,7 @@ Held-out data (``ds.eval_batches("heldout")``) is packed from documents held out
 so it is the same text at every ``seq_len``, ``max_tokens`` and seed (see ``packing``).
 """
 
+from .config import DataConfig, add_data_flags, data_config_from_flags
 from .loader import PackedDataset, TokenBatches, TokenBatchSampler, split_indices
 from .packing import (
     HELDOUT_RULE,
@@ -24,25 +25,25 @@ from .packing import (
     resolve_bos,
     tokenizer_fingerprint,
 )
-from .spec import DataSpec, add_data_arguments, data_spec_from_args
-from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, resolve_source
+from .sources import DataSourceError, ResolvedSource, default_corpus_path, iter_texts, read_haystack, resolve_source
 
 __all__ = [
     "HELDOUT_RULE",
     "DataSourceError",
-    "DataSpec",
+    "DataConfig",
     "PackedDataset",
     "ResolvedSource",
     "TokenBatchSampler",
     "TokenBatches",
-    "add_data_arguments",
+    "add_data_flags",
     "build_token_dataset",
-    "data_spec_from_args",
+    "data_config_from_flags",
     "default_cache_dir",
     "default_corpus_path",
     "heldout_hash",
     "heldout_units",
     "iter_texts",
+    "read_haystack",
     "resolve_bos",
     "resolve_source",
     "split_indices",

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sources import DataSourceError
+
 # 2: separate training and held-out streams, held out by document content hash (packing.HELDOUT_RULE);
 # version-1 caches (a seeded permutation of packed sequences) are rebuilt, never reused.
 # 3: meta.json counts only the documents/tokens kept under max_tokens, and a held-out fallback that would hold
@@ -316,7 +318,7 @@ class TokenBatchSampler:
             if k in state and state[k] != cur
         ]
         if mismatched:
-            raise ValueError("cannot resume: the data order would differ (" + "; ".join(mismatched) + ")")
+            raise DataSourceError("cannot resume: the data order would differ (" + "; ".join(mismatched) + ")")
         self.seed, self.epoch, self.step = int(state["seed"]), int(state["epoch"]), int(state["step"])
         self._order_epoch = None
 

@@ -64,7 +64,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import numbers
 import os
 import re
@@ -78,11 +77,11 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import fsync_directory
+from ..config import Invalid, integer, optional, real
+from ..fileio import fsync_directory, pid_alive
 from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
-from .spec import float_setting, int_setting
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def resolve_bos(tokenizer, add_bos: bool | str = "auto") -> int | None:
     if add_bos not in (True, False):
         raise ValueError(f"add_bos must be 'auto', True or False, got {add_bos!r}")
     if add_bos and bos is None:
-        raise ValueError("add_bos=True but the tokenizer has no bos_token")
+        raise DataSourceError("add_bos=True but the tokenizer has no bos_token")
     return bos if add_bos else None
 
 
@@ -380,16 +379,6 @@ def _cache_problem(path: Path, key: str) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temps(cache_dir: Path, key: str) -> None:
     """Delete temp build dirs of ``key`` left by killed processes on this host."""
     host = socket.gethostname()
@@ -398,8 +387,16 @@ def _remove_dead_temps(cache_dir: Path, key: str) -> None:
             owner = json.loads((tmp / "owner.json").read_text())
         except (OSError, ValueError):
             continue
-        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
+        if owner.get("host") == host and not pid_alive(int(owner.get("pid", -1))):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _setting(value, name: str, check):
+    """``value`` as a Python number (YAML strings such as "1e6", numpy ints), or DataSourceError naming ``name``."""
+    try:
+        return check(value)
+    except Invalid as err:
+        raise DataSourceError(f"{name} {err}, got {value!r}") from None
 
 
 def build_token_dataset(
@@ -443,12 +440,12 @@ def build_token_dataset(
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     seq_len = int(seq_len)
     # Python numbers from here on (YAML strings such as "1e6", numpy ints): they enter meta.json and the cache key
-    max_tokens = int_setting(max_tokens, "max_tokens")
-    heldout_fraction = float_setting(heldout_fraction, "heldout_fraction")
-    heldout_sequences = int_setting(heldout_sequences, "heldout_sequences")
-    require_sequences = int_setting(require_sequences, "require_sequences")
+    max_tokens = _setting(max_tokens, "max_tokens", optional(integer()))
+    heldout_fraction = _setting(heldout_fraction, "heldout_fraction", real())
+    heldout_sequences = _setting(heldout_sequences, "heldout_sequences", optional(integer()))
+    require_sequences = _setting(require_sequences, "require_sequences", optional(integer()))
     if max_tokens is not None and max_tokens < seq_len:
-        raise ValueError(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}")
+        raise DataSourceError(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     if heldout_sequences is not None and heldout_sequences < 0:
@@ -459,7 +456,7 @@ def build_token_dataset(
             f"the held-out documents, and heldout_fraction=0 holds out none"
         )
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set one (documents are separated by EOS)")
+        raise DataSourceError("the tokenizer has no eos_token; set one (documents are separated by EOS)")
     res = resolve_source(source, config=config, revision=revision)
     bos = resolve_bos(tokenizer, add_bos)
     tok_fp = tokenizer_fingerprint(tokenizer)

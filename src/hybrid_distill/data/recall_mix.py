@@ -3,9 +3,9 @@
 A teacher pretrained on recall documents (as the shipped tiny teacher) only shows its recall
 behaviour on prompts of that format; a student distilled on generic text alone never sees them.
 `RecallMix` interleaves whole recall documents (prompt + answer prefix + a correct answer, made
-by the evaluation suite's generators with the run's tokenizer) into the documents of any source,
-so that about ``fraction`` of the characters are recall documents. Generator seeds start at
-``seed`` (default 10**6), far from the evaluation's sample seeds.
+by the recall task generators of `hybrid_distill.tasks` with the run's tokenizer, in the evaluation's
+template family) into the documents of any source, so that about ``fraction`` of the characters are
+recall documents. Generator seeds start at ``seed`` (default 10**6), far from the evaluation's sample seeds.
 
 It is off by default: the paper distills on generic text only.
 """
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..tasks import TASKS, LengthError, generate_samples
 from .sources import DataSourceError
 
 # The shipped teacher's pretraining mixture (scripts/pretrain_teacher.yaml): task -> weight.
@@ -44,8 +45,6 @@ class RecallMix:
     seed: int = 1_000_000
 
     def __post_init__(self):
-        from ..evaluation import TASKS
-
         if isinstance(self.fraction, bool) or not 0.0 < float(self.fraction) < 1.0:
             raise DataSourceError(f"data.recall_fraction must be in (0, 1), got {self.fraction!r}")
         if not self.tasks:
@@ -66,8 +65,6 @@ class RecallMix:
 
     def seeded_documents(self, tokenizer, seq_len: int) -> Iterator[tuple[int, str]]:
         """``(generator seed, document)`` pairs of `documents` (the seed identifies a document at every seq_len)."""
-        from ..evaluation import TASKS, LengthError, generate_samples
-
         names = sorted(self.tasks)
         weights = [float(self.tasks[n]) for n in names]
         low, high = max(16, seq_len * 3 // 8), max(17, seq_len - 16)

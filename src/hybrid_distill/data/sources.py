@@ -22,7 +22,6 @@ lone UTF-16 surrogates from JSON escapes (``"\\ud83d"``) are replaced by U+FFFD.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +30,13 @@ import socket
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from ..errors import HybridDistillError
+from ..fileio import sha256_file
+from ..tasks.haystack import NAMED_HAYSTACKS, TextHaystack
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(HybridDistillError, ValueError):
     """A data source that cannot be read as asked; the message says why and what to do."""
 
 
@@ -69,7 +73,7 @@ class ResolvedSource:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the content, for cache keys (paths + sizes + mtimes for files)."""
         if self.kind == "default":
-            return {"kind": "default", "sha256": _sha256_file(DEFAULT_CORPUS_FILE), "kinds": list(self.default_kinds)}
+            return {"kind": "default", "sha256": sha256_file(DEFAULT_CORPUS_FILE), "kinds": list(self.default_kinds)}
         if self.kind == "hub":
             return {"kind": "hub", "name": self.hub_name, "config": self.hub_config, "revision": self.hub_revision}
         entries = []
@@ -77,14 +81,6 @@ class ResolvedSource:
             st = f.stat()
             entries.append([str(f), st.st_size, st.st_mtime_ns])
         return {"kind": "files", "files": entries}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_format(path: Path) -> str | None:
@@ -430,3 +426,20 @@ def _iter_hub(res: ResolvedSource, text_field: str, split: str) -> Iterator[str]
     where = f"dataset {res.hub_name!r} split {split!r}"
     for i, rec in enumerate(ds):
         yield from _field(rec, text_field, where, f"record {i}")  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=8)
+def _corpus_haystack(spec: str) -> TextHaystack:
+    if not (spec == "default" or spec.startswith("default:")) and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"haystack corpus {spec!r} not found (pass a local file/folder or 'default:prose')")
+    return TextHaystack(iter_texts(spec), name=f"corpus:{spec}")
+
+
+def read_haystack(spec: Any) -> Any:
+    """A recall-task haystack spec with a corpus read: ``"default[:prose|code]"`` or a local file/folder
+    (read by `iter_texts`) -> a `hybrid_distill.tasks.TextHaystack` of its sentences (cached per spec).
+    Every other spec (``None``, a name of ``NAMED_HAYSTACKS`` such as ``"noise"`` or ``"prose"``, a list of
+    strings, a `Haystack`) is returned as it is, for `hybrid_distill.tasks.resolve_haystack`."""
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec) not in NAMED_HAYSTACKS:
+        return _corpus_haystack(os.fspath(spec))
+    return spec

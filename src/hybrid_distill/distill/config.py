@@ -1,27 +1,44 @@
-"""`DistillConfig`: every setting of a distillation run, validated, with per-stage defaults.
+"""`DistillConfig`: every setting of one distillation stage, checked at creation, with per-stage defaults.
 
-Fields left as ``None`` take the stage's default (the RADLADS / paper-code values) at creation, so
-a created config is always concrete. Validation errors name the field (``DistillConfig.<field>``).
+Fields left as ``None`` take the stage's default (the RADLADS / paper-code values) at creation, so a created
+config is always concrete. Errors name the field (``DistillConfig.<field>``, or its path in a run config).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from ..config import (
+    Config,
+    ConfigError,
+    Invalid,
+    add_flags,
+    boolean,
+    flag_values,
+    integer,
+    list_of,
+    one_of,
+    optional,
+    parse_float,
+    real,
+    setting,
+)
+
 # Per-stage defaults (paper code / RADLADS): Stage 1 100M tokens @512, lr 1e-3 cosine -> 0;
-# Stage 2 600M tokens, lr 1e-4 for mixers and 7e-6 for the rest, constant; Stage 3 CE 100M.
+# Stage 2 600M tokens @4096, lr 1e-4 for mixers and 7e-6 for the rest, constant; Stage 3 CE 100M @4096.
 STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: {"target_tokens": 100_000_000, "lr_mixer": 1e-3, "lr_other": 0.0, "schedule": "cosine"},
     2: {"target_tokens": 600_000_000, "lr_mixer": 1e-4, "lr_other": 7e-6, "schedule": "constant"},
     3: {"target_tokens": 100_000_000, "lr_mixer": 1e-5, "lr_other": 1e-5, "schedule": "cosine"},
 }
+# Sequence length a recipe loads data at when the config leaves seq_len unset (the trainer itself then takes
+# the data's own length).
+STAGE_SEQ_LEN: dict[int, int] = {1: 512, 2: 4096, 3: 4096}
 
 # Fields that do not change the training trajectory: a checkpoint may be resumed with other values.
 RESUME_INSENSITIVE_FIELDS = frozenset(
@@ -46,19 +63,22 @@ RESUME_INSENSITIVE_FIELDS = frozenset(
     }
 )
 
-_SCHEDULES = ("cosine", "constant")
-_PRECISIONS = ("auto", "bf16", "fp32")
-_STAGE1_NORMS = ("none", "hidden")
 _REPORTERS = ("tensorboard", "wandb")
-_COMPILE_CHOICES = ("off", "teacher", "all")
 
 
-class ConfigError(ValueError):
-    """An invalid `DistillConfig` value; the message names the field."""
+def _betas(value: Any) -> tuple[float, float]:
+    values = list_of(real(0.0, below=1.0), min_len=2, what="numbers in [0, 1)")(value)
+    if len(values) != 2:
+        raise Invalid("must be two numbers in [0, 1)")
+    return (values[0], values[1])
+
+
+def _reporters(value: Any) -> tuple[str, ...]:
+    return tuple(list_of(one_of(*_REPORTERS), min_len=0, what=f"names in {list(_REPORTERS)}")(value or ()))
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Config):
     """Settings of one distillation run (stage 1, 2 or 3).
 
     Batch geometry: ``global_batch_size`` sequences of ``seq_len`` tokens per optimizer step,
@@ -67,144 +87,85 @@ class DistillConfig:
     Budgets are in tokens: ``steps = ceil(target_tokens / (global_batch_size × seq_len))``.
     """
 
-    stage: int = 2
-    target_tokens: int | None = None
-    seq_len: int | None = None  # None: taken from the data (PackedDataset.seq_len or the first batch)
-    global_batch_size: int = 32
-    micro_batch_size: int | None = None  # None: global_batch_size // world_size (no accumulation)
+    stage: int = setting(2, check=lambda v: one_of(1, 2, 3)(integer()(v)),
+                         help="1: attention alignment, 2: KL, 3: CE fine-tune")
+    target_tokens: int | None = setting(None, check=integer(1), help="token budget (default: the stage's)")
+    seq_len: int | None = setting(None, check=optional(integer(2)),
+                                  help="tokens per sequence (default: the data's; recipes load data at the stage's "
+                                  f"length {STAGE_SEQ_LEN})")
+    global_batch_size: int = setting(32, check=integer(1), help="sequences per optimizer step, over all processes")
+    micro_batch_size: int | None = setting(None, check=optional(integer(1)),
+                                           help="sequences per forward per process (default: global / world size)")
 
     # Optimizer (AdamW) and schedule. lr_mixer: parameters of linear-attention mixers; lr_other: the rest.
-    lr_mixer: float | None = None
-    lr_other: float | None = None
-    # Learning rate of the softmax attention layers a hybrid keeps (Stages 2 and 3): "mixer" (lr_mixer, as
-    # the paper's code trains every parameter with "attn" in its name) or "other" (lr_other, as the MLPs).
-    softmax_lr: str = "mixer"
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 1.0  # None or 0 disables clipping
-    schedule: str | None = None  # "cosine" or "constant"
-    warmup_tokens: int = 0
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    lr_mixer: float | None = setting(None, check=real(0.0, exclusive=True), help="lr of the linear mixers")
+    lr_other: float | None = setting(None, check=real(0.0), help="lr of every other trained parameter")
+    softmax_lr: str = setting("mixer", check=one_of("mixer", "other"),
+                              help="lr group of the softmax layers a hybrid keeps: 'mixer' (as the paper's code "
+                              "trains every parameter with 'attn' in its name) or 'other'")
+    weight_decay: float = setting(0.01, check=real(0.0))
+    adam_betas: tuple[float, float] = setting((0.9, 0.95), check=_betas, parse=parse_float, nargs=2, metavar="BETA",
+                                              help="AdamW betas")
+    adam_eps: float = setting(1e-8, check=real(0.0, exclusive=True))
+    grad_clip: float | None = setting(1.0, check=optional(real(0.0)), help="gradient-norm clip (0 or none: off)")
+    schedule: str | None = setting(None, check=one_of("cosine", "constant"), help="lr schedule after warm-up")
+    warmup_tokens: int = setting(0, check=integer(0), help="linear warm-up length in tokens")
+    min_lr_ratio: float = setting(0.0, check=real(0.0, maximum=1.0), help="cosine decays to lr * min_lr_ratio")
 
     # Losses.
-    tau: float = 1.0  # Stage-2 temperature (1.0 as the paper's code)
-    stage1_loss_norm: str = "none"  # "none": squared L2 per token (paper Eq. 4); "hidden": / hidden size
-    kl_chunk_size: int = 1024  # tokens per lm_head chunk (Stage 2 KL, Stage 3 CE, evaluation)
+    tau: float = setting(1.0, check=real(0.0, exclusive=True), help="Stage-2 temperature (1.0 as the paper's code)")
+    stage1_loss_norm: str = setting("none", check=one_of("none", "hidden"),
+                                    help="'none': squared L2 per token (paper Eq. 4); 'hidden': divided by the hidden size")
+    kl_chunk_size: int = setting(1024, check=integer(1), help="tokens per lm_head chunk (KL, CE, evaluation)")
 
     # Execution.
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
-    device: str = "auto"  # "auto": cuda:<LOCAL_RANK> when available, else cpu
-    fsdp: str = "auto"  # "auto" (on when world_size > 1), "on", "off" (replicas + all-reduced gradients)
-    activation_checkpointing: bool = False
-    # torch.compile decoder layers (Stages 2 and 3; the first steps compile): "off", "teacher" (the frozen
-    # teacher only) or "all" (teacher and student; on an H200 Stage 2 of a 1.5B shape went 24.5k -> 30-31k
-    # tokens/s, and its peak memory 60.6 -> 47.6 GiB)
-    compile_layers: str = "off"
-    seed: int = 0
+    precision: str = setting("auto", check=one_of("auto", "bf16", "fp32"),
+                             help="'auto': bf16 autocast on CUDA, fp32 on CPU")
+    device: str = setting("auto", check=None, help="'auto' (cuda:<LOCAL_RANK> when available, else cpu) or a device")
+    fsdp: str = setting("auto", check=one_of("auto", "on", "off"),
+                        help="'auto': on when world_size > 1; 'off': replicas with all-reduced gradients")
+    activation_checkpointing: bool = setting(False, check=boolean)
+    compile_layers: str = setting("off", check=one_of("off", "teacher", "all"),
+                                  help="torch.compile decoder layers in Stages 2 and 3: the frozen teacher's, or "
+                                  "teacher's and student's")
+    seed: int = setting(0, check=integer(0))
 
     # Logging, evaluation, checkpoints.
-    log_every_steps: int = 1
-    eval_every_tokens: int | None = None  # None: evaluate only at the end (if held-out data exists)
-    eval_max_batches: int = 16  # per process
-    eval_batch_size: int | None = None  # None: micro_batch_size
-    save_every_tokens: int | None = None  # None: no checkpoints by token count
-    # Also checkpoint once this many minutes passed since the last checkpoint (None or 0: off), so an
-    # interrupted run loses at most that much work even when save_every_tokens is not set.
-    save_every_minutes: float | None = 30.0
-    keep_last: int = 2
-    save_final_model: bool = True
-    progress: bool = True
-    report_to: tuple[str, ...] = ()  # subset of ("tensorboard", "wandb"); used only when installed
-    run_name: str | None = None
+    log_every_steps: int = setting(1, check=integer(1))
+    eval_every_tokens: int | None = setting(None, check=optional(integer(1)),
+                                            help="held-out evaluation interval (default: at the end only)")
+    eval_max_batches: int = setting(16, check=integer(0), help="held-out batches per process and evaluation")
+    eval_batch_size: int | None = setting(None, check=optional(integer(1)), help="default: micro_batch_size")
+    save_every_tokens: int | None = setting(None, check=optional(integer(1)), help="checkpoint interval in tokens")
+    save_every_minutes: float | None = setting(30.0, check=optional(real(0.0)),
+                                               help="also checkpoint once this many minutes passed (0: off)")
+    keep_last: int = setting(2, check=integer(1), help="checkpoints kept")
+    save_final_model: bool = setting(True, check=boolean)
+    progress: bool = setting(True, check=boolean, help="progress bar")
+    report_to: tuple[str, ...] = setting((), check=_reporters, parse=str, nargs="*", metavar="NAME",
+                                         help=f"extra metric sinks among {list(_REPORTERS)} (used when installed)")
+    run_name: str | None = setting(None, help="name for W&B")
 
     def __post_init__(self):
-        self.report_to = tuple(self.report_to or ())
-        self.adam_betas = tuple(self.adam_betas)
-        self._check_int("stage", 1)
-        if self.stage not in STAGE_DEFAULTS:
-            raise ConfigError(f"DistillConfig.stage must be 1, 2 or 3, got {self.stage!r}")
+        if isinstance(self.stage, bool) or self.stage not in STAGE_DEFAULTS:
+            raise self.invalid("stage", "must be 1, 2 or 3")
         for name, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        self.validate()
-
-    # -- validation ---------------------------------------------------------------------------
-    def _fail(self, name: str, message: str):
-        value = getattr(self, name)
-        hint = ""
-        if isinstance(value, str):
-            try:
-                float(value)
-                hint = " (YAML reads a number like 1e-3 as text: write 1.0e-3)"
-            except ValueError:
-                pass
-        raise ConfigError(f"DistillConfig.{name} {message}, got {value!r}{hint}")
-
-    def _check_int(self, name: str, minimum: int, optional: bool = False):
-        value = getattr(self, name)
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            self._fail(name, "must be an integer")
-        if value < minimum:
-            self._fail(name, f"must be >= {minimum}")
-
-    def _check_float(self, name: str, minimum: float, exclusive: bool = False, maximum: float | None = None):
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self._fail(name, "must be a finite number")
-        if value < minimum or (exclusive and value == minimum):
-            self._fail(name, f"must be {'>' if exclusive else '>='} {minimum}")
-        if maximum is not None and value > maximum:
-            self._fail(name, f"must be <= {maximum}")
-
-    def _check_choice(self, name: str, choices):
-        if getattr(self, name) not in choices:
-            self._fail(name, f"must be one of {list(choices)}")
+        super().__post_init__()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid field."""
-        self._check_int("target_tokens", 1)
-        self._check_int("seq_len", 2, optional=True)
-        self._check_int("global_batch_size", 1)
-        self._check_int("micro_batch_size", 1, optional=True)
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
-            self._fail("micro_batch_size", f"must divide global_batch_size={self.global_batch_size}")
-        self._check_float("lr_mixer", 0.0, exclusive=True)
-        self._check_float("lr_other", 0.0, exclusive=self.stage != 1)
-        self._check_float("weight_decay", 0.0)
-        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
-            self._fail("adam_betas", "must be two numbers in [0, 1)")
-        self._check_float("adam_eps", 0.0, exclusive=True)
-        if self.grad_clip is not None:
-            self._check_float("grad_clip", 0.0)
-        self._check_choice("schedule", _SCHEDULES)
-        self._check_choice("softmax_lr", ("mixer", "other"))
-        self._check_int("warmup_tokens", 0)
-        self._check_float("min_lr_ratio", 0.0, maximum=1.0)
-        self._check_float("tau", 0.0, exclusive=True)
-        self._check_choice("stage1_loss_norm", _STAGE1_NORMS)
-        self._check_int("kl_chunk_size", 1)
-        self._check_choice("precision", _PRECISIONS)
+            raise self.invalid("micro_batch_size", f"must divide global_batch_size={self.global_batch_size}")
+        if self.stage != 1 and self.lr_other == 0.0:
+            raise self.invalid("lr_other", f"must be > 0 in Stage {self.stage} (it trains every parameter)")
         if not isinstance(self.device, str) or not self.device:
-            self._fail("device", "must be 'auto' or a torch device string such as 'cpu' or 'cuda:0'")
-        self._check_choice("fsdp", ("auto", "on", "off"))
-        if not isinstance(self.activation_checkpointing, bool):
-            self._fail("activation_checkpointing", "must be true or false")
-        self._check_choice("compile_layers", _COMPILE_CHOICES)
-        self._check_int("seed", 0)
-        self._check_int("log_every_steps", 1)
-        self._check_int("eval_every_tokens", 1, optional=True)
-        self._check_int("eval_max_batches", 0)
-        self._check_int("eval_batch_size", 1, optional=True)
-        self._check_int("save_every_tokens", 1, optional=True)
-        if self.save_every_minutes is not None:
-            self._check_float("save_every_minutes", 0.0)
-        self._check_int("keep_last", 1)
-        bad = [r for r in self.report_to if r not in _REPORTERS]
-        if bad:
-            self._fail("report_to", f"may only contain {list(_REPORTERS)}")
+            raise self.invalid("device", "must be 'auto' or a torch device string such as 'cpu' or 'cuda:0'")
+
+    @property
+    def data_seq_len(self) -> int:
+        """The sequence length recipes load data at: ``seq_len``, else the stage's default."""
+        return self.seq_len or STAGE_SEQ_LEN[self.stage]
 
     # -- derived values -----------------------------------------------------------------------
     def micro_batch(self, world_size: int) -> int:
@@ -231,39 +192,9 @@ class DistillConfig:
         """Optimizer steps of the run: ceil(target_tokens / (global_batch_size × seq_len))."""
         return math.ceil(self.target_tokens / (self.global_batch_size * seq_len))
 
-    # -- (de)serialisation and fingerprint ----------------------------------------------------
+    # -- fingerprint ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        d["report_to"] = list(self.report_to)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
-        """Build from a mapping; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown DistillConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> DistillConfig:
-        """Load a JSON or YAML file (``overrides`` replace its values)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of DistillConfig fields")
-        return cls.from_dict({**data, **overrides})
-
-    def replace(self, **changes) -> DistillConfig:
-        return dataclasses.replace(self, **changes)
+        return {**super().to_dict(), "adam_betas": list(self.adam_betas), "report_to": list(self.report_to)}
 
     def resume_fields(self) -> dict[str, Any]:
         """The fields a checkpoint must agree on to be resumed."""
@@ -285,59 +216,31 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# argparse glue (the CLI owner wraps this)
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--<field-name>`` option per `DistillConfig` field (default: the field's default)."""
-    group = parser.add_argument_group("distillation config (DistillConfig fields)")
-    for f in fields(DistillConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": None, "help": f"default: {f.default!r}"}
-        if f.name == "adam_betas":
-            kw.update(type=float, nargs=2, metavar=("BETA1", "BETA2"))
-        elif f.name == "report_to":
-            kw.update(nargs="*", choices=_REPORTERS)
-        elif f.name == "grad_clip":
-            kw.update(type=float)
-        elif f.type in (bool, "bool"):
-            kw.update(type=_parse_bool, metavar="BOOL")
-        elif f.name in ("lr_mixer", "lr_other", "weight_decay", "adam_eps", "min_lr_ratio", "tau", "save_every_minutes"):
-            kw.update(type=float)
-        elif "int" in str(f.type):
-            kw.update(type=int)
-        group.add_argument(flag, **kw)
-    group.add_argument("--no-progress", dest="cfg_progress", action="store_const", const=False,
+def add_distill_config_flags(parser) -> None:
+    """One ``--<field>`` option per `DistillConfig` field, ``--config FILE`` and ``--no-progress``."""
+    add_flags(parser, DistillConfig, prefix="cfg_", title="distillation config (DistillConfig fields)")
+    group = parser.add_argument_group("distillation config file")
+    group.add_argument("--no-progress", dest="cfg_progress", action="store_const", const=False, default=argparse.SUPPRESS,
                        help="no progress bar (same as --progress false, and as run/select's --no-progress)")
     group.add_argument("--config", dest="cfg_file", default=None, help="JSON/YAML file of DistillConfig fields")
 
 
-def config_from_args(args: argparse.Namespace | dict) -> DistillConfig:
-    """`DistillConfig` from parsed `add_config_arguments` options (file values, then flags)."""
-    ns = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    overrides = {k[4:]: v for k, v in ns.items() if k.startswith("cfg_") and k != "cfg_file" and v is not None}
-    if ns.get("cfg_file"):
-        return DistillConfig.from_file(ns["cfg_file"], **overrides)
-    return DistillConfig.from_dict(overrides)
+def distill_config_from_flags(ns: argparse.Namespace | dict) -> DistillConfig:
+    """The `DistillConfig` of `add_distill_config_flags` options: the file's fields, then the flags given."""
+    values = vars(ns) if isinstance(ns, argparse.Namespace) else dict(ns)
+    flags = flag_values(values, DistillConfig, prefix="cfg_")
+    if values.get("cfg_file"):
+        return DistillConfig.from_file(values["cfg_file"], **flags)
+    return DistillConfig.from_dict(flags)
 
 
 __all__ = [
     "RESUME_INSENSITIVE_FIELDS",
     "STAGE_DEFAULTS",
+    "STAGE_SEQ_LEN",
     "ConfigError",
     "DistillConfig",
-    "add_config_arguments",
-    "config_from_args",
+    "add_distill_config_flags",
+    "distill_config_from_flags",
     "resume_mismatch",
 ]

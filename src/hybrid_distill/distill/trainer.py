@@ -1,107 +1,68 @@
-"""The distillation loop: budgets in tokens, AdamW + schedule, micro-batching, logging, evaluation,
-atomic checkpoints with exact resume, and a `DONE` marker that makes finished runs a no-op.
+"""The distillation loop: `Trainer` trains one stage into a run folder over a `TrainState`, to the end or to a pause
+point; `distill` is the one-call form; `read_progress` reads a run folder's progress without loading any model.
 
-Run directory layout::
-
-    run_dir/
-      metrics.jsonl            one line per log step ("kind": "train") and per evaluation ("kind": "eval")
-      checkpoints/step_XXXXXXXX/   model.pt, optimizer.pt, trainer.pt, rng_rank<r>.pt, state.json
-      final/                   the trained student as a Hugging Face checkpoint (save_final_model)
-      result.json, DONE        written last
+The run folder (`hybrid_distill.layout.TrainLayout`) is a `hybrid_distill.artifacts.Step`: its ``step.json``
+records the settings key the run trains under — the config fields that change the trajectory, the student's
+layout, and the caller's ``identity`` (e.g. the teacher's weights fingerprint and the data's identity) — and,
+once finished, the `DistillResult`. A finished run under the same key returns that result (loading the final
+weights into the student); a folder made under other settings is refused, naming the changes, or set aside;
+checkpoints (`checkpointing`) carry the key too and are resumed only under it. One process writes a run folder
+at a time (`hybrid_distill.artifacts.FolderLock`; rank 0 holds it under torchrun).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..artifacts import FolderLock, FolderLockedError, StaleStepError, Step, StepRecord
+from ..checkpoint import CheckpointError
 from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
 from ..dtypes import cast_model
-from ..data.loader import SplitBatchesMixin
-from ..fileio import fsync_directory, fsync_file, fsync_tree
+from ..layout import TrainLayout
 from . import distributed as hd_dist
-from .compiling import compile_decoder_layers
-from .config import DistillConfig, config_from_args, resume_mismatch
-from .stages import (
-    attention_parameter_names,
-    evaluate_kl,
-    evaluate_stage,
-    make_stage,
-    mixer_parameter_names,
-    unpack_batch,
+from .batches import heldout_batches, infer_seq_len, micro_batches, train_iterator
+from .checkpointing import (
+    FRESH_START,
+    STATE_FILE,
+    checkpoint_step,
+    decode_rng_state,
+    latest_checkpoint,
+    load_final_weights,
+    read_checkpoint,
+    read_json_file,
+    remove_interrupted_writes,
+    rng_state,
+    save_checkpoint,
+    save_final_model,
+    set_rng_state,
 )
+from .compiling import compile_decoder_layers
+from .config import DistillConfig
+from .metrics import MetricsWriter, read_metrics
+from .optim import build_optimizer, build_scheduler, group_lrs, lr_mixer_parameter_names, optimizer_step
+from .stages import Stage, attention_parameter_names, evaluate_kl, evaluate_stage, make_stage, mixer_parameter_names
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
-DONE_FILE = "DONE"
-RESULT_FILE = "result.json"
-
 
 # --------------------------------------------------------------------------------------------
-# In-memory token data with the PackedDataset interface
-# --------------------------------------------------------------------------------------------
-
-
-class TensorTokenDataset(SplitBatchesMixin):
-    """Token sequences held in memory ([N, T] LongTensor, optional padding mask) behaving like
-    `hybrid_distill.data.PackedDataset`: deterministic, resumable, rank-sharded ``batches`` and
-    ordered ``eval_batches`` over a held-out split of ``heldout_sequences`` rows."""
-
-    def __init__(
-        self,
-        tokens: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        heldout_sequences: int = 0,
-        seed: int = 0,
-    ):
-        from ..data import split_indices
-
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [num_sequences, seq_len], got {tuple(tokens.shape)}")
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
-            raise ValueError("attention_mask must have the shape of tokens")
-        self.tokens, self.mask = tokens.long(), attention_mask
-        self.seq_len = tokens.shape[1]
-        train, heldout = split_indices(len(tokens), 0.0, seed, heldout_sequences)
-        self.train_indices, self.heldout_indices = train, heldout
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def indices(self, split: str) -> np.ndarray:
-        return {"train": self.train_indices, "heldout": self.heldout_indices, "all": np.arange(len(self.tokens))}[split]
-
-    def get_batch(self, indices):
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        if self.mask is None:
-            return self.tokens[idx]
-        return {"input_ids": self.tokens[idx], "attention_mask": self.mask[idx]}
-
-# --------------------------------------------------------------------------------------------
-# Result
+# Results and state
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class DistillResult:
-    """Outcome of `distill` (also stored as ``result.json`` in the run directory)."""
+    """Outcome of one distillation run (stored in its ``step.json`` once finished)."""
 
     run_dir: str
     stage: int
@@ -116,321 +77,57 @@ class DistillResult:
     wall_time_s: float
     resumed_from_step: int | None = None
     already_done: bool = False
-    paused: bool = False  # stopped at ``pause_at_tokens`` with a checkpoint; calling `distill` again continues
+    paused: bool = False  # stopped at a pause point with a checkpoint; training again continues the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillResult:
+    def from_dict(cls, d: Mapping[str, Any]) -> DistillResult:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-# --------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where a run stands: optimizer steps and tokens trained, seconds spent training, the data position."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    data_state: dict[str, Any] | None = None
+    resumed_from: int | None = None  # the checkpoint step this process started from
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return param.dim() < 2 or leaf in ("A_log", "dt_bias") or getattr(param, "_no_weight_decay", False)
+@dataclass
+class TrainProgress:
+    """What `Trainer.run` (or `read_progress`) reports: whether the run is finished, how far it is, and its
+    held-out evaluation records so far (``metrics.jsonl`` rows of kind "eval": ``step``, ``tokens``,
+    ``eval_<metric>``)."""
 
-
-def lr_mixer_parameter_names(student: nn.Module, config: DistillConfig) -> set[str]:
-    """Parameters trained at ``lr_mixer``: the linear mixers', and the softmax layers' with ``softmax_lr="mixer"``.
-
-    (Stage 1 trains the linear mixers only, so the softmax layers' group matters in Stages 2 and 3.)
-    """
-    names = mixer_parameter_names(student)
-    if config.softmax_lr == "mixer":
-        names |= attention_parameter_names(student)
-    return names
-
-
-def build_optimizer(student: nn.Module, config: DistillConfig, mixer_names: set[str]) -> torch.optim.AdamW:
-    """AdamW over the trainable student parameters in up to four groups: {mixer, other} × {decay, no decay}.
-
-    No weight decay on biases, norm weights (any parameter with < 2 dims) and GDN's A_log / dt_bias.
-    Each group carries ``name`` ("mixer" or "other") for logging.
-    """
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = "mixer" if name in mixer_names else "other"
-        groups.setdefault((kind, _no_decay(name, p)), []).append(p)
-    if not groups:
-        raise ValueError("the student has no trainable parameters for this stage")
-    lrs = {"mixer": config.lr_mixer, "other": config.lr_other}
-    param_groups = [
-        {"params": params, "name": kind, "lr": lrs[kind], "weight_decay": 0.0 if nodecay else config.weight_decay}
-        for (kind, nodecay), params in sorted(groups.items())
-    ]
-    # One fused kernel over all CUDA parameters instead of per-tensor launches (the plain AdamW step was
-    # 16% of a 1.5B Stage-2 step on an H100); CPU keeps the default implementation.
-    on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
-    return torch.optim.AdamW(param_groups, betas=tuple(config.adam_betas), eps=config.adam_eps, fused=on_cuda or None)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the base lr for the update at 0-based ``step``: linear warm-up, then cosine or constant."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer, config: DistillConfig, total_steps: int, tokens_per_step: int):
-    warmup = math.ceil(config.warmup_tokens / tokens_per_step) if config.warmup_tokens else 0
-
-    def fn(step: int) -> float:
-        return lr_factor(step, total_steps, warmup, config.schedule, config.min_lr_ratio)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def _group_lrs(optimizer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for g in optimizer.param_groups:
-        out.setdefault(f"lr_{g.get('name', 'group')}", float(g["lr"]))
-    return out
+    done: bool
+    step: int
+    tokens: int
+    total_tokens: int | None
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    result: DistillResult | None = None  # when done
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file()]
-    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    dirs = _checkpoint_dirs(Path(run_dir))
-    return dirs[-1] if dirs else None
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(
-    run_dir: Path,
-    ctx: hd_dist.DistContext,
-    step: int,
-    model_state: dict,
-    optim_state: dict,
-    trainer_state: dict,
-    state_json: dict,
-    keep_last: int,
-) -> Path:
-    """Write a checkpoint atomically: temp dir, fsync every file, os.replace, prune to ``keep_last``."""
-    root = run_dir / CHECKPOINT_DIR
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
-    if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    hd_dist.barrier()
-    rng_file = tmp / f"rng_rank{ctx.rank}.pt"
-    torch.save(_rng_state(), rng_file)
-    fsync_file(rng_file)
-    if ctx.is_main:
-        torch.save(model_state, tmp / "model.pt")
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(state_json, indent=1, default=str))
-    hd_dist.barrier()
-    if ctx.is_main:
-        fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_directory(root)
-        for old in _checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    hd_dist.barrier()
-    return final
-
-
-def _clean_temp_checkpoints(run_dir: Path) -> None:
-    root = run_dir / CHECKPOINT_DIR
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-class MetricsWriter:
-    """JSONL metrics (rank 0), plus TensorBoard / W&B when installed and asked for."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int, report_to: Iterable[str], config: DistillConfig):
-        self.path = run_dir / METRICS_FILE
-        self.enabled = enabled
-        self._tb = self._wandb = None
-        if not enabled:
-            return
-        if self.path.exists():  # drop lines a killed run wrote after its last checkpoint (or half-wrote)
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if (_parse_line(ln) or {}).get("step", 1 << 62) <= resume_step
-            ]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                logger.warning("report_to includes 'tensorboard' but tensorboard is not installed; skipping it")
-        if "wandb" in report_to:
-            try:
-                import wandb
-
-                self._wandb = wandb.init(
-                    name=config.run_name or run_dir.name, config=config.to_dict(), resume="allow", dir=str(run_dir)
-                )
-            except ImportError:
-                logger.warning("report_to includes 'wandb' but wandb is not installed; skipping it")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step",)}
-        prefix = record.get("kind", "train")
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-        if self._wandb is not None:
-            self._wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=record["step"])
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-
-
-def _parse_line(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def read_metrics(run_dir: str | Path, kind: str = "train") -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl`` of one kind ("train" or "eval")."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = [_parse_line(ln) for ln in path.read_text().splitlines()]
-    return [r for r in rows if r is not None and r.get("kind") == kind]
-
-
-# --------------------------------------------------------------------------------------------
-# Data plumbing
-# --------------------------------------------------------------------------------------------
-
-
-def _train_iterator(data, config: DistillConfig, ctx, start_step: int, saved_state: dict | None):
-    """Rank-local batches of whole optimizer steps, positioned at ``start_step``."""
-    if hasattr(data, "batches"):
-        it = data.batches(
-            "train",
-            config.global_batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        if saved_state is not None and hasattr(it, "load_state_dict"):
-            it.load_state_dict(saved_state)  # also checks the data order would be the same
-        return it
-    if not hasattr(data, "__next__"):
-        raise TypeError(
-            "data must be a PackedDataset-like object with .batches(...), a TensorTokenDataset, or an iterator "
-            f"of rank-local [B, T] token batches; got {type(data).__name__}"
-        )
-    if start_step:
-        if saved_state is not None and hasattr(data, "load_state_dict"):
-            data.load_state_dict(saved_state)
-        else:
-            logger.warning("data iterator has no load_state_dict; skipping %d batches to resume", start_step)
-            for _ in range(start_step):
-                next(data)
-    return data
-
-
-def _eval_batches(data, eval_data, config: DistillConfig, ctx, micro: int) -> list | None:
-    """This rank's held-out batches (the same count on every rank), or None when there are none."""
-    if eval_data is not None:
-        batches = list(eval_data() if callable(eval_data) else eval_data)
-    elif hasattr(data, "eval_batches") and len(getattr(data, "heldout_indices", [])) > 0:
-        batches = list(data.eval_batches("heldout", config.eval_batch_size or micro, ctx.rank, ctx.world_size))
-    else:
-        return None
-    n = hd_dist.all_reduce_min_int(min(len(batches), config.eval_max_batches), ctx.device)
-    return batches[:n] if n > 0 else None
-
-
-def _infer_seq_len(data, config: DistillConfig) -> int:
-    seq_len = getattr(data, "seq_len", None)
-    if config.seq_len is not None:
-        if seq_len is not None and int(seq_len) != config.seq_len:
-            raise ValueError(f"DistillConfig.seq_len={config.seq_len} but the data has seq_len={seq_len}")
-        return config.seq_len
-    if seq_len is None:
-        raise ValueError("DistillConfig.seq_len must be set when the data has no seq_len attribute")
-    return int(seq_len)
-
-
-# --------------------------------------------------------------------------------------------
-# Setup helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _autocast(config: DistillConfig, device: torch.device) -> tuple[bool, Callable]:
-    """(bf16?, context factory): bf16 autocast with fp32 master weights, or plain fp32."""
+def autocast_for(config: DistillConfig, device: torch.device) -> tuple[bool, Callable[[], Any]]:
+    """(bf16?, context factory): bf16 autocast with fp32 master weights (``precision`` "bf16", or "auto" on
+    CUDA), else plain fp32."""
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if bf16:
         return True, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return False, contextlib.nullcontext
 
 
-def _model_fingerprint(student, teacher) -> dict[str, Any]:
+def model_fingerprint(student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
+    """The student's layout (and the teacher's model type): part of a run's settings key."""
     cfg = student.config
     return {
         "mixers": list(getattr(cfg, "mixers", [])),
@@ -442,92 +139,9 @@ def _model_fingerprint(student, teacher) -> dict[str, Any]:
     }
 
 
-def _unwrapped_class(model: nn.Module) -> type:
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(model)
-    if issubclass(cls, FSDPModule):
-        return next(b for b in cls.__mro__[1:] if not issubclass(b, FSDPModule) and issubclass(b, nn.Module))
-    return cls
-
-
-def _save_final_model(student: nn.Module, path: Path, ctx, tokenizer=None) -> None:
-    """The student (+ ``tokenizer``) as a Hugging Face checkpoint (gathered to rank 0 when sharded)."""
-    from ..checkpoint import atomic_directory_write, save_student
-
-    if not hd_dist.is_sharded(student):
-        if ctx.is_main:
-            save_student(student, path, tokenizer=tokenizer)
-        hd_dist.barrier()
-        return
-    state = hd_dist.gather_model_state(student)
-    if ctx.is_main:
-        cls = _unwrapped_class(student)
-        with torch.device("meta"):
-            plain = cls(student.config)
-        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
-        tied = {"lm_head.weight"} if getattr(student.config, "tie_word_embeddings", False) else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(
-                f"gathered state does not fit {cls.__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}"
-            )
-        plain.tie_weights()
-        with atomic_directory_write(path) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    hd_dist.barrier()
-
-
-def _load_final_weights(student: nn.Module, path: Path) -> None:
-    """Copy a finished run's final weights into ``student`` (unsharded)."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(student.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(
-            f"final weights of {path} do not fit the student: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-
-
-def _micro_batches(
-    batch, micro: int, accum: int, seq_len: int, device
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Split one rank-local step batch into ``accum`` micro-batches of ``micro`` sequences, on ``device``."""
-    ids, mask = unpack_batch(batch, None)
-    if ids.shape[0] != micro * accum:
-        raise ValueError(
-            f"got a batch of {ids.shape[0]} sequences; expected {micro * accum} per process "
-            f"(micro_batch_size {micro} x {accum} micro-batches)"
-        )
-    if ids.shape[1] != seq_len:
-        raise ValueError(f"got sequences of {ids.shape[1]} tokens; DistillConfig.seq_len is {seq_len}")
-    out = []
-    for j in range(accum):
-        sl = slice(j * micro, (j + 1) * micro)
-        out.append(unpack_batch({"input_ids": ids[sl], "attention_mask": None if mask is None else mask[sl]}, device))
-    return out
-
-
-def _optimizer_step(optimizer, scheduler, params, grad_clip: float | None, step: int) -> float:
-    """Clip (or just measure) the gradient norm, step optimizer and schedule; returns the norm."""
-    max_norm = grad_clip if grad_clip else float("inf")
-    grad_norm = float(hd_dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    if math.isfinite(grad_norm):
-        optimizer.step()
-    else:
-        logger.warning("step %d: non-finite grad norm %s; update skipped", step + 1, grad_norm)
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+def crossed(before: int, after: int, every: int | None) -> bool:
+    """Whether a multiple of ``every`` tokens lies in (before, after]."""
+    return bool(every) and after // every > before // every
 
 
 def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, when: str, run_dir: Path, device) -> str:
@@ -562,39 +176,394 @@ def out_of_memory_advice(config: DistillConfig, micro: int, seq_len: int, when: 
     )
 
 
-def _crossed(before: int, after: int, every: int | None) -> bool:
-    """Whether a multiple of ``every`` tokens lies in (before, after]."""
-    return bool(every) and after // every > before // every
+def _stored_result(record: StepRecord, layout: TrainLayout) -> DistillResult:
+    """The result a finished run folder recorded, with its paths as found now (the folder may have moved)."""
+    result = DistillResult.from_dict(record.result or {})
+    result.already_done = True
+    result.run_dir, result.metrics_path = str(layout.root), str(layout.metrics)
+    if result.final_model_dir:
+        result.final_model_dir = str(layout.final)
+    return result
 
 
-def _restore(ckpt: Path, resume_key: dict, student, optimizer, scheduler, ctx) -> tuple[int, int, float, Any]:
-    """Load a checkpoint into student/optimizer/scheduler/RNG; returns (step, tokens, elapsed, data state)."""
-    state = json.loads((ckpt / "state.json").read_text())
-    diff = resume_mismatch(state["resume_key"], resume_key)
-    if diff:
-        raise ValueError(
-            f"Refusing to resume {ckpt}: its config differs in fields that change training: "
-            + "; ".join(diff)
-            + ". Use a new run_dir, or restore those values."
+def read_progress(run_dir: str | Path) -> TrainProgress | None:
+    """How far a run folder has trained, from its files only (no model is loaded): None when it holds no run.
+
+    An unfinished run reports its newest checkpoint (the point it resumes from) and the evaluations up to it.
+    It does not check the folder's settings: ask for the progress of a folder whose settings you know.
+    """
+    layout = TrainLayout(run_dir)
+    record = StepRecord.read(layout.root)
+    if record is None:
+        return None
+    snapshots = read_metrics(layout.root, "eval")
+    if record.state == "done":
+        result = _stored_result(record, layout)
+        return TrainProgress(True, result.steps, result.tokens, result.tokens, snapshots, result)
+    ckpt = latest_checkpoint(layout.root)
+    state = read_json_file(ckpt / STATE_FILE, f"checkpoint {ckpt}") if ckpt is not None else None
+    if not isinstance(state, dict) or state.get("key") != record.key:
+        return TrainProgress(False, 0, 0, None, [])
+    return TrainProgress(False, state["step"], state["tokens"], state.get("total_tokens"),
+                         [r for r in snapshots if r.get("step", 0) <= state["step"]])
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One distillation stage (``config.stage``: 1 alignment, 2 KL, 3 CE) of ``student`` from ``teacher`` into
+    ``run_dir``.
+
+    ``data``: a `hybrid_distill.data.PackedDataset`, a `TensorTokenDataset`, or any object with the
+    same ``batches(split, batch_size, seed, epoch, start_step, rank, world_size)`` method; or an
+    iterator of rank-local per-step batches (``[B, T]`` LongTensors or dicts with ``input_ids`` and
+    ``attention_mask``; ``load_state_dict`` makes it resumable). Held-out batches come from
+    ``eval_data`` or the dataset's ``eval_batches("heldout", ...)``. ``tokenizer`` is saved with the final
+    model, so that ``final/`` loads with ``AutoTokenizer`` too.
+
+    ``identity``: what else the run's content depends on (e.g. ``{"teacher": <weights fingerprint>, "data":
+    <data identity>}``), recorded in the settings key; ``upstream``: run ids of the steps it was made from.
+    ``on_stale``: "refuse" (StaleStepError naming the changed settings) or "set_aside" (moved into
+    ``superseded``) for a folder made under other settings. Under torchrun every process makes and runs one.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, data, config: DistillConfig,
+                 run_dir: str | Path, *, eval_data: Iterable | Callable[[], Iterable] | None = None, tokenizer=None,
+                 identity: Mapping[str, Any] | None = None, upstream: Mapping[str, str | None] | None = None,
+                 on_stale: str = "refuse", superseded: str | Path | None = None):
+        if on_stale not in ("refuse", "set_aside") or (on_stale == "set_aside" and superseded is None):
+            raise ValueError(f"on_stale must be 'refuse', or 'set_aside' with a superseded folder; got {on_stale!r}")
+        self.student, self.teacher, self.data, self.config = student, teacher, data, config
+        self.eval_data, self.tokenizer = eval_data, tokenizer
+        self.on_stale, self.superseded = on_stale, superseded
+        self.layout = TrainLayout(run_dir)
+        self.ctx = hd_dist.init_distributed(config.device)
+        model = model_fingerprint(student, teacher)
+        self.config_hash = config.fingerprint(model)
+        train_key = {**config.resume_fields(), "model": model}
+        if config.stage == 1 or not attention_parameter_names(student) - mixer_parameter_names(student):
+            train_key.pop("softmax_lr")  # no softmax layer trains: the setting cannot change this run
+        self.artifact = Step(self.layout.root, {"train": train_key, "identity": dict(identity or {})}, upstream,
+                             what=f"Stage-{config.stage} distillation run")
+        self.state: TrainState | None = None  # set up on the first `run`
+        self.result: DistillResult | None = None
+        self._paused_rng: dict[str, Any] | None = None
+        self._last_loss: float | None = None
+        self._eval: tuple[str | None, float | None] = (None, None)
+
+    # -- the public entry ---------------------------------------------------------------------
+    def run(self, until_tokens: int | None = None, checkpoint_at_pause: bool = True) -> TrainProgress:
+        """Train to the end, or stop once ``until_tokens`` are trained (after that step) and return; calling again
+        continues exactly as if the run had not stopped. The pause is checkpointed, so that another process can
+        continue the run; ``checkpoint_at_pause=False`` skips that write when this object will continue it (the
+        regular checkpoints, ``save_every_*``, still happen)."""
+        if self.result is not None:
+            return self._progress()
+        with self._writing() as record:
+            if record.state == "done":
+                return self._load_finished(record)
+            if self.state is None:
+                self._setup()
+                self._load_state()
+            elif (ckpt := latest_checkpoint(self.layout.root)) is not None and checkpoint_step(ckpt) > self.state.step:
+                self._load_state()  # another process trained this folder on since this one paused
+            return self._train(until_tokens, checkpoint_at_pause)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _train(self, until_tokens: int | None, checkpoint_at_pause: bool = True) -> TrainProgress:
+        cfg, s, total = self.config, self.state, self.total_steps
+        if self._paused_rng is not None:  # the RNGs as they were at the pause, whatever ran in between
+            set_rng_state(decode_rng_state(self._paused_rng))
+        self.student.train()
+        stage = make_stage(cfg.stage, self.student, self.teacher, cfg)
+        metrics = MetricsWriter(self.layout.root, self.ctx.is_main, s.step, cfg.report_to, cfg)
+        bar = self._progress_bar()
+        self._last_save = time.monotonic()
+        self._clock = (s.elapsed, time.perf_counter())  # (seconds trained before this call, when it began)
+        window: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
+        paused = until_tokens is not None and s.tokens >= until_tokens and s.step < total
+        try:
+            while s.step < total and not paused:
+                t0 = time.perf_counter()
+                loss, lrs, grad_norm = self._train_step(stage, next(self.batches))
+                prev_tokens = s.tokens
+                s.step, s.tokens = s.step + 1, s.tokens + self.tokens_per_step
+                self._tick()
+                self._last_loss = loss
+                window.append((loss, time.perf_counter() - t0))
+                if s.step % cfg.log_every_steps == 0 or s.step == total:
+                    metrics.write(self._train_record(window, lrs, grad_norm))
+                    window = []
+                if bar is not None:
+                    bar.update(self.tokens_per_step)
+                    bar.set_postfix(loss=f"{loss:.4g}", lr=f"{next(iter(lrs.values())):.2e}")
+                if s.step == total:
+                    break
+                if self.heldout and crossed(prev_tokens, s.tokens, cfg.eval_every_tokens):
+                    self._evaluate(stage, metrics)
+                saved = crossed(prev_tokens, s.tokens, cfg.save_every_tokens) or self._checkpoint_due()
+                paused = until_tokens is not None and s.tokens >= until_tokens
+                if saved or (paused and checkpoint_at_pause):
+                    self._save()
+            if self.heldout and not paused:
+                self._evaluate(stage, metrics)
+        except torch.OutOfMemoryError as exc:
+            when = f"in step {s.step + 1}" if s.step < total else "in its final evaluation"
+            raise torch.OutOfMemoryError(out_of_memory_advice(cfg, self.micro, self.seq_len, when, self.layout.root,
+                                                              self.ctx.device)) from exc
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+            stage.close()
+        if paused:
+            self._paused_rng = rng_state()
+            return self._progress()
+        return self._finish()
+
+    def _tick(self) -> None:
+        """Bring ``state.elapsed`` up to now."""
+        before, start = self._clock
+        self.state.elapsed = before + time.perf_counter() - start
+
+    def _train_step(self, stage: Stage, batch) -> tuple[float, dict[str, float], float]:
+        """One optimizer step over this process's batch: (mean loss over all processes, lrs used, grad norm)."""
+        ctx, device = self.ctx, self.ctx.device
+        micro = micro_batches(batch, self.micro, self.accum, self.seq_len, device)
+        counts = torch.tensor([float(sum(stage.count_tokens(ids, mask) for ids, mask in micro))],
+                              dtype=torch.float64, device=device)
+        global_count = max(float(hd_dist.all_reduce_sum(counts).item()), 1.0)
+        grad_scale = ctx.world_size / global_count  # data-parallel averaging then yields the global mean
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        for ids, mask in micro:
+            with self.autocast():
+                loss_sum += stage.run(ids, mask, grad_scale).double()
+        loss = float(hd_dist.all_reduce_sum(loss_sum).item()) / global_count
+        if not self.use_fsdp:  # replicated models under torchrun with fsdp="off": plain gradient averaging
+            hd_dist.average_gradients(self.params)
+        lrs = group_lrs(self.optimizer)  # the lr this update uses
+        grad_norm = optimizer_step(self.optimizer, self.scheduler, self.params, self.config.grad_clip, self.state.step)
+        return loss, lrs, grad_norm
+
+    def _train_record(self, window: list[tuple[float, float]], lrs: dict[str, float], grad_norm: float) -> dict:
+        secs = sum(w[1] for w in window)
+        return {"kind": "train", "step": self.state.step, "tokens": self.state.tokens,
+                "loss": sum(w[0] for w in window) / len(window), **lrs, "grad_norm": grad_norm,
+                "tokens_per_s": len(window) * self.tokens_per_step / secs if secs > 0 else None,
+                "elapsed": self.state.elapsed}
+
+    def _evaluate(self, stage: Stage, metrics: MetricsWriter) -> None:
+        """Held-out KL (Stages 2, 3) or the stage's own loss (Stage 1), logged as an "eval" record."""
+        with self.autocast():
+            if self.config.stage in (2, 3) and self.teacher is not None:
+                name, value = "kl", evaluate_kl(self.student, self.teacher, self.heldout, self.config.tau,
+                                                self.config.kl_chunk_size)
+            else:
+                name, value = stage.metric, evaluate_stage(stage, self.heldout, self.ctx.device)
+        s = self.state
+        self._tick()
+        metrics.write({"kind": "eval", "step": s.step, "tokens": s.tokens, f"eval_{name}": value, "elapsed": s.elapsed})
+        self._eval = (name, value)
+
+    def _checkpoint_due(self) -> bool:
+        """``save_every_minutes`` passed since the last checkpoint (agreed by every process, so all of them save)."""
+        if not self.config.save_every_minutes:
+            return False
+        due = time.monotonic() - self._last_save >= 60.0 * self.config.save_every_minutes
+        return bool(hd_dist.all_reduce_min_int(int(due), self.ctx.device))
+
+    def _save(self) -> None:
+        self._last_save = time.monotonic()
+        self._tick()
+        s, cfg = self.state, self.config
+        model_state = hd_dist.gather_model_state(self.student, self.trainable_names if cfg.stage == 1 else None)
+        optim_state = hd_dist.gather_optimizer_state(self.student, self.optimizer)
+        state = {
+            "step": s.step, "tokens": s.tokens, "elapsed": s.elapsed,
+            "key": self.artifact.key, "settings": self.artifact.settings,
+            "total_tokens": self.total_steps * self.tokens_per_step, "world_size": self.ctx.world_size,
+            "config_hash": self.config_hash, "config": cfg.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_state": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+        }
+        save_checkpoint(self.layout.root, self.ctx, s.step, model_state, optim_state, state, cfg.keep_last)
+
+    def _finish(self) -> TrainProgress:
+        """Final model, result, and the step published as done."""
+        final_dir = None
+        if self.config.save_final_model:
+            final_dir = self.layout.final
+            save_final_model(self.student, final_dir, self.ctx, tokenizer=self.tokenizer)
+        self._tick()
+        self.result = self._make_result(final_dir)
+        if self.ctx.is_main:
+            self.artifact.publish(self.result.to_dict())
+        hd_dist.barrier()
+        logger.info("stage %d done in %.1fs (%d steps)", self.config.stage, self.state.elapsed, self.state.step)
+        return self._progress()
+
+    def _make_result(self, final_dir: Path | None, paused: bool = False) -> DistillResult:
+        s = self.state
+        last_loss = self._last_loss
+        if last_loss is None:  # resumed at the very end: take the last logged loss
+            rows = read_metrics(self.layout.root)
+            last_loss = rows[-1]["loss"] if rows else None
+        return DistillResult(
+            run_dir=str(self.layout.root), stage=self.config.stage, steps=s.step, tokens=s.tokens,
+            final_loss=last_loss, eval_metric=self._eval[0], eval_value=self._eval[1],
+            final_model_dir=str(final_dir) if final_dir else None, metrics_path=str(self.layout.metrics),
+            config_hash=self.config_hash, wall_time_s=s.elapsed, resumed_from_step=s.resumed_from, paused=paused,
         )
-    load_here = ctx.is_main or not hd_dist.is_sharded(student)  # sharded: rank 0 reads, then broadcasts
-    model_state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True) if load_here else {}
-    hd_dist.load_model_state(student, model_state, strict=False)
-    del model_state
-    optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False) if load_here else {}
-    hd_dist.load_optimizer_state(student, optimizer, optim_state)
-    del optim_state
-    trainer_state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = ckpt / f"rng_rank{ctx.rank}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return state["step"], state["tokens"], state["elapsed"], trainer_state.get("data_state")
 
+    def _progress(self) -> TrainProgress:
+        hd_dist.barrier()  # rank 0 wrote the metrics
+        if self.result is not None:
+            r = self.result
+            return TrainProgress(True, r.steps, r.tokens, r.tokens, read_metrics(self.layout.root, "eval"), r)
+        s = self.state
+        return TrainProgress(False, s.step, s.tokens, self.total_steps * self.tokens_per_step,
+                             read_metrics(self.layout.root, "eval"))
 
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
+    # -- the run folder -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[StepRecord]:
+        """Hold the run folder (rank 0: its lock; a folder of other settings refused or set aside) and yield its
+        step record, the same on every process."""
+        root, lock, error, outcome = self.layout.root, None, None, None
+        if self.ctx.is_main:
+            try:
+                lock = FolderLock(root).acquire()
+                remove_interrupted_writes(root)
+                hint = FRESH_START if self.artifact.record() is not None else f"use a new run_dir, or delete {root}"
+                moves = self.on_stale == "set_aside" and self.artifact.stale_reason() is not None
+                record = self.artifact.begin(self.on_stale, self.superseded, fresh_hint=hint)
+                if moves:  # the held lock file went with the old folder: lock the new one
+                    lock, old = FolderLock(root).acquire(), lock
+                    old.release()
+                outcome = record.to_dict()
+            except Exception as err:  # the other processes raise it too, instead of waiting for rank 0
+                error, outcome = err, (type(err).__name__, str(err))
+        outcome = hd_dist.broadcast_object(outcome)
+        try:
+            if error is not None:
+                raise error
+            if isinstance(outcome, tuple):
+                kinds = {"StaleStepError": StaleStepError, "FolderLockedError": FolderLockedError}
+                raise kinds.get(outcome[0], RuntimeError)(f"rank 0 could not open {root}: {outcome[1]}")
+            yield StepRecord(**outcome)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _load_finished(self, record: StepRecord) -> TrainProgress:
+        """A finished run under the same settings: its stored result, with the final weights in the student."""
+        self.result = _stored_result(record, self.layout)
+        if self.result.final_model_dir:
+            final = self.layout.final
+            if not final.is_dir():
+                raise FileNotFoundError(
+                    f"{self.layout.root} holds a finished run whose final model {final} is missing: restore it, or "
+                    f"delete {self.layout.root} to train it again"
+                )
+            load_final_weights(self.student, final)
+        return self._progress()
+
+    # -- setup --------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        """Place, cast, compile and shard the models; build optimizer, schedule and held-out batches."""
+        cfg, ctx = self.config, self.ctx
+        student, teacher, device = self.student, self.teacher, ctx.device
+        torch.manual_seed(cfg.seed)
+        if device.type == "cuda" and prefer_expandable_segments_in_process():
+            logger.info("CUDA allocator: expandable segments on (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)")
+        bf16, self.autocast = autocast_for(cfg, device)
+        self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and ctx.world_size > 1)
+        # Under FSDP, fully_shard moves each unit to the device as it shards it: the whole model never sits on one GPU.
+        if teacher is not None:
+            if not self.use_fsdp:
+                teacher.to(device)
+            if bf16:  # frozen: no master weights needed
+                cast_model(teacher, torch.bfloat16)  # rotary inv_freq stays fp32
+            teacher.eval()
+        if not self.use_fsdp:
+            student.to(device)
+        if bf16 and any(p.dtype != torch.float32 for p in student.parameters()):
+            logger.warning("bf16 autocast works best with fp32 student weights (AdamW master copy); call student.float()")
+        student.train()
+        student.config.use_cache = False
+
+        stage = make_stage(cfg.stage, student, teacher, cfg)
+        try:  # the stage holds hooks on the teacher (Stage 1): removed however setting up ends
+            stage.set_trainable()
+            mixer_names = lr_mixer_parameter_names(student, cfg)
+            if cfg.activation_checkpointing and cfg.stage != 1:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.stage != 1 and cfg.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
+                for model in (teacher, student if cfg.compile_layers == "all" else None):
+                    if model is not None:
+                        compile_decoder_layers(model)
+            if self.use_fsdp:
+                if not hd_dist.is_initialized():
+                    raise RuntimeError("DistillConfig.fsdp='on' needs torch.distributed (launch with torchrun)")
+                if teacher is not None:
+                    hd_dist.shard_teacher(teacher, ctx)
+                hd_dist.shard_student(student, ctx, stage.shard_units())
+        finally:
+            stage.close()
+        hd_dist.install_forward_method(student)
+        if teacher is not None:
+            hd_dist.install_forward_method(teacher)
+        self.trainable_names = {n for n, p in student.named_parameters() if p.requires_grad}
+
+        self.seq_len = infer_seq_len(self.data, cfg)
+        self.micro, self.accum = cfg.micro_batch(ctx.world_size), cfg.grad_accum(ctx.world_size)
+        self.tokens_per_step = cfg.global_batch_size * self.seq_len
+        self.total_steps = cfg.total_steps(self.seq_len)
+        self.optimizer = build_optimizer(student, cfg, mixer_names)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.heldout = (heldout_batches(self.data, self.eval_data, cfg, ctx, self.micro)
+                        if cfg.eval_max_batches > 0 else None)
+
+    def _load_state(self) -> None:
+        """The state of the newest checkpoint (or a fresh one) and the training batches from there on."""
+        self.state = self._restore()
+        self.batches = train_iterator(self.data, self.config, self.ctx, self.state.step, self.state.data_state)
+        self._paused_rng = None
+
+    def _restore(self) -> TrainState:
+        """The state of the newest checkpoint, loaded into student, optimizer, schedule and RNGs (a fresh state
+        when there is none). Every process reads what it needs first; if any cannot, all of them stop."""
+        ckpt = latest_checkpoint(self.layout.root)
+        if ckpt is None:
+            return TrainState()
+        ctx, student = self.ctx, self.student
+        tensors = ctx.is_main or not hd_dist.is_sharded(student)  # sharded: rank 0 reads, then broadcasts
+        error, content = None, None
+        try:
+            content = read_checkpoint(ckpt, ctx.rank, tensors, self.artifact.key, self.artifact.settings)
+        except (CheckpointError, StaleStepError) as err:
+            error = err
+        if not hd_dist.all_reduce_min_int(int(error is None), ctx.device):
+            raise error or CheckpointError(f"another process could not read the checkpoint {ckpt}; see its error")
+        hd_dist.load_model_state(student, content.model, strict=False)
+        hd_dist.load_optimizer_state(student, self.optimizer, content.optimizer)
+        self.scheduler.load_state_dict(content.state["scheduler"])
+        if content.rng is not None:
+            set_rng_state(content.rng)
+        st = content.state
+        if ctx.is_main:
+            logger.info("resuming %s from step %d (%d tokens)", self.layout.root, st["step"], st["tokens"])
+        return TrainState(st["step"], st["tokens"], st["elapsed"], st.get("data_state"), resumed_from=st["step"])
+
+    def _progress_bar(self):
+        if not (self.config.progress and self.ctx.is_main):
+            return None
+        return tqdm(total=self.total_steps * self.tokens_per_step, initial=self.state.tokens, unit="tok",
+                    unit_scale=True, desc=f"stage {self.config.stage}", dynamic_ncols=True)
 
 
 def distill(
@@ -606,395 +575,36 @@ def distill(
     eval_data: Iterable | Callable[[], Iterable] | None = None,
     pause_at_tokens: int | None = None,
     tokenizer=None,
+    *,
+    identity: Mapping[str, Any] | None = None,
+    upstream: Mapping[str, str | None] | None = None,
+    on_stale: str = "refuse",
+    superseded: str | Path | None = None,
 ) -> DistillResult:
-    """Run one distillation stage (``config.stage``: 1 alignment, 2 KL, 3 CE) into ``run_dir``.
+    """Run one distillation stage into ``run_dir`` (a `Trainer`; see it for the arguments) and return its result.
 
-    ``data``: a `hybrid_distill.data.PackedDataset`, a `TensorTokenDataset`, or any object with the
-    same ``batches(split, batch_size, seed, epoch, start_step, rank, world_size)`` method; or an
-    iterator of rank-local per-step batches (``[B, T]`` LongTensors or dicts with ``input_ids`` and
-    ``attention_mask``; ``load_state_dict`` makes it resumable). Held-out batches come from
-    ``eval_data`` or the dataset's ``eval_batches("heldout", ...)``.
-
-    Resumes from the newest checkpoint in ``run_dir`` (refusing one whose config differs in a field
-    that matters), and returns the stored result without training when ``run_dir`` has a ``DONE``
-    marker (loading the final weights into ``student``). Under torchrun every process calls this.
-
-    ``pause_at_tokens``: stop once this many tokens are trained, write a checkpoint and return a
-    result with ``paused=True`` (no final model, no ``DONE``); calling again with a larger (or no)
-    pause point continues the run exactly as if it had not stopped. It does not change the run's
-    trajectory (layer selection uses it to train candidates in rounds).
-
-    ``tokenizer``: saved with the final model, so that ``final/`` loads with ``AutoTokenizer`` too.
+    Resumes from the newest checkpoint; a finished run under the same settings returns its stored result
+    (``already_done``) with the final weights loaded into ``student``. ``pause_at_tokens``: stop once this many
+    tokens are trained, with a checkpoint, and return a result with ``paused=True`` (no final model); calling
+    again with a larger (or no) pause point continues the run exactly as if it had not stopped.
     """
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    ctx = hd_dist.init_distributed(config.device)
-    fp_extra = _model_fingerprint(student, teacher)
-    config_hash = config.fingerprint(fp_extra)
-    resume_key = {**config.resume_fields(), "model": fp_extra}
-    if config.stage == 1 or not attention_parameter_names(student) - mixer_parameter_names(student):
-        resume_key.pop("softmax_lr")  # no softmax layer trains: the setting cannot change this run
-
-    done = _check_done(run_dir, config_hash, resume_key, student)
-    if done is not None:
-        return done
-
-    torch.manual_seed(config.seed)
-    device = ctx.device
-    if device.type == "cuda" and prefer_expandable_segments_in_process():
-        logger.info("CUDA allocator: expandable segments on (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)")
-    bf16, autocast = _autocast(config, device)
-    use_fsdp = config.fsdp == "on" or (config.fsdp == "auto" and ctx.world_size > 1)
-    # Under FSDP, fully_shard moves each unit to the device as it shards it: the whole model never sits on one GPU.
-    if teacher is not None:
-        if not use_fsdp:
-            teacher.to(device)
-        if bf16:  # frozen: no master weights needed
-            cast_model(teacher, torch.bfloat16)  # rotary inv_freq stays fp32
-        teacher.eval()
-    if not use_fsdp:
-        student.to(device)
-    if bf16 and any(p.dtype != torch.float32 for p in student.parameters()):
-        logger.warning("bf16 autocast works best with fp32 student weights (AdamW master copy); call student.float()")
-    student.train()
-    student.config.use_cache = False
-
-    stage = make_stage(config.stage, student, teacher, config)
-    try:  # from here on the stage holds hooks on the teacher (Stage 1): remove them if setting up fails
-        stage.set_trainable()
-        mixer_names = lr_mixer_parameter_names(student, config)
-        if config.activation_checkpointing and config.stage != 1:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.stage != 1 and config.compile_layers != "off":  # Stage 1 calls the mixers, not the layers
-            for model in (teacher, student if config.compile_layers == "all" else None):
-                if model is not None:
-                    compile_decoder_layers(model)
-        if use_fsdp:
-            if not hd_dist.is_initialized():
-                raise RuntimeError("DistillConfig.fsdp='on' needs torch.distributed (launch with torchrun)")
-            if teacher is not None:
-                hd_dist.shard_teacher(teacher, ctx)
-            hd_dist.shard_student(student, ctx, stage.shard_units())
-        hd_dist.install_forward_method(student)
-        if teacher is not None:
-            hd_dist.install_forward_method(teacher)
-        trainable_names = {n for n, p in student.named_parameters() if p.requires_grad}
-
-        seq_len = _infer_seq_len(data, config)
-        micro = config.micro_batch(ctx.world_size)
-        accum = config.grad_accum(ctx.world_size)
-        tokens_per_step = config.global_batch_size * seq_len
-        total_steps = config.total_steps(seq_len)
-        optimizer = build_optimizer(student, config, mixer_names)
-        scheduler = build_scheduler(optimizer, config, total_steps, tokens_per_step)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-
-        # ---- resume ----
-        step, tokens, elapsed_before, data_state, resumed_from = 0, 0, 0.0, None, None
-        if ctx.is_main:
-            _clean_temp_checkpoints(run_dir)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            step, tokens, elapsed_before, data_state = _restore(ckpt, resume_key, student, optimizer, scheduler, ctx)
-            resumed_from = step
-            if ctx.is_main:
-                logger.info("resuming %s from step %d (%d tokens)", run_dir, step, tokens)
-
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        hd_dist.barrier()
-        metrics = MetricsWriter(run_dir, ctx.is_main, step, config.report_to, config)
-        train_iter = _train_iterator(data, config, ctx, step, data_state)
-        eval_set = _eval_batches(data, eval_data, config, ctx, micro) if config.eval_max_batches > 0 else None
-
-        def run_eval() -> tuple[str, float]:
-            with autocast():
-                if config.stage in (2, 3) and teacher is not None:
-                    return "kl", evaluate_kl(student, teacher, eval_set, config.tau, config.kl_chunk_size)
-                return stage.metric, evaluate_stage(stage, eval_set, device)
-
-        def log_eval(step_: int, tokens_: int, elapsed_: float) -> tuple[str, float]:
-            name, value = run_eval()
-            metrics.write({"kind": "eval", "step": step_, "tokens": tokens_, f"eval_{name}": value, "elapsed": elapsed_})
-            return name, value
-
-        last_save = [time.monotonic()]
-
-        def checkpoint_due() -> bool:
-            """save_every_minutes passed since the last checkpoint (on every process, so all of them save)."""
-            if not config.save_every_minutes:
-                return False
-            due = time.monotonic() - last_save[0] >= 60.0 * config.save_every_minutes
-            return bool(hd_dist.all_reduce_min_int(int(due), device))
-
-        def save(step_: int, tokens_: int, elapsed_: float) -> None:
-            last_save[0] = time.monotonic()
-            model_state = hd_dist.gather_model_state(student, trainable_names if config.stage == 1 else None)
-            optim_state = hd_dist.gather_optimizer_state(student, optimizer)
-            trainer_state = {
-                "scheduler": scheduler.state_dict(),
-                "data_state": train_iter.state_dict() if hasattr(train_iter, "state_dict") else None,
-            }
-            state_json = {
-                "step": step_,
-                "tokens": tokens_,
-                "elapsed": elapsed_,
-                "config_hash": config_hash,
-                "resume_key": resume_key,
-                "config": config.to_dict(),
-                "world_size": ctx.world_size,
-                "total_steps": total_steps,
-            }
-            _save_checkpoint(run_dir, ctx, step_, model_state, optim_state, trainer_state, state_json, config.keep_last)
-    except BaseException:
-        stage.close()
-        raise
-
-    paused = False
-    bar = None
-    if config.progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total_steps * tokens_per_step,
-            initial=tokens,
-            unit="tok",
-            unit_scale=True,
-            desc=f"stage {config.stage}",
-            dynamic_ncols=True,
-        )
-
-    last_loss, eval_name, eval_value = None, None, None
-    window: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
-    session_start = time.perf_counter()
-    if pause_at_tokens is not None and tokens >= pause_at_tokens and step < total_steps:
-        paused = True  # restored at or past the pause point: nothing to train in this call
-    try:
-        while step < total_steps and not paused:
-            t0 = time.perf_counter()
-            micro_batches = _micro_batches(next(train_iter), micro, accum, seq_len, device)
-            counts = torch.tensor(
-                [float(sum(stage.count_tokens(ids, mask) for ids, mask in micro_batches))],
-                dtype=torch.float64,
-                device=device,
-            )
-            global_count = max(float(hd_dist.all_reduce_sum(counts).item()), 1.0)
-            grad_scale = ctx.world_size / global_count  # data-parallel averaging then yields the global mean
-
-            loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-            for ids, mask in micro_batches:
-                with autocast():
-                    loss_sum += stage.run(ids, mask, grad_scale).double()
-            loss = float(hd_dist.all_reduce_sum(loss_sum).item()) / global_count
-            if not use_fsdp:  # replicated models under torchrun with fsdp="off": plain gradient averaging
-                hd_dist.average_gradients(params)
-            lrs = _group_lrs(optimizer)  # the lr this update uses
-            grad_norm = _optimizer_step(optimizer, scheduler, params, config.grad_clip, step)
-
-            step += 1
-            prev_tokens, tokens = tokens, tokens + tokens_per_step
-            last_loss = loss
-            dt = time.perf_counter() - t0
-            window.append((loss, dt))
-            elapsed = elapsed_before + time.perf_counter() - session_start
-            if step % config.log_every_steps == 0 or step == total_steps:
-                secs = sum(w[1] for w in window)
-                metrics.write(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "tokens": tokens,
-                        "loss": sum(w[0] for w in window) / len(window),
-                        **lrs,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": len(window) * tokens_per_step / secs if secs > 0 else None,
-                        "elapsed": elapsed,
-                    }
-                )
-                window = []
-            if bar is not None:
-                bar.update(tokens_per_step)
-                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{next(iter(lrs.values())):.2e}")
-
-            if eval_set and _crossed(prev_tokens, tokens, config.eval_every_tokens) and step < total_steps:
-                eval_name, eval_value = log_eval(step, tokens, elapsed)
-            if (_crossed(prev_tokens, tokens, config.save_every_tokens) or checkpoint_due()) and step < total_steps:
-                save(step, tokens, elapsed_before + time.perf_counter() - session_start)
-            if pause_at_tokens is not None and tokens >= pause_at_tokens and step < total_steps:
-                if not _crossed(prev_tokens, tokens, config.save_every_tokens):
-                    save(step, tokens, elapsed_before + time.perf_counter() - session_start)
-                paused = True
-                break
-
-        if eval_set and not paused:
-            eval_name, eval_value = log_eval(step, tokens, elapsed_before + time.perf_counter() - session_start)
-    except torch.OutOfMemoryError as exc:
-        when = f"in step {step + 1}" if step < total_steps else "in its final evaluation"
-        raise torch.OutOfMemoryError(out_of_memory_advice(config, micro, seq_len, when, run_dir, device)) from exc
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        stage.close()
-
-    final_dir = None
-    if config.save_final_model and not paused:
-        final_dir = run_dir / FINAL_DIR
-        _save_final_model(student, final_dir, ctx, tokenizer=tokenizer)
-    if last_loss is None:  # resumed at the very end: take the last logged loss
-        rows = read_metrics(run_dir)
-        last_loss = rows[-1]["loss"] if rows else None
-    result = DistillResult(
-        run_dir=str(run_dir),
-        stage=config.stage,
-        steps=step,
-        tokens=tokens,
-        final_loss=last_loss,
-        eval_metric=eval_name,
-        eval_value=eval_value,
-        final_model_dir=str(final_dir) if final_dir else None,
-        metrics_path=str(run_dir / METRICS_FILE),
-        config_hash=config_hash,
-        wall_time_s=elapsed_before + time.perf_counter() - session_start,
-        resumed_from_step=resumed_from,
-        paused=paused,
-    )
-    if paused:  # a checkpoint, no final model and no DONE: the next call continues
-        hd_dist.barrier()
-        return result
-    if ctx.is_main:
-        payload = {**result.to_dict(), "resume_key": resume_key}
-        (run_dir / RESULT_FILE).write_text(json.dumps(payload, indent=1, default=str))
-        done_tmp = run_dir / f".{DONE_FILE}.tmp"
-        done_tmp.write_text(json.dumps(payload, default=str))
-        fsync_file(done_tmp)
-        os.replace(done_tmp, run_dir / DONE_FILE)
-        fsync_directory(run_dir)
-    hd_dist.barrier()
-    logger.info("stage %d done in %.1fs (%d steps)", config.stage, time.perf_counter() - t_start, step)
-    return result
-
-
-def _check_done(run_dir: Path, config_hash: str, resume_key: dict, student) -> DistillResult | None:
-    done = run_dir / DONE_FILE
-    if not done.is_file():
-        return None
-    payload = json.loads(done.read_text())
-    diff = resume_mismatch(payload.get("resume_key", {}), resume_key)
-    if diff:
-        raise ValueError(
-            f"{run_dir} holds a finished run with a different config ("
-            + "; ".join(diff)
-            + "). Use a new run_dir, or restore those values."
-        )
-    result = DistillResult.from_dict(payload)
-    result.already_done = True
-    # Paths as found now: the run directory may have moved, or be reached from another working directory.
-    result.run_dir, result.metrics_path = str(run_dir), str(run_dir / METRICS_FILE)
-    if result.final_model_dir:
-        final_dir = run_dir / FINAL_DIR
-        if not final_dir.is_dir():
-            raise FileNotFoundError(
-                f"{run_dir} holds a finished run ({DONE_FILE}) whose final model {final_dir} is missing: restore it, "
-                f"or delete {run_dir / DONE_FILE} to run it again (from its last checkpoint, if one was kept)"
-            )
-        result.final_model_dir = str(final_dir)
-        if student is not None:
-            _load_final_weights(student, final_dir)
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point for the CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_distill_arguments(parser) -> None:
-    """Options of ``run_distill_from_args`` (model/data/run-dir ones plus one per `DistillConfig` field)."""
-    from ..data import add_data_arguments
-    from .config import add_config_arguments
-
-    g = parser.add_argument_group("models")
-    g.add_argument("--teacher", required=True, help="HF path / hub id, or tiny:<variant> for a built-in test teacher")
-    g.add_argument("--run-dir", required=True, help="run directory (checkpoints, metrics, final model)")
-    g.add_argument("--student", default=None, help="existing student checkpoint to train (e.g. a Stage-1 result)")
-    layout = g.add_mutually_exclusive_group()
-    layout.add_argument("--mixers", default=None, help="comma-separated mixer per layer (softmax, gdn, gla, swa)")
-    layout.add_argument("--softmax-layers", default=None, help="0-based layers kept softmax; the rest --linear")
-    g.add_argument("--linear", default="gdn", help="linear mixer for non-softmax layers (default gdn)")
-    g.add_argument("--mixer-options", default=None, help="JSON mixer options")
-    g.add_argument(
-        "--init-from", default=None, help="student checkpoint whose matching mixers initialize the new student"
-    )
-    g.add_argument(
-        "--tokenizer", default=None, help="tokenizer path (default: the teacher's; tiny teachers: tiny_tokenizer)"
-    )
-    add_data_arguments(parser)
-    add_config_arguments(parser)
-
-
-def run_distill_from_args(args) -> DistillResult:
-    """Build teacher, student, data and `DistillConfig` from `add_distill_arguments` options and run `distill`.
-
-    ``args``: an ``argparse.Namespace`` (or dict) with the options of `add_distill_arguments`.
-    """
-    from ..data import data_spec_from_args
-    from ..surgery import build_student, load_teacher, load_tokenizer, resolve_mixers
-
-    ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    config = config_from_args(ns)
-    spec = data_spec_from_args(ns)  # bad data options fail before the models load
-    if ns.get("student"):
-        ignored = [flag for flag, key in (("--mixers", "mixers"), ("--softmax-layers", "softmax_layers"),
-                                          ("--mixer-options", "mixer_options"), ("--init-from", "init_from"))
-                   if ns.get(key)] + (["--linear"] if ns.get("linear") not in (None, "gdn") else [])
-        if ignored:
-            raise ValueError(f"--student trains an existing checkpoint as it is; {', '.join(ignored)} would be ignored. "
-                             "Leave them out, or build a new student (no --student; --init-from reuses its mixers)")
-    ctx = hd_dist.init_distributed(config.device)
-    teacher = load_teacher(ns["teacher"])
-    tokenizer = load_tokenizer(ns["teacher"], ns.get("tokenizer"), teacher.config.vocab_size)
-
-    torch.manual_seed(config.seed)  # new mixer parameters are initialized from the seed
-    if ns.get("student"):
-        from ..checkpoint import load_student
-
-        student = load_student(ns["student"])
-    else:
-        mixers = resolve_mixers(
-            teacher.config.num_hidden_layers, ns.get("mixers"), ns.get("softmax_layers"), ns.get("linear") or "gdn"
-        )
-        options = json.loads(ns["mixer_options"]) if ns.get("mixer_options") else None
-        init_from = None
-        if ns.get("init_from"):
-            from ..checkpoint import load_student
-
-            init_from = load_student(ns["init_from"])
-        student = build_student(teacher, mixers, options, init_from=init_from)
-        del init_from
-    student.float()
-
-    config = config.replace(seq_len=config.seq_len or (512 if config.stage == 1 else 4096))
-
-    def load_data():
-        return spec.load(tokenizer, config.seq_len, seed=config.seed, require_sequences=config.global_batch_size)
-
-    if ctx.is_main:  # tokenize once; the other ranks then load the cache
-        load_data()
-    hd_dist.barrier()
-    return distill(student, teacher, load_data(), config, ns["run_dir"], tokenizer=tokenizer)
+    trainer = Trainer(student, teacher, data, config, run_dir, eval_data=eval_data, tokenizer=tokenizer,
+                      identity=identity, upstream=upstream, on_stale=on_stale, superseded=superseded)
+    progress = trainer.run(until_tokens=pause_at_tokens)
+    if progress.done:
+        return progress.result
+    return trainer._make_result(None, paused=True)
 
 
 __all__ = [
     "DistillResult",
-    "MetricsWriter",
-    "TensorTokenDataset",
-    "add_distill_arguments",
-    "build_optimizer",
-    "build_scheduler",
+    "TrainProgress",
+    "TrainState",
+    "Trainer",
+    "autocast_for",
+    "crossed",
     "distill",
-    "latest_checkpoint",
-    "lr_factor",
-    "read_metrics",
-    "run_distill_from_args",
+    "model_fingerprint",
+    "out_of_memory_advice",
+    "read_progress",
 ]

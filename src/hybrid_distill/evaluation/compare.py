@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..fileio import atomic_write, atomic_write_text
 from .scoring import aggregate
 from .suite import _fmt
@@ -42,7 +43,7 @@ def _niah_cells(res: dict[str, Any]) -> set[tuple[float, int]]:
     return {(float(r["depth"]), int(r["length"])) for r in (res.get("niah") or {}).get("table", [])}
 
 
-def _metrics(res: dict[str, Any], recall_cells: set | None = None, niah_cells: set | None = None) -> dict[str, float]:
+def flat_metrics(res: dict[str, Any], recall_cells: set | None = None, niah_cells: set | None = None) -> dict[str, float]:
     """Flat metric name -> value for one run. With ``recall_cells`` / ``niah_cells`` ((task, length) /
     (depth, length) sets), the recall and NIAH averages cover only those cells; every cell of the run is
     still listed on its own."""
@@ -178,14 +179,14 @@ def compare_results(
     Returns ``{"models": [...], "metrics": {metric: {model: value}}, "files": {...}}``.
     """
     if not result_dirs:
-        raise ValueError("need at least one result directory")
+        raise ConfigError("need at least one result directory")
     runs = [load_results(d) for d in result_dirs]
     names = _unique_names(list(names) if names else [str(r.get("model") or Path(d).name) for r, d in zip(runs, result_dirs)])
     if len(names) != len(runs):
-        raise ValueError("names must match result_dirs")
+        raise ConfigError("names must match result_dirs")
     recall_cells = _shared_cells([_recall_cells(r) for r in runs])
     niah_cells = _shared_cells([_niah_cells(r) for r in runs])
-    per_model = {n: _metrics(r, recall_cells, niah_cells) for n, r in zip(names, runs)}
+    per_model = {n: flat_metrics(r, recall_cells, niah_cells) for n, r in zip(names, runs)}
     notes = []
     if recall_cells is not None:
         notes.append(f"The runs measured recall on different (task, length) cells: every recall average here is over the "

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import cast_model
+from ..errors import HybridDistillError
 from ..fileio import atomic_write_text, jsonable
 
 RESULTS_FILE = "lm_eval_results.json"
@@ -69,15 +70,15 @@ _NETWORK_ERROR_NAMES = {
 RULER_TASK_PREFIXES = ("ruler", "niah")  # lm-eval's RULER group, its niah_* and ruler_* tasks
 
 
-class LmEvalUnavailable(ImportError):
+class LmEvalUnavailable(HybridDistillError, ImportError):
     """lm_eval (or its Hugging Face backend) is not importable."""
 
 
-class LmEvalTaskNotFound(LookupError):
+class LmEvalTaskNotFound(HybridDistillError, LookupError):
     """A requested task / group / tag is not known to lm-eval (nor in ``include_path``)."""
 
 
-class LmEvalDataUnavailable(RuntimeError):
+class LmEvalDataUnavailable(HybridDistillError, RuntimeError):
     """A task's data could not be loaded (offline machine, missing local files, unreachable hub)."""
 
 

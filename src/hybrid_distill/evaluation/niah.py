@@ -1,7 +1,7 @@
 """Needle-in-a-haystack grids (gkamradt style) and their Depth x Length heatmap.
 
 For each (length, depth) cell the haystack is fitted to the exact total length (as in
-:mod:`~hybrid_distill.evaluation.recall_tasks`: tokens(prompt + answer_prefix) +
+:mod:`~hybrid_distill.tasks.base`: tokens(prompt + answer_prefix) +
 max_new_tokens == length, special tokens excluded). The needle -- RULER's
 ``One of the special magic numbers for {key} is: {value}.`` -- goes to token position
 ``p = round(T * depth / 100)`` of the haystack (``T`` = its tokens without the needle),
@@ -19,19 +19,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .haystack import resolve_haystack
-from .recall_tasks import (
-    NEEDLE,
-    RecallSample,
-    _count_ci,
-    _Draft,
-    _fit_length,
-    _RANDOM,
-    _Unique,
-    count_tokens,
-    niah_question,
-    sample_seed,
-)
+from ..data import read_haystack
+from ..tasks.base import RANDOM_VALUES, Draft, RecallSample, UniqueValues, count_ci, count_tokens, fit_length, sample_seed
+from ..tasks.haystack import resolve_haystack
+from ..tasks.niah import NEEDLE, niah_question
 
 TASK = "niah"
 _MAX_ATTEMPTS = 20
@@ -77,12 +68,12 @@ def niah_grid_samples(
 ) -> list[RecallSample]:
     """Samples for every (length, depth percent, index); ``task="niah"``.
 
-    ``haystack`` as in :func:`~hybrid_distill.evaluation.haystack.resolve_haystack`
-    (default: seeded pseudo-prose). Each sample depends only on
+    ``haystack`` as in :func:`~hybrid_distill.data.read_haystack` (a corpus is read) and
+    :func:`~hybrid_distill.tasks.haystack.resolve_haystack` (default: seeded pseudo-prose). Each sample depends only on
     ``(seed, length, index, depth)``. ``metadata``: ``depth``, ``target_token`` (p),
     ``haystack_tokens`` (T), ``needle_unit`` (units before the needle), ``needle``, ``key``.
     """
-    hay = resolve_haystack(haystack, default="prose")
+    hay = resolve_haystack(read_haystack(haystack), default="prose")
     out = []
     for length in lengths:
         for depth in depths:
@@ -98,14 +89,14 @@ def _grid_sample(tokenizer, length, depth, index, seed, hay, max_new_tokens, val
     for attempt in range(_MAX_ATTEMPTS):
         s = sample_seed(seed, TASK, length, index, depth, attempt)
         rng = random.Random(s)
-        key = _Unique(rng, "words")()
-        value = _RANDOM[value_type](rng)
+        key = UniqueValues(rng, "words")()
+        value = RANDOM_VALUES[value_type](rng)
         needle = NEEDLE.format(type_v=value_type, key=key, value=value)
         template, prefix = niah_question(value_type, key, plural=False)
         stream = hay.stream(rng.getrandbits(64))
         joiner = stream.joiner
 
-        def build(n: int, pad: str) -> _Draft:
+        def build(n: int, pad: str) -> Draft:
             units = stream.take(n)
             text = joiner.join(units) + pad
             total = count_tokens(tokenizer, text)
@@ -114,11 +105,11 @@ def _grid_sample(tokenizer, length, depth, index, seed, hay, max_new_tokens, val
             context = joiner.join(units[:b] + [needle] + units[b:]) + pad
             meta = {"depth": depth, "target_token": target, "haystack_tokens": total, "needle_unit": b,
                     "needle": needle, "key": key, "value_type": value_type}
-            return _Draft(template.replace("{context}", context), prefix, [value], meta)
+            return Draft(template.replace("{context}", context), prefix, [value], meta)
 
-        fit = _fit_length(tokenizer, build, budget, 0, stream.continuation, what=f"niah length {length}")
+        fit = fit_length(tokenizer, build, budget, 0, stream.continuation, what=f"niah length {length}")
         low = fit.draft.text.lower()
-        if _count_ci(low, value) == 1 and _count_ci(low, key) == 3:
+        if count_ci(low, value) == 1 and count_ci(low, key) == 3:
             break
     else:
         raise RuntimeError(f"niah: no valid sample after {_MAX_ATTEMPTS} attempts")

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.sources import DataSourceError
+
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
@@ -98,7 +100,7 @@ def heldout_batches(
 ) -> list[torch.Tensor]:
     """Held-out ``[B, seq_len]`` batches of ``corpus`` packed with ``tokenizer`` (a list, reusable).
 
-    ``corpus``: a `DataSpec` (a distillation run's data: its own held-out split, text field, recall
+    ``corpus``: a `DataConfig` (a distillation run's data: its own held-out split, text field, recall
     mix), a dict of its fields, or any source of :func:`hybrid_distill.data.build_token_dataset`
     (``"default"``: the bundled corpus; ``max_tokens``, ``cache_dir`` and ``dataset_options`` apply).
     The dataset is cached under ``cache_dir`` (default: the package's token cache). At most
@@ -119,19 +121,19 @@ def heldout_batches(
         if max_sequences is not None and seen >= max_sequences:
             break
     if not out:
-        raise ValueError(f"corpus {spec.source!r} has no {split!r} sequences of {seq_len} tokens")
+        raise DataSourceError(f"corpus {spec.source!r} has no {split!r} sequences of {seq_len} tokens")
     return out
 
 
 def as_data_spec(corpus: Any, **overrides: Any):
-    """``corpus`` (a `DataSpec`, a dict of its fields or a source string) as a `DataSpec`; ``overrides``
+    """``corpus`` (a `DataConfig`, a dict of its fields or a source string) as a `DataConfig`; ``overrides``
     that are not None replace its fields."""
     import dataclasses
 
-    from ..data import DataSpec
+    from ..data import DataConfig
 
-    if not isinstance(corpus, DataSpec):
-        corpus = DataSpec.from_dict(corpus if isinstance(corpus, dict) else str(corpus))
+    if not isinstance(corpus, DataConfig):
+        corpus = DataConfig.from_value(corpus if isinstance(corpus, dict) else str(corpus))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(corpus, **overrides) if overrides else corpus
 

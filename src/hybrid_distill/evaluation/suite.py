@@ -23,20 +23,21 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..config import add_flags, flag_values
+from ..data import add_data_flags, data_config_from_flags, read_haystack
 from ..fileio import atomic_write, atomic_write_text, jsonable, read_json
 from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
+from ..tasks import DEFAULT_RECALL_TASKS, RULER_OFFLINE_TASKS, LengthError, generate_samples
+from .config import MODEL_DTYPES, SUITES, EvalConfig
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("recall", "niah", "quality", "efficiency")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")  # --dtype / --efficiency-dtype / eval.efficiency_dtype
-# "all": what the model knows. Efficiency times the device and is asked for by name.
-ALL_SUITES = ("recall", "niah", "quality")
-DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -46,17 +47,6 @@ DEFAULT_NIAH_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 def evaluation_seconds(results: dict) -> float:
     """Time an evaluation spent on its suites (recall, NIAH, quality), from its ``results.json`` content."""
     return sum((results.get("timings") or {}).values())
-
-
-def parse_suite(suite: str | Iterable[str]) -> list[str]:
-    """Suite parts from ``"recall,niah"`` or a list; ``"all"`` stands for `ALL_SUITES`. Unknown parts raise ValueError."""
-    parts = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else [str(s).strip() for s in suite]
-    parts = [p for p in parts if p]
-    parts = [q for p in parts for q in (ALL_SUITES if p == "all" else [p])]
-    bad = [p for p in parts if p not in SUITES]
-    if bad or not parts:
-        raise ValueError(f"unknown suite part(s) {bad or parts}; choose from {list(SUITES)} or 'all' (= {list(ALL_SUITES)})")
-    return list(dict.fromkeys(parts))
 
 
 def _model_name(model, given: str | None) -> str:
@@ -105,7 +95,6 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                progress: bool = False) -> dict[str, Any]:
     """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
     task are skipped (listed under ``skipped``)."""
-    from .recall_tasks import RULER_OFFLINE_TASKS, LengthError, generate_samples
     from .runner import run_samples
     from .scoring import aggregate
 
@@ -116,7 +105,7 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
             try:
                 key = ("recall", task, int(length), num_samples, seed, repr(sorted(opts.items())))
                 samples += _cached_samples(tokenizer, key, generate_samples, task, tokenizer, int(length), num_samples,
-                                           seed=seed, haystack=haystack, **opts)
+                                           seed=seed, haystack=read_haystack(haystack), **opts)
             except LengthError as err:
                 skipped.append({"task": task, "length": int(length), "reason": str(err)})
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress) if samples else []
@@ -160,62 +149,40 @@ def evaluate_model(
     model,
     tokenizer,
     out_dir: str | os.PathLike,
+    config: EvalConfig | None = None,
     *,
-    suite: str | Iterable[str] = "recall",
-    tasks: Sequence[str] | None = None,
-    lengths: Sequence[int] = (1024, 4096),
-    num_samples: int = 20,
-    niah_depths: Sequence[float] = DEFAULT_NIAH_DEPTHS,
-    niah_lengths: Sequence[int] | None = None,
-    niah_samples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
     teacher=None,
     corpus: Any = "default",
-    quality_seq_len: int = 512,
-    quality_sequences: int = 32,
     cache_dir: str | os.PathLike | None = None,
-    haystack: Any = None,
-    task_options: dict | None = None,
     model_name: str | None = None,
     progress: bool = False,
-    efficiency_lengths: Sequence[int] | None = None,
-    efficiency_batches: Sequence[int] = (1, 8),
-    decode_steps: int = 32,
-    compile_decode: bool = False,
-    prefill_rows: int | None = None,
-    efficiency_dtype: str | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
-    """Run the chosen ``suite`` parts (``"recall"``, ``"niah"``, ``"quality"``, ``"efficiency"``, a list,
-    or ``"all"`` for the first three) and write ``out_dir/results.json``, ``out_dir/summary.md`` (and
-    ``niah.png`` for NIAH, ``efficiency.png`` for efficiency).
+    """Run the suites of ``config`` (an `EvalConfig`; ``fields`` build one, or replace some of its fields) and
+    write ``out_dir/results.json``, ``out_dir/summary.md`` (and ``niah.png`` for NIAH, ``efficiency.png`` for
+    efficiency).
 
     recall: ``tasks`` (default ``DEFAULT_RECALL_TASKS``) x ``lengths``, ``num_samples`` each.
-    niah: ``niah_lengths`` (default ``lengths``) x ``niah_depths``, ``niah_samples`` (default 1
-    per cell). quality: held-out perplexity on ``corpus`` (a source, or a `DataSpec` such as a
-    distillation run's data, whose held-out split it then uses; ``quality_sequences`` sequences of
-    ``quality_seq_len`` tokens) and, with ``teacher``, the teacher's perplexity and KL(teacher || model).
-    efficiency: prefill latency, decode time per step, cache and peak memory (`run_efficiency`) at
-    ``efficiency_lengths`` (default ``lengths``) x ``efficiency_batches``, with ``teacher`` measured
-    beside the model as the baseline of speed-ups (``compile_decode``: torch.compile the decode step;
-    ``efficiency_dtype``: measure copies in that dtype, e.g. "bfloat16", where the models' differs).
+    niah: ``niah_lengths`` (default ``lengths``) x ``niah_depths``, ``niah_samples`` per cell. quality:
+    held-out perplexity on ``corpus`` (a source, or a `DataConfig` such as a distillation run's data, whose
+    held-out split it then uses; ``quality_sequences`` sequences of ``quality_seq_len`` tokens) and, with
+    ``teacher``, the teacher's perplexity and KL(teacher || model). efficiency: prefill latency, decode time
+    per step, cache and peak memory (`run_efficiency`) at ``efficiency_lengths`` x ``efficiency_batches``,
+    with ``teacher`` measured beside the model as the baseline of speed-ups.
     Returns the results dict (as written to results.json).
     """
-    from .recall_tasks import DEFAULT_RECALL_TASKS, TASKS
-
-    parts = parse_suite(suite)
+    config = (config or EvalConfig()).replace(**fields) if fields else (config or EvalConfig())
+    suite, lengths, seed, batch_size, haystack = config.suite, config.lengths, config.seed, config.batch_size, config.haystack
+    num_samples, niah_depths, niah_samples = config.num_samples, config.niah_depths, config.niah_samples
+    parts = list(suite)
     if "quality" in parts:
         from .quality import as_data_spec
 
         data_spec = as_data_spec(corpus, cache_dir=cache_dir)
-    tasks = list(tasks) if tasks else list(DEFAULT_RECALL_TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
-    lengths = [int(n) for n in lengths]
-    niah_lengths = [int(n) for n in (niah_lengths or lengths)]
+    tasks = list(config.tasks or DEFAULT_RECALL_TASKS)
+    niah_lengths = config.niah_grid_lengths
     if "niah" in parts:  # its samples first, so a length too short fails before hours of other suites
-        cached_niah_samples(tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed, haystack=haystack)
+        cached_niah_samples(tokenizer, niah_lengths, niah_depths, niah_samples, seed=seed, haystack=haystack)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lost = sorted(set((read_json(out / "results.json") or {}).get("suites") or []) - set(parts))
@@ -234,14 +201,14 @@ def evaluate_model(
             "num_samples": num_samples,
             "niah_lengths": niah_lengths if "niah" in parts else None,
             "niah_depths": [float(d) for d in niah_depths] if "niah" in parts else None,
-            "niah_samples": niah_samples or 1,
+            "niah_samples": niah_samples,
             "seed": seed,
             "batch_size": batch_size,
             "corpus": data_spec.source if "quality" in parts else None,
             "data": data_spec.to_dict() if "quality" in parts else None,
             "teacher": _model_name(teacher, None) if teacher is not None else None,
-            "efficiency_lengths": [int(n) for n in (efficiency_lengths or lengths)] if "efficiency" in parts else None,
-            "efficiency_batches": [int(b) for b in efficiency_batches] if "efficiency" in parts else None,
+            "efficiency_lengths": config.efficiency_contexts if "efficiency" in parts else None,
+            "efficiency_batches": config.efficiency_batches if "efficiency" in parts else None,
         },
         "timings": {},
     }
@@ -254,12 +221,12 @@ def evaluate_model(
     if "recall" in parts:
         t0 = time.perf_counter()
         results["recall"] = run_recall(model, tokenizer, tasks, lengths, num_samples, seed=seed, batch_size=batch_size,
-                                       haystack=haystack, task_options=task_options, progress=progress)
+                                       haystack=haystack, task_options=config.task_options, progress=progress)
         results["timings"]["recall_s"] = time.perf_counter() - t0
         save_partial()
     if "niah" in parts:
         t0 = time.perf_counter()
-        results["niah"] = run_niah(model, tokenizer, niah_lengths, niah_depths, niah_samples or 1, seed=seed,
+        results["niah"] = run_niah(model, tokenizer, niah_lengths, niah_depths, niah_samples, seed=seed,
                                    batch_size=batch_size, haystack=haystack, progress=progress)
         results["timings"]["niah_s"] = time.perf_counter() - t0
         save_partial()
@@ -267,10 +234,10 @@ def evaluate_model(
         from .quality import evaluate_quality, heldout_batches
 
         t0 = time.perf_counter()
-        batches = heldout_batches(tokenizer, data_spec, seq_len=quality_seq_len, batch_size=max(1, batch_size // 2),
-                                  max_sequences=quality_sequences)
+        batches = heldout_batches(tokenizer, data_spec, seq_len=config.quality_seq_len, batch_size=max(1, batch_size // 2),
+                                  max_sequences=config.quality_sequences)
         q = evaluate_quality(model, batches, teacher=teacher)
-        q.update(corpus=data_spec.source, heldout_fraction=data_spec.heldout_fraction, seq_len=quality_seq_len,
+        q.update(corpus=data_spec.source, heldout_fraction=data_spec.heldout_fraction, seq_len=config.quality_seq_len,
                  sequences=sum(b.shape[0] for b in batches))
         results["quality"] = q
         results["timings"]["quality_s"] = time.perf_counter() - t0
@@ -281,8 +248,8 @@ def evaluate_model(
         t0 = time.perf_counter()
         results["efficiency"] = run_efficiency(
             model, results["config"]["efficiency_lengths"], results["config"]["efficiency_batches"], teacher=teacher,
-            model_name=results["model"] if results["model"] != "teacher" else "model", decode_steps=decode_steps,
-            compile=compile_decode, prefill_rows=prefill_rows, dtype=efficiency_dtype, progress=progress,
+            model_name=results["model"] if results["model"] != "teacher" else "model", decode_steps=config.decode_steps,
+            compile=config.compile_decode, prefill_rows=config.prefill_rows, dtype=config.efficiency_dtype, progress=progress,
         )
         results["timings"]["efficiency_s"] = time.perf_counter() - t0
 
@@ -412,49 +379,19 @@ def load_model(spec: str, dtype=None, device=None):
     return model.eval()
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``hybrid-distill eval`` (then ``parser.set_defaults(func=run_eval_from_args)``)."""
     parser.add_argument("--model", required=True, help="saved student / HF causal LM dir, or tiny:<variant>")
-    parser.add_argument("--suite", default="recall",
-                        help="comma-separated: recall, niah, quality, efficiency (all = recall, niah, quality)")
-    parser.add_argument("--lengths", default="1024,4096", help="comma-separated total lengths in tokens")
-    parser.add_argument("--tasks", help="comma-separated recall tasks (default: the default recall suite)")
-    parser.add_argument("--num-samples", type=int, default=20, help="samples per task x length (default: %(default)s)")
-    parser.add_argument("--niah-depths", default=",".join(f"{d:g}" for d in DEFAULT_NIAH_DEPTHS),
-                        help="comma-separated needle depths in percent")
-    parser.add_argument("--niah-lengths", help="comma-separated NIAH lengths (default: --lengths)")
-    parser.add_argument("--niah-samples", type=int, default=1, help="samples per NIAH cell (default: %(default)s)")
     parser.add_argument("--out", help="output directory (default: eval/<last three parts of the model path>)")
     parser.add_argument("--teacher", help="teacher (path or tiny:<variant>): KL in the quality suite, baseline of efficiency")
     parser.add_argument("--tokenizer", help="tokenizer path / hub id, or 'tiny' (default: the model's)")
-    parser.add_argument("--quality-seq-len", type=int, default=512, help="tokens per held-out sequence (default: %(default)s)")
-    parser.add_argument("--quality-sequences", type=int, default=32, help="held-out sequences scored (default: %(default)s)")
-    parser.add_argument("--haystack", help="haystack for text tasks (corpus path, 'default:prose', ...)")
-    parser.add_argument("--seed", type=int, default=0, help="sample generation seed (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default: %(default)s)")
+    parser.add_argument("--config", default=None, help="YAML/JSON file of EvalConfig fields (flags given override it)")
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=MODEL_DTYPES, help="model dtype")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    from ..data import add_data_arguments
-
-    add_data_arguments(parser, source_flags=("--data", "--corpus"), cache_flags=("--data-cache-dir", "--cache-dir"),
-                       title="quality suite: the held-out text (use the distillation run's data options to score on its held-out split)")
-    eff = parser.add_argument_group("efficiency suite")
-    eff.add_argument("--efficiency-lengths", help="comma-separated context lengths (default: --lengths)")
-    eff.add_argument("--efficiency-batches", default="1,8", help="comma-separated batch sizes")
-    eff.add_argument("--decode-steps", type=int, default=32, help="timed greedy decode steps per point (default: %(default)s)")
-    eff.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step (GPU; compiles per point)")
-    eff.add_argument("--prefill-rows", type=int, help="prompt rows per prefill forward (bounds prefill memory)")
-    eff.add_argument("--efficiency-dtype", choices=MODEL_DTYPES,
-                     help="measure copies of model and teacher in this dtype (default: as loaded, see --dtype)")
+    add_flags(parser, EvalConfig, prefix="eval_", title="evaluation (EvalConfig fields)")
+    add_data_flags(parser, aliases={"source": ("--corpus",), "cache_dir": ("--cache-dir",)},
+                   title="quality suite: the held-out text (use the distillation run's data options to score on its held-out split)")
     return parser
 
 
@@ -474,41 +411,18 @@ def default_eval_name(model_spec: str) -> str:
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``hybrid-distill eval``; prints the summary and returns 0."""
-    import torch
-
-    from ..data import data_spec_from_args
-
+    ns = vars(args)
+    flags = flag_values(ns, EvalConfig, prefix="eval_")
+    config = EvalConfig.from_file(args.config, **flags) if args.config else EvalConfig.from_dict(flags)
+    data = data_config_from_flags(ns)  # bad options fail before any model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     model = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.model, args.tokenizer)
     teacher = load_model(args.teacher, dtype=dtype, device=device) if args.teacher else None
     out = args.out or str(Path("eval") / default_eval_name(args.model))
-    results = evaluate_model(
-        model, tokenizer, out,
-        suite=args.suite,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
-        lengths=_int_list(args.lengths),
-        num_samples=args.num_samples,
-        niah_depths=_float_list(args.niah_depths),
-        niah_lengths=_int_list(args.niah_lengths) if args.niah_lengths else None,
-        niah_samples=args.niah_samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        teacher=teacher,
-        corpus=data_spec_from_args(args),
-        quality_seq_len=args.quality_seq_len,
-        quality_sequences=args.quality_sequences,
-        haystack=args.haystack,
-        model_name=args.model,
-        progress=args.progress,
-        efficiency_lengths=_int_list(args.efficiency_lengths) if args.efficiency_lengths else None,
-        efficiency_batches=_int_list(args.efficiency_batches),
-        decode_steps=args.decode_steps,
-        compile_decode=args.compile_decode,
-        prefill_rows=args.prefill_rows,
-        efficiency_dtype=args.efficiency_dtype,
-    )
+    results = evaluate_model(model, tokenizer, out, config, teacher=teacher, corpus=data, model_name=args.model,
+                             progress=args.progress)
     print(summary_markdown(results))
     print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'summary.md'}", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..tasks import DEFAULT_RECALL_TASKS
 from .config import RunConfig
 
 H100_BF16_FLOPS = 989e12
@@ -45,13 +46,17 @@ def matmul_params(teacher_spec: str) -> tuple[int, int, int]:
 
 def _tokens(cfg) -> int:
     """Tokens a DistillConfig trains: whole optimizer steps."""
-    return cfg.total_steps(cfg.seq_len) * cfg.global_batch_size * cfg.seq_len
+    return cfg.total_steps(cfg.data_seq_len) * cfg.global_batch_size * cfg.data_seq_len
 
 
 def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
     """The run plan: per stage its tokens, FLOPs and H100-hours at ``mfu`` (selection and final are upper
     bounds: early stopping saves candidate tokens, identical layer sets are trained once)."""
-    from ..selection.config import BYPASS_SELECTORS, LEARNED_SELECTORS, candidate_kinds
+    from ..selection.registry import (
+        BYPASS_SELECTORS,
+        LEARNED_SELECTORS,
+        candidate_kinds,
+    )
 
     n, attn, layers = matmul_params(config.teacher_spec)
     rows: list[dict[str, Any]] = []
@@ -61,11 +66,11 @@ def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
         rows.append({"stage": stage, "what": what, "tokens": tokens, "flops": flops,
                      "h100_hours": flops / (H100_BF16_FLOPS * mfu) / 3600})
 
-    s1 = config.distill_config("stage1", 1)
-    add("stage1", f"all-{config.linear} attention alignment, seq {s1.seq_len}", _tokens(s1), 2 * n + 6 * attn)
+    s1 = config.stage1
+    add("stage1", f"all-{config.linear} attention alignment, seq {s1.data_seq_len}", _tokens(s1), 2 * n + 6 * attn)
     if config.stage2 is not None:
-        s2 = config.distill_config("stage2", 2)
-        add("stage2", f"all-{config.linear} KL distillation, seq {s2.seq_len}", _tokens(s2), 8 * n)
+        s2 = config.stage2
+        add("stage2", f"all-{config.linear} KL distillation, seq {s2.data_seq_len}", _tokens(s2), 8 * n)
     kinds: set[str] = set()
     for selector in config.selectors:
         sel = config.selection_config(selector)
@@ -77,11 +82,9 @@ def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
     if kinds:
         sel = config.selection_config(next(s for s in config.selectors if s in LEARNED_SELECTORS))
         c1, c2 = sel.stage_config(1), sel.stage_config(2)
-        c2 = c2.replace(seq_len=c2.seq_len or 4096)
         per = _tokens(c2)
         flops = 8 * n * per
         if c1 is not None:
-            c1 = c1.replace(seq_len=c1.seq_len or 512)
             per += _tokens(c1)
             flops += (2 * n + 6 * attn) * _tokens(c1)
         count = layers * len(kinds)
@@ -89,23 +92,20 @@ def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
         bound = "up to " if any(c.early_stop or c.racing for c in learned) else ""  # early stopping / racing spend less
         add("selection", f"{bound}{count} one-swap candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per,
             flops / per)
-    budgets = config.selection.get("budgets", [0.25])
-    sets = sum(1 if s == "given" else len(budgets) for s in config.selectors) + len(config.final.get("extra_sets") or {})
-    fin = config.distill_config("final", 2)
+    budgets = config.selection.budgets
+    sets = sum(1 if s == "given" else len(budgets) for s in config.selectors) + len(config.final.extra_sets)
+    fin = config.final.stage2
     add("final", f"up to {sets} final hybrids x {_tokens(fin):,} tokens", sets * _tokens(fin), 8 * n)
-    from ..evaluation.suite import parse_suite
 
     ev = config.eval
-    parts = parse_suite(ev.get("suite", ["recall", "quality"]))
-    lengths = ev.get("lengths", [1024])
+    parts = ev.suite
     per_model = 0
     if "recall" in parts:
-        per_model += len(ev.get("tasks") or [None] * 11) * sum(lengths) * ev.get("num_samples", 20)
+        per_model += len(ev.tasks or DEFAULT_RECALL_TASKS) * sum(ev.lengths) * ev.num_samples
     if "niah" in parts:
-        per_model += (len(ev.get("niah_depths") or [None] * 5) * sum(ev.get("niah_lengths") or lengths)
-                      * (ev.get("niah_samples") or 1))
+        per_model += len(ev.niah_depths) * sum(ev.niah_grid_lengths) * ev.niah_samples
     if "quality" in parts:  # each model and the teacher beside it
-        per_model += 2 * ev.get("quality_sequences", 32) * ev.get("quality_seq_len", 512)
+        per_model += 2 * ev.quality_sequences * ev.quality_seq_len
     what = f"{2 + sets} models (teacher, all-linear, hybrids): {', '.join(parts)}"
     if "efficiency" in parts:
         what += " (efficiency: timed decoding, not counted)"

@@ -13,7 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.compare import flat_metrics
 from ..fileio import atomic_write_text, read_json
+from ..layout import RunLayout
+from ..selection.result import SelectionResult
+from .config import RunConfig
+from .models import eval_models, hybrid_name
 
 REPORT_DIR = "report"
 
@@ -49,38 +54,58 @@ def _copy_plot(src: Path, report_dir: Path, name: str) -> str | None:
     return f"{REPORT_DIR}/{name}"
 
 
-def _selection_section(run_dir: Path, report_dir: Path, selectors: list[str]) -> list[str]:
+def _selection_section(layout: RunLayout, report_dir: Path, selectors: list[str]) -> list[str]:
     lines = ["## Layer selection", ""]
     for selector in selectors:
-        sel = read_json(run_dir / "selection" / selector / "selection.json")
-        if sel is None:
+        path = layout.selection.selection_file(selector)
+        if not path.is_file():
             lines += [f"### {selector}", "", "_not run yet_", ""]
             continue
+        sel = SelectionResult.load(path)
         lines += [f"### {selector}", ""]
-        if sel.get("probe"):
-            lines.append(f"Probe (mixer used while scoring): `{sel['probe']}`.")
-        tok = sel.get("tokens") or {}
+        if sel.degenerate:
+            lines += [f"**No ranking:** {sel.degenerate}. This baseline chose no layers.", ""]
+            continue
+        if sel.probe:
+            start = f", candidates start from the all-linear student after {sel.candidate_start}" if sel.candidate_start else ""
+            lines.append(f"Probe (mixer used while scoring): `{sel.probe}`{start}.")
+        tok = sel.tokens or {}
         if tok:
             lines.append(
                 f"Candidate tokens: {_fmt_tokens(tok.get('spent'))} of a full budget of {_fmt_tokens(tok.get('full_budget'))}"
                 f" ({tok.get('saved_fraction', 0):.0%} saved by early stopping/racing)."
             )
-        es = sel.get("early_stop") or {}
-        if es.get("enabled"):
-            lines.append(f"Early stop (rolling Jaccard, App. B): snapshot {es.get('stop_snapshot')} at tokens {es.get('stop_tokens')}.")
-        if sel.get("failed"):
-            lines.append(f"**Failed candidates**: {', '.join(sel['failed'])}.")
-        if sel.get("ranking"):
-            lines.append(f"Ranking (most important first): `{sel['ranking']}`.")
-        lines += ["", "| budget | K | softmax layers | adjacency (random) |", "|---|---:|---|---|"]
-        for label, e in sel["budgets"].items():
-            lines.append(f"| {label} | {e['k']} | `{e['layers']}` | {e['adjacency']} ({e['expected_adjacency']:.2f}) |")
+        if (sel.early_stop or {}).get("enabled"):
+            stops = ", ".join(f"K={k}: " + (f"snapshot {v} ({_fmt_tokens(sel.early_stop['stop_tokens'][k])} tokens)"
+                                             if v is not None else "did not fire")
+                              for k, v in sel.early_stop["stop_snapshot"].items())
+            lines.append(f"Early stop (rolling Jaccard, appendix B), per budget: {stops}.")
+        failed = [f"{kind}-{layer}" for kind, sc in sel.candidates.items() for layer in sc.failures]
+        if failed:
+            lines.append(f"**Failed candidates**: {', '.join(failed)}.")
+        if sel.noise_floor:
+            last = sel.noise_floor[-1]
+            std = last["null_std"]
+            lines.append(
+                f"Noise floor ({len(sel.candidates['null'].kl)} null candidates, no layer restored, other data orders): "
+                f"held-out KL {last['null_mean']:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+                + f"; spread of the layers' KLs {last['spread']:.4f}"
+                + (f", signal-to-noise {last['snr']:.1f}" if last["snr"] is not None else "") + " (last snapshot).")
+        if sel.ranking:
+            lines.append(f"Ranking (most important first): `{sel.ranking}`.")
+        lines += ["", "| budget | K | softmax layers | adjacency (random) | top-K beyond the noise floor |",
+                  "|---|---:|---|---|---|"]
+        for label, e in sel.budgets.items():
+            sets = "; ".join(f"`{s}`" for s in e.sets)
+            resolved = {True: "yes", False: "**no: inside the null band, not a finding**", None: "–"}[e.resolved]
+            lines.append(f"| {label} | {e.k} | {sets} | {e.adjacency} ({e.expected_adjacency:.2f}) | {resolved} |")
         lines.append("")
-        for plot in ("importance", "selected_layers"):
-            rel = _copy_plot(run_dir / "selection" / selector / f"{plot}.png", report_dir, f"{selector}-{plot}.png")
+        folder = layout.selection.selector(selector)
+        for plot in ("importance", "selected_layers", "kl_ga"):
+            rel = _copy_plot(folder / f"{plot}.png", report_dir, f"{selector}-{plot}.png")
             if rel:
                 lines.append(f"![{selector} {plot}]({rel})")
-        for png in sorted((run_dir / "selection" / selector).glob("stability_*.png"))[:2]:
+        for png in sorted(folder.glob("stability_*.png"))[:2]:
             rel = _copy_plot(png, report_dir, f"{selector}-{png.name}")
             lines.append(f"![{selector} stability]({rel})")
         lines.append("")
@@ -153,66 +178,85 @@ def efficiency_table(sections: dict[str, dict]) -> list[str]:
 
 def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str = "recall/overall") -> dict[str, Any]:
     """``metric`` of the final hybrid each (selector, budget) chose, in the paper's layout (rows: selectors,
-    columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value"}}}}``."""
-    from ..evaluation.compare import _metrics
-    from ..selection import load_selection
-    from .run import STATE_FILE, hybrid_name
-
+    columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value", "values"}}}}``.
+    A budget with several sets (``random``) has the mean as ``value`` and every set's in ``values``."""
     run_dir = Path(run_dir)
-    state = read_json(run_dir / STATE_FILE) or {}
+    layout = RunLayout(run_dir)
+    state = read_json(layout.state) or {}
     linear = ((state.get("config") or {}).get("student") or {}).get("linear", "gdn")
     labels: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
     for selector in selectors:
-        path = run_dir / "selection" / selector / "selection.json"
+        path = layout.selection.selection_file(selector)
         if not path.is_file():
             continue
-        for label, entry in load_selection(path)["budgets"].items():
+        for label, entry in SelectionResult.load(path).budgets.items():
             labels += [label] if label not in labels else []
-            name = hybrid_name(sorted(entry["layers"]), linear)
-            res = read_json(run_dir / "eval" / name / "results.json")
+            names = [hybrid_name(sorted(s), linear) for s in entry.sets]
+            results = [read_json(layout.eval(name) / "results.json") for name in names]
+            values = [flat_metrics(r).get(metric) if r else None for r in results]
+            known = [v for v in values if v is not None]
             rows.setdefault(selector, {})[label] = {
-                "layers": sorted(entry["layers"]), "model": name, "value": _metrics(res).get(metric) if res else None}
+                "layers": sorted(entry.layers), "model": names[0], "values": values,
+                "value": (sum(known) / len(known) if known else None) if len(values) > 1 else values[0]}
     return {"metric": metric, "budgets": labels, "rows": rows}
 
 
 def _selector_table_section(run_dir: Path, selectors: list[str]) -> list[str]:
     lines = []
-    for metric, title in (("recall/overall", "recall"), ("niah/mean", "NIAH")):
+    for metric, title in (("recall/overall", "recall"), ("niah/mean", "NIAH"), ("quality/kl", "held-out KL")):
         table = selector_budget_table(run_dir, selectors, metric)
         if not any(c["value"] is not None for r in table["rows"].values() for c in r.values()):
             continue
+        random_row = table["rows"].get("random", {})
         lines += [f"### {title} by selector and budget", "", "| selector | " + " | ".join(table["budgets"]) + " |",
                   "|---|" + "---:|" * len(table["budgets"])]
         for selector, row in table["rows"].items():
-            cells = [_fmt(row[b]["value"]) + f" `{row[b]['layers']}`" if b in row else "–" for b in table["budgets"]]
+            cells = []
+            for b in table["budgets"]:
+                cell = row.get(b)
+                if cell is None:
+                    cells.append("–")
+                elif selector == "random":
+                    known = [v for v in cell["values"] if v is not None]
+                    spread = f" [{min(known):.3f}, {max(known):.3f}] of {len(known)} sets" if known else ""
+                    cells.append(_fmt(cell["value"]) + spread)
+                else:
+                    rank = _null_percentile(cell["value"], (random_row.get(b) or {}).get("values"), lower_is_better=metric == "quality/kl")
+                    cells.append(_fmt(cell["value"]) + f" `{cell['layers']}`" + (f" ({rank} of random sets)" if rank else ""))
             lines.append(f"| {selector} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _null_percentile(value: float | None, random_values: list | None, lower_is_better: bool) -> str | None:
+    """Where ``value`` stands among the random sets' values: 'better than 2/3'."""
+    known = [v for v in random_values or [] if v is not None]
+    if value is None or not known:
+        return None
+    beaten = sum((value < v) if lower_is_better else (value > v) for v in known)
+    return f"better than {beaten}/{len(known)}"
 
 
 def report_markdown(run_dir: str | Path, config=None) -> str:
     """The report as Markdown (plots copied into ``run_dir/report/``)."""
     import yaml
 
-    from .run import Pipeline, STATE_FILE
 
     run_dir = Path(run_dir)
-    state = read_json(run_dir / STATE_FILE) or {"stages": {}}
+    state = read_json(RunLayout(run_dir).state) or {"stages": {}}
     if config is None:
-        from .config import RunConfig
-
         if "config" not in state:
             raise FileNotFoundError(
-                f"{run_dir} is not a hybrid-distill run directory (no {STATE_FILE} with the run's config); "
+                f"{run_dir} is not a hybrid-distill run directory (no {RunLayout(run_dir).state.name} with the run's config); "
                 "give the run_dir of a `hybrid-distill run`"
             )
 
         config = RunConfig.from_dict(state["config"], check_paths=False)
     report_dir = run_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline(config, run_dir, progress=False)
-    title = (config.report or {}).get("title") or f"hybrid-distill run: {config.teacher}"
+    layout = RunLayout(run_dir)
+    title = config.report.title or f"hybrid-distill run: {config.teacher}"
     lines = [f"# {title}", "", f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `{run_dir}`.", ""]
     lines += ["## Cost per stage", "",
               "Time: training or evaluation time summed over the stage's models, including those trained or evaluated by an "
@@ -228,7 +272,7 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
         total_tok += tok or 0
         lines.append(f"| {stage} | {_fmt_time(t)} | {_fmt_tokens(tok)} |")
     lines += [f"| **total** | {_fmt_time(total_t)} | {_fmt_tokens(total_tok)} |", ""]
-    lines += _selection_section(run_dir, report_dir, config.selectors)
+    lines += _selection_section(layout, report_dir, config.selectors)
     final = (state["stages"].get("final") or {}).get("models") or {}
     if final:
         lines += ["## Final hybrids", "", "| model | softmax layers | chosen by | Stage-2 tokens | held-out |", "|---|---|---|---:|---|"]
@@ -237,7 +281,7 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
             ev = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("eval") or {}).items())
             lines.append(f"| `{name}` | `{m['layers']}` | {chosen} | {_fmt_tokens(m['tokens'])} | {ev} |")
         lines.append("")
-    models = pipe.eval_models() if (run_dir / "selection").is_dir() else {}
+    models = eval_models(config, layout) if layout.selection.root.is_dir() else {}
     lines += _eval_section(run_dir, report_dir, models)
     lines += _selector_table_section(run_dir, config.selectors)
     lines += ["## Settings", "", "```yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "```", ""]

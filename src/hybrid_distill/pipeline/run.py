@@ -1,114 +1,73 @@
-"""``hybrid-distill run CONFIG``: teacher -> all-linear Stage 1 -> Stage 2 -> layer selection -> final
-hybrids -> evaluation -> report, in one run directory.
+"""``hybrid-distill run CONFIG``: teacher -> all-linear Stage 1 -> Stage 2 -> layer selection -> final hybrids ->
+evaluation -> report, in one run folder (`RunLayout`).
 
-Every stage writes its outputs under ``run_dir`` and records itself in ``run_dir/pipeline.json``;
-a re-run skips finished stages (and finished parts of interrupted ones: distillation resumes from
-its last checkpoint, selection reuses finished candidates, evaluation reuses finished models). A stage
-whose settings (or an earlier stage's results) changed runs again, and outputs made under the old
-settings are moved to ``superseded/`` first, so no stale run is resumed or reused::
-
-    run_dir/
-      pipeline.json          stages done, wall time and tokens per stage, the config used
-      stage1/ stage2/        the all-linear student (Stage 1, Stage 2)
-      selection/             candidates and <selector>/selection.json (+ plots)
-      final/<name>/          final-hybrid Stage-2 runs, one per distinct layer set
-      models/<name>/         final hybrids as Hugging Face checkpoints with a model card
-      eval/<model>/          results.json + summary.md per evaluated model
-      superseded/            outputs of earlier settings, set aside (never deleted)
-      report.md, report.html
+Every output folder is a `Step` (``hybrid_distill.artifacts``): made under a settings key from the run ids of the
+steps before it. A re-run skips what is done under the same settings (``pipeline.json`` lists the stages done),
+resumes what was interrupted (distillation from its last checkpoint, selection from its finished candidates,
+evaluation model by model), and moves what was made under other settings to ``superseded/`` before redoing it —
+never deleted, never reused by mistake. Evaluations made under other settings are evaluated again in place.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import __version__
+from ..artifacts import Step, StepRecord, canonical, set_aside, settings_key
+from ..checkpoint import load_student, save_student
+from ..config import ConfigError
+from ..data.sources import DataSourceError
+from ..distill import DistillResult, distill
+from ..distill.config import STAGE_SEQ_LEN
+from ..evaluation.suite import evaluate_model, evaluation_seconds, load_model
 from ..fileio import atomic_write_json, atomic_write_text, read_json
-from ..distill.config import ConfigError
-from .config import EFFICIENCY_EVAL_KEYS, RunConfig
+from ..layout import RunLayout
+from ..selection import run_selection
+from ..surgery import build_student, load_teacher, load_tokenizer, mixers_from_softmax_layers, model_identity, teacher_num_layers
+from .config import RunConfig
+from .models import base_students, eval_models, final_sets
+from .report import write_report
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "pipeline.json"
-EVAL_SETTINGS_FILE = "settings.json"  # in eval/<model>/: the eval_settings its results were made with
 STAGES = ("stage1", "stage2", "selection", "final", "eval", "report")
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# eval fields of the efficiency suite: part of an evaluation's settings only when it measures efficiency
+EFFICIENCY_EVAL_KEYS = ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
+                        "efficiency_dtype")
 
 
 class PipelineState:
-    """``pipeline.json``: which stages are done, under which settings and on which upstream results, and
-    what they cost. Each record carries a run id; a stage is done only while the stages before it still
-    hold the run ids it was made from (a stage run again makes every later one stale)."""
+    """``pipeline.json``: the stages done, each with the key of its settings, its run id, the run ids of the stages
+    it was made from, and what it cost. A stage is done only while the stages before it still hold those run ids (a
+    stage run again makes every later one stale)."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / STATE_FILE
+    def __init__(self, layout: RunLayout):
+        self.path = layout.state
         self.data = read_json(self.path) or {"stages": {}}
 
     def upstream(self, stage: str) -> dict[str, str | None]:
-        previous = STAGES[: STAGES.index(stage)]
-        return {s: (self.data["stages"].get(s) or {}).get("run_id") for s in previous}
+        return {s: (self.data["stages"].get(s) or {}).get("run_id") for s in STAGES[: STAGES.index(stage)]}
 
     def done(self, stage: str, key: str) -> dict | None:
         entry = self.data["stages"].get(stage)
-        if not entry or entry.get("key") != key:
-            return None
-        if "upstream" in entry and entry["upstream"] != self.upstream(stage):  # records of older versions lack it
+        if not entry or entry.get("key") != key or entry.get("upstream") != self.upstream(stage):
             return None
         return entry
 
-    def record(self, stage: str, key: str, **info) -> None:
-        self.data["stages"][stage] = {"key": key, "run_id": uuid.uuid4().hex[:12], "upstream": self.upstream(stage),
-                                      **info}
+    def record(self, stage: str, key: str, run_id: str, **info: Any) -> None:
+        self.data["stages"][stage] = {"key": key, "run_id": run_id, "upstream": self.upstream(stage), **info}
         atomic_write_json(self.path, self.data)
 
 
-SUPERSEDED_DIR = "superseded"
-KEY_FILE = ".pipeline-key.json"  # in a stage's output folder: the settings it is being made under
-
-
-def set_aside(path: Path, run_dir: Path) -> Path:
-    """Move ``path`` (made under other settings) to ``run_dir/superseded/``; returns where it went."""
-    dest = run_dir / SUPERSEDED_DIR / f"{path.relative_to(run_dir).as_posix().replace('/', '--')}-{uuid.uuid4().hex[:8]}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, dest)
-    logger.warning("%s was made under other settings; moved to %s", path, dest)
-    return dest
-
-
-def claim_output_dir(path: Path, key: str, run_dir: Path) -> None:
-    """Make ``path`` the output folder of work under ``key``: a folder made under another key (other
-    teacher, data or settings, whose finished or half-finished runs the trainer would otherwise resume or
-    reuse), or with no key at all, is moved to ``run_dir/superseded/`` first, never deleted."""
-    recorded = read_json(path / KEY_FILE) if path.is_dir() else None
-    if path.is_dir() and any(path.iterdir()) and (recorded or {}).get("key") != key:
-        set_aside(path, run_dir)  # made under other settings, or by a version that did not record them
-    path.mkdir(parents=True, exist_ok=True)
-    if (recorded or {}).get("key") != key:
-        atomic_write_json(path / KEY_FILE, {"key": key})
-
-
-def model_identity(spec: str) -> dict[str, str]:
-    """A model spec plus, for a local checkpoint, the fingerprint of its weights."""
-    from ..checkpoint import weights_fingerprint
-
-    path = Path(spec)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return {"spec": str(spec), "weights": weights_fingerprint(path)}
-    return {"spec": str(spec)}
-
-
-def hybrid_name(layers: list[int], linear: str) -> str:
-    return f"hybrid-{linear}-k{len(layers)}-L" + "_".join(str(i) for i in layers)
+def _run_info(result: DistillResult) -> dict[str, Any]:
+    return {"tokens": result.tokens, "compute_time_s": result.wall_time_s, "final": result.final_model_dir,
+            "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
 
 
 class Pipeline:
@@ -117,6 +76,7 @@ class Pipeline:
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, progress: bool = True):
         self.config = config
         self.run_dir = Path(run_dir or config.run_dir)
+        self.layout = RunLayout(self.run_dir)
         self.progress = progress
         self.teacher_spec = config.teacher_spec
         self._teacher = None
@@ -125,13 +85,9 @@ class Pipeline:
     # -- shared resources --------------------------------------------------------------------
     @property
     def teacher(self):
-        import torch
-
         # distill() casts the frozen teacher to bf16 in place (on CUDA): reload it, so that every student is
         # built from, and every evaluation made with, the checkpoint's fp32 weights, resumed run or not.
         if self._teacher is None or next(self._teacher.parameters()).dtype != torch.float32:
-            from ..surgery import load_teacher
-
             self._teacher = None
             self._teacher = load_teacher(self.teacher_spec, dtype=torch.float32)
         return self._teacher
@@ -144,152 +100,135 @@ class Pipeline:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..surgery import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.teacher_spec, self.config.tokenizer, self.teacher.config.vocab_size)
         return self._tokenizer
 
-    @property
+    @functools.cached_property
     def num_layers(self) -> int:
-        from ..selection.runner import teacher_num_layers
-
         return teacher_num_layers(self.teacher_spec)
 
-    def _data(self, seq_len: int, require: int | None = None):
-        from ..data import DataSpec
+    def _distill(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None]) -> DistillResult:
+        """Train into ``out`` under ``identity`` from ``upstream`` steps; a run there made under other settings is set
+        aside to ``superseded/`` first."""
+        data = self.config.data.load(self.tokenizer, cfg.seq_len, seed=self.config.seed,
+                                     require_sequences=cfg.global_batch_size)
+        return distill(student, self.teacher, data, cfg, out, tokenizer=self.tokenizer, identity=identity,
+                       upstream=upstream, on_stale="set_aside", superseded=self.layout.superseded)
 
-        return DataSpec.from_dict(self.config.data).load(self.tokenizer, seq_len, seed=self.config.seed, require_sequences=require)
+    def _upstream(self, *stages: str) -> dict[str, str | None]:
+        """The run ids of ``stages`` as ``pipeline.json`` records them."""
+        recorded = PipelineState(self.layout).data["stages"]
+        return {s: (recorded.get(s) or {}).get("run_id") for s in stages}
 
-    def _distill(self, student, cfg, out: Path) -> dict:
-        from ..distill import distill
-
-        result = distill(student, self.teacher, self._data(cfg.seq_len, cfg.global_batch_size), cfg, out,
-                         tokenizer=self.tokenizer)
-        return {"tokens": result.tokens, "compute_time_s": result.wall_time_s, "final": result.final_model_dir,
-                "final_loss": result.final_loss, "eval": {result.eval_metric: result.eval_value} if result.eval_metric else {}}
+    def stage_config(self, config):
+        """A stage's DistillConfig as the pipeline trains it: at its data sequence length, with this run's progress bars."""
+        return config.replace(seq_len=config.data_seq_len, progress=self.progress)
 
     # -- stages -------------------------------------------------------------------------------
     def stage1(self) -> dict:
-        import torch
-
-        from ..surgery import build_student
-
-        cfg = self.config.distill_config("stage1", 1).replace(progress=self.progress)
         torch.manual_seed(self.config.seed)
         student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
-        claim_output_dir(self.run_dir / "stage1", self.stage_key("stage1"), self.run_dir)
-        return self._distill(student, cfg, self.run_dir / "stage1")
+        return _run_info(self._distill(student, self.stage_config(self.config.stage1), self.layout.stage("stage1").root,
+                                       {"pipeline": self.stage_key("stage1")}, {}))
 
     def stage2(self) -> dict:
-        from ..checkpoint import load_student
-
         if self.config.stage2 is None:
-            return {"tokens": 0, "final": str(self.run_dir / "stage1" / "final"), "skipped": True}
-        cfg = self.config.distill_config("stage2", 2).replace(progress=self.progress)
-        student = load_student(self.run_dir / "stage1" / "final").float()
-        claim_output_dir(self.run_dir / "stage2", self.stage_key("stage2"), self.run_dir)
-        return self._distill(student, cfg, self.run_dir / "stage2")
+            return {"tokens": 0, "final": str(self.layout.stage("stage1").final), "skipped": True}
+        student = load_student(self.layout.stage("stage1").final).float()
+        return _run_info(self._distill(student, self.stage_config(self.config.stage2), self.layout.stage("stage2").root,
+                                       {"pipeline": self.stage_key("stage2")}, self._upstream("stage1")))
 
     def base_dirs(self) -> tuple[str, str]:
-        stage1 = str(self.run_dir / "stage1" / "final")
-        base = stage1 if self.config.stage2 is None else str(self.run_dir / "stage2" / "final")
-        return stage1, base
+        stage1, base = base_students(self.config, self.layout)
+        return str(stage1), str(base)
+
+    def selection_step(self) -> Step:
+        """The selection folder's step. Its candidates start from the all-linear students and train under the
+        candidates' settings: new students (teacher, data, Stage 1/2) or candidate settings make them stale; budgets,
+        selectors, early stopping and racing do not (their candidates are reused)."""
+        sel = self.config.selection
+        candidates = {k: getattr(sel, k) for k in ("probe", "mixer_options", "stage1", "stage2", "candidate_start",
+                                                   "snapshot_every_tokens", "snapshot_batches", "null_candidates",
+                                                   "candidate_seeds", "candidate_seed_layers", "seed")}
+        return Step(self.layout.selection.root, {"teacher": self.teacher_identity, "data": self.config.data.identity(),
+                                                 "candidates": candidates},
+                    self._upstream("stage1", "stage2"), what="selection folder")
 
     def selection(self) -> dict:
-        from ..selection import run_selection
-
         stage1, base = self.base_dirs()
-        # Candidates start from the all-linear students and train under the selection's candidate settings: other
-        # students (teacher, data, Stage 1/2) or settings make them stale. Budgets, selectors, early stopping and
-        # racing do not: their candidates are reused.
-        candidates = {k: self.config.selection.get(k) for k in ("probe", "mixer_options", "stage1", "stage2",
-                                                                "snapshot_every_tokens", "seed")}
-        claim_output_dir(self.run_dir / "selection", _key({"upstream": self.stage_key("stage2"), "candidates": candidates}),
-                         self.run_dir)
+        step = self.selection_step()
+        step.begin(on_stale="set_aside", superseded=self.layout.superseded)
         out: dict[str, Any] = {"selectors": {}}
         by_kind: dict[str, int] = {}
         for selector in self.config.selectors:
-            sel = run_selection(self.config.selection_config(selector), self.teacher_spec, self.run_dir / "selection",
+            sel = run_selection(self.config.selection_config(selector), self.teacher_spec, self.layout.selection.root,
                                 data=self.config.data, base_student=base, stage1_student=stage1,
                                 tokenizer=self.config.tokenizer, progress=self.progress)
-            out["selectors"][selector] = {label: e["layers"] for label, e in sel["budgets"].items()}
-            for kind, spent in ((sel.get("tokens") or {}).get("by_kind") or {}).items():
+            out["selectors"][selector] = {label: b.sets if len(b.sets) > 1 else b.layers for label, b in sel.budgets.items()}
+            for kind, spent in ((sel.tokens or {}).get("by_kind") or {}).items():
                 by_kind[kind] = max(by_kind.get(kind, 0), spent)  # candidates are shared between selectors
         out["tokens"] = sum(by_kind.values())
         out["tokens_by_kind"] = by_kind
+        out["run_id"] = step.record().run_id
         return out
 
     def final_sets(self) -> dict[str, dict]:
-        """Distinct layer sets chosen by any (selector, budget) or listed in ``final.extra_sets``, with who
-        chose them (selector ``extra`` and the set's label for the latter)."""
-        from ..selection import load_selection
-
-        sets: dict[str, dict] = {}
-
-        def add(layers, chosen_by: dict) -> None:
-            layers = sorted(layers)
-            item = sets.setdefault(hybrid_name(layers, self.config.linear), {"layers": layers, "chosen_by": []})
-            item["chosen_by"].append(chosen_by)
-
-        for selector in self.config.selectors:
-            sel = load_selection(self.run_dir / "selection" / selector)
-            for label, entry in sel["budgets"].items():
-                add(entry["layers"], {"selector": selector, "budget": label, "k": entry["k"], "probe": sel.get("probe")})
-        for label, layers in (self.config.final.get("extra_sets") or {}).items():
-            add(layers, {"selector": "extra", "budget": str(label), "k": len(layers), "probe": None})
-        return sets
+        return final_sets(self.config, self.layout)
 
     def final(self) -> dict:
-        import torch
-
-        from ..checkpoint import load_student, save_student
-        from ..surgery import build_student, mixers_from_softmax_layers
-
         stage1, _ = self.base_dirs()
-        cfg = self.config.distill_config("final", 2).replace(progress=self.progress)
-        reuse = self.config.final.get("reuse_stage1_mixers", True)
-        init_from = load_student(stage1).float() if reuse else None
+        cfg = self.stage_config(self.config.final.stage2)
+        init_from = load_student(stage1).float() if self.config.final.reuse_stage1_mixers else None
         out: dict[str, Any] = {"models": {}, "tokens": 0, "compute_time_s": 0.0}
-        final_settings = {k: v for k, v in self.config.final.items() if k != "extra_sets"}
+        # A final hybrid depends on the all-linear students, the final settings and its layers, not on which
+        # selector chose it: sets added later (final.extra_sets, another selector) leave the others as they are.
+        settings = {"pipeline": self.stage_key("stage2"),
+                    "final": {k: v for k, v in self.config.final.to_dict().items() if k != "extra_sets"}}
+        upstream = self._upstream("stage1", "stage2")
         planned = self.final_sets()
         self.set_aside_unplanned(planned)
         for name, item in planned.items():
-            model_dir = self.run_dir / "models" / name
-            key = _key({"upstream": self.stage_key("stage2"), "final": final_settings, "layers": item["layers"]})
-            recorded = read_json(self.run_dir / "final" / name / KEY_FILE)
-            if (recorded or {}).get("key") != key and model_dir.exists():
-                set_aside(model_dir, self.run_dir)  # with its stale (or unrecorded) training run
-            claim_output_dir(self.run_dir / "final" / name, key, self.run_dir)
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
             torch.manual_seed(self.config.seed)
             student = build_student(self.teacher, mixers, self.config.mixer_options, init_from=init_from).float()
-            res = self._distill(student, cfg, self.run_dir / "final" / name)
-            card = self.model_card(name, item, res)
-            if not (model_dir / "config.json").is_file():
-                save_student(student, model_dir, tokenizer=self.tokenizer, model_card=card)
-            elif (model_dir / "README.md").is_file() and (model_dir / "README.md").read_text() != card:
-                atomic_write_text(model_dir / "README.md", card)  # e.g. a selector added later chose this set too
-            out["models"][name] = {**item, "path": str(model_dir), "tokens": res["tokens"], "eval": res["eval"],
-                                   "compute_time_s": res["compute_time_s"]}
+            run = self.layout.final_run(name)
+            result = self._distill(student, cfg, run.root, {**settings, "layers": item["layers"]}, upstream)
+            res = _run_info(result)
+            self.save_model(name, item, res, student, StepRecord.read(run.root).run_id)
+            out["models"][name] = {**item, "path": str(self.layout.model(name)), "tokens": res["tokens"],
+                                   "eval": res["eval"], "compute_time_s": res["compute_time_s"]}
             out["tokens"] += res["tokens"]
             out["compute_time_s"] += res["compute_time_s"]
         return out
 
+    def save_model(self, name: str, item: dict, res: dict, student, run_id: str) -> None:
+        """``models/<name>``: the final hybrid as a Hugging Face checkpoint with its model card, a step made from
+        the training run ``run_id`` (a copy from an earlier training of this set is set aside first)."""
+        folder = self.layout.model(name)
+        step = Step(folder, {"model": name}, {"final": run_id}, what="saved model")
+        card = self.model_card(name, item, res)
+        if step.finished() is not None:
+            if (folder / "README.md").read_text() != card:
+                atomic_write_text(folder / "README.md", card)  # e.g. a selector added later chose this set too
+            return
+        if folder.exists():
+            set_aside(folder, self.layout.superseded, step.stale_reason() or f"{folder} was not finished")
+        save_student(student, folder, tokenizer=self.tokenizer, model_card=card)
+        step.publish({"model": name})
+
     def set_aside_unplanned(self, planned) -> None:
-        """Move final hybrids the current settings no longer plan (another selection, budgets or extra sets),
-        with their saved copies and evaluations, to ``superseded/``: they would pass for this run's models."""
-        final_dir = self.run_dir / "final"
-        for entry in sorted(final_dir.iterdir()) if final_dir.is_dir() else []:
+        """Move final hybrids the current settings no longer plan (another selection, budgets or extra sets), with
+        their saved copies and evaluations, to ``superseded/``: they would pass for this run's models."""
+        runs = self.layout.final_runs
+        for entry in sorted(runs.iterdir()) if runs.is_dir() else []:
             if entry.is_dir() and entry.name not in planned:
-                for path in (entry, self.run_dir / "models" / entry.name, self.run_dir / "eval" / entry.name):
+                for path in (entry, self.layout.model(entry.name), self.layout.eval(entry.name)):
                     if path.exists():
-                        set_aside(path, self.run_dir)
+                        set_aside(path, self.layout.superseded, f"{path} is no longer planned by the run's settings")
 
     def model_card(self, name: str, item: dict, res: dict) -> str:
-        from .. import __version__
-
         chosen = "\n".join(f"| {c['selector']} | {c['budget']} | {c['k']} | {c.get('probe') or '–'} |" for c in item["chosen_by"])
-        stages = read_json(self.run_dir / STATE_FILE) or {"stages": {}}
+        stages = read_json(self.layout.state) or {"stages": {}}
         tokens = {s: (stages["stages"].get(s) or {}).get("tokens") for s in ("stage1", "stage2", "selection")}
         return (
             f"---\nlibrary_name: transformers\ntags: [hybrid-attention, linear-attention, distillation, hybrid-distill]\n---\n\n"
@@ -305,16 +244,9 @@ class Pipeline:
         )
 
     def eval_models(self) -> dict[str, str]:
-        """Models to evaluate: teacher, the all-linear student, and each final hybrid."""
-        _, base = self.base_dirs()
-        models = {"teacher": self.teacher_spec, f"all-{self.config.linear}": base}
-        for name in self.final_sets():
-            models[name] = str(self.run_dir / "models" / name)
-        return models
+        return eval_models(self.config, self.layout)
 
     def eval(self) -> dict:
-        from ..evaluation.suite import evaluation_seconds
-
         out: dict[str, Any] = {"models": {}, "eval_time_s": {}}
         for name in self.eval_models():
             dest = self.evaluate(name)
@@ -324,118 +256,78 @@ class Pipeline:
         return out
 
     def eval_settings(self) -> dict[str, Any]:
-        """Everything in the config that decides what an evaluation measures (with defaults filled in)."""
-        from ..data import DataSpec
-        from ..evaluation.suite import parse_suite
+        """Everything in the config that decides what an evaluation measures (defaults filled in)."""
+        ev = self.config.eval.to_dict()
+        if "efficiency" not in self.config.eval.suite:  # runs without it keep their recorded settings
+            for key in EFFICIENCY_EVAL_KEYS:
+                ev.pop(key)
+        # the run's own data, so perplexity and KL are measured on the text distillation held out
+        return {**ev, "data": self.config.data.identity()}
 
-        ev = dict(self.config.eval)
-        suite = ev.get("suite", ["recall", "quality"])
-        return {
-            "suite": suite, "tasks": ev.get("tasks"), "lengths": ev.get("lengths", [1024]),
-            "num_samples": ev.get("num_samples", 20), "niah_lengths": ev.get("niah_lengths"),
-            "niah_depths": ev.get("niah_depths", [0.0, 25.0, 50.0, 75.0, 100.0]), "niah_samples": ev.get("niah_samples"),
-            "seed": ev.get("seed", 0), "batch_size": ev.get("batch_size", 8),
-            # the run's own data, so perplexity and KL are measured on the text distillation held out
-            "data": DataSpec.from_dict(self.config.data).identity(),
-            "quality_seq_len": ev.get("quality_seq_len", 512), "quality_sequences": ev.get("quality_sequences", 32),
-            # only with the efficiency suite, so that runs without it keep their recorded settings
-            **({
-                "efficiency_lengths": ev.get("efficiency_lengths"), "efficiency_batches": ev.get("efficiency_batches", [1, 8]),
-                "decode_steps": ev.get("decode_steps", 32), "compile_decode": ev.get("compile_decode", False),
-                "prefill_rows": ev.get("prefill_rows"),
-                "efficiency_dtype": ev.get("efficiency_dtype", "bfloat16"),  # what is served; the pipeline holds its teacher in fp32
-            } if "efficiency" in parse_suite(suite) else {}),
-        }
+    def eval_step(self, name: str) -> Step:
+        """``eval/<name>``'s step: the evaluation settings and the weights measured (a model trained again under the
+        same name must not keep its old results)."""
+        spec = self.eval_models()[name] if name not in ("teacher", f"all-{self.config.linear}") else (
+            self.teacher_spec if name == "teacher" else self.base_dirs()[1])
+        return Step(self.layout.eval(name), {**self.eval_settings(), "model": model_identity(spec),
+                                             "teacher_model": self.teacher_identity}, what="evaluation")
 
     def evaluate(self, name: str) -> Path:
-        """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection)
-        into ``eval/<name>/``. A model with results under the same `eval_settings` is not evaluated again;
-        results from other settings are replaced."""
-        import torch
-
-        from ..data import DataSpec
-        from ..evaluation.suite import evaluate_model, load_model
-
-        dest = self.run_dir / "eval" / name
-        fixed = {"teacher": self.teacher_spec, f"all-{self.config.linear}": self.base_dirs()[1]}
-        spec = fixed[name] if name in fixed else self.eval_models()[name]
-        # which weights were measured: a model trained again under the same name must not keep old results
-        settings = json.loads(json.dumps({**self.eval_settings(), "model": model_identity(spec),
-                                          "teacher_model": self.teacher_identity}))
-        # (results.json with suites still "partial" is what an interrupted evaluation left)
-        if (dest / "results.json").is_file() and not (read_json(dest / "results.json") or {}).get("partial"):
-            recorded = read_json(dest / EVAL_SETTINGS_FILE)
-            if recorded is None or recorded == settings:  # None: results from before settings were recorded
-                return dest
-            logger.info("eval %s: settings changed since its results were written; evaluating again", name)
+        """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection) into
+        ``eval/<name>/``. A model evaluated under the same settings is not evaluated again; results under other
+        settings are replaced."""
+        step = self.eval_step(name)
+        dest = step.folder
+        if step.finished() is not None:
+            return dest
+        step.begin(on_stale="replace")  # results of other settings (or of an interrupted evaluation's) are redone
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
+        spec = step.settings["model"]["spec"]
         model = teacher if name == "teacher" else load_model(spec, device=device)
-        ev = settings
-        evaluate_model(
-            model, self.tokenizer, dest, suite=ev["suite"], tasks=ev["tasks"], lengths=ev["lengths"],
-            num_samples=ev["num_samples"], niah_lengths=ev["niah_lengths"], niah_depths=ev["niah_depths"],
-            niah_samples=ev["niah_samples"], seed=ev["seed"], batch_size=ev["batch_size"],
-            teacher=None if name == "teacher" else teacher, corpus=DataSpec.from_dict(self.config.data),
-            quality_seq_len=ev["quality_seq_len"], quality_sequences=ev["quality_sequences"],
-            model_name=name, progress=self.progress,
-            **{k: ev[k] for k in EFFICIENCY_EVAL_KEYS if k in ev},
-        )
-        atomic_write_json(dest / EVAL_SETTINGS_FILE, settings)
-        del model
+        results = evaluate_model(model, self.tokenizer, dest, self.config.eval, teacher=None if name == "teacher" else teacher,
+                                 corpus=self.config.data, model_name=name, progress=self.progress)
+        step.publish({"suites": results["suites"]})
         return dest
 
     def report(self) -> dict:
-        from .report import write_report
-
-        paths = write_report(self.run_dir, self.config)
-        return {"files": [str(p) for p in paths]}
+        return {"files": [str(p) for p in write_report(self.run_dir, self.config)]}
 
     # -- driver -------------------------------------------------------------------------------
     def stage_key(self, stage: str) -> str:
+        """Hash of what a stage's outputs depend on: the teacher's weights, the data, and the config sections of
+        this stage and every stage before it."""
         c = self.config
-        from ..data import DataSpec
-
         # the teacher's weights too: a local teacher overwritten in place must not keep its students
-        parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": DataSpec.from_dict(c.data).identity(),
-                                 "student": c.student, "seed": c.seed,
-                                 "stage1": c.stage1}
-        if stage in ("stage2", "selection", "final", "eval", "report"):
-            parts["stage2"] = c.stage2
-        if stage in ("selection", "final", "eval", "report"):
-            parts["selection"] = c.selection
-        if stage in ("final", "eval", "report"):
-            parts["final"] = c.final
-        if stage in ("eval", "report"):
-            parts["eval"] = c.eval
-        if stage == "report":
-            parts["report"] = c.report
-        return _key(parts)
+        parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": c.data.identity(),
+                                 "student": c.student.to_dict(), "seed": c.seed, "stage1": c.stage1.to_dict()}
+        sections = {"stage2": c.stage2.to_dict() if c.stage2 is not None else None, "selection": c.selection.to_dict(),
+                    "final": c.final.to_dict(), "eval": c.eval.to_dict(), "report": c.report.to_dict()}
+        for name, value in sections.items():  # a stage depends on its own section and those before it
+            if STAGES.index(stage) >= STAGES.index(name):
+                parts[name] = value
+        return settings_key(canonical(parts))
 
     def data_seq_lens(self, stages) -> dict[str, int]:
         """The sequence lengths the training stages among ``stages`` load data at, by config section."""
         lens: dict[str, int] = {}
         if "stage1" in stages:
-            lens["stage1"] = self.config.distill_config("stage1", 1).seq_len
+            lens["stage1"] = self.config.stage1.data_seq_len
         if "stage2" in stages and self.config.stage2 is not None:
-            lens["stage2"] = self.config.distill_config("stage2", 2).seq_len
-        if "selection" in stages and set(self.config.selectors) != {"uniform"}:
-            from ..selection.candidates import STAGE2_DEFAULT_SEQ_LEN
-
-            for name, default in (("stage1", 512), ("stage2", STAGE2_DEFAULT_SEQ_LEN)):
-                raw = self.config.selection.get(name)
-                lens[f"selection.{name}"] = int((raw or {}).get("seq_len") or default)
+            lens["stage2"] = self.config.stage2.data_seq_len
+        if "selection" in stages and any(self.config.selection_config(s).base_selector != "uniform"
+                                         for s in self.config.selectors):
+            candidate1 = self.config.selection.stage_config(1)
+            lens["selection.stage1"] = candidate1.data_seq_len if candidate1 is not None else STAGE_SEQ_LEN[1]
+            lens["selection.stage2"] = self.config.selection.stage_config(2).data_seq_len
         if "final" in stages:
-            lens["final.stage2"] = self.config.distill_config("final", 2).seq_len
+            lens["final.stage2"] = self.config.final.stage2.data_seq_len
         return lens
 
     def check_recall_mix(self, stages) -> None:
-        """Refuse, before any training, sequence lengths too short for the data's recall documents (a
-        stage would otherwise fail only when it starts, after the earlier stages' work)."""
-        from ..data import DataSpec
-        from ..data.sources import DataSourceError
-
-        mix = DataSpec.from_dict(self.config.data).recall_mix()
+        """Refuse, before any training, sequence lengths too short for the data's recall documents (a stage would
+        otherwise fail only when it starts, after the earlier stages' work)."""
+        mix = self.config.data.recall_mix()
         if mix is None:
             return
         for section, seq_len in self.data_seq_lens(stages).items():
@@ -451,7 +343,7 @@ class Pipeline:
             raise ConfigError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}" if unknown
                               else f"no stages given; choose from {','.join(STAGES)}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = PipelineState(self.run_dir)
+        state = PipelineState(self.layout)
         state.data["config"] = self.config.to_dict()
         self.check_recall_mix([s for s in stages if not state.done(s, self.stage_key(s))])
         for stage in sorted(set(stages), key=STAGES.index):
@@ -468,8 +360,16 @@ class Pipeline:
             logger.info("stage %s: running", stage)
             t0 = time.perf_counter()
             info = getattr(self, stage)()
-            state.record(stage, key, wall_time_s=time.perf_counter() - t0, **info)
+            run_id = info.pop("run_id", None) or self._folder_run_id(stage) or settings_key([key, time.time()])
+            state.record(stage, key, run_id, wall_time_s=time.perf_counter() - t0, **info)
+            state = PipelineState(self.layout)  # re-read: a stage may have written it (model cards read it)
         return state.data
+
+    def _folder_run_id(self, stage: str) -> str | None:
+        """The run id of a stage made in one folder (its step record), so later stages name the work itself."""
+        folder = {"stage1": self.layout.stage("stage1").root, "stage2": self.layout.stage("stage2").root}.get(stage)
+        record = StepRecord.read(folder) if folder is not None else None
+        return record.run_id if record is not None else None
 
 
 def run_pipeline(config: RunConfig | str | Path, run_dir: str | Path | None = None, progress: bool = True,
@@ -478,3 +378,6 @@ def run_pipeline(config: RunConfig | str | Path, run_dir: str | Path | None = No
     if not isinstance(config, RunConfig):
         config = RunConfig.from_file(config)
     return Pipeline(config, run_dir, progress).run(stages)
+
+
+__all__ = ["STAGES", "Pipeline", "PipelineState", "run_pipeline"]

@@ -1,26 +1,22 @@
 """Layer selection: which layers keep softmax attention.
 
-GA-S2 (the paper's selector) and every baseline, with one-swap candidates as independent jobs
-(inline, local processes, Ray, Slurm), snapshots with rolling-Jaccard early stopping and racing::
+GA-S2 (the paper's selector) and every baseline (`registry`), with one-swap candidates as independent jobs
+(inline, local processes, Ray, Slurm), a noise floor from null candidates, and held-out snapshots with the paper's
+early-stopping rule and racing::
 
     from hybrid_distill.selection import SelectionConfig, run_selection
 
-    sel = run_selection(SelectionConfig(selector="ga-s2", budgets=[0.25], stage2={"target_tokens": 20_000_000}),
-                        teacher="Qwen/Qwen2.5-1.5B-Instruct", run_dir="runs/select", base_student="runs/base/final")
-    sel["budgets"]["25%"]["layers"]
+    result = run_selection(SelectionConfig(selector="ga-s2", budgets=[0.25], stage2={"target_tokens": 20_000_000}),
+                           teacher="Qwen/Qwen2.5-1.5B-Instruct", run_dir="runs/select",
+                           stage1_student="runs/base/stage1/final", base_student="runs/base/stage2/final")
+    result.budgets["25%"].layers
 """
 
-from .config import BYPASS_SELECTORS, LEARNED_SELECTORS, RULE_SELECTORS, SELECTORS, SelectionConfig
+from .config import SelectionConfig
+from .recipe import SelectionError, run_selection, train_base_student
+from .registry import BYPASS_SELECTORS, LEARNED_SELECTORS, RULE_SELECTORS, SELECTORS
+from .result import BudgetSet, CandidateScoring, SelectionResult
 from .rules import BudgetError, resolve_budget, resolve_budgets
-from .runner import (
-    SelectionError,
-    load_selection,
-    run_selection,
-    selected_layers,
-    selection_path,
-    teacher_num_layers,
-    train_base_student,
-)
 
 __all__ = [
     "BYPASS_SELECTORS",
@@ -28,14 +24,13 @@ __all__ = [
     "RULE_SELECTORS",
     "SELECTORS",
     "BudgetError",
+    "BudgetSet",
+    "CandidateScoring",
     "SelectionConfig",
     "SelectionError",
-    "load_selection",
+    "SelectionResult",
     "resolve_budget",
     "resolve_budgets",
     "run_selection",
-    "selected_layers",
-    "selection_path",
-    "teacher_num_layers",
     "train_base_student",
 ]

@@ -18,7 +18,7 @@ are broken downstream by the lower layer index):
   batches (:func:`hybrid_distill.evaluation.quality.token_nll`).
 * ``kv`` / ``ar`` / ``ar-mh`` / ``vt`` / ``cwe`` -- :func:`task_scores` on the recall task
   ``TASK_SELECTORS[selector]``: accuracy drop under greedy generation (seeded samples of
-  :func:`hybrid_distill.evaluation.generate_samples`, scored by
+  :func:`hybrid_distill.tasks.generate_samples`, scored by
   :func:`hybrid_distill.evaluation.runner.run_samples`), plus a continuous tie-breaker, the
   increase of the teacher-forced NLL of the gold answer (see :func:`task_scores`).
 
@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..evaluation.quality import _unpack, token_nll
+from .registry import TASK_SELECTORS
 
 __all__ = [
     "TASK_SELECTORS",
@@ -61,8 +62,6 @@ __all__ = [
     "task_scores",
 ]
 
-# selector name -> recall task (hybrid_distill.evaluation.recall_tasks.TASKS)
-TASK_SELECTORS: dict[str, str] = {"kv": "kv_retrieval", "ar": "ar", "ar-mh": "ar_multihop", "vt": "vt", "cwe": "cwe"}
 
 # weight of the NLL tie-breaker in task scores (capped further so that accuracy always dominates)
 TIEBREAK_WEIGHT = 1e-3
@@ -332,9 +331,9 @@ def task_scores(
     models often score 0 everywhere). ``w = min(1e-3, 1 / (2 N m))`` with ``N`` samples and ``m``
     the least common multiple of the samples' answer counts: any accuracy difference is a multiple
     of ``1 / (N m)`` and ``|w tanh(.)| < 1 / (2 N m)``, so rankings follow accuracy first and the
-    NLL only breaks ties. ``task_options`` go to :func:`~hybrid_distill.evaluation.generate_samples`.
+    NLL only breaks ties. ``task_options`` go to :func:`~hybrid_distill.tasks.generate_samples`.
     """
-    from ..evaluation import generate_samples
+    from ..tasks import generate_samples
 
     task = TASK_SELECTORS.get(task, task)
     idx = _layer_indices(model, layers)

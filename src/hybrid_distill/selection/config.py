@@ -6,25 +6,61 @@ Validation happens at creation (before any compute); errors name the field
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass
 from typing import Any
 
-from ..distill.config import ConfigError, DistillConfig
+from ..config import (
+    Config,
+    ConfigError,
+    Invalid,
+    boolean,
+    integer,
+    list_of,
+    mapping,
+    one_of,
+    optional,
+    real,
+    setting,
+)
+from ..distill.config import DistillConfig
+from ..modeling.configuration_hybrid import LINEAR_MIXERS
+from .registry import (
+    SELECTORS,
+    candidate_kinds,
+)
 
-# Selectors whose scores come from one-swap candidates trained from the all-linear student (greedy
-# addition, "ga") or from the teacher (greedy removal, "gr").
-LEARNED_SELECTORS = ("ga-s2", "ga-s1", "gr-s2", "gr-s1", "avg-s2", "avg-s1", "smart", "ga-s2-dist")
-# Selectors that bypass one teacher layer at a time and measure the damage.
-BYPASS_SELECTORS = ("act-mse", "lm-ppl", "kv", "ar", "ar-mh", "vt", "cwe")
-# Selectors that need no scoring.
-RULE_SELECTORS = ("uniform", "given")
-SELECTORS = LEARNED_SELECTORS + BYPASS_SELECTORS + RULE_SELECTORS
 EXECUTORS = ("inline", "local", "ray", "slurm")
+# Default held-out snapshots per candidate budget: room for the early-stopping rule's window of 10 to fire well
+# before the end.
+SNAPSHOTS_PER_CANDIDATE = 40
 
-# Candidate runs are short: Stage 1 is skipped by default (candidates start from the shared Stage-1
-# mixers, as the paper's code does) and Stage 2 gets a fraction of the full Stage-2 budget.
+
+def split_selector(name: str) -> tuple[str, str | None]:
+    """``"ga-s2@stage2"`` -> ``("ga-s2", "stage2")``; a plain name -> ``(name, None)``."""
+    base, _, start = str(name).partition("@")
+    return base, (start or None)
+
+
+def check_selector_name(value: Any) -> str:
+    """A selector name, optionally with a greedy-addition start (``ga-s2@stage2``); Invalid otherwise."""
+    base, start = split_selector(value)
+    if base not in SELECTORS:
+        raise Invalid(f"must be one of {list(SELECTORS)}")
+    if start is not None:
+        if start not in CANDIDATE_STARTS:
+            raise Invalid(f"names an unknown candidate start {start!r}; choose from {list(CANDIDATE_STARTS)}")
+        if "ga" not in candidate_kinds(base):
+            raise Invalid(f"takes no candidate start: {base} trains no greedy-addition candidates")
+    return str(value)
+
+# Where a greedy-addition candidate starts (the layer is restored from the teacher in each):
+#   stage1:    the all-linear student after Stage 1, then Stage 2 for the candidate budget (the authors' code:
+#              GA-S2 re-runs only Stage 2 from a shared Stage-1 checkpoint, reference-code-notes.md);
+#   stage2:    the all-linear student after Stage 2, then Stage 2;
+#   stage2-s1: the all-linear student after Stage 2, then Stage 1 and Stage 2 (the paper's Algorithm 1 as written).
+CANDIDATE_STARTS = ("stage1", "stage2", "stage2-s1")
+# Candidate Stage 2 is short: a fraction of the full Stage-2 budget.
 CANDIDATE_STAGE2_DEFAULTS: dict[str, Any] = {"target_tokens": 100_000_000}
 # A candidate starts a fresh AdamW on an already distilled student: without warm-up its first steps are
 # full-size sign-like updates that raise the held-out KL (GPU reproduction, docs/reproduction.md: 15 of 16
@@ -35,111 +71,118 @@ CANDIDATE_WARMUP_FRACTION = 0.1
 CANDIDATE_WARMUP_MIN_STEPS = 3
 
 
-def candidate_kinds(selector: str) -> tuple[str, ...]:
-    """Which candidate families a learned selector needs: "ga" (one layer softmax), "gr" (one layer linear)."""
-    if selector.startswith("avg"):
-        return ("ga", "gr")
-    if selector.startswith("gr"):
-        return ("gr",)
-    return ("ga",)
+def _stage_overrides(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise Invalid("must be a mapping of DistillConfig fields")
+    return dict(value)
+
+
+def _budgets(value: Any) -> list[Any]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise Invalid("must be a non-empty list of counts (>= 1) or ratios (0 < r < 1)")
+    return list(value)
+
+
+def parse_budgets(text: str) -> list[Any]:
+    """``"5,0.25,25%"`` -> ``[5, 0.25, "25%"]`` (counts, ratios, percentages)."""
+    out: list[Any] = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        if part.endswith("%"):
+            out.append(part)
+        else:
+            try:
+                out.append(float(part) if "." in part or "e" in part.lower() else int(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated counts (5), ratios (0.25) or percentages (25%), got {text!r}") from None
+    return out
 
 
 @dataclass
-class SelectionConfig:
+class SelectionConfig(Config):
     """Settings of one layer-selection run."""
 
-    selector: str = "ga-s2"
-    budgets: list[Any] = field(default_factory=lambda: [0.25])  # counts (int >= 1) or ratios (0 < r < 1)
-    probe: str = "gdn"  # linear mixer used while scoring (paper §5.2); may differ from the final student's
-    mixer_options: dict[str, Any] | None = None
+    selector: str = setting("ga-s2", check=check_selector_name, help="which layers keep softmax: a selector name, for greedy "
+                            "addition optionally with its candidates' start, e.g. ga-s2@stage2")
+    budgets: list[Any] = setting(default_factory=lambda: [0.25], check=_budgets, flag="--budget", parse=parse_budgets,
+                                 help="softmax layers per budget: counts (5), ratios (0.25) or percentages (25%)")
+    probe: str = setting("gdn", check=one_of(*LINEAR_MIXERS), help="linear mixer used while scoring (paper section 5.2)")
+    mixer_options: dict[str, Any] | None = setting(None, flag=False, help="options of the probe mixer")
 
     # Candidate training (learned selectors): DistillConfig fields for each candidate's short stages.
-    stage1: dict[str, Any] | None = None  # None: no candidate Stage 1 (Stage-1 loss is only evaluated)
-    stage2: dict[str, Any] = field(default_factory=dict)
-    snapshot_every_tokens: int | None = None  # held-out KL snapshot interval; None: 1/10 of the Stage-2 budget
+    stage1: dict[str, Any] | None = setting(None, check=_stage_overrides, flag=False,
+                                            help="candidate Stage 1 (None: none; its loss is only evaluated)")
+    stage2: dict[str, Any] = setting(default_factory=dict, check=_stage_overrides, flag=False,
+                                     help="candidate Stage 2 (DistillConfig fields over the candidate defaults)")
+    candidate_start: str = setting("stage1", check=one_of(*CANDIDATE_STARTS),
+                                   help="where a greedy-addition candidate starts: stage1 (the authors' code), stage2, "
+                                   "or stage2-s1 (the paper's Algorithm 1: Stage 1 again, then Stage 2)")
+    snapshot_every_tokens: int | None = setting(None, check=optional(integer(1)), flag="--snapshot-every",
+                                                help="held-out KL snapshot interval (default: the candidate budget / "
+                                                f"{40})")
+    snapshot_batches: int | None = setting(None, check=optional(integer(1)),
+                                           help="held-out batches per snapshot (default: as many as keep a snapshot "
+                                           "under 10% of the compute between snapshots, at least one)")
+    null_candidates: int = setting(3, check=integer(0),
+                                   help="candidates that restore no layer, trained on the candidates' schedule with "
+                                   "other data-order seeds: the noise floor of the layer scores")
+    candidate_seeds: list[int] = setting(default_factory=list, check=list_of(integer(0), min_len=0, what="seeds"),
+                                         help="more data-order seeds to train candidates with (scores are averaged)")
+    candidate_seed_layers: list[int] | None = setting(None, check=optional(list_of(integer(0), what="0-based layers")),
+                                                      help="layers whose candidates candidate_seeds repeats (default: all)")
 
     # Early stopping (paper App. B) and racing (successive halving).
-    early_stop: bool = False
-    early_stop_window: int = 10
-    early_stop_min_jaccard: float = 0.90
-    racing: bool = False
-    racing_keep_fraction: float = 0.5
-    racing_margin: float = 0.0
-    racing_min_keep: int | None = None  # None: largest budget + 2
-    round_snapshots: int = 5  # snapshots per round when stopping early or racing
+    early_stop: bool = setting(False, check=boolean, help="stop scoring when the rolling-Jaccard rule fires")
+    early_stop_window: int = setting(10, check=integer(2), help="snapshots the rule looks back over")
+    early_stop_min_jaccard: float = setting(0.90, check=real(0.0, exclusive=True, maximum=1.0),
+                                            help="mean pairwise Jaccard of the window's top-K sets needed to stop")
+    racing: bool = setting(False, check=boolean, help="successive halving of candidates")
+    racing_keep_fraction: float = setting(0.5, check=real(0.0, exclusive=True, maximum=1.0))
+    racing_margin: float = setting(0.0, check=real(0.0))
+    racing_min_keep: int | None = setting(None, check=optional(integer(1)), help="default: largest budget + 2")
+    round_snapshots: int = setting(1, check=integer(1),
+                                   help="snapshots per round when stopping early or racing (the rule is checked at "
+                                   "every snapshot; a round is how far candidates train between checks)")
 
     # Execution.
-    executor: str = "inline"
-    workers: int | None = None  # local: processes (default: one per visible GPU, else 1)
-    executor_options: dict[str, Any] = field(default_factory=dict)  # ray.remote / submitit parameters
-    retries: int = 1
+    executor: str = setting("inline", check=one_of(*EXECUTORS), help="where candidates run")
+    workers: int | None = setting(None, check=optional(integer(1)),
+                                  help="local executor: processes (default: one per visible GPU, else 1)")
+    executor_options: dict[str, Any] = setting(default_factory=dict, check=mapping, flag=False,
+                                               help="ray.remote / submitit parameters")
+    retries: int = setting(1, check=integer(0), help="retries of a failed candidate")
 
     # Selector-specific.
-    layers: list[int] | None = None  # "given": the softmax layers (e.g. a published PostNAS list)
-    distance_lambda: float = 0.025  # "ga-s2-dist" (App. E)
-    distance_sigma: float = 1.0
-    smart_terminal_quantile: float = 0.5
-    task_length: int = 512  # task-guided selectors: prompt length in tokens
-    task_samples: int = 32
-    bypass_batches: int = 8  # act-mse / lm-ppl: held-out batches
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self):
-        self.validate()
-
-    def _fail(self, name: str, message: str):
-        raise ConfigError(f"SelectionConfig.{name} {message}, got {getattr(self, name)!r}")
+    layers: list[int] | None = setting(None, check=optional(list_of(integer(0), what="0-based layer indices")),
+                                       help="selector 'given': the softmax layers, e.g. 3,14,20")
+    distance_lambda: float = setting(0.025, check=real(0.0), help="ga-s2-dist (App. E)")
+    distance_sigma: float = setting(1.0, check=real(0.0, exclusive=True), help="ga-s2-dist (App. E)")
+    smart_terminal_quantile: float = setting(0.5, check=real(0.0, maximum=1.0))
+    uniform_anchor: str = setting("end", check=one_of("end", "center"),
+                                  help="uniform: each block's last layer (the authors' configs: 3, 7, 11, 15 of 16 at K=4) "
+                                  "or its centre")
+    random_sets: int = setting(3, check=integer(1), help="random: seeded K-sets per budget")
+    task_length: int = setting(512, check=integer(1), help="task-guided selectors: prompt length in tokens")
+    task_samples: int = setting(32, check=integer(1), help="task-guided selectors: samples")
+    bypass_batches: int = setting(8, check=integer(1), help="act-mse / lm-ppl: held-out batches")
+    batch_size: int = setting(8, check=integer(1), help="bypass selectors: batch size")
+    seed: int = setting(0, check=integer(0))
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid field."""
-        from ..modeling.configuration_hybrid import LINEAR_MIXERS
-
-        if self.selector not in SELECTORS:
-            self._fail("selector", f"must be one of {list(SELECTORS)}")
-        if self.selector != "given" and (not isinstance(self.budgets, (list, tuple)) or not self.budgets):
-            self._fail("budgets", "must be a non-empty list of counts (>= 1) or ratios (0 < r < 1)")
-        if self.probe not in LINEAR_MIXERS:
-            self._fail("probe", f"must be one of {list(LINEAR_MIXERS)}")
-        if self.selector == "given":
-            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
-                self._fail("layers", "must list the softmax layers (0-based ints) for selector 'given' (command line: --layers 3,14,20)")
-        for name in ("stage1", "stage2"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, dict):
-                    self._fail(name, "must be a mapping of DistillConfig fields")
-                self.stage_config(int(name[-1]))  # raises ConfigError naming the DistillConfig field
-        self._positive_int("snapshot_every_tokens", optional=True)
-        self._positive_int("early_stop_window")
-        if self.early_stop_window < 2:
-            self._fail("early_stop_window", "must be >= 2")
-        if not 0.0 < self.early_stop_min_jaccard <= 1.0:
-            self._fail("early_stop_min_jaccard", "must be in (0, 1]")
-        if not 0.0 < self.racing_keep_fraction <= 1.0:
-            self._fail("racing_keep_fraction", "must be in (0, 1]")
-        if not (isinstance(self.racing_margin, (int, float)) and math.isfinite(self.racing_margin) and self.racing_margin >= 0):
-            self._fail("racing_margin", "must be a finite number >= 0")
-        self._positive_int("racing_min_keep", optional=True)
-        self._positive_int("round_snapshots")
-        if self.executor not in EXECUTORS:
-            self._fail("executor", f"must be one of {list(EXECUTORS)}")
-        self._positive_int("workers", optional=True)
-        if not isinstance(self.retries, int) or self.retries < 0:
-            self._fail("retries", "must be an integer >= 0")
-        if not (self.distance_lambda >= 0 and self.distance_sigma > 0):
-            self._fail("distance_lambda" if self.distance_lambda < 0 else "distance_sigma", "must be >= 0 / > 0")
-        if not 0.0 <= self.smart_terminal_quantile <= 1.0:
-            self._fail("smart_terminal_quantile", "must be in [0, 1]")
-        for name in ("task_length", "task_samples", "bypass_batches", "batch_size"):
-            self._positive_int(name)
-
-    def _positive_int(self, name: str, optional: bool = False):
-        value = getattr(self, name)
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self._fail(name, "must be a positive integer")
+        base, start = split_selector(self.selector)
+        if start is not None and start != self.candidate_start:
+            raise self.invalid("selector", f"names candidate start {start!r} while candidate_start is "
+                                           f"{self.candidate_start!r}; use one of them")
+        if self.candidate_start == "stage2-s1" and self.stage1 is None and "ga" in candidate_kinds(base):
+            raise self.invalid("stage1", "must give the candidates' Stage 1 (e.g. {target_tokens: ...}) when "
+                                         "candidate_start is stage2-s1")
+        if base == "given" and not self.layers:
+            raise self.invalid("layers", "must list the softmax layers (0-based ints) for selector 'given' "
+                                         "(command line: --layers 3,14,20)")
+        for stage in (1, 2):
+            self.stage_config(stage)  # raises ConfigError naming the DistillConfig field
 
     # -- derived ----------------------------------------------------------------------------------
     def stage_config(self, stage: int) -> DistillConfig | None:
@@ -151,7 +194,7 @@ class SelectionConfig:
         try:
             cfg = DistillConfig.from_dict(fields)
         except ConfigError as err:
-            raise ConfigError(f"SelectionConfig.stage{stage}: {err}") from err
+            raise err.relocated([*self._root(), f"stage{stage}"]) from None
         if stage == 2 and "warmup_tokens" not in overrides:
             target, step = cfg.target_tokens, cfg.global_batch_size * (cfg.seq_len or 4096)  # seq_len None: from the data
             cfg = cfg.replace(warmup_tokens=max(int(target * CANDIDATE_WARMUP_FRACTION),
@@ -162,18 +205,18 @@ class SelectionConfig:
         """Tokens between held-out KL snapshots of the candidates."""
         if self.snapshot_every_tokens is not None:
             return self.snapshot_every_tokens
-        return max(1, self.stage_config(2).target_tokens // 10)
+        return max(1, self.stage_config(2).target_tokens // SNAPSHOTS_PER_CANDIDATE)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def snapshot_eval_batches(self, batch_tokens: int) -> int:
+        """Held-out batches of ``batch_tokens`` tokens per snapshot: ``snapshot_batches``, else as many as cost
+        at most 10% of the compute between snapshots. A snapshot runs teacher and student forward (about 4N
+        FLOPs a token for N parameters), training runs the teacher forward and the student forward and
+        backward (about 8N), so 10% allows a fifth of the interval's tokens."""
+        if self.snapshot_batches is not None:
+            return self.snapshot_batches
+        return max(1, self.snapshot_interval() // (5 * batch_tokens))
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SelectionConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown SelectionConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**data)
-
-    def replace(self, **changes) -> SelectionConfig:
-        return dataclasses.replace(self, **changes)
+    @property
+    def base_selector(self) -> str:
+        """The registry name of ``selector`` (without an ``@start`` suffix)."""
+        return split_selector(self.selector)[0]

@@ -1,8 +1,14 @@
 """Executors for independent jobs (layer-scoring candidates): in-process, local worker processes
 (one per GPU), Ray, or Slurm through submitit.
 
-Every executor has ``map(fn, jobs) -> list[JobOutcome]`` in job order. A failing job is retried
-``retries`` times, then reported with its error; other jobs are never lost because of it.
+Every executor has ``map(fn, jobs) -> list[JobOutcome]`` in job order. Failures fall in three kinds:
+
+* transient (out of memory, a worker or node that died, I/O, a cluster time-out): retried ``retries`` times,
+  then reported as the job's failure;
+* the job's own failure (`CandidateFailure`, e.g. a candidate whose training diverged): reported at once, not
+  retried (it would fail the same way);
+* anything else (a bug, a bad setting): raised as `JobError` with the job's traceback — never counted as a
+  failed candidate. Other jobs of the same batch still finish first.
 """
 
 from __future__ import annotations
@@ -15,22 +21,68 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from ..cuda_allocator import configured_allocator_env
+from ..errors import HybridDistillError
 
 logger = logging.getLogger(__name__)
 
 
+class CandidateFailure(HybridDistillError):
+    """A job failed in a way that retrying would repeat (e.g. its training diverged); selection goes on without it."""
+
+
+class JobError(RuntimeError):
+    """A job raised an error that is neither transient nor its own failure (a bug or a bad setting)."""
+
+
+# Exception class names (also read off remote tracebacks) of failures worth a retry.
+TRANSIENT_ERRORS = ("OutOfMemoryError", "BrokenProcessPool", "TimeoutError", "ConnectionError", "ConnectionResetError",
+                    "BrokenPipeError", "WorkerCrashedError", "NodeDiedError", "RaySystemError", "ObjectLostError",
+                    "UncompletedJobError", "ChildProcessError")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError wraps the job's exception
+    return cause if isinstance(cause, BaseException) else err
+
+
+def classify(err: BaseException) -> str:
+    """``"transient"``, ``"failed"`` (the job's own failure) or ``"error"`` (see the module docstring)."""
+    err = _root_cause(err)
+    names = {c.__name__ for c in type(err).__mro__}
+    text = str(err)
+    last = text.strip().splitlines()[-1] if text.strip() else ""  # submitit: the remote traceback's last line
+    if isinstance(err, CandidateFailure) or "CandidateFailure" in names or last.startswith("CandidateFailure"):
+        return "failed"
+    if names & set(TRANSIENT_ERRORS) or any(last.startswith(n) for n in TRANSIENT_ERRORS):
+        return "transient"
+    if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, PermissionError, NotADirectoryError,
+                                                         IsADirectoryError)):
+        return "transient"  # I/O on a shared filesystem
+    if "CUDA error" in text or "NCCL" in text:
+        return "transient"
+    return "error"
+
+
 @dataclass
 class JobOutcome:
-    """Result of one job: ``value`` on success, else ``error`` (message + traceback); ``attempts`` tries."""
+    """Result of one job: ``value`` on success, else ``error`` (message + traceback) of ``kind`` (see `classify`);
+    ``attempts`` tries."""
 
     value: Any = None
     error: str | None = None
     attempts: int = 1
+    kind: str = "ok"
+    exception: BaseException | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @classmethod
+    def failure(cls, err: BaseException) -> JobOutcome:
+        return cls(error=_describe(err), kind=classify(err), exception=err)
 
 
 def _describe(err: BaseException) -> str:
@@ -51,6 +103,8 @@ class Executor:
         raise NotImplementedError
 
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[JobOutcome]:
+        """``fn(job)`` for every job: transient failures retried, the job's own failures reported, other errors
+        raised (a `HybridDistillError` as itself, so that the user sees its message; anything else as `JobError`)."""
         self._allocator_env = configured_allocator_env()  # what _call applies in worker processes
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))
@@ -62,10 +116,17 @@ class Executor:
             for i, out in zip(pending, results):
                 out.attempts = attempt
                 outcomes[i] = out
-                if not out.ok:
+                if out.ok:
+                    continue
+                if out.kind == "error":
+                    cause = _root_cause(out.exception) if out.exception is not None else None
+                    if isinstance(cause, HybridDistillError):
+                        raise cause
+                    raise JobError(f"job {i} raised an error that is not a candidate failure:\n{out.error}")
+                first_line = out.error.strip().splitlines()[-1] if out.error else "?"
+                logger.warning("job %d failed (%s, attempt %d/%d): %s", i, out.kind, attempt, self.retries + 1, first_line)
+                if out.kind == "transient":
                     still.append(i)
-                    first_line = out.error.strip().splitlines()[-1] if out.error else "?"
-                    logger.warning("job %d failed (attempt %d/%d): %s", i, attempt, self.retries + 1, first_line)
             pending = still
         return outcomes  # type: ignore[return-value]
 
@@ -84,7 +145,7 @@ class InlineExecutor(Executor):
             try:
                 out.append(JobOutcome(value=fn(job)))
             except Exception as err:  # noqa: BLE001 - reported per job
-                out.append(JobOutcome(error=_describe(err)))
+                out.append(JobOutcome.failure(err))
         return out
 
 
@@ -144,7 +205,7 @@ class LocalExecutor(Executor):
         self.gpus = _visible_gpus()
         self.workers = workers or max(1, len(self.gpus))
         if self.gpus and self.workers > len(self.gpus):
-            raise ValueError(f"{self.workers} workers but only {len(self.gpus)} visible GPUs; one worker per GPU")
+            raise ConfigError(f"{self.workers} workers but only {len(self.gpus)} visible GPUs; one worker per GPU")
         self.threads = threads_per_worker
         self._pool = None
 
@@ -175,10 +236,10 @@ class LocalExecutor(Executor):
             try:
                 out[i] = JobOutcome(value=fut.result())
             except BrokenProcessPool as err:  # a worker died (OOM, kill): rebuild the pool for retries
-                out[i] = JobOutcome(error=_describe(err))
+                out[i] = JobOutcome.failure(err)
                 broken = True
             except Exception as err:  # noqa: BLE001
-                out[i] = JobOutcome(error=_describe(err))
+                out[i] = JobOutcome.failure(err)
         if broken:
             self.close()
         return out  # type: ignore[return-value]
@@ -218,7 +279,7 @@ class RayExecutor(Executor):
             try:
                 out.append(JobOutcome(value=self.ray.get(ref)))
             except Exception as err:  # noqa: BLE001 - RayTaskError wraps the job's exception
-                out.append(JobOutcome(error=_describe(err)))
+                out.append(JobOutcome.failure(err))
         return out
 
 
@@ -248,7 +309,7 @@ class SlurmExecutor(Executor):
             try:
                 out.append(JobOutcome(value=job.result()))
             except Exception as err:  # noqa: BLE001 - submitit re-raises the job's failure
-                out.append(JobOutcome(error=_describe(err)))
+                out.append(JobOutcome.failure(err))
         return out
 
 
@@ -264,4 +325,4 @@ def make_executor(name: str, workers: int | None = None, retries: int = 1, optio
         return RayExecutor(retries, progress, **options)
     if name == "slurm":
         return SlurmExecutor(options.pop("folder", folder or "slurm-logs"), retries, progress, **options)
-    raise ValueError(f"unknown executor {name!r}; choose from inline, local, ray, slurm")
+    raise ConfigError(f"unknown executor {name!r}; choose from inline, local, ray, slurm")

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
+
 __all__ = ["plot_importance", "plot_score_trajectories", "plot_selected_layers", "plot_stability"]
 
 _SELECTED = "#d62728"
@@ -28,8 +30,6 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    from ..fileio import atomic_write
-
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
 
@@ -134,8 +134,10 @@ def plot_score_trajectories(
     kl_by_layer: Mapping[int, Sequence[float]],
     path: str | os.PathLike,
     tokens: Sequence[float] | None = None,
+    null_band: Sequence[tuple[float, float, float]] | None = None,
 ) -> Path:
-    """Held-out KL of each candidate over snapshots (shorter curves = candidates dropped by racing)."""
+    """Held-out KL of each candidate over snapshots (shorter curves = candidates dropped by racing).
+    ``null_band``: per snapshot (mean, low, high) of the null candidates, drawn as a grey band with its mean."""
     layers = sorted(int(l) for l in kl_by_layer)
     longest = max((len(kl_by_layer[l]) for l in layers), default=0)
     xs, xlabel = _x_values(longest, tokens)
@@ -148,9 +150,14 @@ def plot_score_trajectories(
         kls = [float(v) for v in kl_by_layer[layer]]
         color = cmap(i / max(1, len(layers) - 1))
         ax.plot(xs[: len(kls)], kls, color=color, linewidth=1.0, marker="." if len(kls) < 3 else None, label=str(layer))
+    if null_band:
+        xb = xs[: len(null_band)]
+        ax.fill_between(xb, [b[1] for b in null_band], [b[2] for b in null_band], color="grey", alpha=0.3,
+                        label="null ±2σ")
+        ax.plot(xb, [b[0] for b in null_band], color="black", linewidth=1.0, linestyle="--", label="null mean")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out KL")
-    ax.set_title("one-swap candidates: held-out KL")
+    ax.set_title("one-swap candidates: held-out KL" + (" (grey: noise floor of the null candidates)" if null_band else ""))
     if layers:
         ax.legend(title="layer", fontsize=6, title_fontsize=7, ncol=max(1, math.ceil(len(layers) / 12)),
                   loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -14,12 +14,16 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Literal
+
+from ..errors import HybridDistillError
 
 __all__ = [
     "BudgetError",
@@ -52,7 +56,7 @@ _ROUNDING_SLACK = 1e-9  # so that e.g. 0.35 * 10 (= 3.4999999999999996) still ro
 # ----------------------------------------------------------------------------------------------
 
 
-class BudgetError(ValueError):
+class BudgetError(HybridDistillError, ValueError):
     """A softmax-layer budget that cannot be turned into a valid K for the model."""
 
 
@@ -229,6 +233,18 @@ def uniform_layers(num_layers: int, k: int, anchor: Literal["center", "end"] = "
     raise ValueError(f"anchor must be 'center' or 'end', got {anchor!r}")
 
 
+def random_layer_sets(num_layers: int, k: int, count: int, seed: int = 0) -> list[list[int]]:
+    """``count`` random K-sets (the null distribution of layer sets): set ``r`` depends only on
+    ``(seed, num_layers, k, r)``, so adding budgets or sets keeps the earlier ones."""
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"random_layer_sets needs 1 <= k <= num_layers, got k={k}, num_layers={num_layers}")
+    out = []
+    for r in range(count):
+        digest = hashlib.sha256(repr(("random-layer-set", int(seed), int(num_layers), int(k), r)).encode()).digest()
+        out.append(sorted(random.Random(int.from_bytes(digest[:8], "big")).sample(range(num_layers), k)))
+    return out
+
+
 def _greedy_distance_order(scores: Mapping[int, float], lam: float, sigma: float, count: int) -> list[int]:
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
@@ -375,6 +391,62 @@ def expected_adjacency(k: int, num_layers: int) -> float:
     if num_layers <= 0:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     return k * (k - 1) / num_layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise floor: candidates that restore no layer, trained on the candidates' schedule
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """One snapshot's noise floor. ``null_mean`` / ``null_std``: mean and sample standard deviation of the null
+    candidates' held-out KL (std None with fewer than 2); ``delta``: each layer's KL minus ``null_mean``
+    (negative = restoring the layer lowers the KL); ``spread``: standard deviation of the layers' KLs;
+    ``snr``: ``spread / null_std`` (None without a null std, inf for a zero one)."""
+
+    null_mean: float
+    null_std: float | None
+    delta: dict[int, float]
+    spread: float
+    snr: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"null_mean": self.null_mean, "null_std": self.null_std, "delta": {str(k): v for k, v in self.delta.items()},
+                "spread": self.spread, "snr": self.snr}
+
+
+def _std(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def noise_floor(layer_kls: Mapping[int, float], null_kls: Sequence[float]) -> NoiseFloor:
+    """The `NoiseFloor` of one snapshot from the layer candidates' KLs and the null candidates' KLs."""
+    if not null_kls:
+        raise ValueError("noise_floor needs at least one null candidate's KL")
+    mean = sum(null_kls) / len(null_kls)
+    std = _std(list(null_kls))
+    spread = _std(list(layer_kls.values())) or 0.0
+    snr = None if std is None else (spread / std if std > 0 else math.inf)
+    return NoiseFloor(mean, std, {int(k): float(v) - mean for k, v in layer_kls.items()}, spread, snr)
+
+
+def boundary_resolved(layer_kls: Mapping[int, float], k: int, null_std: float | None, sigmas: float = 2.0) -> bool | None:
+    """Whether the top-K set (lowest KLs) is separated from the rest by more than ``sigmas`` null standard
+    deviations: the gap between the K-th and the (K+1)-th lowest KL exceeds ``sigmas * null_std``. None
+    without a null std or with K >= the number of layers (no layer outside the set)."""
+    if null_std is None or k >= len(layer_kls):
+        return None
+    ordered = sorted(float(v) for v in layer_kls.values())
+    return ordered[k] - ordered[k - 1] > sigmas * null_std
+
+
+def mean_and_spread(values: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation or None for one value) — a candidate's score over seeds."""
+    return sum(values) / len(values), _std(list(values))
 
 
 # ----------------------------------------------------------------------------------------------

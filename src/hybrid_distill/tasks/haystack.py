@@ -2,23 +2,23 @@
 
 A haystack is an endless, deterministic stream of text *units* (sentences, or short
 chunks for run-on text) joined by ``joiner``. The length fitting in
-:mod:`hybrid_distill.evaluation.recall_tasks` takes the first ``n`` units of a stream,
+:mod:`hybrid_distill.tasks.base` takes the first ``n`` units of a stream,
 so every stream must be prefix-stable: ``take(n)`` is always a prefix of ``take(n + 1)``.
 
 Sources:
 
-* :class:`NoiseHaystack` -- RULER's noise: ``The grass is green. The sky is blue. ...``
-  repeated (one unit per sentence; the same for every seed).
+* :class:`NoiseHaystack` -- repeated fixed sentences, the same for every seed: RULER's noise
+  ``The grass is green. The sky is blue. ...`` (``"noise"``) or, for documents of the
+  ``train`` template family, other sentences of the same kind (``"train_noise"``).
 * :class:`ProseHaystack` -- seeded pseudo-prose from the embedded word lists. It contains
   no digits, hyphens or upper-case words, so numbers, uuids, hyphenated keys and ``VAR``
   names never collide with it.
-* :class:`TextHaystack` -- sentences from a list of strings, a local corpus file/folder
-  (read with :func:`hybrid_distill.data.sources.iter_texts`) or the embedded default
-  corpus (``"default"`` / ``"default:prose"``). Each sample starts at a seeded sentence
-  and wraps around.
+* :class:`TextHaystack` -- sentences from a list of strings. Each sample starts at a seeded
+  sentence and wraps around. Corpora on disk (a file, a folder, the embedded default corpus)
+  are read by :func:`hybrid_distill.data.read_haystack`, which returns one of these.
 
-:func:`resolve_haystack` turns a user spec (``None``, ``"noise"``, ``"prose"``,
-``"default[:kinds]"``, a path, a list of strings or a :class:`Haystack`) into a source.
+:func:`resolve_haystack` turns a spec (``None``, ``"noise"``, ``"train_noise"``, ``"prose"``,
+a list of strings or a :class:`Haystack`) into a source.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import os
 import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from functools import lru_cache
 from itertools import cycle
-from pathlib import Path
 
 # ---------------------------------------------------------------------------------------
 # Embedded word lists (lower-case ASCII letters only). Keys are ``adjective-noun``.
@@ -132,6 +130,15 @@ NOISE_SENTENCES = (
     "There and back again.",
 )
 
+# Filler of the same kind for the ``train`` template family: no sentence (or 6-word run) in common with RULER's.
+TRAIN_NOISE_SENTENCES = (
+    "The river is wide.",
+    "The stone is cold.",
+    "The moon is pale.",
+    "On we walk.",
+    "Up the hill and down.",
+)
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -177,12 +184,14 @@ class Haystack:
 
 
 class NoiseHaystack(Haystack):
-    """RULER's repeated noise sentences (identical for every seed)."""
+    """Fixed sentences repeated (identical for every seed): RULER's noise by default."""
 
-    name = "noise"
+    def __init__(self, sentences: Sequence[str] = NOISE_SENTENCES, name: str = "noise"):
+        self.sentences = tuple(sentences)
+        self.name = name
 
     def stream(self, seed: int) -> UnitStream:
-        return UnitStream(cycle(NOISE_SENTENCES), self.joiner)
+        return UnitStream(cycle(self.sentences), self.joiner)
 
 
 def _prose_sentence(rng: random.Random) -> str:
@@ -247,16 +256,6 @@ class TextHaystack(Haystack):
         self.sentences: tuple[str, ...] = tuple(sentences)
         self.name = name
 
-    @classmethod
-    def from_source(cls, source: str | os.PathLike, max_chars: int = 300) -> TextHaystack:
-        """Read a local file/folder or ``"default[:prose|code]"`` via :func:`~hybrid_distill.data.sources.iter_texts`."""
-        from hybrid_distill.data.sources import iter_texts
-
-        spec = os.fspath(source)
-        if not (spec == "default" or spec.startswith("default:")) and not Path(spec).expanduser().exists():
-            raise FileNotFoundError(f"haystack corpus {spec!r} not found (pass a local file/folder or 'default:prose')")
-        return cls(iter_texts(spec), name=f"corpus:{spec}", max_chars=max_chars)
-
     def stream(self, seed: int) -> UnitStream:
         start = random.Random(seed).randrange(len(self.sentences))
         s = self.sentences
@@ -270,17 +269,19 @@ class TextHaystack(Haystack):
         return UnitStream(gen(), self.joiner)
 
 
-@lru_cache(maxsize=8)
-def _cached_source(spec: str) -> TextHaystack:
-    return TextHaystack.from_source(spec)
+NAMED_HAYSTACKS = {
+    "noise": lambda: NoiseHaystack(NOISE_SENTENCES, "noise"),
+    "train_noise": lambda: NoiseHaystack(TRAIN_NOISE_SENTENCES, "train_noise"),
+    "prose": ProseHaystack,
+}
 
 
-def resolve_haystack(spec: str | os.PathLike | Sequence[str] | Haystack | None, default: str = "prose") -> Haystack:
+def resolve_haystack(spec: str | Sequence[str] | Haystack | None, default: str = "prose") -> Haystack:
     """Turn a haystack spec into a :class:`Haystack`.
 
-    ``None`` -> ``default``; ``"noise"``; ``"prose"``; ``"default"``/``"default:prose"`` (the
-    embedded corpus) or a path (file/folder read by ``iter_texts``; cached per spec);
-    a list/tuple of strings; or a :class:`Haystack` instance (returned as is).
+    ``None`` -> ``default``; a name of ``NAMED_HAYSTACKS`` (``"noise"``, ``"train_noise"``,
+    ``"prose"``); a list/tuple of strings; or a :class:`Haystack` instance (returned as is).
+    Any other string names a corpus, which :func:`hybrid_distill.data.read_haystack` reads.
     """
     if spec is None:
         spec = default
@@ -288,11 +289,12 @@ def resolve_haystack(spec: str | os.PathLike | Sequence[str] | Haystack | None, 
         return spec
     if isinstance(spec, (str, os.PathLike)):
         s = os.fspath(spec)
-        if s == "noise":
-            return NoiseHaystack()
-        if s == "prose":
-            return ProseHaystack()
-        return _cached_source(s)
+        if s in NAMED_HAYSTACKS:
+            return NAMED_HAYSTACKS[s]()
+        raise ValueError(
+            f"haystack {s!r} is not one of {sorted(NAMED_HAYSTACKS)}; a corpus (file, folder or 'default:prose') "
+            f"is read with hybrid_distill.data.read_haystack({s!r}), whose result can be passed as the haystack"
+        )
     if isinstance(spec, Sequence) and all(isinstance(t, str) for t in spec):
         return TextHaystack(spec)
     raise TypeError(f"cannot use {spec!r} as a haystack")
