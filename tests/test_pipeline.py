@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
+from hybrid_distill.checkpoint import load_student
 from hybrid_distill.cli import main
 from hybrid_distill.config import ConfigError
 from hybrid_distill.pipeline import Pipeline, RunConfig, run_pipeline
@@ -48,11 +51,12 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
     return path
 
 
-def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
-    cfg = RunConfig.from_dict(_config(tmp_path))
+def test_end_to_end_run_writes_models_exports_eval_and_report(tmp_path):
+    exportable = {"student": {"layout": "qwen3_5"}, "export": {"format": "qwen3_5"}}
+    cfg = RunConfig.from_dict(_config(tmp_path, **exportable))
     state = run_pipeline(cfg, progress=False)
     run = Path(cfg.run_dir)
-    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
+    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "export", "eval", "report"]
     # 4 one-swap candidates and 3 null candidates (the noise floor), 2 steps each
     assert state["stages"]["stage1"]["tokens"] == 3 * SEQ * BATCH and state["stages"]["selection"]["tokens"] == (4 + 3) * 2 * SEQ * BATCH
     sets = Pipeline(cfg, progress=False).final_sets()
@@ -67,9 +71,16 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
         assert str(item["layers"]) in card and "tiny:llama-gqa" in card
         assert (model / "tokenizer.json").is_file()
         assert (run / "eval" / name / "results.json").is_file()
+        # the export: a stock Qwen3.5 model (no remote code) computing the saved hybrid's function
+        exported = AutoModelForCausalLM.from_pretrained(run / "exports" / name, dtype=torch.float32)
+        assert type(exported).__name__ == "Qwen3_5ForCausalLM" and state["stages"]["export"]["models"][name]["exact"]
+        ids = torch.randint(0, exported.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = load_student(model, dtype=torch.float32)(ids).logits
+            assert torch.allclose(exported(ids).logits, reference, atol=1e-4, rtol=0)
     report = (run / "report.md").read_text()
     for needle in ("Cost per stage", "ga-s2", "uniform", "teacher", "all-gdn", "softmax layers", "![", "| overall |",
-                   "comparison.png"):
+                   "comparison.png", "## Exports", "`qwen3_5`"):
         assert needle in report, needle
     assert "<table>" in (run / "report.html").read_text()
     from hybrid_distill.pipeline.report import selector_budget_table
@@ -90,7 +101,7 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
     before = teacher_results.stat().st_mtime_ns
     Pipeline(cfg, progress=False).evaluate("teacher")
     assert teacher_results.stat().st_mtime_ns == before
-    changed = RunConfig.from_dict(_config(tmp_path, eval={**_config(tmp_path)["eval"], "num_samples": 3}))
+    changed = RunConfig.from_dict(_config(tmp_path, **exportable, eval={**_config(tmp_path)["eval"], "num_samples": 3}))
     Pipeline(changed, progress=False).evaluate("teacher")
     res = json.loads(teacher_results.read_text())
     assert res["config"]["num_samples"] == 3 and res["recall"]["aggregate"]["counts"] == {"kv_retrieval": {"128": 3}}
@@ -101,9 +112,10 @@ def test_end_to_end_run_writes_models_eval_and_report(tmp_path):
 
     # a hand-picked set added afterwards: only it is distilled and evaluated; finished hybrids are kept as they are
     weights = {name: (run / "models" / name / "model.safetensors").stat().st_mtime_ns for name in sets}
-    extra = RunConfig.from_dict(_config(tmp_path, final={"stage2": _stage(2), "extra_sets": {"probe": [0, 2, 3]}}))
+    extra = RunConfig.from_dict(_config(tmp_path, **exportable, final={"stage2": _stage(2), "extra_sets": {"probe": [0, 2, 3]}}))
     pipe = Pipeline(extra, progress=False)
-    pipe.run(("selection", "final", "eval", "report"))
+    pipe.run(("selection", "final", "export", "eval", "report"))
+    assert (run / "exports" / "hybrid-gdn-k3-L0_2_3" / "config.json").is_file()
     probe = pipe.final_sets()["hybrid-gdn-k3-L0_2_3"]
     assert probe["chosen_by"] == [{"selector": "extra", "budget": "probe", "k": 3, "probe": None}]
     assert (run / "eval" / "hybrid-gdn-k3-L0_2_3" / "results.json").is_file()
@@ -154,6 +166,15 @@ def test_invalid_configs_fail_before_compute(tmp_path):
     fails(r"student\.mixer_options must be a mapping", student={"linear": "gdn", "mixer_options": "x"})
     fails(r"student\.mixer_options has a bad value: mixer option gdn_use_short_conv must be true or false",
           student={"mixer_options": {"gdn_use_short_conv": "yes"}})
+    fails(r"student\.layout must be one of", student={"layout": "qwen35"})
+    fails(r"student\.mixer_options .*gdn_use_output_gate=False contradicts student layout 'qwen3_5'",
+          student={"layout": "qwen3_5", "mixer_options": {"gdn_use_output_gate": False}})
+    fails(r"export\.format must be one of", export={"format": "gguf"})
+    # a student that cannot be exported exactly is named before any training, with the option that fixes it
+    fails(r"export\.format 'qwen3_5': .*q/k/v biases .*gdn_use_qkv_bias: false.*student\.layout: qwen3_5",
+          teacher="tiny:qwen2", export={"format": "qwen3_5"})
+    RunConfig.from_dict(_config(tmp_path, teacher="tiny:qwen2", student={"layout": "qwen3_5"}, export={"format": "qwen3_5"}))
+    RunConfig.from_dict(_config(tmp_path, teacher="tiny:qwen2", export={"format": "qwen3_5", "approximate": True}))
     fails(r"run_dir must be a non-empty string", run_dir=5)
     fails(r"report must be a mapping", report="x")
     fails(r"report has unknown field.*titel", report={"titel": "x"})
@@ -382,10 +403,11 @@ def test_kill_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(cfg))
     ran = []
     monkeypatch.setattr(Pipeline, "final", lambda self: ran.append("final") or {"models": {}, "tokens": 0})
+    monkeypatch.setattr(Pipeline, "export", lambda self: ran.append("export") or {})
     monkeypatch.setattr(Pipeline, "eval", lambda self: ran.append("eval") or {})
     monkeypatch.setattr(Pipeline, "report", lambda self: ran.append("report") or {})
     run_pipeline(RunConfig.from_file(path), progress=False)
-    assert ran == ["final", "eval", "report"]
+    assert ran == ["final", "export", "eval", "report"]
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/configs/*.yaml")), ids=lambda p: p.stem)

@@ -229,13 +229,26 @@ def load_tokenizer(teacher_spec: str, tokenizer_path: str | None = None, vocab_s
         raise ConfigError(f"no tokenizer found at {spec!r} ({err}); pass --tokenizer PATH") from err
 
 
-def teacher_num_layers(teacher: str) -> int:
-    """Number of decoder layers of a teacher spec (reads only the config of a real checkpoint)."""
+def teacher_config(teacher: str):
+    """The Hugging Face config of a teacher spec (reads only the config of a real checkpoint); an unsupported
+    architecture is named here, before anything is built from it."""
     if str(teacher).startswith("tiny:"):
-        return tiny_teacher(str(teacher).split(":", 1)[1]).config.num_hidden_layers
+        return tiny_teacher(str(teacher).split(":", 1)[1]).config
     config = AutoConfig.from_pretrained(str(teacher))
-    teacher_family(config)  # an unsupported architecture is named before its layer count is used anywhere
-    return config.num_hidden_layers
+    teacher_family(config)
+    return config
+
+
+def teacher_num_layers(teacher: str) -> int:
+    """Number of decoder layers of a teacher spec."""
+    return teacher_config(teacher).num_hidden_layers
+
+
+def student_skeleton(teacher_config, mixers: Sequence[str], mixer_options: dict | None = None) -> PreTrainedModel:
+    """The student `build_student` would make, on the meta device (no memory, no weights): to inspect its modules."""
+    config = student_config(teacher_config, mixers, mixer_options)
+    with torch.device("meta"):
+        return HYBRID_CAUSAL_LM_CLASSES[teacher_family(teacher_config)](config)
 
 
 def model_identity(spec: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ hybrid as Qwen3.5 text (`qwen3_5_text`): exact by construction, or refused with 
 student options that make it exportable (`approximate=True` exports anyway and reports the logit error).
 """
 
-from .exporter import EXPORT_DTYPES, EXPORT_FORMATS, export_model, export_student
+from .exporter import EXPORT_DTYPES, EXPORT_FORMATS, export_model, export_student, exportable
 from .result import Blocker, ExportError, ExportResult, LayerExport
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "LayerExport",
     "export_model",
     "export_student",
+    "exportable",
 ]

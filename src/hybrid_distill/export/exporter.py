@@ -18,7 +18,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from ..checkpoint import atomic_directory_write, load_student, verify_checkpoint
 from ..dtypes import cast_model
-from ..surgery import load_tokenizer
+from ..surgery import load_tokenizer, student_skeleton
 from . import qwen3_5
 from .result import Blocker, ExportError, ExportResult, LayerExport
 
@@ -114,6 +114,14 @@ def refuse(blockers: list[Blocker], approximate: bool, source: str) -> None:
     if blockers and not approximate:
         raise ExportError(f"cannot export {source} to Qwen3.5 text exactly:\n" + "\n".join(b.describe() for b in blockers)
                           + "\nPass --approximate (approximate=True) to export anyway and measure the logit error.")
+
+
+def exportable(teacher_config, mixers: list[str], mixer_options: dict | None, format: str = qwen3_5.FORMAT) -> list[Blocker]:
+    """What an export would refuse in a student built from a teacher of `teacher_config` with these mixers and
+    options (checked on a meta-device skeleton, before any training): [] when it exports exactly."""
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {format!r}; supported: {list(EXPORT_FORMATS)}")
+    return qwen3_5.find_blockers(student_skeleton(teacher_config, mixers, mixer_options))
 
 
 def check_out_dir(student_dir: Path, out_dir: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import HybridDistillError
 
-class ExportError(ValueError):
+
+class ExportError(HybridDistillError, ValueError):
     """The student cannot be exported as asked (its layers, options, or the output folder)."""
 
 

@@ -5,7 +5,7 @@
     teacher: Qwen/Qwen2.5-1.5B-Instruct      # HF path / hub id, tiny:<variant>, or "default" (shipped teacher)
     run_dir: runs/qwen15
     data: {source: HuggingFaceFW/fineweb-edu, text_field: text, max_tokens: 2_000_000_000}   # DataConfig
-    student: {linear: gdn, mixer_options: {}}                                                 # StudentConfig
+    student: {linear: gdn, layout: qwen3_5, mixer_options: {}}                               # StudentConfig
     stage1: {target_tokens: 100_000_000, seq_len: 512, global_batch_size: 96}     # DistillConfig (Stage 1)
     stage2: {target_tokens: 600_000_000, seq_len: 4096, global_batch_size: 32}    # DistillConfig (Stage 2); null: none
     selection:                                                                    # RunSelectionConfig
@@ -47,14 +47,14 @@ from ..config import (
 from ..data import DataConfig
 from ..distill.config import DistillConfig
 from ..evaluation.config import EvalConfig
-from ..modeling.configuration_hybrid import LINEAR_MIXERS, resolve_mixer_options
+from ..export import EXPORT_FORMATS, exportable
+from ..modeling.configuration_hybrid import LINEAR_MIXERS, STUDENT_LAYOUTS, layout_mixer_options, resolve_mixer_options
 from ..selection.config import SelectionConfig, check_selector_name, split_selector
 from ..selection.rules import BudgetError, resolve_budgets
-from ..surgery import teacher_num_layers
+from ..surgery import teacher_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 SHIPPED_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "tiny_teacher"
-EXPORT_FORMATS = ("qwen3_5",)
 
 
 def resolve_teacher_spec(teacher: str) -> str:
@@ -81,7 +81,23 @@ class StudentConfig(Config):
     error_root = "student"
 
     linear: str = setting("gdn", check=one_of(*LINEAR_MIXERS), help="linear mixer of the non-softmax layers")
+    layout: str = setting("default", check=one_of(*STUDENT_LAYOUTS),
+                          help="preset of mixer options: 'qwen3_5' trains GDN layers that export exactly to Qwen3.5")
     mixer_options: dict[str, Any] | None = setting(None, check=_mixer_options, help="mixer options (JSON)")
+
+    def validate(self) -> None:
+        try:
+            self.options()
+        except ValueError as err:
+            raise self.invalid("mixer_options", str(err), show_value=False) from None
+        if self.layout == "qwen3_5" and self.linear != "gdn":
+            raise self.invalid("layout", f"'qwen3_5' needs linear: gdn (Qwen3.5 has Gated DeltaNet layers), not {self.linear!r}")
+
+    def options(self) -> dict[str, Any] | None:
+        """The mixer options the student is built with: the layout's preset with ``mixer_options`` on top."""
+        if self.layout == "default":
+            return self.mixer_options
+        return layout_mixer_options(self.layout, self.mixer_options)
 
 
 def _selectors(value: Any) -> list[str]:
@@ -150,8 +166,12 @@ class ExportConfig(Config):
 
     error_root = "export"
 
-    format: str | None = setting(None, check=optional(one_of(*EXPORT_FORMATS)), help="export format")
-    approximate: bool = setting(False, check=boolean, help="export also what cannot be represented exactly")
+    format: str | None = setting(None, check=optional(one_of(*EXPORT_FORMATS)),
+                                 help="export every final hybrid in this format (null: no export)")
+    approximate: bool = setting(False, check=boolean,
+                                help="export also what the format cannot compute exactly, with the measured logit error")
+    dtype: str | None = setting(None, check=optional(one_of("float32", "bfloat16")),
+                                help="of the exported weights (default: the student's)")
 
 
 @dataclass
@@ -218,15 +238,15 @@ class RunConfig(Config):
         final = raw.get("final") or {}
         if isinstance(final, dict):
             raw["final"] = {**final, "stage2": _stage_section(final.get("stage2"), 2, seed, "final.stage2")}
-        student = raw.get("student") or {}
+        raw["student"] = student = StudentConfig.from_dict(raw.get("student") or {})
         selection = raw.get("selection") or {}
-        if isinstance(selection, dict) and isinstance(student, dict):
+        if isinstance(selection, dict):
             if "selector" in selection:
                 raise ConfigError("selection.selector: a run config lists its selectors under selection.selectors",
                                   ["selection", "selector"])
-            selection = {"probe": student.get("linear", "gdn"), "seed": seed, **selection}
-            if student.get("mixer_options") is not None:
-                selection.setdefault("mixer_options", student["mixer_options"])
+            selection = {"probe": student.linear, "seed": seed, **selection}
+            if student.options() is not None:
+                selection.setdefault("mixer_options", student.options())
             raw["selection"] = selection
         config = cls(**raw, source=source)
         if check_paths:
@@ -258,10 +278,11 @@ class RunConfig(Config):
             if looks_local and not (path / "config.json").is_file():
                 raise FileNotFoundError(f"teacher: {teacher!r} has no config.json (expected a Hugging Face model directory)")
         try:
-            num_layers = teacher_num_layers(teacher)
+            config = teacher_config(teacher)
         except (OSError, ValueError) as err:
             what = "" if str(err).startswith("Unsupported architecture") else "cannot read the config of "
             raise ConfigError(f"teacher: {what}{teacher!r}: {err}") from err
+        num_layers = config.num_hidden_layers
         try:
             resolve_budgets(self.selection.budgets, num_layers)
         except BudgetError as err:
@@ -272,6 +293,16 @@ class RunConfig(Config):
         for label, extra in self.final.extra_sets.items():
             if max(extra) >= num_layers:
                 raise ConfigError(f"final.extra_sets.{label}: {extra} out of range for a {num_layers}-layer teacher")
+        if self.export.format is not None and not self.export.approximate:
+            # every final hybrid has linear and softmax layers: what either kind would block, the export refuses
+            blockers = [b for mixer in (self.linear, "softmax")
+                        for b in exportable(config, [mixer] * num_layers, self.mixer_options, self.export.format)]
+            if blockers:
+                reasons = sorted({b.reason + " -> " + b.fix for b in blockers})
+                raise ConfigError(f"export.format {self.export.format!r}: the final hybrids could not be exported exactly: "
+                                  + "; ".join(reasons) + ". Use student.layout: qwen3_5 where that is the fix, or "
+                                  "export.approximate: true to export anyway with the measured logit error",
+                                  ["export", "format"])
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -284,7 +315,8 @@ class RunConfig(Config):
 
     @property
     def mixer_options(self) -> dict | None:
-        return self.student.mixer_options
+        """The student's mixer options with its layout's preset."""
+        return self.student.options()
 
     @property
     def selectors(self) -> list[str]:

@@ -238,10 +238,22 @@ def _null_percentile(value: float | None, random_values: list | None, lower_is_b
     return f"better than {beaten}/{len(known)}"
 
 
+def _export_section(state: dict) -> list[str]:
+    export = state["stages"].get("export") or {}
+    if not export.get("models"):
+        return []
+    lines = ["## Exports", "", f"Every final hybrid as stock Hugging Face `{export['format']}` (loads without remote code; "
+             "serving: docs/serving.md). Logit error: max |student − export| of fp32 logits on the export's check input.", "",
+             "| model | folder | exact | dtype | max logit error (largest logit) |", "|---|---|---|---|---:|"]
+    for name, e in export["models"].items():
+        error = "–" if e.get("max_logit_error") is None else f"{e['max_logit_error']:.2g} ({e['max_logit']:.3g})"
+        lines.append(f"| `{name}` | `{e['path']}` | {'yes' if e['exact'] else 'APPROXIMATE'} | {e['dtype']} | {error} |")
+    return lines + [""]
+
+
 def report_markdown(run_dir: str | Path, config=None) -> str:
     """The report as Markdown (plots copied into ``run_dir/report/``)."""
     import yaml
-
 
     run_dir = Path(run_dir)
     state = read_json(RunLayout(run_dir).state) or {"stages": {}}
@@ -281,6 +293,7 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
             ev = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("eval") or {}).items())
             lines.append(f"| `{name}` | `{m['layers']}` | {chosen} | {_fmt_tokens(m['tokens'])} | {ev} |")
         lines.append("")
+    lines += _export_section(state)
     models = eval_models(config, layout) if layout.selection.root.is_dir() else {}
     lines += _eval_section(run_dir, report_dir, models)
     lines += _selector_table_section(run_dir, config.selectors)

@@ -26,6 +26,7 @@ from ..data.sources import DataSourceError
 from ..distill import DistillResult, distill
 from ..distill.config import STAGE_SEQ_LEN
 from ..evaluation.suite import evaluate_model, evaluation_seconds, load_model
+from ..export import export_student
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..layout import RunLayout
 from ..selection import run_selection
@@ -36,7 +37,7 @@ from .report import write_report
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("stage1", "stage2", "selection", "final", "eval", "report")
+STAGES = ("stage1", "stage2", "selection", "final", "export", "eval", "report")
 # eval fields of the efficiency suite: part of an evaluation's settings only when it measures efficiency
 EFFICIENCY_EVAL_KEYS = ("efficiency_lengths", "efficiency_batches", "decode_steps", "compile_decode", "prefill_rows",
                         "efficiency_dtype")
@@ -216,13 +217,40 @@ class Pipeline:
         save_student(student, folder, tokenizer=self.tokenizer, model_card=card)
         step.publish({"model": name})
 
+    def export(self) -> dict:
+        """``exports/<set>``: every final hybrid in the run config's ``export.format`` (none when it is null)."""
+        if self.config.export.format is None:
+            return {"format": None, "models": {}}
+        return {"format": self.config.export.format,
+                "models": {name: self.export_model(name) for name in self.final_sets()}}
+
+    def export_model(self, name: str) -> dict:
+        """Export ``models/<name>`` (a step made from that saved model) unless done under the same settings."""
+        source = self.layout.model(name)
+        step = Step(self.layout.export(name), {"export": self.config.export.to_dict()},
+                    {"model": StepRecord.read(source).run_id}, what="export")
+        done = step.finished()
+        if done is not None:
+            return dict(done.result)
+        if step.folder.exists():
+            set_aside(step.folder, self.layout.superseded, step.stale_reason() or f"{step.folder} was not finished")
+        ex = self.config.export
+        result = export_student(source, step.folder, format=ex.format, approximate=ex.approximate, dtype=ex.dtype)
+        logger.info("%s", result.summary())
+        info = {"path": str(step.folder), "exact": result.exact, "dtype": result.dtype,
+                "max_logit_error": result.max_logit_error, "max_logit": result.max_logit,
+                "approximations": [b.describe() for b in result.approximations]}
+        step.publish(info)
+        return info
+
     def set_aside_unplanned(self, planned) -> None:
         """Move final hybrids the current settings no longer plan (another selection, budgets or extra sets), with
         their saved copies and evaluations, to ``superseded/``: they would pass for this run's models."""
         runs = self.layout.final_runs
         for entry in sorted(runs.iterdir()) if runs.is_dir() else []:
             if entry.is_dir() and entry.name not in planned:
-                for path in (entry, self.layout.model(entry.name), self.layout.eval(entry.name)):
+                for path in (entry, self.layout.model(entry.name), self.layout.export(entry.name),
+                             self.layout.eval(entry.name)):
                     if path.exists():
                         set_aside(path, self.layout.superseded, f"{path} is no longer planned by the run's settings")
 
@@ -240,7 +268,8 @@ class Pipeline:
             f"- held-out {', '.join(f'{k} = {v:.4g}' for k, v in res['eval'].items() if v is not None) or 'metrics: n/a'}\n\n"
             f"| selector | budget | K | probe |\n|---|---|---|---|\n{chosen}\n\n"
             "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or with "
-            "`hybrid_distill` installed, without remote code).\n"
+            "`hybrid_distill` installed, without remote code); `hybrid-distill export` writes it as a stock "
+            "Hugging Face model that serving engines load (docs/serving.md).\n"
         )
 
     def eval_models(self) -> dict[str, str]:
@@ -302,7 +331,8 @@ class Pipeline:
         parts: dict[str, Any] = {"teacher": self.teacher_identity, "data": c.data.identity(),
                                  "student": c.student.to_dict(), "seed": c.seed, "stage1": c.stage1.to_dict()}
         sections = {"stage2": c.stage2.to_dict() if c.stage2 is not None else None, "selection": c.selection.to_dict(),
-                    "final": c.final.to_dict(), "eval": c.eval.to_dict(), "report": c.report.to_dict()}
+                    "final": c.final.to_dict(), "export": c.export.to_dict(), "eval": c.eval.to_dict(),
+                    "report": c.report.to_dict()}
         for name, value in sections.items():  # a stage depends on its own section and those before it
             if STAGES.index(stage) >= STAGES.index(name):
                 parts[name] = value
