@@ -296,20 +296,23 @@ def swap_probes(run: Path, reference: str, selector: str = "ga-s2") -> dict[str,
     of its own lowest-ranked layer, and the reference's set with x replaced by its best-ranked layer outside
     the set. If x is what the reference's set owes its recall to, the first should gain and the second lose.
     """
-    from hybrid_distill.fileio import read_json
+    from hybrid_distill.layout import RunLayout
+    from hybrid_distill.selection.result import SelectionResult
 
-    mine, ref = read_json(run / "selection" / selector / "selection.json"), read_json(run / "selection" / reference / "selection.json")
-    if mine is None or ref is None or not mine.get("ranking") or not ref.get("ranking"):
+    files = RunLayout(run).selection
+    mine, ref = (SelectionResult.load(files.selection_file(s)) if files.selection_file(s).is_file() else None
+                 for s in (selector, reference))
+    if mine is None or ref is None or not mine.ranking or not ref.ranking:
         raise ValueError(f"swap probes need finished {selector} and {reference} selections with rankings in {run}/selection")
     sets: dict[str, list[int]] = {}
-    for label, entry in mine["budgets"].items():
-        own, theirs = set(entry["layers"]), set(ref["budgets"][label]["layers"])
-        missing = [layer for layer in ref["ranking"] if layer in theirs and layer not in own]
+    for label, entry in mine.budgets.items():
+        own, theirs = set(entry.layers), set(ref.budgets[label].layers)
+        missing = [layer for layer in ref.ranking if layer in theirs and layer not in own]
         if not missing:
             continue
         x = missing[0]
-        weakest = max(own, key=mine["ranking"].index)
-        substitute = next(layer for layer in ref["ranking"] if layer not in theirs)
+        weakest = max(own, key=mine.ranking.index)
+        substitute = next(layer for layer in ref.ranking if layer not in theirs)
         sets[f"{selector} {label} +{x} -{weakest}"] = sorted(own - {weakest} | {x})
         sets[f"{reference} {label} -{x} +{substitute}"] = sorted(theirs - {x} | {substitute})
     return sets
@@ -429,9 +432,10 @@ def analyze(work: Path) -> dict:
     the selection cost with and without early stopping / racing (replayed), time per step; writes
     ``WORK/analysis.json``, ``WORK/analysis.md`` and plots."""
     from hybrid_distill.fileio import atomic_write_json, atomic_write_text, read_json
+    from hybrid_distill.layout import RunLayout
     from hybrid_distill.pipeline.report import selector_budget_table
-    from hybrid_distill.selection.registry import LEARNED_SELECTORS
     from hybrid_distill.selection.replay import replay_selection
+    from hybrid_distill.selection.result import SelectionResult
 
     run = work / "pipeline"
     state = read_json(run / "pipeline.json") or {"stages": {}, "config": {}}
@@ -461,22 +465,24 @@ def analyze(work: Path) -> dict:
         out["teacher_all_tasks"]["per_task"] = every["recall"]["aggregate"]["per_task"]
     out["selection"], out["selection_cost"] = {}, {}
     for sel in selectors:
-        data = read_json(run / "selection" / sel / "selection.json")
-        if data is None:
+        path = RunLayout(run).selection.selection_file(sel)
+        if not path.is_file():
             continue
-        out["selection"][sel] = {"ranking": data.get("ranking"), "scores": data.get("scores"),
-                                 "wall_time_s": data.get("wall_time_s"), "tokens": data.get("tokens"),
-                                 "budgets": {k: e["layers"] for k, e in data["budgets"].items()}}
-        if sel in LEARNED_SELECTORS and (sel.endswith("-s2") or sel == "smart") and data.get("snapshots"):
-            rows = {"full": {"tokens_spent": data["tokens"]["spent"], "saved_fraction": 0.0,
-                             "budgets": {str(e["k"]): {"layers": e["layers"], "jaccard": 1.0} for e in data["budgets"].values()}}}
+        result = SelectionResult.load(path)
+        out["selection"][sel] = {"ranking": result.ranking, "scores": result.scores, "wall_time_s": result.wall_time_s,
+                                 "tokens": result.tokens, "degenerate": result.degenerate,
+                                 "budgets": {k: e.layers for k, e in result.budgets.items()}}
+        # KL-snapshot selectors run full-budget can be replayed with early stopping / racing
+        if result.source == "s2" and result.candidates and not (result.config.get("early_stop") or result.config.get("racing")):
+            rows = {"full": {"tokens_spent": result.tokens["spent"], "saved_fraction": 0.0,
+                             "budgets": {str(e.k): {"layers": e.layers, "jaccard": 1.0} for e in result.budgets.values()}}}
             for name, kw in (("early stop (window 10, J>=0.9)", {"early_stop_window": 10}),
                              ("early stop (window 5, J>=0.9)", {"early_stop_window": 5}),
                              ("early stop (window 3, J>=0.8)", {"early_stop_window": 3, "early_stop_min_jaccard": 0.8}),
                              ("racing (keep 1/2 every 3 snapshots)", {"racing": True, "early_stop": False, "round_snapshots": 3}),
                              ("early stop (window 5) + racing", {"racing": True, "early_stop_window": 5, "round_snapshots": 3})):
                 kw = dict(kw)
-                rows[name] = replay_selection(data, early_stop=kw.pop("early_stop", True), racing=kw.pop("racing", False), **kw)
+                rows[name] = replay_selection(result, early_stop=kw.pop("early_stop", True), racing=kw.pop("racing", False), **kw)
             out["selection_cost"][sel] = rows
     atomic_write_json(work / "analysis.json", out)
     atomic_write_text(work / "analysis.md", analysis_markdown(out))
@@ -553,8 +559,9 @@ def _plots(a: dict, work: Path) -> None:
     sel = a["selection"].get("ga-s2")
     if sel and sel.get("scores"):
         fig, ax = plt.subplots(figsize=(7, 3))
-        layers = sorted(int(k) for k in sel["scores"])
-        ax.bar(layers, [sel["scores"][str(i)] for i in layers])
+        scores = {int(k): v for k, v in sel["scores"].items()}  # int keys in memory, str keys read back from JSON
+        layers = sorted(scores)
+        ax.bar(layers, [scores[i] for i in layers])
         ax.set_xlabel("layer")
         ax.set_ylabel("GA-S2 importance (-KL)")
         fig.tight_layout()

@@ -81,7 +81,10 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     assert all(c["value"] is not None for row in table["rows"].values() for c in row.values())
     assert {"teacher", "all-gdn"} <= set(a["models"]) and a["teacher_all_tasks"]["recall/overall"] is not None
     cost = a["selection_cost"]["ga-s2"]
-    assert cost["full"]["tokens_spent"] == 8 * cand and all(r["tokens_spent"] <= 8 * cand for r in cost.values())
+    from hybrid_distill.selection import SelectionConfig
+
+    per_layer = 8 + ran["selection"].get("null_candidates", SelectionConfig().null_candidates)  # 8 layers + null candidates
+    assert cost["full"]["tokens_spent"] == per_layer * cand and all(r["tokens_spent"] <= per_layer * cand for r in cost.values())
     assert set(a["selection_cost"]) == {"ga-s2", "gr-s2", "smart"}
     probes = next(e for e in timeline if e["event"] == "probes")["sets"]
     assert probes == reproduce.swap_probes(work / "pipeline", "lm-ppl") and probes == ran["final"]["extra_sets"]
@@ -134,11 +137,13 @@ def test_gate_tasks_keeps_what_the_teacher_solves():
 
 
 def test_swap_probes_exchange_the_reference_selectors_best_missing_layer(tmp_path):
+    from hybrid_distill.layout import RunLayout
+    from hybrid_distill.selection.result import BudgetSet, SelectionResult
+
     def selection(name, ranking, budgets):
-        d = tmp_path / "selection" / name
-        d.mkdir(parents=True)
-        (d / "selection.json").write_text(json.dumps(
-            {"ranking": ranking, "budgets": {k: {"k": len(v), "layers": v} for k, v in budgets.items()}}))
+        SelectionResult(selector=name, teacher="t", num_layers=16, config={}, data={}, created="", ranking=ranking,
+                        budgets={k: BudgetSet.of(len(v), [v], 16) for k, v in budgets.items()},
+                        ).save(RunLayout(tmp_path).selection.selection_file(name))
 
     selection("ga-s2", [9, 6, 7, 14, 8, 0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 15], {"12.5%": [6, 9], "25%": [6, 7, 9, 14]})
     selection("lm-ppl", [0, 4, 9, 3, 2, 6, 14, 11, 15, 13, 12, 7, 5, 1, 8, 10], {"12.5%": [0, 4], "25%": [0, 3, 4, 9]})

@@ -186,11 +186,15 @@ def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str
     linear = ((state.get("config") or {}).get("student") or {}).get("linear", "gdn")
     labels: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
+    degenerate: dict[str, str] = {}
     for selector in selectors:
         path = layout.selection.selection_file(selector)
         if not path.is_file():
             continue
-        for label, entry in SelectionResult.load(path).budgets.items():
+        sel = SelectionResult.load(path)
+        if sel.degenerate:  # it chose nothing: its task does not rank layers on this teacher
+            rows[selector], degenerate[selector] = {}, sel.degenerate
+        for label, entry in sel.budgets.items():
             labels += [label] if label not in labels else []
             names = [hybrid_name(sorted(s), linear) for s in entry.sets]
             results = [read_json(layout.eval(name) / "results.json") for name in names]
@@ -199,7 +203,7 @@ def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str
             rows.setdefault(selector, {})[label] = {
                 "layers": sorted(entry.layers), "model": names[0], "values": values,
                 "value": (sum(known) / len(known) if known else None) if len(values) > 1 else values[0]}
-    return {"metric": metric, "budgets": labels, "rows": rows}
+    return {"metric": metric, "budgets": labels, "rows": rows, "degenerate": degenerate}
 
 
 def _selector_table_section(run_dir: Path, selectors: list[str]) -> list[str]:
@@ -226,6 +230,8 @@ def _selector_table_section(run_dir: Path, selectors: list[str]) -> list[str]:
                     cells.append(_fmt(cell["value"]) + f" `{cell['layers']}`" + (f" ({rank} of random sets)" if rank else ""))
             lines.append(f"| {selector} | " + " | ".join(cells) + " |")
         lines.append("")
+        if table["degenerate"]:
+            lines += [f"{selector}: no sets — {reason}" for selector, reason in table["degenerate"].items()] + [""]
     return lines
 
 
