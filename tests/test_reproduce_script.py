@@ -71,7 +71,7 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     assert cand % step == 0 and step <= cand <= cfg["selection"]["stage2"]["target_tokens"]  # fitted, never grown
     assert ran["final"]["stage2"]["target_tokens"] <= cfg["final"]["stage2"]["target_tokens"]
     state = json.loads((work / "pipeline" / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "eval", "report"]
+    assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "export", "eval", "report"]
     assert sorted(state["stages"]["selection"]["selectors"]) == sorted(cfg["selection"]["selectors"])
 
     a = reproduce.analyze(work)
