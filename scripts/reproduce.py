@@ -272,7 +272,7 @@ def _run(args, work: Path, tl: Timeline) -> int:
         config = apply_budgets(config, budgets)
         tl.event("budgets", **budgets)
         pipe = pipeline(config)
-    for stage in ("selection", "final", "eval", "report"):
+    for stage in ("selection", "final", "export", "eval", "report"):
         tl.event(f"{stage}_started")
         pipe.run(stages=(stage,))
         tl.event(f"{stage}_done")
@@ -282,7 +282,7 @@ def _run(args, work: Path, tl: Timeline) -> int:
         if probes:
             config["final"] = {**config["final"], "extra_sets": probes}
             pipe = pipeline(config)
-            for stage in ("final", "eval", "report"):
+            for stage in ("final", "export", "eval", "report"):
                 pipe.run(stages=(stage,))
         tl.event("probes_done")
     tl.event("done")
