@@ -533,7 +533,7 @@ def test_config_validation_names_fields():
 
 
 def test_removal_candidates_need_the_stage1_student(env, tmp_path):
-    with pytest.raises(ValueError, match=r"gr-s2 trains greedy-removal candidates.*stage1_student"):
+    with pytest.raises(ValueError, match=r"gr-s2 starts candidates from the all-linear student after Stage 1.*stage1_student"):
         run_selection(_config(selector="gr-s2"), TEACHER, tmp_path / "gr", data=env["data"], base_student=env["base"],
                       progress=False)
     assert not list((tmp_path / "gr").rglob("candidate.json"))

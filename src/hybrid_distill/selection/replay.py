@@ -69,7 +69,7 @@ def replay_selection(selection: SelectionResult | str | Path, early_stop: bool =
         raise ConfigError("replay needs a full-budget selection (run with early_stop and racing off)")
     config = SelectionConfig.from_dict({**sel.config, "early_stop": early_stop, "racing": racing, **changes})
     total, s1_tokens = sel.tokens["per_candidate_stage2"], sel.tokens["per_candidate_stage1"]
-    ks = sorted({b.k for b in sel.budgets.values()})
+    ks = sorted({rules.resolve_budget(b, sel.num_layers) for b in config.budgets})  # racing keeps enough for max(ks)
     executor = _ReplayExecutor(sel, total, s1_tokens, stage2_tokens_per_step(config.stage_config(2)))
     families = {}
     for kind, (start, members) in candidate_families(config, sel.num_layers).items():
@@ -99,8 +99,8 @@ def replay_selection(selection: SelectionResult | str | Path, early_stop: bool =
                         for k, v in main.stop_by_budget.items()},
         "eliminated_round": {kind: {str(k): v for k, v in fam.layers.eliminated.items()} for kind, fam in families.items()},
         "ranking": chosen[max(ks)].ranking,
-        "budgets": {str(k): {"layers": sets[k], "full_layers": full_sets[k], "jaccard": rules.jaccard(sets[k], full_sets[k])}
-                    for k in ks},
+        "budgets": {str(k): {"layers": sets[k], "full_layers": full_sets.get(k),
+                             "jaccard": rules.jaccard(sets[k], full_sets[k]) if k in full_sets else None} for k in ks},
     }
 
 
