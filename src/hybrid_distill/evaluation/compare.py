@@ -19,7 +19,7 @@ from typing import Any
 from ..config import ConfigError
 from ..fileio import atomic_write, atomic_write_text
 from .scoring import aggregate
-from .suite import _fmt
+from .suite import format_metric
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def compare_results(
         cells = []
         for n in names:
             v = vals[n]
-            s = _fmt(float(v) if isinstance(v, (int, float)) else v, _digits(k))
+            s = format_metric(float(v) if isinstance(v, (int, float)) else v, _digits(k))
             cells.append(f"**{s}**" if best is not None and v == best else s)
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Bold: best per row (lower is better for perplexity, NLL, KL, prefill time and memory; efficiency rows "

@@ -17,6 +17,7 @@ import torch
 
 from ..dtypes import cast_model
 from ..modeling import CACHE_ARG, output_cache
+from ..modeling.static_decode import StaticDecoder, layer_kinds
 
 
 @dataclass
@@ -87,8 +88,6 @@ def decode_step_min_bytes(model, cache, tokens: int) -> int:
     linear layer its recurrent and conv states, read and written once each. Decode at a few rows per
     step is bound by memory bandwidth, so the ratio of two models' bytes bounds their speed-up.
     """
-    from ..modeling.static_decode import layer_kinds
-
     total = decode_weight_bytes(model)
     for layer, (kind, window) in zip(cache.layers, layer_kinds(model.config)):
         if kind == "linear":
@@ -155,8 +154,6 @@ def measure(
     ids = torch.randint(3, min(vocab_limit, model.config.vocab_size), (batch, context), device=device)
     try:
         if decode == "static":
-            from ..modeling.static_decode import StaticDecoder
-
             dec = StaticDecoder(
                 model, batch, context + warmup_steps + decode_steps + 1, compile=compile, linear_kernels=linear_kernels,
                 fuse_projections=fuse_projections, compile_mode=compile_mode,

@@ -41,6 +41,7 @@ from typing import Any
 from ..dtypes import cast_model
 from ..errors import HybridDistillError
 from ..fileio import atomic_write_text, jsonable
+from .suite import MODEL_DTYPES, load_model, load_tokenizer
 
 RESULTS_FILE = "lm_eval_results.json"
 
@@ -341,8 +342,6 @@ def evaluate_with_lm_eval(
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    from .suite import load_model, load_tokenizer
-
     task_list = [tasks] if isinstance(tasks, (str, dict)) else list(tasks)
     if not task_list:
         raise ValueError("no lm-eval tasks given")
@@ -423,8 +422,6 @@ def evaluate_with_lm_eval(
 
 def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of the lm-eval bridge (then ``parser.set_defaults(func=run_lm_eval_from_args)``)."""
-    from .suite import MODEL_DTYPES
-
     parser.add_argument("--model", required=True, help="saved student / HF causal LM dir, or tiny:<variant>")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks / groups / tags / YAML paths")
     parser.add_argument("--include-path", action="append", help="folder of custom task YAMLs (repeatable)")

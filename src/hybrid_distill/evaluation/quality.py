@@ -19,14 +19,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data import DataConfig
 from ..data.sources import DataSourceError
+from ..distill import evaluate_kl
 
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _unpack(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_batch(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input ids [B, T] on ``device``, attention mask or None) of a batch given as a tensor or a dict."""
     if isinstance(batch, dict):
         ids, mask = batch["input_ids"], batch.get("attention_mask")
     else:
@@ -53,7 +56,7 @@ def token_nll(model, batches: Iterable, chunk_size: int = 4096) -> tuple[float, 
     total, count = 0.0, 0
     try:
         for batch in batches:
-            ids, mask = _unpack(batch, device)
+            ids, mask = unpack_batch(batch, device)
             out = model(input_ids=ids, attention_mask=mask) if mask is not None else model(input_ids=ids)
             logits = out.logits[:, :-1]
             targets = ids[:, 1:]
@@ -81,8 +84,6 @@ def perplexity(model, batches: Iterable) -> dict[str, float]:
 
 def teacher_student_kl(student, teacher, batches: Iterable, tau: float = 1.0) -> float:
     """Mean token KL(teacher || student) (:func:`hybrid_distill.distill.evaluate_kl`)."""
-    from ..distill import evaluate_kl
-
     return float(evaluate_kl(student, teacher, batches, tau=tau))
 
 
@@ -129,8 +130,6 @@ def as_data_spec(corpus: Any, **overrides: Any):
     """``corpus`` (a `DataConfig`, a dict of its fields or a source string) as a `DataConfig`; ``overrides``
     that are not None replace its fields."""
     import dataclasses
-
-    from ..data import DataConfig
 
     if not isinstance(corpus, DataConfig):
         corpus = DataConfig.from_value(corpus if isinstance(corpus, dict) else str(corpus))

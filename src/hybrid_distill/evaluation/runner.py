@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .scoring import score_sample
+
 
 @dataclass
 class Prediction:
@@ -77,8 +79,6 @@ def recall_batches(samples: Sequence, batch_size: int) -> list[list[int]]:
 
 def run_samples(model, tokenizer, samples: Sequence, batch_size: int = 8, progress: bool = True) -> list[Prediction]:
     """Generate and score each sample (`prompt + answer_prefix` as input, its own `max_new_tokens`)."""
-    from .scoring import score_sample
-
     model.eval()
     predictions: dict[int, Prediction] = {}
     bar = tqdm(total=len(samples), desc="recall eval", disable=not progress)

@@ -29,12 +29,31 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError, load_student
 from ..config import add_flags, flag_values
 from ..data import add_data_flags, data_config_from_flags, read_haystack
 from ..fileio import atomic_write, atomic_write_text, jsonable, read_json
-from ..surgery import load_tokenizer  # re-exported for the CLI and the lm-eval bridge
-from ..tasks import DEFAULT_RECALL_TASKS, RULER_OFFLINE_TASKS, LengthError, generate_samples
+from ..surgery import (
+    load_teacher,
+    load_tokenizer,  # re-exported for the CLI and the lm-eval bridge
+)
+from ..tasks import (
+    DEFAULT_RECALL_TASKS,
+    RULER_OFFLINE_TASKS,
+    LengthError,
+    generate_samples,
+)
 from .config import MODEL_DTYPES, SUITES, EvalConfig
+from .efficiency import (
+    EfficiencyResult,
+    efficiency_markdown,
+    plot_efficiency,
+    run_efficiency,
+)
+from .niah import niah_grid_samples, niah_table, plot_niah_heatmap
+from .quality import as_data_spec, evaluate_quality, heldout_batches
+from .runner import run_samples
+from .scoring import aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +75,8 @@ def _model_name(model, given: str | None) -> str:
     return str(name) if name else type(model).__name__
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def format_metric(x: Any, digits: int = 3) -> str:
+    """A metric for a Markdown table: ``digits`` decimals for floats, "–" for missing or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, float):
@@ -95,9 +115,6 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
                progress: bool = False) -> dict[str, Any]:
     """Generate, run and score ``num_samples`` samples per (task, length); lengths too short for a
     task are skipped (listed under ``skipped``)."""
-    from .runner import run_samples
-    from .scoring import aggregate
-
     samples, skipped = [], []
     for task in tasks:
         opts = dict((task_options or {}).get(task, {}))
@@ -117,8 +134,6 @@ def run_recall(model, tokenizer, tasks: Sequence[str], lengths: Sequence[int], n
 def cached_niah_samples(tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int, *, seed: int = 0,
                  haystack: Any = None, max_new_tokens: int = 32) -> list:
     """The NIAH grid's samples, made once per tokenizer and settings (`_cached_samples`)."""
-    from .niah import niah_grid_samples
-
     key = ("niah", tuple(lengths), tuple(depths), num_samples, seed, max_new_tokens)
     return _cached_samples(tokenizer, key, niah_grid_samples, tokenizer, lengths, depths, num_samples=num_samples,
                            seed=seed, haystack=haystack, max_new_tokens=max_new_tokens)
@@ -128,9 +143,6 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], 
              batch_size: int = 8, haystack: Any = None, max_new_tokens: int = 32,
              progress: bool = False) -> dict[str, Any]:
     """NIAH grid over ``lengths`` x ``depths`` (``num_samples`` each): predictions, per-cell table, mean."""
-    from .niah import niah_table
-    from .runner import run_samples
-
     samples = cached_niah_samples(tokenizer, lengths, depths, num_samples, seed=seed, haystack=haystack,
                                   max_new_tokens=max_new_tokens)
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=progress)
@@ -176,8 +188,6 @@ def evaluate_model(
     num_samples, niah_depths, niah_samples = config.num_samples, config.niah_depths, config.niah_samples
     parts = list(suite)
     if "quality" in parts:
-        from .quality import as_data_spec
-
         data_spec = as_data_spec(corpus, cache_dir=cache_dir)
     tasks = list(config.tasks or DEFAULT_RECALL_TASKS)
     niah_lengths = config.niah_grid_lengths
@@ -231,8 +241,6 @@ def evaluate_model(
         results["timings"]["niah_s"] = time.perf_counter() - t0
         save_partial()
     if "quality" in parts:
-        from .quality import evaluate_quality, heldout_batches
-
         t0 = time.perf_counter()
         batches = heldout_batches(tokenizer, data_spec, seq_len=config.quality_seq_len, batch_size=max(1, batch_size // 2),
                                   max_sequences=config.quality_sequences)
@@ -243,8 +251,6 @@ def evaluate_model(
         results["timings"]["quality_s"] = time.perf_counter() - t0
         save_partial()
     if "efficiency" in parts:
-        from .efficiency import run_efficiency
-
         t0 = time.perf_counter()
         results["efficiency"] = run_efficiency(
             model, results["config"]["efficiency_lengths"], results["config"]["efficiency_batches"], teacher=teacher,
@@ -255,13 +261,9 @@ def evaluate_model(
 
     results = jsonable(results)
     if "niah" in parts and results["niah"]["table"]:
-        from .niah import plot_niah_heatmap
-
         table = {(r["depth"], r["length"]): r["score"] for r in results["niah"]["table"]}
         atomic_write(out / "niah.png", lambda tmp: plot_niah_heatmap(table, tmp, title=f"NIAH: {results['model']}"))
     if "efficiency" in parts:
-        from .efficiency import EfficiencyResult, plot_efficiency
-
         eff = results["efficiency"]
         rows = [EfficiencyResult.from_dict(r) for r in eff["rows"]]
         batch = max(results["config"]["efficiency_batches"])
@@ -283,10 +285,10 @@ def recall_table_markdown(agg: dict[str, Any]) -> str:
     rows = [head, "|" + "---|" * (len(lengths) + 2)]
     for task, by_len in ptl.items():
         by_len = {int(k): v for k, v in by_len.items()}
-        cells = [_fmt(by_len.get(n)) for n in lengths]
-        rows.append(f"| {task} | " + " | ".join(cells) + f" | {_fmt(agg['per_task'].get(task))} |")
+        cells = [format_metric(by_len.get(n)) for n in lengths]
+        rows.append(f"| {task} | " + " | ".join(cells) + f" | {format_metric(agg['per_task'].get(task))} |")
     per_len = {int(k): v for k, v in agg.get("per_length", {}).items()}
-    rows.append("| **mean** | " + " | ".join(_fmt(per_len.get(n)) for n in lengths) + f" | {_fmt(agg.get('overall'))} |")
+    rows.append("| **mean** | " + " | ".join(format_metric(per_len.get(n)) for n in lengths) + f" | {format_metric(agg.get('overall'))} |")
     return "\n".join(rows)
 
 
@@ -296,7 +298,7 @@ def niah_table_markdown(table: list[dict[str, Any]]) -> str:
     cell = {(float(r["depth"]), int(r["length"])): r["score"] for r in table}
     rows = ["| depth % | " + " | ".join(str(n) for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
     for d in depths:
-        rows.append(f"| {d:g} | " + " | ".join(_fmt(cell.get((d, n))) for n in lengths) + " |")
+        rows.append(f"| {d:g} | " + " | ".join(format_metric(cell.get((d, n))) for n in lengths) + " |")
     return "\n".join(rows)
 
 
@@ -312,9 +314,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
         if rec.get("aggregate"):
             lines += [recall_table_markdown(rec["aggregate"]), ""]
             agg = rec["aggregate"]
-            lines += [f"Overall (mean over tasks, each the mean of its lengths): **{_fmt(agg.get('overall'))}**", ""]
+            lines += [f"Overall (mean over tasks, each the mean of its lengths): **{format_metric(agg.get('overall'))}**", ""]
             if agg.get("ruler_tasks"):
-                lines += [f"RULER's offline tasks ({', '.join(agg['ruler_tasks'])}): **{_fmt(agg.get('ruler'))}**; "
+                lines += [f"RULER's offline tasks ({', '.join(agg['ruler_tasks'])}): **{format_metric(agg.get('ruler'))}**; "
                           "the other tasks are stand-ins (prose haystacks) or not RULER's.", ""]
         else:
             lines += ["No samples were run.", ""]
@@ -325,23 +327,21 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if "niah" in results:
         n = results["niah"]
         lines += ["## Needle in a haystack", "", niah_table_markdown(n["table"]) if n["table"] else "No cells.", "",
-                  f"Mean over cells: **{_fmt(n.get('mean'))}**", "", "![NIAH heatmap](niah.png)", ""]
+                  f"Mean over cells: **{format_metric(n.get('mean'))}**", "", "![NIAH heatmap](niah.png)", ""]
     if "quality" in results:
         q = results["quality"]
         lines += ["## Language-model quality", "",
                   f"Held-out `{q.get('corpus')}`{_heldout_share(q)}: {q.get('sequences')} sequences x {q.get('seq_len')} tokens "
                   f"({q.get('tokens')} predicted tokens).", "",
                   "| metric | value |", "|---|---|",
-                  f"| NLL (nats/token) | {_fmt(q.get('nll'), 4)} |",
-                  f"| perplexity | {_fmt(q.get('perplexity'), 3)} |"]
+                  f"| NLL (nats/token) | {format_metric(q.get('nll'), 4)} |",
+                  f"| perplexity | {format_metric(q.get('perplexity'), 3)} |"]
         if "kl" in q:
-            lines += [f"| teacher NLL | {_fmt(q.get('teacher_nll'), 4)} |",
-                      f"| teacher perplexity | {_fmt(q.get('teacher_perplexity'), 3)} |",
-                      f"| KL(teacher ‖ model) (nats/token) | {_fmt(q.get('kl'), 5)} |"]
+            lines += [f"| teacher NLL | {format_metric(q.get('teacher_nll'), 4)} |",
+                      f"| teacher perplexity | {format_metric(q.get('teacher_perplexity'), 3)} |",
+                      f"| KL(teacher ‖ model) (nats/token) | {format_metric(q.get('kl'), 5)} |"]
         lines.append("")
     if "efficiency" in results:
-        from .efficiency import efficiency_markdown
-
         eff = results["efficiency"]
         lines += ["## Inference efficiency", "",
                   f"{eff.get('device')}, {eff.get('dtype')}: prefill of random prompts, then {eff.get('decode_steps')} "
@@ -361,9 +361,6 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def load_model(spec: str, dtype=None, device=None):
     """A model from ``tiny:<variant>`` (random tiny teacher), a saved hybrid student or any HF causal LM dir."""
-    from ..checkpoint import CheckpointError, load_student
-    from ..surgery import load_teacher
-
     # By config.json alone: a teacher may be stored as pytorch_model.bin, which the student loader refuses.
     config_file, model_type = Path(spec) / "config.json", ""
     if config_file.is_file():

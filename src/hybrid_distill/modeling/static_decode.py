@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compile_config import relax_recompile_limits
 from .configuration_hybrid import LINEAR_MIXERS
-from .modeling_hybrid import CACHE_ARG, LinearAttentionMixer, output_cache, stack_linear_maps
+from .modeling_hybrid import (
+    CACHE_ARG,
+    LinearAttentionMixer,
+    output_cache,
+    stack_linear_maps,
+    teacher_sliding_window,
+)
 
 DECODE_ATTENTION = "hybrid_distill_decode"
 KEY_BLOCK = 256  # static KV buffers are allocated in multiples of this many positions
@@ -146,8 +153,6 @@ class StaticCache:
 
 def layer_kinds(config) -> list[tuple[str, int | None]]:
     """Per layer: ("linear", None), ("full", None) or ("sliding", window), for teachers and hybrids."""
-    from .modeling_hybrid import teacher_sliding_window
-
     mixers = getattr(config, "mixers", None)
     kinds = []
     for i in range(config.num_hidden_layers):
@@ -282,8 +287,6 @@ class StaticDecoder:
         self._linear_options = _mixer_options(model) if self.linear_kernels is not None else []
         self._fused_layers = self._fuse_projections() if fuse_projections else []
         if compile:
-            from ..compile_config import relax_recompile_limits
-
             # With fla kernels the step breaks at each mixer, whose frames recompile per layer.
             relax_recompile_limits(unspecialize_module_ints=False)
         if compile_mode is not None and not compile:

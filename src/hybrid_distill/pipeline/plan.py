@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..selection.registry import (
+    BYPASS_SELECTORS,
+    LEARNED_SELECTORS,
+    candidate_kinds,
+)
+from ..surgery import teacher_family
 from ..tasks import DEFAULT_RECALL_TASKS
+from ..tiny_teachers import tiny_teacher
 from .config import RunConfig
 
 H100_BF16_FLOPS = 989e12
@@ -25,13 +32,9 @@ def matmul_params(teacher_spec: str) -> tuple[int, int, int]:
     import torch
 
     if teacher_spec.startswith("tiny:"):
-        from ..tiny_teachers import tiny_teacher
-
         model = tiny_teacher(teacher_spec.split(":", 1)[1])
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
-
-        from ..surgery import teacher_family
 
         config = AutoConfig.from_pretrained(teacher_spec)
         teacher_family(config)
@@ -52,12 +55,6 @@ def _tokens(cfg) -> int:
 def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
     """The run plan: per stage its tokens, FLOPs and H100-hours at ``mfu`` (selection and final are upper
     bounds: early stopping saves candidate tokens, identical layer sets are trained once)."""
-    from ..selection.registry import (
-        BYPASS_SELECTORS,
-        LEARNED_SELECTORS,
-        candidate_kinds,
-    )
-
     n, attn, layers = matmul_params(config.teacher_spec)
     rows: list[dict[str, Any]] = []
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.compare import flat_metrics
+from ..evaluation.compare import compare_results, flat_metrics
 from ..fileio import atomic_write_text, read_json
 from ..layout import RunLayout
 from ..selection.result import SelectionResult
@@ -113,8 +113,6 @@ def _selection_section(layout: RunLayout, report_dir: Path, selectors: list[str]
 
 
 def _eval_section(run_dir: Path, report_dir: Path, models: dict[str, str]) -> list[str]:
-    from ..evaluation.compare import compare_results
-
     dirs = {name: run_dir / "eval" / name for name in models if (run_dir / "eval" / name / "results.json").is_file()}
     lines = ["## Evaluation", ""]
     if not dirs:

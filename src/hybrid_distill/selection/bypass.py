@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluation.quality import _unpack, token_nll
+from ..evaluation.quality import token_nll, unpack_batch
+from ..evaluation.runner import run_samples
+from ..tasks import generate_samples
 from .registry import TASK_SELECTORS
 
 __all__ = [
@@ -178,7 +180,7 @@ def act_mse_scores(
     count = 0
     with _eval_mode(model):
         for batch in tqdm(list(batches), desc="act-mse", disable=not progress):
-            ids, mask = _unpack(batch, device)
+            ids, mask = unpack_batch(batch, device)
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
             n = int(valid.sum())
             if n == 0:
@@ -290,8 +292,6 @@ def _answer_nll(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> fl
 
 
 def _accuracy(model: nn.Module, tokenizer: Any, samples: Sequence[Any], batch_size: int) -> float:
-    from ..evaluation.runner import run_samples
-
     preds = run_samples(model, tokenizer, samples, batch_size=batch_size, progress=False)
     return sum(p.score for p in preds) / len(preds)
 
@@ -333,8 +333,6 @@ def task_scores(
     of ``1 / (N m)`` and ``|w tanh(.)| < 1 / (2 N m)``, so rankings follow accuracy first and the
     NLL only breaks ties. ``task_options`` go to :func:`~hybrid_distill.tasks.generate_samples`.
     """
-    from ..tasks import generate_samples
-
     task = TASK_SELECTORS.get(task, task)
     idx = _layer_indices(model, layers)
     samples = generate_samples(task, tokenizer, length, num_samples, seed=seed, **task_options)

@@ -29,14 +29,35 @@ from ..data import DataConfig, add_data_flags, data_config_from_flags
 from ..distill import DistillConfig, distill
 from ..errors import HybridDistillError
 from ..layout import SelectionLayout
-from ..surgery import build_student, load_teacher, load_tokenizer, model_identity, teacher_num_layers
+from ..surgery import (
+    build_student,
+    load_teacher,
+    load_tokenizer,
+    model_identity,
+    teacher_num_layers,
+)
 from . import bypass, plots, rules
-from .candidates import CandidateJob, candidate_folder, candidate_name, heldout_batches, run_candidate
+from .candidates import (
+    CandidateJob,
+    candidate_folder,
+    candidate_name,
+    heldout_batches,
+    run_candidate,
+)
 from .config import SelectionConfig
 from .executors import make_executor
 from .registry import SELECTORS, TASK_SELECTORS, SelectInputs
+from .replay import replay_selection
 from .result import BudgetSet, SelectionResult
-from .scoring import FamilyScores, Member, candidate_families, noise_floors, score_family, score_tables, snapshot_sets
+from .scoring import (
+    FamilyScores,
+    Member,
+    candidate_families,
+    noise_floors,
+    score_family,
+    score_tables,
+    snapshot_sets,
+)
 
 # A bypass-task selector means nothing when the teacher cannot do its task: below this accuracy it says so.
 MIN_TEACHER_TASK_ACCURACY = 0.1
@@ -410,8 +431,6 @@ def add_replay_arguments(parser) -> None:
 
 def run_replay_from_args(args) -> int:
     """Print (JSON) what early stopping / racing would have spent and chosen on a full run."""
-    from .replay import replay_selection
-
     if not (args.early_stop or args.racing):
         raise ConfigError("hybrid-distill replay: give --early-stop, --racing or both")
     changes = {name: value for name, value in (("early_stop_window", args.window), ("early_stop_min_jaccard", args.min_jaccard),
