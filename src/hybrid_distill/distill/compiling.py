@@ -7,12 +7,9 @@ does), and leaves fla's Triton kernels as they are (`hybrid_ops` marks them
 around it). Inductor then fuses what eager runs as separate kernels: RMSNorm, SwiGLU, residual
 adds, rotary embeddings, the mixers' gates and norms.
 
-Measured on an H200 (benchmarks/RESULTS.md, Stage 2 of a Qwen2.5-1.5B shape, 2×4096 tokens per
-micro-batch): compiling the frozen teacher ("teacher") takes its forward from 61 to 43 ms; compiling
-the student too ("all") takes the student's forward + backward from 227 to 161–165 ms, the step from
-24.5k to 30–31k tokens/s and peak memory from 60.6 to 47.6 GiB. "all" is the setting to use. (It
-was slower than eager until `hybrid_ops.fla_available` became a constant to dynamo: traced, its
-``import`` split every mixer into several small graphs.)
+"teacher" compiles the frozen teacher's layers; "all" the student's too, which makes a Stage-2 step faster
+and smaller than eager (benchmarks/RESULTS.md) and is the setting to use. `hybrid_ops.fla_available` is a
+constant to dynamo, so checking for fla does not split a mixer into several graphs.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ def run_efficiency(
     Decode goes through `StaticDecoder` (static KV buffers, the linear mixers' own kernels, a CUDA
     graph per step on a GPU). Before timing, each model decodes a short prompt at every batch size and, on a
     GPU, runs an untimed prefill of the timed prefill's shape at every point, so first-call costs (fla's
-    autotuning per shape: 12.6 s in one 4096 x 8 prefill on an H200; cuBLAS set-up) stay out of the numbers.
+    autotuning per shape, cuBLAS set-up) stay out of the numbers.
     Returns ``{"rows", "baseline", "fits", "device", ...}`` (rows as `EfficiencyResult` dicts; ``fits``:
     `fit_step_cost` per batch size with three rows or more).
 

@@ -233,8 +233,8 @@ class StaticDecoder:
 
     ``linear_kernels``: the linear mixers' backend inside the step; ``None`` = the model's own
     ``kernel_backend`` (default "auto": fla's fused recurrent kernels on CUDA). "torch" compiles the
-    one-token recurrence into the step's graph instead of breaking the graph at each fla call; on an
-    H200 (1.5B, 32k x 8, CUDA graph per step) fla's kernels were the faster of the two, 2.76 vs 2.93 ms.
+    one-token recurrence into the step's graph instead of breaking the graph at each fla call (fla's kernels
+    are the default because they measured faster at a 1.5B shape: benchmarks/RESULTS.md).
 
     ``fuse_projections``: each layer's projections of its input (q/k/v; for linear mixers also their
     gate and output-gate projections) run as one GEMM in the step, from stacked copies of the weights

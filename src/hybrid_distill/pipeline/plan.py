@@ -3,11 +3,9 @@
 FLOPs per token: a forward pass costs 2N and forward+backward 6N for N matmul parameters (embedding
 lookups excluded, the lm_head included). Stage 1 runs the teacher forward (2N) and trains only the
 mixers; Stage 2 and the final hybrids run the teacher forward and train the student (2N + 6N).
-GPU time assumes an H100 (989 TFLOP/s dense bf16) at ``mfu`` utilisation. The default, 30%, is below what
-Stage 2 measured by this count (lm_head included) on one H200 with a 1.5B teacher and an all-GDN student:
-40.8-41.6% at 2 x 4096-token micro-batches, 46.1-47.0% at 4 x 4096 (benchmarks/RESULTS.md, issue 3). The margin
-is for an H100's lower memory bandwidth, evaluations and checkpoints. Micro-batches of 4k tokens run at about
-half the 2 x 4096 rate.
+GPU time assumes an H100 (989 TFLOP/s dense bf16) at ``mfu`` utilisation. The default, 30%, sits below the
+utilisation Stage 2 reaches by this count at micro-batches of 2-4 x 4096 tokens (benchmarks/RESULTS.md), leaving
+room for an H100's lower memory bandwidth, evaluations and checkpoints; smaller micro-batches run well below it.
 """
 
 from __future__ import annotations
