@@ -427,7 +427,7 @@ def build_token_dataset(
     exists (``rebuild=True`` forces a rebuild). ``max_tokens`` caps the tokens read (reading
     stops once reached). About ``heldout_fraction`` of the source's text is held out, chosen by
     content hash (see the module docstring): the same text at every ``seq_len`` and ``max_tokens``,
-    whatever ``seed`` is (``seed`` orders the training sequences only; it is recorded in ``meta.json``).
+    whatever ``seed`` is (the seed does not enter the split; it is recorded in ``meta.json``).
     ``heldout_sequences=k`` uses only the first ``k`` held-out sequences (fewer, with a warning,
     when there are not that many; the rest are in neither split). Raises ``DataSourceError`` when
     ``heldout_fraction > 0`` but the held-out text fills no sequence or the text read is too small to
