@@ -66,12 +66,12 @@ def test_evaluate_model_writes_files_and_consistent_aggregates(model, tok, tmp_p
 
 
 def test_second_model_reuses_the_generated_samples(model, tok, tmp_path, monkeypatch):
-    from hybrid_distill.evaluation import niah, suite
+    from hybrid_distill.evaluation import suite
 
     made = []
-    for mod, name in ((suite, "generate_samples"), (niah, "niah_grid_samples")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
+    for name in ("generate_samples", "niah_grid_samples"):  # the generators the suite calls
+        real = getattr(suite, name)
+        monkeypatch.setattr(suite, name, lambda *a, _real=real, _name=name, **k: made.append(_name) or _real(*a, **k))
     tokenizer = copy.deepcopy(tiny_tokenizer())  # a new tokenizer object: nothing cached for it yet
     kw = dict(suite=["recall", "niah"], tasks=["kv_retrieval"], lengths=(160,), num_samples=2, niah_depths=(0, 100), batch_size=4)
     first = evaluate_model(model, tokenizer, tmp_path / "a", **kw)

@@ -225,7 +225,7 @@ def test_an_interrupted_evaluation_is_run_again_not_reused(tmp_path, monkeypatch
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies in the quality suite, after recall was saved
 
-    monkeypatch.setattr("hybrid_distill.evaluation.quality.evaluate_quality", killed)
+    monkeypatch.setattr("hybrid_distill.evaluation.suite.evaluate_quality", killed)  # the name the suite calls
     with pytest.raises(KeyboardInterrupt):
         pipe.evaluate("teacher")
     dest = Path(cfg.run_dir) / "eval" / "teacher"
