@@ -99,13 +99,13 @@ def _wait(proc: subprocess.Popen, timeout=120) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
-def _finished(run_dir: Path) -> bool:
+def finished(run_dir: Path) -> bool:
     """Whether the run folder's step record says done."""
     record = StepRecord.read(run_dir)
     return record is not None and record.state == "done"
 
 
-def _reopen(run_dir: Path) -> None:
+def reopen(run_dir: Path) -> None:
     """Make a finished run look stopped after its last checkpoint (its step record back to "started")."""
     record = StepRecord.read(run_dir)
     record.state, record.result = "started", None
@@ -139,7 +139,7 @@ def test_kill_and_resume_reproduces_loss_curve(tmp_path, stage):
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not _finished(run_dir), "run finished before the kill; slow it down"
+    assert not finished(run_dir), "run finished before the kill; slow it down"
     killed_at = _logged_steps(run_dir)
     ckpt_step = int(latest_checkpoint(run_dir).name.split("_")[1])
     assert ckpt_step < STEPS
@@ -153,7 +153,7 @@ def test_kill_and_resume_reproduces_loss_curve(tmp_path, stage):
     assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in want]
     eval_key = "eval_align_loss" if stage == 1 else "eval_kl"
     assert [r[eval_key] for r in read_metrics(run_dir, "eval")] == [r[eval_key] for r in read_metrics(ref_dir, "eval")]
-    assert _finished(run_dir)
+    assert finished(run_dir)
     result = StepRecord.read(run_dir).result
     assert result["resumed_from_step"] == ckpt_step and result["steps"] == STEPS
     assert killed_at > first_ckpt
@@ -172,7 +172,7 @@ def test_done_run_is_a_noop_and_loads_final_weights(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 3, save_every_tokens=None)
     first = distill(student, teacher, _data(), cfg, tmp_path / "run")
-    assert _finished(tmp_path / "run") and not first.already_done
+    assert finished(tmp_path / "run") and not first.already_done
     trained = {k: v.clone() for k, v in student.state_dict().items()}
     fresh, teacher2 = _models()
     t0 = time.perf_counter()
@@ -207,7 +207,7 @@ def test_refused_resume_leaves_no_hooks_on_the_teacher(tmp_path):
     student, teacher = _models()
     cfg = _config(1, target_tokens=GLOBAL * SEQ * 4, save_every_tokens=GLOBAL * SEQ * 2)
     distill(student, teacher, _data(), cfg, tmp_path / "run")
-    _reopen(tmp_path / "run")  # stopped after its last checkpoint
+    reopen(tmp_path / "run")  # stopped after its last checkpoint
 
     def hooks():
         return sum(len(m._forward_hooks) for m in teacher.modules())
@@ -256,7 +256,7 @@ def test_pause_and_continue_equals_uninterrupted(tmp_path):
         student, teacher = _models()
         part = distill(student, teacher, _data(), cfg, tmp_path / "rounds", pause_at_tokens=pause)
         if pause is not None:
-            assert part.paused and part.tokens == pause and not _finished(tmp_path / "rounds")
+            assert part.paused and part.tokens == pause and not finished(tmp_path / "rounds")
             assert latest_checkpoint(tmp_path / "rounds").name == f"step_{pause // per_step:08d}"
     assert not part.paused and part.steps == ref.steps == STEPS
     assert [r["loss"] for r in read_metrics(tmp_path / "rounds")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
@@ -268,7 +268,7 @@ def test_resume_refuses_changed_config(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 5, save_every_tokens=GLOBAL * SEQ * 2)
     distill(student, teacher, _data(), cfg, tmp_path / "run")
-    _reopen(tmp_path / "run")  # pretend it stopped after its last checkpoint
+    reopen(tmp_path / "run")  # pretend it stopped after its last checkpoint
     student, teacher = _models()
     with pytest.raises(ValueError, match=r"train\.lr_mixer: 0\.0001 -> 0\.0005"):
         distill(student, teacher, _data(), cfg.replace(lr_mixer=5e-4), tmp_path / "run")

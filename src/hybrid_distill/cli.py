@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -15,6 +16,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import parse_json
 from .errors import HybridDistillError
+from .fileio import DISK_FULL_ERRNOS, check_output_folder
 
 
 def cmd_convert(args) -> int:
@@ -118,6 +120,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(plan_markdown(plan_run(config)))
         return 0
+    check_output_folder(config.run_dir, "run_dir")
     stages = None if args.stages is None else tuple(s.strip() for s in args.stages.split(",") if s.strip())
     state = run_pipeline(config, progress=not args.no_progress, **({} if stages is None else {"stages": stages}))
     print(f"done: {config.run_dir}/report.md" if "report" in state["stages"] else f"done: {config.run_dir}")
@@ -236,11 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (HybridDistillError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class ConsoleHandler(logging.Handler):
+    """Writes log records to the ``sys.stderr`` of the moment, one message a line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 (logging's own policy: report, never raise)
+            self.handleError(record)
+
+
+def show_package_messages() -> None:
+    """Show this package's messages from INFO up on the console (a run resumed and from where, a stage skipped, a
+    checkpoint fallen back from, warnings), by the first process only under torchrun."""
+    log = logging.getLogger(__package__)
+    if int(os.environ.get("RANK", "0")) == 0 and not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        log.addHandler(ConsoleHandler())
+        log.setLevel(logging.INFO)
+
+
+def resume_hint(args) -> str:
+    """How to continue an interrupted command, for the commands that resume."""
+    if args.command not in ("run", "distill", "select"):
+        return ""
+    where = getattr(args, "run_dir", None) or getattr(args, "config", None)
+    return f"; run the same command again to resume{f' ({where})' if where else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cuda_allocator import prefer_expandable_segments
 
     prefer_expandable_segments()  # before any command initializes CUDA
     args = build_parser().parse_args(argv)
+    show_package_messages()
     if getattr(args, "no_progress", False) or getattr(args, "cfg_progress", None) is False:
         from transformers.utils import logging as hf_logging
 
@@ -248,15 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        where = getattr(args, "run_dir", None) or getattr(args, "config", None)
-        hint = f"; run the same command again to resume{f' ({where})' if where else ''}" if args.command in (
-            "run", "distill", "select") else ""
-        print(f"hybrid-distill {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"hybrid-distill {args.command}: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
         if args.debug:
             traceback.print_exc()
         print(f"hybrid-distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"hybrid-distill {args.command}: error: the disk is full: writing {err.filename or 'a file'} failed "
+              f"({err.strerror}); free some space{resume_hint(args) or ' and run the same command again'}",
+              file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as err:  # the message says what to change and where the run resumes
         if args.debug:

@@ -4,6 +4,8 @@ result."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -12,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,32 @@ DEFAULT_FILE_MODE = 0o666 & ~_UMASK
 DEFAULT_DIR_MODE = 0o777 & ~_UMASK
 
 
+# errno values of a write that failed for want of space: the disk, or the user's quota, is full.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file as one naming ``path``: a writer of an open file (``torch.save`` into
+    a file object, ``f.write``) reports a full disk as a bare ``[Errno 28] No space left on device``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` then ``os.replace`` it into place."""
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` then ``os.replace`` it into place. An OSError of
+    the write (e.g. a full disk) names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        with naming(path):
+            write(tmp)
         os.chmod(tmp, DEFAULT_FILE_MODE)  # mkstemp creates 0600; results should be as readable as any other file
         os.replace(tmp, path)
         fsync_directory(path.parent)  # the rename itself survives a power loss
@@ -133,6 +153,19 @@ def restore_interrupted_replace(path: str | os.PathLike) -> Path | None:
         fsync_directory(path.parent)
         return path
     return None
+
+
+def check_output_folder(path: str | os.PathLike, name: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be one: ``path`` (or a folder above it) is a file, or
+    the nearest folder of it that exists is not writable. ``name`` is the option or setting that gave it."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == path else f"cannot be made: {existing} is a file"
+        raise NotADirectoryError(f"{name} {path} {what}; give a new folder, or a run folder to resume")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name} {path}: {existing} is not writable by this user")
+    return path
 
 
 def temporary_directory_for(path: str | os.PathLike) -> Path:

@@ -244,6 +244,56 @@ def teacher_num_layers(teacher: str) -> int:
     return teacher_config(teacher).num_hidden_layers
 
 
+# Config fields a student copies from its teacher that decide whether the teacher's weights fit it.
+ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def _config_dict(config) -> dict:
+    return dict(config) if isinstance(config, dict) else config.to_dict()
+
+
+def check_student_fits_teacher(student_config, teacher_config, student: str = "the student",
+                               teacher: str = "the teacher") -> None:
+    """ConfigError naming both models when the student (a config, or its config.json as a dict) was not made
+    from a teacher of this architecture: another family, layer count, width or vocabulary. Distilling it would
+    fail deep inside the model (an index out of range) or train against a teacher it does not mirror."""
+    s, t = _config_dict(student_config), _config_dict(teacher_config)
+    s_type, t_type = str(s.get("model_type")), str(t.get("model_type"))
+    if not s_type.startswith("hybrid_"):
+        raise ConfigError(f"{student} holds a {s_type!r} model, not a hybrid student (make one with "
+                          f"`hybrid-distill convert --teacher {teacher}`)")
+    same_family = s_type.removeprefix("hybrid_") == t_type.removeprefix("hybrid_")
+    diffs = [] if same_family else [f"model_type: {s_type} vs {t_type}"]
+    diffs += [f"{key}: {s[key]} vs {t[key]}" for key in ARCHITECTURE_KEYS
+              if s.get(key) is not None and t.get(key) is not None and s[key] != t[key]]
+    if diffs:
+        raise ConfigError(f"{student} was not made from a teacher like {teacher} (student vs teacher: "
+                          f"{'; '.join(diffs)}); build the student from this teacher, or give the teacher it was made from")
+
+
+def rope_scaling_type(config) -> str | None:
+    """The rotary scaling of a config (``llama3``, ``yarn``, ``dynamic``, ...), or None for plain RoPE."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    per_layer_type = [params] if "rope_type" in params or "type" in params else list(params.values())
+    kinds = sorted({str(p.get("rope_type", p.get("type"))) for p in per_layer_type if isinstance(p, dict)} - {"default", "None"})
+    return ",".join(kinds) or None
+
+
+def check_positions(config, seq_len: int, model: str = "the teacher") -> str | None:
+    """Refuse (ConfigError) sequences longer than the model's ``max_position_embeddings``: its positions beyond
+    that were never trained, so the teacher's outputs there are no target. Under rotary scaling that extends the
+    context the length may be legitimate: then the warning to show is returned instead (None: no concern)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or seq_len <= limit:
+        return None
+    scaling = rope_scaling_type(config)
+    text = f"seq_len {seq_len} is longer than {model}'s max_position_embeddings {limit}"
+    if scaling is None:
+        raise ConfigError(f"{text}, the longest sequence it was trained on; use seq_len <= {limit}")
+    return f"{text}; training on it anyway, as its rope scaling ({scaling}) may extend its context"
+
+
 def student_skeleton(teacher_config, mixers: Sequence[str], mixer_options: dict | None = None) -> PreTrainedModel:
     """The student `build_student` would make, on the meta device (no memory, no weights): to inspect its modules."""
     config = student_config(teacher_config, mixers, mixer_options)

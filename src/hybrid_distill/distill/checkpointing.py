@@ -8,20 +8,23 @@ One checkpoint is a folder ``checkpoints/step_N/`` (`hybrid_distill.layout.Train
     rng_rank<r>.json    each process's Python / NumPy / torch RNG states
 
 The ``.pt`` files load with ``torch.load(weights_only=True)`` and the rest is JSON, so a run folder received
-from someone else cannot run code when resumed: a file holding anything else is refused, naming it. A checkpoint
-is written into a temporary sibling folder and renamed into place (`hybrid_distill.fileio.publish_directory`);
-only folders with ``state.json`` count. Under torchrun rank 0 creates and publishes the folder, and every rank
-writes its own RNG file into it.
+from someone else cannot run code when resumed: a file holding anything else is refused, naming it
+(`UnsafeFileError`). A checkpoint is written into a temporary sibling folder and renamed into place
+(`hybrid_distill.fileio.publish_directory`); only folders with ``state.json`` count. Under torchrun rank 0 creates
+and publishes the folder, and every rank writes its own RNG file into it. A checkpoint found damaged is set aside
+(`set_aside_damaged`) so that the run resumes from the one before it.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
 import random
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from ..checkpoint import CheckpointError, save_student
 from ..fileio import (
     atomic_directory_write,
     jsonable,
+    naming,
     publish_directory,
     restore_interrupted_replace,
     temporary_directory_for,
@@ -55,6 +59,10 @@ _LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)-.*")  # fileio's temporary and set-as
 
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.json"
+
+
+class UnsafeFileError(CheckpointError):
+    """A checkpoint file holds objects other than tensors and plain data (loading it would run their code)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,11 +169,16 @@ def save_checkpoint(run_dir: str | Path, ctx: hd_dist.DistContext, step: int, mo
     final = layout.checkpoint(step)
     tmp = hd_dist.broadcast_object(str(temporary_directory_for(final)) if ctx.is_main else None)
     tmp = Path(tmp)
-    (tmp / rng_file(ctx.rank)).write_text(json.dumps(rng_state()))
-    if ctx.is_main:
-        torch.save(model_state, tmp / MODEL_FILE)
-        torch.save(optim_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(jsonable(state), indent=1))
+    try:
+        _write_text(tmp / rng_file(ctx.rank), json.dumps(rng_state()))
+        if ctx.is_main:
+            save_tensors(model_state, tmp / MODEL_FILE)
+            save_tensors(optim_state, tmp / OPTIMIZER_FILE)
+            _write_text(tmp / STATE_FILE, json.dumps(jsonable(state), indent=1))
+    except BaseException:
+        if ctx.is_main:  # e.g. a full disk: no half-written checkpoint stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     hd_dist.barrier()
     if ctx.is_main:
         publish_directory(tmp, final)  # fsyncs every file (all ranks') before the rename
@@ -173,6 +186,18 @@ def save_checkpoint(run_dir: str | Path, ctx: hd_dist.DistContext, step: int, mo
             shutil.rmtree(old, ignore_errors=True)
     hd_dist.barrier()
     return final
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """``torch.save`` through an open file, so that a failed write (a full disk) is an OSError naming ``path``."""
+    with naming(path), open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8); an OSError names ``path``."""
+    with naming(path), open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,21 +216,32 @@ def read_json_file(path: Path, what: str) -> Any:
 
 def load_tensor_file(path: Path) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain data only. A file holding other objects (which
-    unpickling would construct, running their code) is refused with a CheckpointError naming it."""
+    unpickling would construct, running their code) is refused with an `UnsafeFileError` naming it; a missing or
+    unreadable one is a CheckpointError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        reason = f"it refers to {found.group(1)}" if found else str(err).splitlines()[0]
+        raise UnsafeFileError(
             f"Refusing to load {path}: it holds objects other than tensors and plain data, which loading would "
-            f"construct and so run their code ({str(err).splitlines()[0]}). Checkpoints written by hybrid-distill never "
-            f"do; this file was altered or made elsewhere. Delete {path.parent} and resume from an earlier checkpoint, "
-            "or use a new run_dir"
+            f"construct and so run their code ({reason}). Checkpoints written by hybrid-distill never do; this file "
+            f"was altered or made elsewhere. Delete {path.parent} and resume from an earlier checkpoint, or use a new "
+            "run_dir"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); the file is damaged. Delete "
-                              f"{path.parent} to resume from an earlier checkpoint, or use a new run_dir") from None
+        first = str(err).split(". ")[0].splitlines()[0]
+        raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {first}): the file is damaged") from None
+
+
+def set_aside_damaged(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint folder out of the run's checkpoints (kept, for the user to inspect or delete), so
+    that the run resumes from, and reports, the one before it."""
+    dest = ckpt.with_name(f"{ckpt.name}.damaged-{uuid.uuid4().hex[:8]}")
+    os.replace(ckpt, dest)
+    return dest
 
 
 @dataclass
@@ -302,6 +338,7 @@ __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "CheckpointContent",
+    "UnsafeFileError",
     "checkpoint_dirs",
     "decode_rng_state",
     "latest_checkpoint",
@@ -314,6 +351,8 @@ __all__ = [
     "rng_state",
     "save_checkpoint",
     "save_final_model",
+    "save_tensors",
+    "set_aside_damaged",
     "set_rng_state",
     "unwrapped_class",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, jsonable
 from ..layout import TrainLayout
 from .config import DistillConfig
 
@@ -62,9 +62,10 @@ class MetricsWriter:
                 logger.warning("report_to includes 'wandb' but wandb is not installed; skipping it")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record``; a NaN or infinite value is written as null (JSON has no such numbers)."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(jsonable(record)) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         prefix = record.get("kind", "train")
         if self._tb is not None:

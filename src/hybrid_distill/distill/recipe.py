@@ -15,7 +15,15 @@ import torch
 from ..checkpoint import load_student
 from ..config import ConfigError, parse_json
 from ..data import add_data_flags, data_config_from_flags
-from ..surgery import build_student, load_teacher, load_tokenizer, model_identity, resolve_mixers
+from ..fileio import check_output_folder
+from ..surgery import (
+    build_student,
+    check_student_fits_teacher,
+    load_teacher,
+    load_tokenizer,
+    model_identity,
+    resolve_mixers,
+)
 from . import distributed as hd_dist
 from .config import add_distill_config_flags, distill_config_from_flags
 from .trainer import DistillResult, distill
@@ -50,6 +58,7 @@ def run_distill_from_args(args: Any) -> DistillResult:
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     config = distill_config_from_flags(ns)
     spec = data_config_from_flags(ns)  # bad data options fail before the models load
+    check_output_folder(ns["run_dir"], "--run-dir")
     if ns.get("student"):
         ignored = [flag for flag, key in (("--mixers", "mixers"), ("--softmax-layers", "softmax_layers"),
                                           ("--mixer-options", "mixer_options"), ("--init-from", "init_from"))
@@ -65,6 +74,7 @@ def run_distill_from_args(args: Any) -> DistillResult:
     torch.manual_seed(config.seed)  # new mixer parameters are initialized from the seed
     if ns.get("student"):
         student = load_student(ns["student"])
+        check_student_fits_teacher(student.config, teacher.config, f"--student {ns['student']}", f"--teacher {ns['teacher']}")
     else:
         mixers = resolve_mixers(
             teacher.config.num_hidden_layers, ns.get("mixers"), ns.get("softmax_layers"), ns.get("linear") or "gdn"
@@ -80,10 +90,10 @@ def run_distill_from_args(args: Any) -> DistillResult:
     def load_data():
         return spec.load(tokenizer, config.seq_len, seed=config.seed, require_sequences=config.global_batch_size)
 
-    if ctx.is_main:  # tokenize once; the other ranks then load the cache
-        load_data()
+    data = load_data() if ctx.is_main else None  # tokenize once; the other ranks then load the cache
     hd_dist.barrier()
-    return distill(student, teacher, load_data(), config, ns["run_dir"], tokenizer=tokenizer, identity=identity)
+    data = data if data is not None else load_data()
+    return distill(student, teacher, data, config, ns["run_dir"], tokenizer=tokenizer, identity=identity)
 
 
 __all__ = ["add_distill_arguments", "run_distill_from_args"]

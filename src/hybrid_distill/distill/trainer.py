@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,12 +29,17 @@ from ..artifacts import FolderLock, FolderLockedError, StaleStepError, Step, Ste
 from ..checkpoint import CheckpointError
 from ..cuda_allocator import expandable_segments_configured, prefer_expandable_segments_in_process
 from ..dtypes import cast_model
+from ..errors import HybridDistillError
 from ..layout import TrainLayout
+from ..surgery import check_positions, check_student_fits_teacher
 from . import distributed as hd_dist
 from .batches import heldout_batches, infer_seq_len, micro_batches, train_iterator
 from .checkpointing import (
     FRESH_START,
     STATE_FILE,
+    CheckpointContent,
+    UnsafeFileError,
+    checkpoint_dirs,
     checkpoint_step,
     decode_rng_state,
     latest_checkpoint,
@@ -44,6 +50,7 @@ from .checkpointing import (
     rng_state,
     save_checkpoint,
     save_final_model,
+    set_aside_damaged,
     set_rng_state,
 )
 from .compiling import compile_decoder_layers
@@ -53,6 +60,14 @@ from .optim import build_optimizer, build_scheduler, group_lrs, lr_mixer_paramet
 from .stages import Stage, attention_parameter_names, evaluate_kl, evaluate_stage, make_stage, mixer_parameter_names
 
 logger = logging.getLogger(__name__)
+
+# A run whose loss stays NaN or infinite for this many steps in a row has diverged: it stops with an error. (A
+# step with a non-finite gradient norm skips its update, so one bad batch does not spoil the weights.)
+NONFINITE_STEPS_LIMIT = 3
+
+
+class DivergedError(HybridDistillError):
+    """The training loss stayed non-finite: the stage stops without a result."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +152,22 @@ def model_fingerprint(student: nn.Module, teacher: nn.Module | None) -> dict[str
         "vocab_size": cfg.vocab_size,
         "teacher_type": getattr(getattr(teacher, "config", None), "model_type", None),
     }
+
+
+def check_models(student: nn.Module, teacher: nn.Module | None, seq_len: int) -> str | None:
+    """Refuse, before anything is trained, a student not made from a teacher like ``teacher`` (another family,
+    depth, width or vocabulary) and sequences longer than the teacher's positions; returns the warning to show
+    where rope scaling may extend them (else None)."""
+    def described(model: nn.Module, role: str) -> str:
+        name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        return f"{role} {name}" if name else role
+
+    if teacher is not None:
+        check_student_fits_teacher(student.config, teacher.config, described(student, "the student"),
+                                   described(teacher, "the teacher"))
+    reference = teacher if teacher is not None else student
+    return check_positions(reference.config, seq_len, described(reference, "the teacher" if teacher is not None
+                                                                else "the student"))
 
 
 def crossed(before: int, after: int, every: int | None) -> bool:
@@ -241,6 +272,9 @@ class Trainer:
         self.on_stale, self.superseded = on_stale, superseded
         self.layout = TrainLayout(run_dir)
         self.ctx = hd_dist.init_distributed(config.device)
+        warning = check_models(student, teacher, infer_seq_len(data, config))
+        if warning and self.ctx.is_main:
+            logger.warning(warning)
         model = model_fingerprint(student, teacher)
         self.config_hash = config.fingerprint(model)
         train_key = {**config.resume_fields(), "model": model}
@@ -252,6 +286,7 @@ class Trainer:
         self.result: DistillResult | None = None
         self._paused_rng: dict[str, Any] | None = None
         self._last_loss: float | None = None
+        self._nonfinite_since: tuple[int, int] | None = None  # (step, tokens) where the loss stopped being finite
         self._eval: tuple[str | None, float | None] = (None, None)
 
     # -- the public entry ---------------------------------------------------------------------
@@ -294,6 +329,9 @@ class Trainer:
                 self._tick()
                 self._last_loss = loss
                 window.append((loss, time.perf_counter() - t0))
+                if self._diverged(loss):
+                    metrics.write(self._train_record(window, lrs, grad_norm))
+                    raise DivergedError(self._diverged_message())
                 if s.step % cfg.log_every_steps == 0 or s.step == total:
                     metrics.write(self._train_record(window, lrs, grad_norm))
                     window = []
@@ -306,8 +344,8 @@ class Trainer:
                     self._evaluate(stage, metrics)
                 saved = crossed(prev_tokens, s.tokens, cfg.save_every_tokens) or self._checkpoint_due()
                 paused = until_tokens is not None and s.tokens >= until_tokens
-                if saved or (paused and checkpoint_at_pause):
-                    self._save()
+                if (saved or (paused and checkpoint_at_pause)) and self._nonfinite_since is None:
+                    self._save()  # no checkpoint while the loss is not finite
             if self.heldout and not paused:
                 self._evaluate(stage, metrics)
         except torch.OutOfMemoryError as exc:
@@ -323,6 +361,27 @@ class Trainer:
             self._paused_rng = rng_state()
             return self._progress()
         return self._finish()
+
+    def _diverged(self, loss: float) -> bool:
+        """Track a run of non-finite losses; True once it is `NONFINITE_STEPS_LIMIT` steps long, or the run ends
+        in one."""
+        s = self.state
+        if math.isfinite(loss):
+            self._nonfinite_since = None
+            return False
+        if self._nonfinite_since is None:
+            self._nonfinite_since = (s.step, s.tokens)
+        return s.step - self._nonfinite_since[0] + 1 >= NONFINITE_STEPS_LIMIT or s.step == self.total_steps
+
+    def _diverged_message(self) -> str:
+        (step, tokens), s, cfg = self._nonfinite_since, self.state, self.config
+        ckpt = latest_checkpoint(self.layout.root)
+        where = (f"its newest checkpoint ({ckpt.name}) is from before then, so a re-run resumes there and diverges "
+                 "again" if ckpt is not None else "no checkpoint was written, so a re-run starts over and diverges again")
+        return (f"Stage {cfg.stage} diverged: the training loss is not finite since step {step} (tokens {tokens}), "
+                f"{s.step - step + 1} steps in a row up to step {s.step}; the run in {self.layout.root} stopped without "
+                f"a result and {where}. Train in a new run_dir with a lower lr_mixer / lr_other (now {cfg.lr_mixer} / "
+                f"{cfg.lr_other}), grad_clip on (now {cfg.grad_clip}), or precision fp32")
 
     def _tick(self) -> None:
         """Bring ``state.elapsed`` up to now."""
@@ -533,22 +592,16 @@ class Trainer:
         self.state = self._restore()
         self.batches = train_iterator(self.data, self.config, self.ctx, self.state.step, self.state.data_state)
         self._paused_rng = None
+        self._nonfinite_since = None
 
     def _restore(self) -> TrainState:
-        """The state of the newest checkpoint, loaded into student, optimizer, schedule and RNGs (a fresh state
-        when there is none). Every process reads what it needs first; if any cannot, all of them stop."""
-        ckpt = latest_checkpoint(self.layout.root)
-        if ckpt is None:
-            return TrainState()
+        """The state of the newest readable checkpoint, loaded into student, optimizer, schedule and RNGs (a fresh
+        state when there is none)."""
         ctx, student = self.ctx, self.student
         tensors = ctx.is_main or not hd_dist.is_sharded(student)  # sharded: rank 0 reads, then broadcasts
-        error, content = None, None
-        try:
-            content = read_checkpoint(ckpt, ctx.rank, tensors, self.artifact.key, self.artifact.settings)
-        except (CheckpointError, StaleStepError) as err:
-            error = err
-        if not hd_dist.all_reduce_min_int(int(error is None), ctx.device):
-            raise error or CheckpointError(f"another process could not read the checkpoint {ckpt}; see its error")
+        content = self._read_checkpoint(tensors)
+        if content is None:
+            return TrainState()
         hd_dist.load_model_state(student, content.model, strict=False)
         hd_dist.load_optimizer_state(student, self.optimizer, content.optimizer)
         self.scheduler.load_state_dict(content.state["scheduler"])
@@ -556,8 +609,41 @@ class Trainer:
             set_rng_state(content.rng)
         st = content.state
         if ctx.is_main:
-            logger.info("resuming %s from step %d (%d tokens)", self.layout.root, st["step"], st["tokens"])
+            logger.info("stage %d: resuming from step %d (tokens %d) in %s", self.config.stage, st["step"], st["tokens"],
+                        self.layout.root)
         return TrainState(st["step"], st["tokens"], st["elapsed"], st.get("data_state"), resumed_from=st["step"])
+
+    def _read_checkpoint(self, tensors: bool) -> CheckpointContent | None:
+        """The newest checkpoint every process can read (None: there is none). Every process reads what it needs
+        first; if any cannot, all of them go on alike. A damaged checkpoint (a file missing, truncated or not JSON)
+        is set aside with a warning and the one before it is read; one made under other settings, or holding objects
+        other than plain data, is refused."""
+        ctx = self.ctx
+        while (ckpt := latest_checkpoint(self.layout.root)) is not None:
+            error, fatal, content = None, False, None
+            try:
+                content = read_checkpoint(ckpt, ctx.rank, tensors, self.artifact.key, self.artifact.settings)
+            except (UnsafeFileError, StaleStepError) as err:
+                error, fatal = err, True
+            except CheckpointError as err:
+                error = err
+            if hd_dist.all_reduce_min_int(int(error is None), ctx.device):
+                return content
+            fatal = not hd_dist.all_reduce_min_int(int(not fatal), ctx.device)
+            earlier = checkpoint_dirs(self.layout.root)[:-1]
+            if fatal or not earlier:
+                if error is None:
+                    raise CheckpointError(f"another process could not read the checkpoint {ckpt}; see its error")
+                if fatal:
+                    raise error
+                raise CheckpointError(f"{error}; no earlier checkpoint is kept to resume from: delete {ckpt} to train "
+                                      "this run from its start, or use a new run_dir") from None
+            if ctx.is_main:
+                kept = set_aside_damaged(ckpt)
+                logger.warning("%s; falling back to %s (the damaged checkpoint is kept as %s: delete it once you no "
+                               "longer need it)", error or f"another process could not read {ckpt}", earlier[-1], kept)
+            hd_dist.barrier()
+        return None
 
     def _progress_bar(self):
         if not (self.config.progress and self.ctx.is_main):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..artifacts import Step, StepRecord, canonical, set_aside, settings_key
+from ..artifacts import FolderLock, Step, StepRecord, canonical, set_aside, settings_key
 from ..checkpoint import load_student, save_student
 from ..config import ConfigError
 from ..data.sources import DataSourceError
@@ -367,12 +367,16 @@ class Pipeline:
                 raise ConfigError(f"{section}.seq_len {seq_len} with data.recall_fraction: {err}") from None
 
     def run(self, stages: tuple[str, ...] = STAGES) -> dict:
-        """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content."""
+        """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content. One
+        process runs a run folder at a time (`hybrid_distill.artifacts.FolderLock`)."""
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
             raise ConfigError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}" if unknown
                               else f"no stages given; choose from {','.join(STAGES)}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with FolderLock(self.run_dir):
+            return self._run(stages)
+
+    def _run(self, stages: tuple[str, ...]) -> dict:
         state = PipelineState(self.layout)
         state.data["config"] = self.config.to_dict()
         self.check_recall_mix([s for s in stages if not state.done(s, self.stage_key(s))])

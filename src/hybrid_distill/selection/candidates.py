@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import shutil
 import time
@@ -126,7 +127,9 @@ def stage2_tokens_per_step(stage2: dict[str, Any] | DistillConfig) -> int:
 
 
 def _kl_snapshots(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"tokens": r["tokens"], "kl": r["eval_kl"]} for r in rows if "eval_kl" in r]
+    """``metrics.jsonl``'s held-out KL records (a non-finite KL, stored as null, read back as NaN)."""
+    return [{"tokens": r["tokens"], "kl": math.nan if r["eval_kl"] is None else r["eval_kl"]}
+            for r in rows if "eval_kl" in r]
 
 
 def _replayed_round(job: CandidateJob, layout: CandidateLayout) -> dict[str, Any] | None:

@@ -23,17 +23,21 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import weights_fingerprint
+from ..artifacts import FolderLock
+from ..checkpoint import verify_checkpoint, weights_fingerprint
 from ..config import ConfigError, add_flags, flag_values, parse_int, read_config_file
 from ..data import DataConfig, add_data_flags, data_config_from_flags
 from ..distill import DistillConfig, distill
 from ..errors import HybridDistillError
+from ..fileio import check_output_folder
 from ..layout import SelectionLayout
 from ..surgery import (
     build_student,
+    check_student_fits_teacher,
     load_teacher,
     load_tokenizer,
     model_identity,
+    teacher_config,
     teacher_num_layers,
 )
 from . import bypass, plots, rules
@@ -193,8 +197,17 @@ def run_selection(config: SelectionConfig, teacher: str, run_dir: str | Path, da
     GA candidates with ``candidate_start="stage1"``, GR candidates) and ``base_student`` (after Stage 2; the other
     starts). When neither is given they are distilled first into ``run_dir/base`` with ``base_stages``
     (``{"stage1": {...}, "stage2": {...}}`` DistillConfig fields). Finished candidates are reused. ``reference``:
-    another selection.json to report the Jaccard of each budget's set against.
+    another selection.json to report the Jaccard of each budget's set against. One process writes a selection
+    folder at a time (`hybrid_distill.artifacts.FolderLock`).
     """
+    with FolderLock(SelectionLayout(run_dir).root):
+        return _select(config, teacher, run_dir, data, base_student, stage1_student, tokenizer, base_stages, reference,
+                       progress)
+
+
+def _select(config: SelectionConfig, teacher: str, run_dir: str | Path, data, base_student: str | None,
+            stage1_student: str | None, tokenizer: str | None, base_stages: dict[str, dict | None] | None,
+            reference: str | Path | None, progress: bool) -> SelectionResult:
     t0 = time.perf_counter()
     layout = SelectionLayout(run_dir)
     data = DataConfig.from_value(data)
@@ -282,6 +295,9 @@ def _base_students(config, teacher, layout, data, base_student, stage1_student, 
     for name, path in (("base_student", base_student), ("stage1_student", stage1_student)):
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"{name} {path!r} is not a directory (a saved student checkpoint)")
+        if path is not None:  # before any candidate starts from it
+            check_student_fits_teacher(verify_checkpoint(path), teacher_config(teacher), f"{name} {path}",
+                                       f"teacher {teacher}")
     return str(base_student), str(stage1_student or base_student)
 
 
@@ -397,6 +413,7 @@ def run_select_from_args(args) -> int:
     ns = dict(vars(args))
     config = config_from_select_args(ns)
     data = data_config_from_flags(ns)
+    check_output_folder(ns["run_dir"], "--run-dir")
     shared = {k: ns[k] for k in ("seq_len", "global_batch_size") if ns.get(k)}
     stage1 = {**shared, **({"target_tokens": ns["base_stage1_tokens"]} if ns.get("base_stage1_tokens") else {})}
     s2 = ns.get("base_stage2_tokens")
