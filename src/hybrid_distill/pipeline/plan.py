@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from ..selection.registry import (
     BYPASS_SELECTORS,
     LEARNED_SELECTORS,
     candidate_kinds,
 )
-from ..surgery import teacher_family
+from ..surgery import teacher_config
 from ..tasks import DEFAULT_RECALL_TASKS
-from ..tiny_teachers import tiny_teacher
 from .config import RunConfig
 
 H100_BF16_FLOPS = 989e12
@@ -27,17 +29,8 @@ H100_BF16_FLOPS = 989e12
 
 def matmul_params(teacher_spec: str) -> tuple[int, int, int]:
     """(matmul parameters N, attention-projection parameters, layers) of a teacher, built on the meta device."""
-    import torch
-
-    if teacher_spec.startswith("tiny:"):
-        model = tiny_teacher(teacher_spec.split(":", 1)[1])
-    else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(teacher_spec)
-        teacher_family(config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(teacher_config(teacher_spec))
     embed = model.get_input_embeddings().weight
     total = sum(p.numel() for p in model.parameters())
     n = total - embed.numel() + model.config.vocab_size * model.config.hidden_size * bool(model.config.tie_word_embeddings)
