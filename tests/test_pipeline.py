@@ -348,7 +348,7 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     path = _write(tmp_path, _config(tmp_path))
     assert main(["run", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "one-swap candidates" in out and "H100-hours" in out and "**total**" in out
+    assert "4 one-swap + 3 null candidates" in out and "H100-hours" in out and "**total**" in out
     assert "up to 4 final hybrids" in out  # 2 selectors x 2 budgets
     assert not (tmp_path / "run").exists()
     path = _write(tmp_path, _config(tmp_path, final={"stage2": _stage(2), "extra_sets": {"a": [0], "b": [1, 2]}}))
@@ -357,12 +357,14 @@ def test_dry_run_prints_plan(tmp_path, capsys):
     from hybrid_distill.pipeline import plan_run
 
     rows = {r["stage"]: r for r in plan_run(RunConfig.from_dict(_config(tmp_path)))["stages"]}
-    assert rows["selection"]["what"].startswith("4 one-swap") and rows["eval"]["what"].endswith(": recall, quality")
+    # 4 one-swap and 3 null candidates (the default noise floor), each the candidates' Stage-2 tokens
+    assert rows["selection"]["what"].startswith("4 one-swap + 3 null candidates") and rows["eval"]["what"].endswith(": recall, quality")
+    assert rows["selection"]["tokens"] == 7 * 2 * SEQ * BATCH
     assert rows["eval"]["tokens"] == 6 * (1 * 128 * 2 + 2 * 4 * SEQ)  # 6 models: recall 1 task x 128 x 2, quality
     early = _config(tmp_path, selection={"selectors": ["ga-s2"], "budgets": [1], "early_stop": True, "stage2": _stage(2)},
                     eval={"suite": ["niah", "efficiency"], "lengths": [64], "niah_depths": [0, 50]})
     rows = {r["stage"]: r for r in plan_run(RunConfig.from_dict(early))["stages"]}
-    assert rows["selection"]["what"].startswith("up to 4 one-swap")
+    assert rows["selection"]["what"].startswith("up to 4 one-swap + 3 null")
     assert rows["eval"]["tokens"] == 3 * 2 * 64 and "efficiency: timed decoding, not counted" in rows["eval"]["what"]
 
 

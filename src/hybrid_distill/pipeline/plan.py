@@ -20,6 +20,7 @@ from ..selection.registry import (
     LEARNED_SELECTORS,
     candidate_kinds,
 )
+from ..selection.scoring import candidate_families
 from ..surgery import teacher_config
 from ..tasks import DEFAULT_RECALL_TASKS
 from .config import RunConfig
@@ -75,10 +76,14 @@ def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:
         if c1 is not None:
             per += _tokens(c1)
             flops += (2 * n + 6 * attn) * _tokens(c1)
-        count = layers * len(kinds)
         learned = [config.selection_config(s) for s in config.selectors if s in LEARNED_SELECTORS]
+        families = {(kind, start): members for c in learned  # selectors sharing a kind and start share candidates
+                    for kind, (start, members) in candidate_families(c, layers).items()}
+        nulls = sum(1 for members in families.values() for m in members if m.is_null)
+        count = sum(len(members) for members in families.values())
         bound = "up to " if any(c.early_stop or c.racing for c in learned) else ""  # early stopping / racing spend less
-        add("selection", f"{bound}{count} one-swap candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per,
+        what = f"{count - nulls} one-swap" + (f" + {nulls} null" if nulls else "")
+        add("selection", f"{bound}{what} candidates ({'+'.join(sorted(kinds))}) x {per:,} tokens", count * per,
             flops / per)
     budgets = config.selection.budgets
     sets = sum(1 if s == "given" else len(budgets) for s in config.selectors) + len(config.final.extra_sets)
