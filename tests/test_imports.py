@@ -85,3 +85,10 @@ def test_no_private_names_imported_across_modules():
     private = [f"{m}:{line} imports {name} from {target}" for m, edges in graph.items()
                for target, name, line, _ in edges if name.startswith("_") and not name.startswith("__")]
     assert not private, private
+
+
+def test_package_imports_are_at_module_top():
+    # lazy imports are kept for optional heavy dependencies only, which are not package modules
+    _, graph = _package_imports()
+    inner = [f"{m}:{line} imports {target}" for m, edges in graph.items() for target, _, line, top in edges if not top]
+    assert not inner, inner

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from . import modeling  # noqa: F401  (registers the hybrid model types with the Auto classes)
 from .errors import HybridDistillError
 from .fileio import atomic_directory_write, interrupted_replace_copies
 
@@ -128,8 +129,6 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 def load_student(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
     """Load a saved hybrid student (verifying the files first) in eval mode."""
-    from . import modeling  # noqa: F401  (registers the hybrid model types with the Auto classes)
-
     config = verify_checkpoint(path)
     if not str(config.get("model_type", "")).startswith("hybrid_"):
         raise CheckpointError(

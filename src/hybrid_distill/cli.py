@@ -12,26 +12,39 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, save_student, verify_checkpoint
 from .config import parse_json
+from .cuda_allocator import prefer_expandable_segments
+from .distill.recipe import add_distill_arguments, run_distill_from_args
 from .errors import HybridDistillError
+from .evaluation.compare import compare_results
+from .evaluation.lm_eval_bridge import add_lm_eval_arguments, run_lm_eval_from_args
+from .evaluation.suite import add_eval_arguments, run_eval_from_args
+from .export import export_student
 from .fileio import DISK_FULL_ERRNOS, check_output_folder
+from .pipeline import RunConfig, plan_run, run_pipeline, write_report
+from .pipeline.plan import plan_markdown
+from .pipeline.run import STAGES
+from .selection.recipe import (
+    add_replay_arguments,
+    add_select_arguments,
+    run_replay_from_args,
+    run_select_from_args,
+)
+from .surgery import build_student, load_teacher, resolve_mixers
 
 
 def cmd_convert(args) -> int:
     """Build a student from a teacher (attention-weight transfer) and save it as an HF checkpoint."""
-    from .checkpoint import save_student
-    from .surgery import build_student, load_teacher, resolve_mixers
-
     teacher = load_teacher(args.teacher)
     mixers = resolve_mixers(teacher.config.num_hidden_layers, args.mixers, args.softmax_layers, args.linear)
     options = args.mixer_options
     student = build_student(teacher, mixers, options)
     tokenizer = None
     if not args.teacher.startswith("tiny:"):
-        from transformers import AutoTokenizer
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.teacher)
         except (OSError, ValueError):
@@ -49,8 +62,6 @@ def describe_layout(config) -> str:
 
 def cmd_inspect(args) -> int:
     """Print a checkpoint's layer layout, mixer options and teacher."""
-    from .checkpoint import verify_checkpoint
-
     config = verify_checkpoint(args.checkpoint)
     mixers = config.get("mixers")
     if mixers is None:
@@ -81,8 +92,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     """Write a student as a stock Hugging Face model that loads (and serves) without remote code."""
-    from .export import export_student
-
     result = export_student(args.student_dir, args.out_dir, format=args.format, approximate=args.approximate,
                             dtype=args.dtype, tokenizer=args.tokenizer)
     print(result.summary())
@@ -91,8 +100,6 @@ def cmd_export(args) -> int:
 
 def cmd_distill(args) -> int:
     """Distill a student (Stage 1/2/3) into a run directory; resumes an interrupted run."""
-    from .distill.recipe import run_distill_from_args
-
     result = run_distill_from_args(args)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2, default=str))
     return 0
@@ -110,12 +117,8 @@ def refuse_torchrun(command: str) -> None:
 
 def cmd_run(args) -> int:
     """Run the whole pipeline from a YAML config (skipping finished stages), or print its plan."""
-    from .pipeline import RunConfig, plan_run, run_pipeline
-
     if not args.dry_run:
         refuse_torchrun("run")
-    from .pipeline.plan import plan_markdown
-
     config = RunConfig.from_file(args.config, overrides={"run_dir": args.run_dir})
     if args.dry_run:
         print(plan_markdown(plan_run(config)))
@@ -129,16 +132,12 @@ def cmd_run(args) -> int:
 
 def cmd_select(args) -> int:
     """Score layers with one selector and write its selection.json (+ plots)."""
-    from .selection.recipe import run_select_from_args
-
     refuse_torchrun("select")
     return run_select_from_args(args)
 
 
 def cmd_compare(args) -> int:
     """Put several `hybrid-distill eval` results side by side (comparison.md / .json / .png)."""
-    from .evaluation.compare import compare_results
-
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     comp = compare_results(args.results, args.out, names=names)
     print((Path(args.out) / "comparison.md").read_text())
@@ -149,22 +148,15 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     """Rebuild report.md / report.html of a run directory."""
-    from .pipeline import write_report
-
     for path in write_report(args.run_dir):
         print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .distill.recipe import add_distill_arguments
-    from .evaluation.suite import add_eval_arguments, run_eval_from_args
-
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from .pipeline.run import STAGES
 
     p = sub.add_parser("run", help="the whole pipeline from a YAML config ('default': the embedded offline demo)")
     p.add_argument("config", help="YAML run config, or 'default'")
@@ -192,8 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_arguments(p)
     p.set_defaults(func=cmd_distill)
 
-    from .selection.recipe import add_replay_arguments, add_select_arguments, run_replay_from_args
-
     p = sub.add_parser("select", help="choose the softmax layers (GA-S2 or a baseline selector) for given budgets")
     add_select_arguments(p)
     p.set_defaults(func=cmd_select)
@@ -205,8 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="recall suite / NIAH grid / perplexity and KL of a model; JSON + Markdown report")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_from_args)
-
-    from .evaluation.lm_eval_bridge import add_lm_eval_arguments, run_lm_eval_from_args
 
     p = sub.add_parser("compare", help="several eval results side by side: Markdown table, JSON and bar plots")
     p.add_argument("results", nargs="+", help="folders written by `hybrid-distill eval` (each holds results.json)")
@@ -267,14 +255,10 @@ def resume_hint(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cuda_allocator import prefer_expandable_segments
-
     prefer_expandable_segments()  # before any command initializes CUDA
     args = build_parser().parse_args(argv)
     show_package_messages()
     if getattr(args, "no_progress", False) or getattr(args, "cfg_progress", None) is False:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # transformers' own bars (loading / writing weights) too
     try:
         return args.func(args)
