@@ -249,6 +249,15 @@ class Step:
         atomic_write_json(self.folder / STEP_FILE, rec.to_dict())
         return rec
 
+    def finished_or_cleared(self, superseded: str | os.PathLike) -> StepRecord | None:
+        """For a folder written whole by one call (a checkpoint, an export): the published record while it is
+        current; otherwise the folder (stale, or left unfinished) is moved to ``superseded`` and None returned, for
+        the caller to write the folder again and `publish`."""
+        done = self.finished()
+        if done is None and self.folder.exists():
+            set_aside(self.folder, Path(superseded), self.stale_reason() or f"{self.folder} was not finished")
+        return done
+
     def reopen(self) -> None:
         """Mark a finished step as started again (its result no longer counts), keeping its run id."""
         rec = self.record()

@@ -208,12 +208,10 @@ class Pipeline:
         folder = self.layout.model(name)
         step = Step(folder, {"model": name}, {"final": run_id}, what="saved model")
         card = self.model_card(name, item, res)
-        if step.finished() is not None:
+        if step.finished_or_cleared(self.layout.superseded) is not None:
             if (folder / "README.md").read_text() != card:
                 atomic_write_text(folder / "README.md", card)  # e.g. a selector added later chose this set too
             return
-        if folder.exists():
-            set_aside(folder, self.layout.superseded, step.stale_reason() or f"{folder} was not finished")
         save_student(student, folder, tokenizer=self.tokenizer, model_card=card)
         step.publish({"model": name})
 
@@ -229,11 +227,9 @@ class Pipeline:
         source = self.layout.model(name)
         step = Step(self.layout.export(name), {"export": self.config.export.to_dict()},
                     {"model": StepRecord.read(source).run_id}, what="export")
-        done = step.finished()
+        done = step.finished_or_cleared(self.layout.superseded)
         if done is not None:
             return dict(done.result)
-        if step.folder.exists():
-            set_aside(step.folder, self.layout.superseded, step.stale_reason() or f"{step.folder} was not finished")
         ex = self.config.export
         result = export_student(source, step.folder, format=ex.format, approximate=ex.approximate, dtype=ex.dtype)
         logger.info("%s", result.summary())
