@@ -431,6 +431,7 @@ def test_embedded_default_reduced(tmp_path):
         data[name].update(short)
     data["selection"]["stage2"].update(short)
     data["selection"]["budgets"] = [1, 3]
+    data["selection"]["null_candidates"] = 2  # the fewest that give the noise floor a spread
     data["final"]["stage2"].update(short)
     data["eval"].update(num_samples=3, tasks=["niah_single_1", "kv_retrieval"], quality_sequences=4)
     data["data"]["cache_dir"] = str(tmp_path / "tokens")
@@ -439,7 +440,10 @@ def test_embedded_default_reduced(tmp_path):
     assert "report" in state["stages"]
     teacher = json.loads((tmp_path / "run/eval/teacher/results.json").read_text())
     assert teacher["recall"]["aggregate"]["overall"] >= 0.8  # the shipped teacher solves the recall tasks
-    assert "hybrid-gdn-k3" in (tmp_path / "run/report.md").read_text()
+    report = (tmp_path / "run/report.md").read_text()
+    assert "hybrid-gdn-k3" in report
+    assert "Noise floor (2 null candidates" in report and "top-K beyond the noise floor" in report
+    assert "the two KLs differ by sample" in report  # the Final-hybrids KL says what it was measured on
 
 
 def test_report_efficiency_table_uses_the_teacher_measured_beside_each_model():

@@ -296,7 +296,11 @@ def report_markdown(run_dir: str | Path, config=None) -> str:
             chosen = ", ".join(f"{c['selector']} {c['budget']}" for c in m["chosen_by"])
             ev = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("eval") or {}).items())
             lines.append(f"| `{name}` | `{m['layers']}` | {chosen} | {_fmt_tokens(m['tokens'])} | {ev} |")
-        lines.append("")
+        fs = config.final.stage2
+        lines += ["", f"_held-out_: the trainer's end-of-stage measure, on at most {fs.eval_max_batches} batches of its "
+                  f"held-out split (`final.stage2.eval_max_batches`); the Evaluation section scores "
+                  f"{config.eval.quality_sequences} held-out sequences of {config.eval.quality_seq_len} tokens "
+                  "(`eval.quality_sequences`, `eval.quality_seq_len`), so the two KLs differ by sample.", ""]
     lines += _export_section(state)
     models = eval_models(config, layout) if layout.selection.root.is_dir() else {}
     lines += _eval_section(run_dir, report_dir, models)
