@@ -361,6 +361,14 @@ def test_defaults_give_the_early_stopping_rule_room_and_cheap_snapshots():
     # a snapshot runs teacher + student forward (~4N FLOPs a token), training ~8N a token: at most 10% of the compute
     assert 4 * per_snapshot <= 0.1 * 8 * cfg.snapshot_interval() and cfg.snapshot_eval_batches(batch_tokens) >= 1
     assert SelectionConfig(snapshot_batches=3).snapshot_eval_batches(batch_tokens) == 3
+    # the schedule counts the batches a candidate's trainer evaluates: its micro-batch, or eval_batch_size
+    micro = SelectionConfig(stage2={"target_tokens": 100_000_000, "seq_len": 4096, "global_batch_size": 8,
+                                    "micro_batch_size": 2})
+    interval, batches = micro.snapshot_schedule()
+    assert interval == 2_500_000 and batches == 2_500_000 // (5 * 2 * 4096)
+    assert 0.9 * interval / 5 <= batches * 2 * 4096 <= interval / 5
+    sized = SelectionConfig(stage2={**micro.stage2, "eval_batch_size": 4})
+    assert sized.snapshot_schedule()[1] == 2_500_000 // (5 * 4 * 4096)
 
 
 def test_restart_replays_paused_rounds(env, tmp_path, monkeypatch):

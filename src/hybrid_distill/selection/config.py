@@ -207,6 +207,13 @@ class SelectionConfig(Config):
             return self.snapshot_every_tokens
         return max(1, self.stage_config(2).target_tokens // SNAPSHOTS_PER_CANDIDATE)
 
+    def snapshot_schedule(self) -> tuple[int, int]:
+        """(tokens between a candidate's held-out snapshots, held-out batches per snapshot). A candidate's
+        trainer evaluates batches of ``eval_batch_size`` (default: its micro-batch) sequences of its ``seq_len``."""
+        cfg = self.stage_config(2)
+        batch = cfg.eval_batch_size or cfg.micro_batch(1)
+        return self.snapshot_interval(), self.snapshot_eval_batches(batch * cfg.data_seq_len)
+
     def snapshot_eval_batches(self, batch_tokens: int) -> int:
         """Held-out batches of ``batch_tokens`` tokens per snapshot: ``snapshot_batches``, else as many as cost
         at most 10% of the compute between snapshots. A snapshot runs teacher and student forward (about 4N

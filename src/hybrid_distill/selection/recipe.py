@@ -144,9 +144,7 @@ def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLa
                       base_student: str, stage1_student: str, tokenizer: str | None, num_layers: int, ks: list[int],
                       progress: bool) -> dict[str, FamilyScores]:
     stage1_cfg, stage2_cfg = config.stage_config(1), config.stage_config(2)
-    interval = config.snapshot_interval()
-    batch = stage2_cfg.eval_batch_size or stage2_cfg.global_batch_size
-    eval_batches = config.snapshot_eval_batches(batch * stage2_cfg.data_seq_len)
+    interval, eval_batches = config.snapshot_schedule()
     total = stage2_cfg.total_steps(stage2_cfg.data_seq_len) * stage2_cfg.global_batch_size * stage2_cfg.data_seq_len
     weights = {str(p): weights_fingerprint(p) for p in {base_student, stage1_student}}
     teacher_weights = model_identity(teacher).get("weights")
