@@ -17,6 +17,7 @@ from hybrid_distill.cli import main
 from hybrid_distill.dtypes import cast_model
 from hybrid_distill.export import ExportError, export_model, export_student
 from hybrid_distill.export.exporter import CHECK_BATCH, CHECK_SEED, CHECK_TOKENS
+from hybrid_distill.export import qwen3_5
 from hybrid_distill.export.qwen3_5 import HEAD_NORM_TOLERANCE, linearize_head_norm
 from hybrid_distill.modeling import layout_mixer_options
 from hybrid_distill.surgery import build_student
@@ -333,6 +334,18 @@ def test_export_refuses_a_rotary_embedding_it_cannot_reproduce(tmp_path):
     student.model.rotary_emb.inv_freq.mul_(1.001)
     with pytest.raises(ExportError, match="rotary embedding differs"):
         export_model(student, tmp_path / "out")
+
+
+def test_rotary_check_allows_fp32_rounding_of_the_frequencies():
+    # inverse frequencies computed on another device can differ by an ulp; positions near the end multiply that
+    student = build_student(tiny_teacher("llama-gqa"), ["softmax", "gdn", "gdn", "gdn"], QWEN3_5)
+    model, _, _ = qwen3_5.build_qwen3_5(student)
+    assert qwen3_5.rotary_mismatch(student, model) <= 1e-6
+    inv = student.model.rotary_emb.inv_freq
+    inv.copy_(torch.nextafter(inv, torch.full_like(inv, 2.0)))
+    assert 0 < qwen3_5.rotary_mismatch(student, model) <= 1.0
+    inv.mul_(1.0001)  # a different rotary: far beyond rounding at the last positions
+    assert qwen3_5.rotary_mismatch(student, model) > 1.0
 
 
 def test_export_refuses_bad_output_folders_formats_and_dtypes(tmp_path):
