@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from hybrid_distill.artifacts import LOCK_FILE, STEP_FILE, Step, StepRecord
 from hybrid_distill.data import (
     DataSourceError,
     PackedDataset,
@@ -280,7 +283,20 @@ def test_crash_mid_write_leaves_no_cache(tmp_path, tok, corpus, monkeypatch):
     assert len(ds.meta["shards"]) > 2 and all_tokens(ds) == all_tokens(build_token_dataset(corpus, tok, 16, cache))
 
 
-def test_killed_process_leaves_no_loadable_cache(tmp_path, tok, corpus):
+def test_cache_is_a_step_recording_its_settings_and_build(tmp_path, tok, corpus):
+    ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
+    rec = StepRecord.read(ds.path)
+    assert rec is not None and rec.state == "done" and ds.path.name.endswith(f"-{rec.key}")
+    assert Step(ds.path, rec.settings).key == rec.key and rec.settings["seq_len"] == 16
+    assert rec.settings["version"] == ds.meta["version"] == packing.FORMAT_VERSION
+    assert rec.result == {k: ds.meta[k] for k in ("seq_len", "dtype", "num_sequences", "num_train", "num_tokens_read")}
+    assert "key" not in ds.meta and "complete" not in ds.meta  # step.json is the record of currency
+    # the cache holds its record, its description and its shards, nothing of the build (no lock, no temp)
+    assert sorted(p.name for p in ds.path.iterdir()) == sorted([STEP_FILE, "meta.json", *(s["file"] for s in ds.meta["shards"])])
+    assert list((tmp_path / "c").iterdir()) == [ds.path]
+
+
+def test_killed_build_is_removed_and_a_live_one_kept(tmp_path, tok, corpus, lock_holder):
     cache = tmp_path / "c"
     script = textwrap.dedent(f"""
         import os
@@ -294,24 +310,152 @@ def test_killed_process_leaves_no_loadable_cache(tmp_path, tok, corpus):
         packing._ShardWriter._write = write_then_die
         build_token_dataset({str(corpus)!r}, tiny_tokenizer(), 16, {str(cache)!r}, shard_tokens=32)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 9, proc.stderr
-    leftovers = list(cache.iterdir())
-    assert _visible(cache) == [] and len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
-    assert not (leftovers[0] / "meta.json").exists()
-    ds = build_token_dataset(corpus, tok, 16, cache, shard_tokens=32)  # rebuilds, removes the dead temp
-    assert list(cache.iterdir()) == [ds.path]
-    assert all_tokens(ds)[:16] == ds[0].tolist()
+    [dead] = list(cache.iterdir())
+    assert _visible(cache) == [] and dead.name.startswith(".tmp-")
+    assert (dead / LOCK_FILE).is_file() and not (dead / "meta.json").exists() and not (dead / STEP_FILE).exists()
+    # a build folder of the same key whose lock a live process holds (a builder still at work)
+    live = dead.with_name(dead.name[: -len("-xxxxxxxx")] + "-12345678")
+    lock_holder(live)
+    (live / "tokens-00000.npy").write_bytes(b"being written")
+    ds = build_token_dataset(corpus, tok, 16, cache, shard_tokens=32)  # removes the dead build, keeps the live one
+    assert sorted(cache.iterdir()) == sorted([ds.path, live]) and (live / "tokens-00000.npy").read_bytes() == b"being written"
+    assert all_tokens(ds)[:16] == ds[0].tolist() and StepRecord.read(ds.path).state == "done"
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path, tok, corpus):
+def test_a_live_build_is_kept_until_its_builder_dies(tmp_path, tok, corpus, lock_holder):
+    cache = tmp_path / "c"
+    ds = build_token_dataset(corpus, tok, 16, cache)
+    live = cache / f".tmp-{ds.path.name}-12345678"
+    holder = lock_holder(live)
+    build_token_dataset(corpus, tok, 16, cache, rebuild=True)
+    assert live.is_dir()
+    holder.stdin.close()
+    holder.wait(timeout=60)  # the builder dies: the kernel releases its lock
+    build_token_dataset(corpus, tok, 16, cache, rebuild=True)
+    assert not live.exists() and list(cache.iterdir()) == [ds.path]
+
+
+def _drop_step_record(path: Path) -> None:
+    (path / STEP_FILE).unlink()
+
+
+def _damage_step_record(path: Path) -> None:
+    (path / STEP_FILE).write_text('{"key": ')
+
+
+def _unfinished_step_record(path: Path) -> None:
+    rec = json.loads((path / STEP_FILE).read_text())
+    (path / STEP_FILE).write_text(json.dumps({**rec, "state": "started", "result": None}))
+
+
+def _meta_disagrees_with_the_record(path: Path) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "num_train": meta["num_train"] - 1}))
+
+
+def _old_format(path: Path) -> None:  # a cache written by version 3 (its meta.json kept the key) under the key
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "version": 3, "key": path.name[-16:], "complete": True}))
+
+
+def _missing_shard(path: Path) -> None:
+    (path / json.loads((path / "meta.json").read_text())["shards"][1]["file"]).unlink()
+
+
+def _damaged_meta(path: Path) -> None:
+    (path / "meta.json").write_text("{")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_drop_step_record, "it has no step.json"),
+    (_damage_step_record, "its step.json is damaged"),
+    (_unfinished_step_record, "its step.json records no finished build"),
+    (_meta_disagrees_with_the_record, "meta.json disagrees with the build recorded in step.json"),
+    (_old_format, f"meta.json is not of format version {packing.FORMAT_VERSION}"),
+    (_missing_shard, "bad shard"),
+    (_damaged_meta, "unreadable meta.json"),
+])
+def test_damaged_cache_is_rebuilt_naming_why(tmp_path, tok, corpus, monkeypatch, caplog, damage, reason):
     ds = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
-    expected = all_tokens(ds)
-    (ds.path / ds.meta["shards"][1]["file"]).unlink()
-    ds2 = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
-    assert all_tokens(ds2) == expected
-    (ds.path / "meta.json").write_text("{")
-    assert all_tokens(build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)) == expected
+    expected, record = all_tokens(ds), StepRecord.read(ds.path)
+    damage(ds.path)
+    calls = []
+    real = packing._encode_batch
+    monkeypatch.setattr(packing, "_encode_batch", lambda t, texts: calls.append(len(texts)) or real(t, texts))
+    with caplog.at_level("WARNING", logger="hybrid_distill.data.packing"):
+        ds2 = build_token_dataset(corpus, tok, 16, tmp_path / "c", shard_tokens=64)
+    assert f"discarding token cache {ds.path}: {reason}" in caplog.text and calls  # tokenized again
+    assert ds2.path == ds.path and all_tokens(ds2) == expected
+    rebuilt = StepRecord.read(ds.path)
+    assert rebuilt.state == "done" and rebuilt.key == record.key and rebuilt.run_id != record.run_id
+
+
+def test_cache_with_the_record_of_another_key_is_rebuilt_naming_the_change(tmp_path, tok, corpus, caplog):
+    cache = tmp_path / "c"
+    ds16, ds32 = build_token_dataset(corpus, tok, 16, cache), build_token_dataset(corpus, tok, 32, cache)
+    expected = all_tokens(ds16)
+    shutil.copy(ds32.path / STEP_FILE, ds16.path / STEP_FILE)  # the 16-token cache now claims the 32-token settings
+    with caplog.at_level("WARNING", logger="hybrid_distill.data.packing"):
+        again = build_token_dataset(corpus, tok, 16, cache)
+    assert f"discarding token cache {ds16.path}: its step.json records other settings (seq_len: 32 -> 16)" in caplog.text
+    assert again.path == ds16.path and all_tokens(again) == expected
+    assert StepRecord.read(again.path).key == again.path.name[-16:] != StepRecord.read(ds32.path).key
+    assert sorted(_visible(cache)) == sorted([ds16.path, ds32.path])  # the other key's cache is untouched
+    assert all_tokens(build_token_dataset(corpus, tok, 32, cache)) == all_tokens(ds32)
+
+
+def test_concurrent_builders_of_one_key_both_end_with_a_valid_cache(tmp_path, tok, corpus):
+    """Two processes build one key at once: the second scans for dead builds while the first's build folder
+    exists (and keeps it), and publishes after the first did (its ``os.replace`` fails on the published folder),
+    so it discards its own build and loads the first's."""
+    cache, sync = tmp_path / "c", tmp_path / "sync"
+    sync.mkdir()
+    script = textwrap.dedent(f"""
+        import hashlib, sys, time
+        from pathlib import Path
+        from hybrid_distill.artifacts import Step
+        from hybrid_distill.data import packing, build_token_dataset
+        from hybrid_distill.tokenization import tiny_tokenizer
+        role, sync, cache = sys.argv[1], Path({str(sync)!r}), Path({str(cache)!r})
+
+        def wait_for(done):
+            deadline = time.monotonic() + 120
+            while not done():
+                assert time.monotonic() < deadline, "the other builder never got there"
+                time.sleep(0.02)
+
+        real_scan, real_publish = packing._remove_dead_temps, Step.publish
+        def scan(cache_dir, key):
+            if role == "second":  # scan while the first builder's folder is there, finished and locked
+                wait_for(lambda: (sync / "first").exists())
+                assert len(list(cache_dir.glob(".tmp-*"))) == 1
+            real_scan(cache_dir, key)
+        def publish(self, result):
+            rec = real_publish(self, result)
+            (sync / role).touch()
+            if role == "first":
+                wait_for(lambda: (sync / "second").exists())
+            else:  # publish only once the first has
+                wait_for(lambda: any(not p.name.startswith(".") for p in cache.iterdir()))
+            return rec
+        packing._remove_dead_temps, Step.publish = scan, publish
+        ds = build_token_dataset({str(corpus)!r}, tiny_tokenizer(), 16, cache, shard_tokens=64)
+        print(ds.path, hashlib.sha256(ds.get_batch(range(len(ds))).numpy().tobytes()).hexdigest())
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = {role: subprocess.Popen([sys.executable, "-c", script, role], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env) for role in ("first", "second")}
+    outs = {role: p.communicate(timeout=300) for role, p in procs.items()}
+    for role, p in procs.items():
+        assert p.returncode == 0, f"{role}: {outs[role][1]}"
+    ds = build_token_dataset(corpus, tok, 16, cache, shard_tokens=64)
+    digest = hashlib.sha256(ds.get_batch(range(len(ds))).numpy().tobytes()).hexdigest()
+    assert outs["first"][0].split() == outs["second"][0].split() == [str(ds.path), digest]
+    assert list(cache.iterdir()) == [ds.path]  # the second builder's folder is gone
+    assert Step(ds.path, StepRecord.read(ds.path).settings).finished() is not None
 
 
 def test_too_small_corpus_errors(tmp_path, tok):

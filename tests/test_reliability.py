@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -171,22 +170,6 @@ def test_select_refuses_a_base_student_of_another_teacher_before_any_candidate(t
 # 3. One writer per run folder
 
 
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process holding ``folder``'s lock until its stdin closes."""
-    code = textwrap.dedent(f"""
-        import sys
-        from hybrid_distill.artifacts import FolderLock
-        lock = FolderLock({str(folder)!r}).acquire()
-        print("held", flush=True)
-        sys.stdin.read()
-    """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def plant_stale_lock(folder: Path) -> None:
     """The lock file a killed writer leaves: its holder (a process that no longer exists), no lock held."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -207,7 +190,8 @@ def pipeline_config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("command", ["distill", "select", "run"])
-def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path, cache, capsys, command):
+def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path, cache, capsys, command,
+                                                                                      lock_holder):
     if command == "distill":
         folder = tmp_path / "run"
         args = distill_args(folder, cache)
@@ -218,14 +202,12 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_
     else:
         folder = tmp_path / "pipe"
         args = ["run", str(pipeline_config(tmp_path)), "--stages", "stage1", "--no-progress"]
-    holder = hold_lock(folder)
-    try:
-        assert main(args) == 2
-        line = one_error_line(capsys, command)
-        assert f"{folder} is in use by another process (host {socket.gethostname()}, pid {holder.pid}" in line
-    finally:
-        holder.stdin.close()
-        holder.wait()
+    holder = lock_holder(folder)
+    assert main(args) == 2
+    line = one_error_line(capsys, command)
+    assert f"{folder} is in use by another process (host {socket.gethostname()}, pid {holder.pid}" in line
+    holder.stdin.close()
+    holder.wait()
     plant_stale_lock(folder)
     assert main(args) == 0
     if command == "distill":

@@ -178,9 +178,15 @@ class Step:
         self.folder = Path(folder)
         self.settings = canonical(dict(settings))
         self.upstream = dict(upstream or {})
-        self.key = settings_key({"settings": self.settings, "upstream": self.upstream})
+        self.key = self.key_of(self.settings, self.upstream)
         self.what = what
         self.ignore = {STEP_FILE, LOCK_FILE, *ignore}
+
+    @staticmethod
+    def key_of(settings: Mapping[str, Any], upstream: Mapping[str, str | None] | None = None) -> str:
+        """The key of a step made under ``settings`` from ``upstream``, before its folder is known (a
+        content-addressed folder, such as a token cache, is named by it)."""
+        return settings_key({"settings": canonical(dict(settings)), "upstream": dict(upstream or {})})
 
     # -- reading -------------------------------------------------------------------------------
     def record(self) -> StepRecord | None:

@@ -19,7 +19,9 @@ from .sources import DataSourceError
 # version-1 caches (a seeded permutation of packed sequences) are rebuilt, never reused.
 # 3: meta.json counts only the documents/tokens kept under max_tokens, and a held-out fallback that would hold
 # out all the text read is an error, so version-2 caches of such splits are not reused.
-FORMAT_VERSION = 3
+# 4: a cache is a step (hybrid_distill.artifacts): its step.json, not meta.json, records that it is complete and
+# of which key (meta.json has no "key"/"complete" any more), so version-3 caches are rebuilt, never reused.
+FORMAT_VERSION = 4
 SPLITS = ("train", "heldout", "all")
 
 

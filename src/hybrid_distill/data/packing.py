@@ -44,17 +44,25 @@ in the distribution it was trained on. ``add_bos=True/False`` overrides it. Spec
 strings that occur in the text itself (a literal "</s>") are encoded as plain text, so the
 only special tokens in the stream are the inserted BOS/EOS.
 
-Cache: ``<cache_dir>/<name>-<key>/`` holding ``meta.json``, ``tokens-NNNNN.npy`` (training) and
-``heldout-NNNNN.npy`` (held-out) shards (2-D ``[sequences, seq_len]``, uint16 when the vocabulary
-fits, else uint32, memory-mapped on load). The key hashes the format version, the source identity
+Cache: ``<cache_dir>/<name>-<key>/`` is a step (`hybrid_distill.artifacts.Step`) whose settings are
+what decides the packed tokens, and ``key`` is its settings key: the format version, the source identity
 (paths + sizes + mtimes, the default corpus' content hash, or the Hub name/config/revision), the
-tokenizer's content (not its name), ``seq_len``, ``text_field``, ``split``, ``max_tokens``, the
-BOS/txt settings and the held-out rule (``HELDOUT_RULE``, ``heldout_fraction``,
-``HELDOUT_UNIT_CHARS``). ``heldout_sequences`` and ``seed`` are not part of it: they do not change
-what is packed (the cap is applied on load; the seed does not enter the split).
-A cache is built in a temporary sibling directory and published with one ``os.replace``, so a
-crash never leaves a directory that loads. Concurrent builders of one key (e.g. every rank)
-each tokenize, and the first to publish wins; prefer building on one rank and then loading.
+tokenizer's content (not its name), ``seq_len``, ``text_field``, ``split``, ``max_tokens``, the BOS/txt
+settings and the held-out rule (``HELDOUT_RULE``, ``heldout_fraction``, ``HELDOUT_UNIT_CHARS``).
+``heldout_sequences`` and ``seed`` are not part of it: they do not change what is packed (the cap is
+applied on load; the seed does not enter the split). The folder holds ``step.json`` (the step record:
+the settings and, once built, state ``done`` with a summary of what was packed; it says the cache is
+current), ``meta.json`` (the dataset's description, which `PackedDataset` reads), ``tokens-NNNNN.npy``
+(training) and ``heldout-NNNNN.npy`` (held-out) shards (2-D ``[sequences, seq_len]``, uint16 when the
+vocabulary fits, else uint32, memory-mapped on load). A folder under the key with no finished
+``step.json`` of that key, or whose ``meta.json`` or shards disagree with it, is discarded (the reason
+is logged) and built again.
+A cache is built in a temporary sibling folder (``.tmp-<name>-<key>-<random>``) that its builder holds
+a `FolderLock` on, and published with one ``os.replace``, so a crash never leaves a folder that loads.
+The kernel releases the lock of a process that dies, so a build folder whose lock can be taken was left
+by a dead builder; the next build of the key removes it. Caches of several keys coexist in one
+``cache_dir``. Concurrent builders of one key (e.g. every rank) each tokenize; the first to publish wins
+and the others load its cache; prefer building on one rank and then loading.
 """
 
 from __future__ import annotations
@@ -68,7 +76,6 @@ import numbers
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -77,8 +84,16 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import (
+    STEP_FILE,
+    FolderLock,
+    FolderLockedError,
+    StaleStepError,
+    Step,
+    describe_changes,
+)
 from ..config import Invalid, integer, optional, real
-from ..fileio import fsync_directory, pid_alive
+from ..fileio import atomic_write_json, fsync_directory
 from .loader import FORMAT_VERSION, PackedDataset
 from .recall_mix import RecallMix
 from .sources import DataSourceError, ResolvedSource, iter_texts, resolve_source
@@ -361,34 +376,72 @@ def _slug(res: ResolvedSource) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:48] or "data"
 
 
-def _cache_problem(path: Path, key: str) -> str | None:
-    """Why ``path`` is not a complete cache for ``key`` (None when it is)."""
+# The fields of ``meta.json`` that ``step.json`` records as the build's result (a cache whose meta.json
+# disagrees with them is not the one that was built).
+_SUMMARY_FIELDS = ("seq_len", "dtype", "num_sequences", "num_train", "num_tokens_read")
+
+
+def _cache_problem(step: Step) -> str | None:
+    """Why ``step.folder`` is not a complete cache of ``step``'s settings (None when it is)."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        rec = step.record()
+    except StaleStepError:
+        return f"its {STEP_FILE} is damaged"
+    if rec is None:
+        return f"it has no {STEP_FILE}"
+    if rec.key != step.key:
+        changes = describe_changes(rec.settings, step.settings)
+        return f"its {STEP_FILE} records other settings ({'; '.join(changes) or f'key {rec.key}'})"
+    if step.finished() is None:
+        return f"its {STEP_FILE} records no finished build"
+    try:
+        meta = json.loads((step.folder / "meta.json").read_text())
     except (OSError, ValueError) as e:
         return f"unreadable meta.json ({e})"
-    if meta.get("version") != FORMAT_VERSION or meta.get("key") != key or not meta.get("complete"):
-        return "meta.json is from another version/key or incomplete"
+    if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        return f"meta.json is not of format version {FORMAT_VERSION}"
+    if {k: meta.get(k) for k in _SUMMARY_FIELDS} != rec.result:
+        return f"meta.json disagrees with the build recorded in {STEP_FILE}"
     try:
         for shard in meta["shards"]:
-            arr = np.load(path / shard["file"], mmap_mode="r")
+            arr = np.load(step.folder / shard["file"], mmap_mode="r")
             if arr.shape != (shard["num_sequences"], meta["seq_len"]) or arr.dtype != np.dtype(meta["dtype"]):
                 return f"shard {shard['file']} has shape {arr.shape} / dtype {arr.dtype}, meta disagrees"
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"bad shard ({e})"
     return None
 
 
 def _remove_dead_temps(cache_dir: Path, key: str) -> None:
-    """Delete temp build dirs of ``key`` left by killed processes on this host."""
-    host = socket.gethostname()
+    """Delete the temporary build folders of ``key`` whose builder died: their lock is free (the kernel releases
+    a dead process's lock); a live builder's is held, and its folder kept. A ``cache_dir`` shared by several hosts
+    needs a file system whose locks hold across hosts (NFS's do)."""
     for tmp in cache_dir.glob(f".tmp-*-{key}-*"):
-        try:
-            owner = json.loads((tmp / "owner.json").read_text())
-        except (OSError, ValueError):
+        if not tmp.is_dir():
             continue
-        if owner.get("host") == host and not pid_alive(int(owner.get("pid", -1))):
+        try:
+            lock = FolderLock(tmp).acquire()
+        except (FolderLockedError, OSError):  # a live build (or one that has just been published or removed)
+            continue
+        try:
+            logger.info("removing %s, left by a token-cache build that did not finish", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            lock.release()
+
+
+def _locked_build_folder(final: Path) -> tuple[Path, FolderLock]:
+    """A new temporary build folder beside ``final``, locked by this process until the build is published."""
+    tries = 3
+    while True:
+        tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            return tmp, FolderLock(tmp).acquire()
+        except FolderLockedError:
+            # another builder's `_remove_dead_temps` took the new folder's lock first (and removes the folder)
+            tries -= 1
+            if not tries:
+                raise
 
 
 def _setting(value, name: str, check):
@@ -474,11 +527,11 @@ def build_token_dataset(
     }
     if recall_mix is not None:  # only when set, so caches of plain sources keep their keys
         key_fields["recall_mix"] = recall_mix.fingerprint()
-    key = _sha256_json(key_fields)[:20]
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"{_slug(res)}-{key}"
+    step = Step(cache_dir / f"{_slug(res)}-{Step.key_of(key_fields)}", key_fields, what="token cache")
+    final = step.folder
 
-    problem = "rebuild requested" if rebuild else (_cache_problem(final, key) if final.exists() else "not cached")
+    problem = "rebuild requested" if rebuild else (_cache_problem(step) if final.exists() else "not cached")
     if problem is None:
         logger.info("loading cached token dataset %s", final)
     else:
@@ -487,7 +540,7 @@ def build_token_dataset(
             stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
-        _build(res, tokenizer, seq_len, cache_dir, final, key, key_fields, tok_fp, bos, text_field=text_field,
+        _build(res, tokenizer, seq_len, step, tok_fp, bos, text_field=text_field,
                split=split, txt_mode=txt_mode, max_tokens=max_tokens, shard_tokens=shard_tokens,
                docs_per_batch=docs_per_batch, recall_mix=recall_mix, heldout_fraction=heldout_fraction,
                heldout_sequences=heldout_sequences, seed=seed)
@@ -520,17 +573,16 @@ def build_token_dataset(
 
 
 def _build(
-    res: ResolvedSource, tokenizer, seq_len: int, cache_dir: Path, final: Path, key: str,
-    key_fields: dict, tok_fp: dict, bos: int | None, *, text_field: str, split: str, txt_mode: str,
-    max_tokens: int | None, shard_tokens: int, docs_per_batch: int,
+    res: ResolvedSource, tokenizer, seq_len: int, step: Step, tok_fp: dict, bos: int | None, *,
+    text_field: str, split: str, txt_mode: str, max_tokens: int | None, shard_tokens: int, docs_per_batch: int,
     heldout_fraction: float, heldout_sequences: int | None, seed: int, recall_mix: RecallMix | None = None,
 ) -> None:
+    """Pack into a temporary build folder, locked while it is written, and publish it as ``step.folder``."""
+    final, cache_dir, settings = step.folder, step.folder.parent, step.settings
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(cache_dir, key)
-    tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    _remove_dead_temps(cache_dir, step.key)
+    tmp, lock = _locked_build_folder(final)
     try:
-        (tmp / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
         dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
         shard_sequences = max(1, shard_tokens // seq_len)
@@ -593,14 +645,12 @@ def _build(
         held_count = n_held if heldout_sequences is None else min(int(heldout_sequences), n_held)
         meta = {
             "version": FORMAT_VERSION,
-            "key": key,
-            "complete": True,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"spec": res.spec, "kind": res.kind, "fingerprint": key_fields["source"]},
+            "source": {"spec": res.spec, "kind": res.kind, "fingerprint": settings["source"]},
             "text_field": text_field,
-            "split": key_fields["split"],
-            "txt_mode": key_fields["txt_mode"],
-            "recall_mix": key_fields.get("recall_mix"),
+            "split": settings["split"],
+            "txt_mode": settings["txt_mode"],
+            "recall_mix": settings.get("recall_mix"),
             "tokenizer": tok_fp,
             "bos_token_id": bos,
             "eos_token_id": tokenizer.eos_token_id,
@@ -632,19 +682,17 @@ def _build(
             "num_train": n_train,
             "num_heldout": held_count,
         }
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        (tmp / "owner.json").unlink()
+        atomic_write_json(tmp / "meta.json", meta)
+        Step(tmp, settings, what=step.what).publish({k: meta[k] for k in _SUMMARY_FIELDS})
         fsync_directory(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
-            if final.exists() and _cache_problem(final, key) is None:  # another process published first
+            if final.exists() and _cache_problem(step) is None:  # another process published first
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             raise
+        (final / lock.path.name).unlink(missing_ok=True)  # the lock only guarded the build folder
         fsync_directory(cache_dir)
         logger.info(
             "packed %s: %d documents, %d tokens -> %d training + %d held-out sequences of %d (%d dropped) in %s",
@@ -652,8 +700,10 @@ def _build(
             meta["num_tokens_dropped"], final,
         )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # while still locked, so no other builder takes it for dead
         raise
+    finally:
+        lock.release()
 
 
 def _next_batch(pieces: Iterator, carry: list, max_pieces: int, max_chars: int) -> tuple[list, list]:
