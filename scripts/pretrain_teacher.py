@@ -6,7 +6,8 @@ Steps (all on the machine that runs it; no network, no downloads), each logged w
 1. text mixture: the embedded corpus, Python standard-library sources, installed packages' sources
    and the .rst/.md/.txt docs found on the machine (deduplicated, capped per source);
 2. a byte-level BPE tokenizer (``hybrid_distill.tokenization.train_tokenizer``) trained on that text
-   plus recall documents;
+   plus recall documents -- or, with ``init_from`` (a teacher pack), the pack's tokenizer and weights, which
+   training then continues from (a fresh optimizer with its own warm-up);
 3. synthetic recall documents from the project's own generators
    (``hybrid_distill.tasks.generate_samples``, seeds >= ``data.synthetic_seed``, disjoint from
    the evaluation seeds; template families drawn by ``data.templates``; approximate lengths with
@@ -132,6 +133,9 @@ DEFAULTS: dict = {
         "niah_samples": 2,
     },
     "pack": False,  # quantize the teacher into OUT/pack (scripts/teacher_pack.py) and evaluate the dequantized one
+    # Continue from a teacher pack (a pack folder, or the teacher_pack.tar --collect writes) instead of from random
+    # weights: its tokenizer and dequantized weights, model settings checked against `model`; a fresh AdamW.
+    "init_from": None,
 }
 STATUS = "status.json"
 NO_STATUS_S = 60  # --poll gives up on a run that has written no status.json after this long
@@ -151,11 +155,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | None, sets: list[str]) -> dict:
+def load_config(paths: str | list[str] | None, sets: list[str]) -> dict:
+    """DEFAULTS overridden by each YAML file of ``paths`` in turn, then by ``sets`` (``KEY=VALUE``)."""
     import yaml
 
     cfg = copy.deepcopy(DEFAULTS)
-    if path:
+    for path in [paths] if isinstance(paths, str) else paths or []:
         with open(path) as f:
             cfg = _merge(cfg, yaml.safe_load(f) or {})
     for item in sets:
@@ -187,6 +192,11 @@ def check_config(cfg: dict) -> None:
     target = t.get("target_tokens")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target <= 0):
         raise SystemExit(f"train.target_tokens must be a positive integer or null, got {target!r}")
+    init = cfg.get("init_from")
+    if init is not None:
+        if not Path(init).expanduser().exists():
+            raise SystemExit(f"init_from: {init} does not exist (a teacher pack folder or teacher_pack.tar)")
+        check_init_model(init_model_config(Path(init).expanduser()), cfg["model"])
     tokens = d.get("synthetic_tokens")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
         raise SystemExit(f"data.synthetic_tokens must be a positive integer or null, got {tokens!r}")
@@ -705,7 +715,8 @@ def text_digest(texts: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "scripts" / "pretrain_teacher.yaml"), help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", nargs="+", default=[str(ROOT / "scripts" / "pretrain_teacher.yaml")],
+                        help="YAML config(s), later files overriding earlier ones (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder: teacher/, training_log.jsonl, eval.json, status.json")
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget (or, with train.target_tokens, "
                         "cap) of the training loop (overrides train.max_minutes)")
@@ -781,6 +792,43 @@ def evaluate_only(args, cfg: dict) -> int:
     return 0
 
 
+def unpack_init(source: Path, dest: Path) -> tuple[Path, str]:
+    """The teacher checkpoint of the pack at ``source`` (a pack folder, or a tar holding ``pack/``), unpacked into
+    ``dest``, and its dequantized weights' SHA-256."""
+    import teacher_pack
+
+    pack_dir = source
+    if source.is_file():
+        with tarfile.open(source) as tar:
+            tar.extractall(dest.with_name(dest.name + "-pack"), filter="data")
+        pack_dir = dest.with_name(dest.name + "-pack") / "pack"
+    try:
+        manifest = teacher_pack.unpack(pack_dir, dest)
+    except (teacher_pack.PackError, OSError) as err:
+        raise SystemExit(f"init_from: {source} is not a teacher pack ({err})") from None
+    return dest, manifest["dequantized_weights_sha256"]
+
+
+def init_model_config(source: Path) -> dict:
+    """The ``config.json`` of the teacher pack at ``source`` (a pack folder, or a tar holding ``pack/``)."""
+    try:
+        if source.is_file():
+            with tarfile.open(source) as tar:
+                return json.load(tar.extractfile("pack/config.json"))
+        return json.loads((source / "config.json").read_text())
+    except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError, AttributeError) as err:
+        raise SystemExit(f"init_from: {source} is not a teacher pack (no readable config.json: {err})") from None
+
+
+def check_init_model(found: dict, model_cfg: dict) -> None:
+    """SystemExit naming each `model` setting that the init_from checkpoint's config (``found``) does not have."""
+    found = {**found, "rope_theta": (found.get("rope_parameters") or {}).get("rope_theta", found.get("rope_theta"))}
+    differ = [f"model.{k}: {v!r} in the config, {found.get(k)!r} in init_from" for k, v in model_cfg.items()
+              if found.get(k) != v]
+    if differ:
+        raise SystemExit("init_from's model differs from the config's: " + "; ".join(differ))
+
+
 def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
     import multiprocessing as mp
 
@@ -834,21 +882,28 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
     status.phase("tokenizer")
     t0 = time.time()
     tok_cfg = cfg["tokenizer"]
-    with ctx.Pool(workers) as pool:
-        jobs = synth_jobs(cfg, None, int(tok_cfg["synthetic_docs"]), 60, int(dcfg["synthetic_seed"]) + 50_000_000, workers)
-        syn_texts = [t for part in pool.map(_synth_worker, jobs) for t in part]
-    tok_texts, got = [], 0
-    for t in texts:
-        if got >= int(tok_cfg["train_chars"]):
-            break
-        tok_texts.append(t)
-        got += len(t)
-    tokenizer = train_tokenizer(tok_texts + syn_texts, vocab_size=int(tok_cfg["vocab_size"]))
-    tokenizer.model_max_length = int(cfg["model"]["max_position_embeddings"])
     tok_dir = out / "teacher"
+    init_dir = None
+    if cfg.get("init_from"):
+        init_dir, init_sha = unpack_init(Path(cfg["init_from"]).expanduser(), out / "init_teacher")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(init_dir)
+        log(f"init_from {cfg['init_from']}: teacher weights sha256 {init_sha}; its tokenizer (vocab {len(tokenizer)})")
+    else:
+        with ctx.Pool(workers) as pool:
+            jobs = synth_jobs(cfg, None, int(tok_cfg["synthetic_docs"]), 60, int(dcfg["synthetic_seed"]) + 50_000_000,
+                              workers)
+            syn_texts = [t for part in pool.map(_synth_worker, jobs) for t in part]
+        tok_texts, got = [], 0
+        for t in texts:
+            if got >= int(tok_cfg["train_chars"]):
+                break
+            tok_texts.append(t)
+            got += len(t)
+        tokenizer = train_tokenizer(tok_texts + syn_texts, vocab_size=int(tok_cfg["vocab_size"]))
+        tokenizer.model_max_length = int(cfg["model"]["max_position_embeddings"])
+        log(f"tokenizer: vocab {len(tokenizer)} trained on {got / 1e6:.1f}M chars + {len(syn_texts)} recall docs")
     tokenizer.save_pretrained(tok_dir)
     timings["tokenizer_s"] = time.time() - t0
-    log(f"tokenizer: vocab {len(tokenizer)} trained on {got / 1e6:.1f}M chars + {len(syn_texts)} recall docs in {timings['tokenizer_s']:.1f}s")
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 
     # 3. recall documents (worker processes) while this process tokenizes the text
@@ -917,7 +972,10 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
         pad_token_id=pad,
     )
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(device)
+    if init_dir is not None:
+        model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    else:
+        model = LlamaForCausalLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 4 / 2**20:.1f} MiB fp32)")
 

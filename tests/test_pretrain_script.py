@@ -113,6 +113,28 @@ def test_config_errors_name_the_field():
                         (["data.synthetic_tokens=1.5"], "data.synthetic_tokens")):
         with pytest.raises(SystemExit, match=field.replace(".", r"\.")):
             pt.load_config(fixed, sets)
+    with pytest.raises(SystemExit, match=r"init_from: .*nope.tar does not exist"):
+        pt.load_config(fixed, ["init_from=/nonexistent/nope.tar"])
+
+
+def test_attempt3_config_continues_the_fixed_teacher(tmp_path):
+    """Attempt 3 layers onto the fixed config: the same model, its own recall documents, a pack to start from whose
+    model must match (the pack's config.json is checked before any data is made)."""
+    pt = _script()
+    files = [str(ROOT / "scripts" / "pretrain_teacher_fixed.yaml"), str(ROOT / "scripts" / "pretrain_teacher_attempt3.yaml")]
+    fixed = pt.load_config(files[0], [])
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    m = fixed["model"]
+    config = {**{k: v for k, v in m.items() if k != "rope_theta"}, "rope_parameters": {"rope_theta": m["rope_theta"]}}
+    (pack / "config.json").write_text(json.dumps(config))
+    cfg = pt.load_config(files, [f"init_from={pack}"])
+    assert cfg["model"] == fixed["model"] and cfg["eval"] == fixed["eval"] and cfg["pack"] is True
+    assert cfg["data"]["synthetic_seed"] > fixed["data"]["synthetic_seed"] + 10 * fixed["data"]["synthetic_docs"]
+    assert {"ar", "ar_multihop", "kv_retrieval", "vt", "cwe"} <= set(cfg["data"]["tasks"])
+    (pack / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 12}))
+    with pytest.raises(SystemExit, match="model.num_hidden_layers: 16 in the config, 12 in init_from"):
+        pt.load_config(files, [f"init_from={pack}"])
 
 
 def test_training_budget_stops_at_the_target_and_cuts_a_target_the_cap_cannot_fit():

@@ -98,3 +98,23 @@ def test_fixed_teacher_path_at_toy_size(tmp_path):
     assert files == ["eval.json", "eval.md", "status.json", "teacher.log", "teacher_pack.tar", "training_log.jsonl"]
     with tarfile.open(collected / "teacher_pack.tar") as tar:
         assert sorted(tar.getnames()) == sorted(f"pack/{p.name}" for p in (out / "pack").iterdir())
+
+    # attempt 3's path: continue training from the collected pack (its tokenizer and weights, a fresh optimizer)
+    more = tmp_path / "more"
+    cont = subprocess.run([sys.executable, SCRIPT, "--config", CONFIG, "--out", str(more), "--device", "cpu",
+                           "--workers", "1", "--skip-eval", "--set", *TOY, "train.target_tokens=4096",
+                           f"init_from={collected / 'teacher_pack.tar'}", "data.synthetic_seed=20000"],
+                          capture_output=True, text=True, env=_env())
+    assert cont.returncode == 0, cont.stdout[-3000:] + cont.stderr[-3000:]
+    assert f"teacher weights sha256 {sha}" in cont.stdout  # it started from the pack's teacher
+    assert (more / "teacher" / "tokenizer.json").read_text() == (out / "pack" / "tokenizer.json").read_text()
+    continued = AutoModelForCausalLM.from_pretrained(more / "teacher")
+    assert continued.config.num_hidden_layers == teacher.config.num_hidden_layers
+    moved = [(continued.state_dict()[k] - v).abs().max().item() for k, v in teacher.state_dict().items()]
+    assert max(moved) > 0  # and trained on
+    first = json.loads((more / "training_log.jsonl").read_text().splitlines()[0])
+    assert first["config"]["init_from"] == str(collected / "teacher_pack.tar")
+    refused = subprocess.run([sys.executable, SCRIPT, "--config", CONFIG, "--out", str(tmp_path / "bad"), "--device",
+                              "cpu", "--workers", "1", "--skip-eval", "--set", *TOY, "model.hidden_size=64",
+                              f"init_from={collected / 'teacher_pack.tar'}"], capture_output=True, text=True, env=_env())
+    assert refused.returncode != 0 and "model.hidden_size: 64 in the config, 32 in init_from" in refused.stderr
