@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pretrain a small Llama teacher (GQA, tied embeddings) with strong in-context recall, from scratch.
+"""Pretrain a small teacher (Llama, Qwen2 or Qwen3; GQA, tied embeddings) with strong in-context recall.
 
 Steps (all on the machine that runs it; no network, no downloads), each logged with its wall time:
 
@@ -78,6 +78,7 @@ from hybrid_distill.tasks import TASKS, TEMPLATE_FAMILIES  # noqa: E402
 DEFAULTS: dict = {
     "seed": 0,
     "model": {
+        "family": "llama",  # llama, qwen2 (q/k/v biases) or qwen3 (per-head q/k RMSNorm): the teacher's HF architecture
         "hidden_size": 128,
         "intermediate_size": 512,
         "num_hidden_layers": 6,
@@ -137,6 +138,9 @@ DEFAULTS: dict = {
     # weights: its tokenizer and dequantized weights, model settings checked against `model`; a fresh AdamW.
     "init_from": None,
 }
+FAMILY_CLASSES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # model.family -> transformers class prefix
+
+
 STATUS = "status.json"
 NO_STATUS_S = 60  # --poll gives up on a run that has written no status.json after this long
 
@@ -192,6 +196,8 @@ def check_config(cfg: dict) -> None:
     target = t.get("target_tokens")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target <= 0):
         raise SystemExit(f"train.target_tokens must be a positive integer or null, got {target!r}")
+    if cfg["model"].get("family") not in FAMILY_CLASSES:
+        raise SystemExit(f"model.family must be one of {list(FAMILY_CLASSES)}, got {cfg['model'].get('family')!r}")
     init = cfg.get("init_from")
     if init is not None:
         if not Path(init).expanduser().exists():
@@ -822,11 +828,20 @@ def init_model_config(source: Path) -> dict:
 
 def check_init_model(found: dict, model_cfg: dict) -> None:
     """SystemExit naming each `model` setting that the init_from checkpoint's config (``found``) does not have."""
-    found = {**found, "rope_theta": (found.get("rope_parameters") or {}).get("rope_theta", found.get("rope_theta"))}
+    found = {**found, "rope_theta": (found.get("rope_parameters") or {}).get("rope_theta", found.get("rope_theta")),
+             "family": found.get("model_type")}
     differ = [f"model.{k}: {v!r} in the config, {found.get(k)!r} in init_from" for k, v in model_cfg.items()
               if found.get(k) != v]
     if differ:
         raise SystemExit("init_from's model differs from the config's: " + "; ".join(differ))
+
+
+def model_classes(family: str):
+    """(config class, causal-LM class) of a teacher family."""
+    import transformers
+
+    prefix = FAMILY_CLASSES[family]
+    return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
 
 
 def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
@@ -835,12 +850,7 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from transformers import (
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     from hybrid_distill.tokenization import train_tokenizer
 
@@ -956,7 +966,8 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
 
     # 5. model + training
     mcfg = cfg["model"]
-    config = LlamaConfig(
+    config_class, model_class = model_classes(mcfg["family"])
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=mcfg["hidden_size"],
         intermediate_size=mcfg["intermediate_size"],
@@ -970,12 +981,13 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
+        **({"head_dim": mcfg["hidden_size"] // mcfg["num_attention_heads"]} if mcfg["family"] == "qwen3" else {}),
     )
     config._attn_implementation = "sdpa"
     if init_dir is not None:
-        model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
+        model = model_class.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa").to(device)
     else:
-        model = LlamaForCausalLM(config).to(device)
+        model = model_class(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 4 / 2**20:.1f} MiB fp32)")
 

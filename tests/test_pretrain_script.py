@@ -19,15 +19,18 @@ TOY = [
 ]
 
 
-def test_pretrain_script_toy_run(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_pretrain_script_toy_run(tmp_path, family):
     out = tmp_path / "pt"
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain_teacher.py"), "--out", str(out), "--device", "cpu",
-           "--workers", "1", "--skip-eval", "--max-minutes", "0.03", "--text-out", str(out / "text.jsonl.gz"), "--set", *TOY]
+           "--workers", "1", "--skip-eval", "--max-minutes", "0.03", "--text-out", str(out / "text.jsonl.gz"), "--set",
+           *TOY, f"model.family={family}"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     from hybrid_distill.surgery import load_teacher, load_tokenizer
 
     teacher = load_teacher(str(out / "teacher"))
     assert teacher.config.num_hidden_layers == 1 and len(load_tokenizer(str(out / "teacher"))) <= 512
+    assert teacher.config.model_type == family  # a teacher of the family asked for, which surgery can convert
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert log[0]["event"] == "config" and any(r.get("event") == "done" for r in log)
     rows = [json.loads(line) for line in gzip.open(out / "text.jsonl.gz", "rt")]
@@ -126,7 +129,8 @@ def test_attempt3_config_continues_the_fixed_teacher(tmp_path):
     pack = tmp_path / "pack"
     pack.mkdir()
     m = fixed["model"]
-    config = {**{k: v for k, v in m.items() if k != "rope_theta"}, "rope_parameters": {"rope_theta": m["rope_theta"]}}
+    config = {**{k: v for k, v in m.items() if k not in ("rope_theta", "family")}, "model_type": m["family"],
+              "rope_parameters": {"rope_theta": m["rope_theta"]}}
     (pack / "config.json").write_text(json.dumps(config))
     cfg = pt.load_config(files, [f"init_from={pack}"])
     assert cfg["model"] == fixed["model"] and cfg["eval"] == fixed["eval"] and cfg["pack"] is True
