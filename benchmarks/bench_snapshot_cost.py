@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="teacher layers (of Qwen2.5-1.5B's shape)")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=1, help="1: the shape the GPU kit's kernel cache holds")
     parser.add_argument("--candidate-tokens", type=int, default=None,
                         help="Stage-2 tokens per candidate (default: SelectionConfig's)")
     parser.add_argument("--intervals", type=int, default=2, help="snapshot intervals timed per schedule")
