@@ -3,8 +3,8 @@
 A candidate (hybrid_distill.selection) trains Stage 2 and, every ``snapshot_interval`` tokens, scores the held-out
 KL on ``eval_batches`` batches; `SelectionConfig.snapshot_schedule` decides both. This runs a candidate's Stage-2
 trainer on a Qwen2.5-1.5B-shaped teacher (random weights; ``--layers`` of its 28 layers) with an all-GDN student
-for ``--intervals`` snapshot intervals and times the trainer's optimizer steps and its snapshots separately, for
-each schedule asked for:
+for ``--intervals`` snapshot intervals and reads, from the trainer's own metrics, the time its optimizer steps and
+its snapshots took, for each schedule:
 
 - ``default``: the schedule `SelectionConfig` gives for ``--candidate-tokens`` per candidate;
 - ``every-step``: a snapshot after every step over ``--every-step-batches`` batches of a whole optimizer step's
@@ -19,38 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import torch
 from bench_stage2 import qwen25_15b_config
 from common import provenance, publish
 from transformers import Qwen2ForCausalLM
 
-from hybrid_distill.distill import DistillConfig, TensorTokenDataset, Trainer
+from hybrid_distill.distill import DistillConfig, TensorTokenDataset, Trainer, read_metrics
 from hybrid_distill.distill.stages import evaluate_kl
 from hybrid_distill.selection import SelectionConfig
 from hybrid_distill.surgery import build_student
-
-
-class PhaseTimer:
-    """Seconds spent in the trainer's optimizer steps and held-out evaluations (CUDA synchronized)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.calls = device, {"train": 0.0, "snapshot": 0.0}, {"train": 0, "snapshot": 0}
-
-    def wrap(self, phase: str, fn):
-        def timed(*args, **kwargs):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - t0
-            self.calls[phase] += 1
-            return out
-
-        return timed
 
 
 def run_schedule(teacher, student, stage2: DistillConfig, interval: int, eval_batches: int, eval_bs: int,
@@ -66,21 +44,34 @@ def run_schedule(teacher, student, stage2: DistillConfig, interval: int, eval_ba
     heldout = [torch.randint(0, vocab, (eval_bs, stage2.seq_len), generator=gen) for _ in range(eval_batches)]
     cfg = stage2.replace(target_tokens=steps * step_tokens, eval_every_tokens=interval, eval_max_batches=eval_batches,
                          eval_batch_size=eval_bs,
-                         save_final_model=False, save_every_minutes=0, progress=False, device=str(device))
-    timer = PhaseTimer(device)
+                         log_every_steps=1, save_final_model=False, save_every_minutes=0, progress=False,
+                         device=str(device))
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(student, teacher, train, cfg, run_dir, eval_data=heldout)
-        train_step, evaluate = trainer._train_step, trainer._evaluate
         trainer.run(until_tokens=warmup_steps * step_tokens, checkpoint_at_pause=False)  # compile / autotune
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            evaluate_kl(student, teacher, heldout[:1], cfg.tau, cfg.kl_chunk_size)
-        evaluate_once = timer.wrap("snapshot", evaluate)
-        trainer._train_step = timer.wrap("train", train_step)
-        trainer._evaluate = evaluate_once
-        trainer.run(until_tokens=steps * step_tokens - 1, checkpoint_at_pause=False)
-    return {"steps": timer.calls["train"], "snapshots": timer.calls["snapshot"], "train_s": timer.seconds["train"],
-            "snapshot_s": timer.seconds["snapshot"], "step_tokens": step_tokens,
-            "snapshot_tokens": eval_batches * eval_bs * stage2.seq_len}
+            evaluate_kl(student, teacher, heldout[:1], cfg.tau, cfg.kl_chunk_size)  # the snapshots' kernels too
+        trainer.run(checkpoint_at_pause=False)
+        phases = phase_seconds(read_metrics(run_dir, "train"), read_metrics(run_dir, "eval"), warmup_steps)
+    return {**phases, "step_tokens": step_tokens, "snapshot_tokens": eval_batches * eval_bs * stage2.seq_len}
+
+
+def phase_seconds(train: list[dict], evals: list[dict], skip_steps: int) -> dict:
+    """Seconds in optimizer steps and in snapshots after the first ``skip_steps`` steps, from the trainer's metrics
+    (one train record a step; ``elapsed`` is the trained time when a record was written, so a snapshot took its
+    record's elapsed minus its step's, and a step its elapsed minus the previous record's)."""
+    after = {e["step"]: e["elapsed"] for e in evals}
+    out = {"steps": 0, "snapshots": 0, "train_s": 0.0, "snapshot_s": 0.0}
+    prev = None
+    for r in train:
+        if prev is not None and r["step"] > skip_steps:
+            out["steps"] += 1
+            out["train_s"] += r["elapsed"] - after.get(prev["step"], prev["elapsed"])
+        if r["step"] in after and r["step"] > skip_steps:
+            out["snapshots"] += 1
+            out["snapshot_s"] += after[r["step"]] - r["elapsed"]
+        prev = r
+    return out
 
 
 def main() -> None:
@@ -148,7 +139,7 @@ def main() -> None:
              f"Qwen2.5-1.5B-shaped teacher ({result['layers']} layers, random weights), all-GDN student, "
              f"{cfg2.target_tokens:,} Stage-2 tokens per candidate.", "",
              "| schedule | tokens between snapshots | held-out tokens per snapshot | steps | snapshots | "
-             "train s | snapshot s | snapshot share of compute | snapshot / train seconds per token |",
+             "train s | snapshot s | snapshot share of an interval's compute | snapshot / train seconds per token |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['interval_tokens']:,} | {r['snapshot_tokens']:,} | {r['steps']} | {r['snapshots']} | "

@@ -53,3 +53,18 @@ def test_stage2_memory_cap_leaves_room_for_memory_outside_the_allocator(monkeypa
     assert set_calls == [(pytest.approx(limit * gib / total), 0)]
     with pytest.raises(ValueError, match="--memory-cap-gib 1"):
         cap_device_memory(torch.device("cuda"), 1.0)
+
+
+def test_snapshot_cost_reads_step_and_snapshot_time_from_the_trainer_metrics():
+    from bench_snapshot_cost import phase_seconds
+
+    # steps 1..6 of 1 s each, a snapshot after steps 2, 4 (0.25 s each) and 6 (the final one, 0.5 s)
+    train, evals, t = [], [], 0.0
+    for step in range(1, 7):
+        t += 1.0
+        train.append({"step": step, "elapsed": t})
+        if step % 2 == 0:
+            t += 0.5 if step == 6 else 0.25
+            evals.append({"step": step, "elapsed": t})
+    out = phase_seconds(train, evals, skip_steps=2)  # steps 3-6 and the snapshots after 4 and 6
+    assert out == {"steps": 4, "snapshots": 2, "train_s": 4.0, "snapshot_s": 0.75}
