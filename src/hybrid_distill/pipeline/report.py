@@ -176,7 +176,8 @@ def efficiency_table(sections: dict[str, dict]) -> list[str]:
 
 def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str = "recall/overall") -> dict[str, Any]:
     """``metric`` of the final hybrid each (selector, budget) chose, in the paper's layout (rows: selectors,
-    columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "value", "values"}}}}``.
+    columns: budgets): ``{"budgets": [labels], "rows": {selector: {label: {"layers", "model", "models", "value",
+    "values"}}}}``.
     A budget with several sets (``random``) has the mean as ``value`` and every set's in ``values``."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -199,7 +200,7 @@ def selector_budget_table(run_dir: str | Path, selectors: list[str], metric: str
             values = [flat_metrics(r).get(metric) if r else None for r in results]
             known = [v for v in values if v is not None]
             rows.setdefault(selector, {})[label] = {
-                "layers": sorted(entry.layers), "model": names[0], "values": values,
+                "layers": sorted(entry.layers), "model": names[0], "models": names, "values": values,
                 "value": (sum(known) / len(known) if known else None) if len(values) > 1 else values[0]}
     return {"metric": metric, "budgets": labels, "rows": rows, "degenerate": degenerate}
 
