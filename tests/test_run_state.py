@@ -10,8 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from hybrid_distill.data import DataConfig
+from hybrid_distill.distill import DistillConfig, distill
 from hybrid_distill.pipeline import Pipeline, RunConfig
+from hybrid_distill.surgery import build_student, load_tokenizer
 from hybrid_distill.tiny_teachers import tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +33,14 @@ BASE_STAGES = ("stage1", "stage2")
 LATER_STAGES = ("selection", "final", "export", "eval", "report")
 
 
-def _machine(root: Path, teacher: Path) -> RunConfig:
-    """A run config as a machine with its own paths sees it: the teacher checkpoint copied to ``root/teacher``."""
+def _machine(root: Path, teacher: Path, save_dtype: str = "float32") -> RunConfig:
+    """A run config as a machine with its own paths sees it: the teacher checkpoint copied to ``root/teacher``;
+    every stage's output saved in ``save_dtype``."""
     shutil.copytree(teacher, root / "teacher")
-    return RunConfig.from_dict(_config(root, teacher=str(root / "teacher"), tokenizer="tiny"))
+    cfg = _config(root, teacher=str(root / "teacher"), tokenizer="tiny")
+    for stage in (cfg["stage1"], cfg["stage2"], cfg["final"]["stage2"]):
+        stage["save_dtype"] = save_dtype
+    return RunConfig.from_dict(cfg)
 
 
 def _read(path: Path):
@@ -59,11 +68,12 @@ def teacher_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_packed_run_resumes_at_another_path_and_ends_as_an_uninterrupted_run(tmp_path, teacher_dir):
-    reference = _machine(tmp_path / "one", teacher_dir)
+@pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
+def test_a_packed_run_resumes_at_another_path_and_ends_as_an_uninterrupted_run(tmp_path, teacher_dir, save_dtype):
+    reference = _machine(tmp_path / "one", teacher_dir, save_dtype)
     Pipeline(reference, progress=False).run()
 
-    first = _machine(tmp_path / "A", teacher_dir)
+    first = _machine(tmp_path / "A", teacher_dir, save_dtype)
     pipe = Pipeline(first, progress=False)
     pipe.run(BASE_STAGES)
     for name in ("teacher", "all-gdn"):  # evaluated early, as scripts/reproduce.py does
@@ -77,7 +87,7 @@ def test_a_packed_run_resumes_at_another_path_and_ends_as_an_uninterrupted_run(t
     assert not any(p.startswith("superseded/") or "/checkpoints/" in p or p.endswith(".lock") for p in packed)
     assert {"path": "superseded", "why": "not read by a resumed run"} in manifest["left_out"]
 
-    second = _machine(tmp_path / "B", teacher_dir)
+    second = _machine(tmp_path / "B", teacher_dir, save_dtype)
     run_b = Path(second.run_dir)
     rs.unpack([tmp_path / "out"], run_b)
     before = {rel: (run_b / rel).read_bytes() for rel in ("stage1/step.json", "stage2/step.json", "stage1/metrics.jsonl",
@@ -95,11 +105,40 @@ def test_a_packed_run_resumes_at_another_path_and_ends_as_an_uninterrupted_run(t
 
     # a second hop: everything done, packed again and unpacked elsewhere, nothing is run again
     rs.pack(run_b, tmp_path / "out2")
-    third = _machine(tmp_path / "C", teacher_dir)
+    third = _machine(tmp_path / "C", teacher_dir, save_dtype)
     rs.unpack([tmp_path / "out2"], third.run_dir)
     again = Pipeline(third, progress=False).run()
     assert {s: e["run_id"] for s, e in again["stages"].items()} == {s: e["run_id"] for s, e in state["stages"].items()}
     assert _outcome(Path(third.run_dir)) == _outcome(run_b)
+    for folder in ("stage1/final", "stage2/final", *(f"models/{m.name}" for m in (run_b / "models").iterdir())):
+        dtypes = {t.dtype for t in load_file(str(run_b / folder / "model.safetensors")).values()}
+        assert dtypes == {getattr(torch, save_dtype)}, folder
+
+
+def test_a_stage_saved_in_bf16_leaves_the_saved_weights_in_the_student(tmp_path):
+    """The file is the stage's output: the student in memory after training equals it (a later stage that runs in
+    the same process sees what one that loads the file sees), and so does a finished run loaded again."""
+    teacher = tiny_teacher("llama-gqa", seed=0)
+    data = DataConfig(source="default", max_tokens=40_000, cache_dir=str(tmp_path / "tokens"))
+    tok = load_tokenizer("tiny:llama-gqa", "tiny", teacher.config.vocab_size)
+    cfg = DistillConfig(stage=2, target_tokens=2 * 4 * 32, seq_len=32, global_batch_size=4, eval_max_batches=1,
+                        progress=False, save_dtype="bfloat16")
+
+    def student():
+        torch.manual_seed(0)
+        return build_student(teacher, ["gdn"] * teacher.config.num_hidden_layers).float()
+
+    trained = student()
+    result = distill(trained, teacher, data.load(tok, 32, require_sequences=4), cfg, tmp_path / "run", tokenizer=tok)
+    saved = load_file(str(Path(result.final_model_dir) / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    state = trained.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in saved.items())
+    again = student()
+    assert distill(again, teacher, data.load(tok, 32), cfg, tmp_path / "run", tokenizer=tok).already_done
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    # the stage's key knows the dtype: the same run saved in float32 is another run
+    assert json.loads((tmp_path / "run" / "step.json").read_text())["settings"]["train"]["save_dtype"] == "bfloat16"
 
 
 def test_unfinished_steps_are_left_out_and_start_again(tmp_path, teacher_dir):

@@ -212,7 +212,9 @@ class Pipeline:
             if (folder / "README.md").read_text() != card:
                 atomic_write_text(folder / "README.md", card)  # e.g. a selector added later chose this set too
             return
-        save_student(student, folder, tokenizer=self.tokenizer, model_card=card)
+        save_dtype = self.config.final.stage2.save_dtype
+        save_student(student, folder, tokenizer=self.tokenizer, model_card=card,
+                     dtype=None if save_dtype == "float32" else getattr(torch, save_dtype))
         step.publish({"model": name})
 
     def export(self) -> dict:
