@@ -19,11 +19,14 @@ class CheckpointError(HybridDistillError, RuntimeError):
     """A checkpoint directory is missing, incomplete or corrupt."""
 
 
-def save_student(model: PreTrainedModel, path: str | Path, tokenizer=None, model_card: str | None = None) -> Path:
-    """Write `model` (+ tokenizer, README model card) to `path` atomically as safetensors with remote code."""
+def save_student(model: PreTrainedModel, path: str | Path, tokenizer=None, model_card: str | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (+ tokenizer, README model card) to `path` atomically as safetensors with remote code;
+    ``dtype``: the floating-point weights cast to it in the file (the model in memory is left as it is)."""
     path = Path(path)
+    state = None if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     with atomic_directory_write(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if model_card is not None:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .checkpoint import check_safetensors_file, weights_fingerprint
 from .config import ConfigError
 from .dtypes import cast_model
+from .fileio import sha256_file
 from .tiny_teachers import tiny_teacher
 from .tokenization import tiny_tokenizer
 from .modeling import (
@@ -302,9 +303,11 @@ def student_skeleton(teacher_config, mixers: Sequence[str], mixer_options: dict 
 
 
 def model_identity(spec: str) -> dict[str, str]:
-    """A model spec plus, for a local checkpoint, the fingerprint of its weights (a model overwritten in place
-    at the same path is another model)."""
+    """What a model is, for settings keys: a local checkpoint by the fingerprint of its weights and the SHA-256 of
+    its ``config.json``, not by where it lies (a run folder moved to another machine keeps its work; a model
+    overwritten in place is another model); any other spec (a Hub name, ``tiny:...``) by the spec itself."""
     path = Path(spec)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        return {"spec": str(spec), "weights": weights_fingerprint(path)}
+        config = path / "config.json"
+        return {"weights": weights_fingerprint(path), "config": sha256_file(config)[:16] if config.is_file() else None}
     return {"spec": str(spec)}

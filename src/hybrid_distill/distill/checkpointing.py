@@ -290,16 +290,19 @@ def unwrapped_class(model: nn.Module) -> type:
     return cls
 
 
-def save_final_model(student: nn.Module, path: Path, ctx: hd_dist.DistContext, tokenizer=None) -> None:
+def save_final_model(student: nn.Module, path: Path, ctx: hd_dist.DistContext, tokenizer=None,
+                     dtype: torch.dtype | None = None) -> None:
     """The student (+ ``tokenizer``) as a Hugging Face checkpoint, written atomically (gathered to rank 0 when
-    sharded). Every process calls it."""
+    sharded), its floating-point weights in ``dtype`` when given. Every process calls it."""
     if not hd_dist.is_sharded(student):
         if ctx.is_main:
-            save_student(student, path, tokenizer=tokenizer)
+            save_student(student, path, tokenizer=tokenizer, dtype=dtype)
         hd_dist.barrier()
         return
     state = hd_dist.gather_model_state(student)
     if ctx.is_main:
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         cls = unwrapped_class(student)
         with torch.device("meta"):
             plain = cls(student.config)

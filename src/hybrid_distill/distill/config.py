@@ -56,6 +56,7 @@ RESUME_INSENSITIVE_FIELDS = frozenset(
         "save_every_minutes",
         "keep_last",
         "save_final_model",
+        "save_dtype",
         "progress",
         "report_to",
         "run_name",
@@ -141,6 +142,11 @@ class DistillConfig(Config):
                                                help="also checkpoint once this many minutes passed (0: off)")
     keep_last: int = setting(2, check=integer(1), help="checkpoints kept")
     save_final_model: bool = setting(True, check=boolean)
+    # The final model IS the stage's output: with bfloat16 the trained weights are rounded to it before saving (the
+    # student in memory too), so a later stage or evaluation sees the same weights whether or not it ran in the
+    # same process. Half the size on disk (a run folder carried between machines, docs/reproduction.md).
+    save_dtype: str = setting("float32", check=one_of("float32", "bfloat16"),
+                              help="dtype the final model is saved in; bfloat16 rounds the trained weights to it")
     progress: bool = setting(True, check=boolean, help="progress bar")
     report_to: tuple[str, ...] = setting((), check=_reporters, parse=str, nargs="*", metavar="NAME",
                                          help=f"extra metric sinks among {list(_REPORTERS)} (used when installed)")

@@ -280,6 +280,8 @@ class Trainer:
         train_key = {**config.resume_fields(), "model": model}
         if config.stage == 1 or not attention_parameter_names(student) - mixer_parameter_names(student):
             train_key.pop("softmax_lr")  # no softmax layer trains: the setting cannot change this run
+        if config.save_dtype != "float32":  # the output's dtype (not the trajectory's; float32 keeps earlier keys)
+            train_key["save_dtype"] = config.save_dtype
         self.artifact = Step(self.layout.root, {"train": train_key, "identity": dict(identity or {})}, upstream,
                              what=f"Stage-{config.stage} distillation run")
         self.state: TrainState | None = None  # set up on the first `run`
@@ -455,7 +457,12 @@ class Trainer:
         final_dir = None
         if self.config.save_final_model:
             final_dir = self.layout.final
-            save_final_model(self.student, final_dir, self.ctx, tokenizer=self.tokenizer)
+            save_dtype = None if self.config.save_dtype == "float32" else getattr(torch, self.config.save_dtype)
+            if save_dtype is not None:  # the saved weights are the output: the student holds them too
+                with torch.no_grad():
+                    for p in self.student.parameters():
+                        p.copy_(p.to(save_dtype))
+            save_final_model(self.student, final_dir, self.ctx, tokenizer=self.tokenizer, dtype=save_dtype)
         self._tick()
         self.result = self._make_result(final_dir)
         if self.ctx.is_main:

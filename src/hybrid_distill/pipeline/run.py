@@ -212,7 +212,9 @@ class Pipeline:
             if (folder / "README.md").read_text() != card:
                 atomic_write_text(folder / "README.md", card)  # e.g. a selector added later chose this set too
             return
-        save_student(student, folder, tokenizer=self.tokenizer, model_card=card)
+        save_dtype = self.config.final.stage2.save_dtype
+        save_student(student, folder, tokenizer=self.tokenizer, model_card=card,
+                     dtype=None if save_dtype == "float32" else getattr(torch, save_dtype))
         step.publish({"model": name})
 
     def export(self) -> dict:
@@ -289,12 +291,18 @@ class Pipeline:
         # the run's own data, so perplexity and KL are measured on the text distillation held out
         return {**ev, "data": self.config.data.identity()}
 
+    def eval_spec(self, name: str) -> str:
+        """The model `evaluate` loads for ``name`` (the teacher and the all-linear student also before selection)."""
+        if name == "teacher":
+            return self.teacher_spec
+        if name == f"all-{self.config.linear}":
+            return self.base_dirs()[1]
+        return self.eval_models()[name]
+
     def eval_step(self, name: str) -> Step:
         """``eval/<name>``'s step: the evaluation settings and the weights measured (a model trained again under the
         same name must not keep its old results)."""
-        spec = self.eval_models()[name] if name not in ("teacher", f"all-{self.config.linear}") else (
-            self.teacher_spec if name == "teacher" else self.base_dirs()[1])
-        return Step(self.layout.eval(name), {**self.eval_settings(), "model": model_identity(spec),
+        return Step(self.layout.eval(name), {**self.eval_settings(), "model": model_identity(self.eval_spec(name)),
                                              "teacher_model": self.teacher_identity}, what="evaluation")
 
     def evaluate(self, name: str) -> Path:
@@ -308,8 +316,7 @@ class Pipeline:
         step.begin(on_stale="replace")  # results of other settings (or of an interrupted evaluation's) are redone
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
-        spec = step.settings["model"]["spec"]
-        model = teacher if name == "teacher" else load_model(spec, device=device)
+        model = teacher if name == "teacher" else load_model(self.eval_spec(name), device=device)
         results = evaluate_model(model, self.tokenizer, dest, self.config.eval, teacher=None if name == "teacher" else teacher,
                                  corpus=self.config.data, model_name=name, progress=self.progress)
         step.publish({"suites": results["suites"]})

@@ -1,0 +1,198 @@
+"""scripts/run_state.py: a run folder packed on one machine and unpacked at another path resumes where it stopped
+(finished stages reused, not retrained) and ends as an uninterrupted run does; state over the limits and damaged
+parts are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybrid_distill.data import DataConfig
+from hybrid_distill.distill import DistillConfig, distill
+from hybrid_distill.pipeline import Pipeline, RunConfig
+from hybrid_distill.surgery import build_student, load_tokenizer
+from hybrid_distill.tiny_teachers import tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import run_state as rs  # noqa: E402
+
+sys.path.pop(0)
+sys.path.insert(0, str(ROOT / "tests"))
+from test_pipeline import _config  # noqa: E402
+
+sys.path.pop(0)
+
+BASE_STAGES = ("stage1", "stage2")
+LATER_STAGES = ("selection", "final", "export", "eval", "report")
+
+
+def _machine(root: Path, teacher: Path, save_dtype: str = "float32") -> RunConfig:
+    """A run config as a machine with its own paths sees it: the teacher checkpoint copied to ``root/teacher``;
+    every stage's output saved in ``save_dtype``."""
+    shutil.copytree(teacher, root / "teacher")
+    cfg = _config(root, teacher=str(root / "teacher"), tokenizer="tiny")
+    for stage in (cfg["stage1"], cfg["stage2"], cfg["final"]["stage2"]):
+        stage["save_dtype"] = save_dtype
+    return RunConfig.from_dict(cfg)
+
+
+def _read(path: Path):
+    return json.loads(path.read_text())
+
+
+def _outcome(run: Path) -> dict:
+    """What the run found: rankings and scores of each selection, each final hybrid's held-out KL and evaluation."""
+    out = {}
+    for sel in sorted((run / "selection").glob("*/selection.json")):
+        s = _read(sel)
+        out[sel.parent.name] = {"ranking": s.get("ranking"), "scores": s.get("scores"), "budgets": s["budgets"]}
+    for final in sorted((run / "final").iterdir()):
+        out[final.name] = _read(final / "step.json")["result"]["eval_value"]
+    for ev in sorted((run / "eval").iterdir()):
+        res = _read(ev / "results.json")
+        out[f"eval/{ev.name}"] = {"recall": res["recall"]["aggregate"], "quality": res["quality"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher"
+    tiny_teacher("llama-gqa", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
+def test_a_packed_run_resumes_at_another_path_and_ends_as_an_uninterrupted_run(tmp_path, teacher_dir, save_dtype):
+    reference = _machine(tmp_path / "one", teacher_dir, save_dtype)
+    Pipeline(reference, progress=False).run()
+
+    first = _machine(tmp_path / "A", teacher_dir, save_dtype)
+    pipe = Pipeline(first, progress=False)
+    pipe.run(BASE_STAGES)
+    for name in ("teacher", "all-gdn"):  # evaluated early, as scripts/reproduce.py does
+        pipe.evaluate(name)
+    run_a = Path(first.run_dir)
+    (run_a / "superseded" / "old").mkdir(parents=True)
+    (run_a / "superseded" / "old" / "big.bin").write_bytes(b"x" * 1000)
+    manifest = rs.pack(run_a, tmp_path / "out")
+    packed = set(manifest["files"])
+    assert {"pipeline.json", "stage1/step.json", "stage2/final/model.safetensors", "eval/teacher/results.json"} <= packed
+    assert not any(p.startswith("superseded/") or "/checkpoints/" in p or p.endswith(".lock") for p in packed)
+    assert {"path": "superseded", "why": "not read by a resumed run"} in manifest["left_out"]
+
+    second = _machine(tmp_path / "B", teacher_dir, save_dtype)
+    run_b = Path(second.run_dir)
+    rs.unpack([tmp_path / "out"], run_b)
+    before = {rel: (run_b / rel).read_bytes() for rel in ("stage1/step.json", "stage2/step.json", "stage1/metrics.jsonl",
+                                                         "stage2/metrics.jsonl", "eval/teacher/step.json",
+                                                         "eval/all-gdn/results.json")}
+    state = Pipeline(second, progress=False).run()
+    # Stage 1 and 2 and the early evaluations are reused: the same records, no new training metrics
+    assert {rel: (run_b / rel).read_bytes() for rel in before} == before
+    stages_a = _read(run_a / "pipeline.json")["stages"]
+    for stage in BASE_STAGES:
+        assert state["stages"][stage]["run_id"] == stages_a[stage]["run_id"]
+    assert not (run_b / "superseded").exists()
+    # the run ends as the uninterrupted one did
+    assert _outcome(run_b) == _outcome(Path(reference.run_dir))
+
+    # a second hop: everything done, packed again and unpacked elsewhere, nothing is run again
+    rs.pack(run_b, tmp_path / "out2")
+    third = _machine(tmp_path / "C", teacher_dir, save_dtype)
+    rs.unpack([tmp_path / "out2"], third.run_dir)
+    again = Pipeline(third, progress=False).run()
+    assert {s: e["run_id"] for s, e in again["stages"].items()} == {s: e["run_id"] for s, e in state["stages"].items()}
+    assert _outcome(Path(third.run_dir)) == _outcome(run_b)
+    for folder in ("stage1/final", "stage2/final", *(f"models/{m.name}" for m in (run_b / "models").iterdir())):
+        dtypes = {t.dtype for t in load_file(str(run_b / folder / "model.safetensors")).values()}
+        assert dtypes == {getattr(torch, save_dtype)}, folder
+
+
+def test_a_stage_saved_in_bf16_leaves_the_saved_weights_in_the_student(tmp_path):
+    """The file is the stage's output: the student in memory after training equals it (a later stage that runs in
+    the same process sees what one that loads the file sees), and so does a finished run loaded again."""
+    teacher = tiny_teacher("llama-gqa", seed=0)
+    data = DataConfig(source="default", max_tokens=40_000, cache_dir=str(tmp_path / "tokens"))
+    tok = load_tokenizer("tiny:llama-gqa", "tiny", teacher.config.vocab_size)
+    cfg = DistillConfig(stage=2, target_tokens=2 * 4 * 32, seq_len=32, global_batch_size=4, eval_max_batches=1,
+                        progress=False, save_dtype="bfloat16")
+
+    def student():
+        torch.manual_seed(0)
+        return build_student(teacher, ["gdn"] * teacher.config.num_hidden_layers).float()
+
+    trained = student()
+    result = distill(trained, teacher, data.load(tok, 32, require_sequences=4), cfg, tmp_path / "run", tokenizer=tok)
+    saved = load_file(str(Path(result.final_model_dir) / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    state = trained.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in saved.items())
+    again = student()
+    assert distill(again, teacher, data.load(tok, 32), cfg, tmp_path / "run", tokenizer=tok).already_done
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    # the stage's key knows the dtype: the same run saved in float32 is another run
+    assert json.loads((tmp_path / "run" / "step.json").read_text())["settings"]["train"]["save_dtype"] == "bfloat16"
+
+
+def test_unfinished_steps_are_left_out_and_start_again(tmp_path, teacher_dir):
+    cfg = _machine(tmp_path / "A", teacher_dir)
+    Pipeline(cfg, progress=False).run(BASE_STAGES)
+    run = Path(cfg.run_dir)
+    record = _read(run / "stage2" / "step.json")
+    record["state"], record["result"] = "started", None  # as a run killed mid-way through Stage 2 leaves it
+    (run / "stage2" / "step.json").write_text(json.dumps(record))
+    state = _read(run / "pipeline.json")
+    del state["stages"]["stage2"]
+    (run / "pipeline.json").write_text(json.dumps(state))
+    manifest = rs.pack(run, tmp_path / "out")
+    assert {"path": "stage2", "why": "unfinished step (starts again on resume)"} in manifest["left_out"]
+    assert not any(p.startswith("stage2/") for p in manifest["files"])
+    other = _machine(tmp_path / "B", teacher_dir)
+    rs.unpack([tmp_path / "out"], other.run_dir)
+    state = Pipeline(other, progress=False).run(BASE_STAGES)
+    assert _read(Path(other.run_dir) / "stage2" / "step.json")["state"] == "done"
+    assert state["stages"]["stage1"]["run_id"] == _read(run / "stage1" / "step.json")["run_id"]
+
+
+def test_state_over_the_limits_is_refused_naming_the_largest_files(tmp_path, teacher_dir):
+    cfg = _machine(tmp_path / "A", teacher_dir)
+    Pipeline(cfg, progress=False).run(("stage1",))
+    run = Path(cfg.run_dir)
+    weights = (run / "stage1" / "final" / "model.safetensors").stat().st_size
+    with pytest.raises(rs.RunStateError, match=r"exceeds .* in all.*largest files: stage1/final/model\.safetensors"):
+        rs.pack(run, tmp_path / "out", rs.Limits(max_file_bytes=weights, max_files=8, max_total_bytes=weights // 2))
+    with pytest.raises(rs.RunStateError, match=r"parts of .* exceed 2 files.*largest folders: stage1/"):
+        rs.pack(run, tmp_path / "out", rs.Limits(max_file_bytes=weights // 4, max_files=2, max_total_bytes=4 * weights))
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    # within the limits: parts of at most max_file_bytes that join into the same folder
+    manifest = rs.pack(run, tmp_path / "out", rs.Limits(max_file_bytes=weights // 3, max_files=8, max_total_bytes=4 * weights))
+    assert len(manifest["parts"]) >= 3 and all(p["bytes"] <= weights // 3 for p in manifest["parts"])
+    rs.unpack([tmp_path / "out"], tmp_path / "B" / "run")
+    for rel, f in manifest["files"].items():
+        assert (tmp_path / "B" / "run" / rel).read_bytes() == (run / rel).read_bytes(), rel
+
+
+def test_damaged_or_missing_parts_are_refused_and_nothing_is_unpacked(tmp_path, teacher_dir):
+    cfg = _machine(tmp_path / "A", teacher_dir)
+    Pipeline(cfg, progress=False).run(("stage1",))
+    manifest = rs.pack(cfg.run_dir, tmp_path / "out", rs.Limits(max_file_bytes=1 << 18))
+    part = tmp_path / "out" / manifest["parts"][1]["name"]
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(rs.RunStateError, match=rf"part .*{part.name} is damaged"):
+        rs.unpack([tmp_path / "out"], tmp_path / "B" / "run")
+    assert not (tmp_path / "B" / "run").exists()
+    part.unlink()
+    files = [p for p in (tmp_path / "out").iterdir()]
+    with pytest.raises(rs.RunStateError, match=rf"part {part.name} is missing"):
+        rs.unpack(files, tmp_path / "B" / "run")
+    with pytest.raises(rs.RunStateError, match="exists and is not empty"):
+        rs.unpack([tmp_path / "out"], cfg.run_dir)
