@@ -435,6 +435,7 @@ def test_embedded_default_reduced(tmp_path):
     data["final"]["stage2"].update(short)
     data["eval"].update(num_samples=3, tasks=["niah_single_1", "kv_retrieval"], quality_sequences=4)
     data["data"]["cache_dir"] = str(tmp_path / "tokens")
+    data["data"]["max_tokens"] = 300_000  # tokenizing the default's 1.5M tokens would be most of the test
     data["run_dir"] = str(tmp_path / "run")
     state = run_pipeline(RunConfig.from_dict(data), progress=False)
     assert "report" in state["stages"]
