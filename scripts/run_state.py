@@ -2,17 +2,23 @@
 """Carry a pipeline run folder between machines in a few files of bounded size.
 
     python3 scripts/run_state.py pack RUN_DIR OUT_DIR [--max-file-mib 16 --max-files 8 --max-total-mib 64]
+                                      [--keep-hybrid-weights]
     python3 scripts/run_state.py unpack OUT_DIR_OR_FILES... RUN_DIR [--replace]
 
 ``pack`` writes what a later ``hybrid-distill run`` needs to resume the run where it stopped -- finished stages
 reused, never redone -- and leaves out what it rebuilds or never reads:
 
 - kept: every finished step's files (``step.json`` records, ``pipeline.json``, metrics, the all-linear students'
-  and final hybrids' weights, candidates' results, evaluations, selections, reports and plots);
+  weights, candidates' results, evaluations, selections, reports and plots);
 - left out: ``superseded/``, checkpoints (model, optimizer and RNG states: a finished run never reads them), lock
   files, half-written temporary folders, token caches (rebuilt from the data), and every *unfinished* distillation
   run, candidate, saved model, export or evaluation folder (it starts again from the beginning on resume: a
-  half-made folder without its checkpoint could not be continued exactly).
+  half-made folder without its checkpoint could not be continued exactly);
+- left out unless ``--keep-hybrid-weights``: the weights of every *finished* final hybrid -- trained, saved in
+  ``models/``, evaluated, and exported when the run exports (`hybrid_distill.pipeline.models.hybrid_finished`):
+  its training run's ``final/`` model folder and the ``*.safetensors`` of ``models/<set>`` and ``exports/<set>``.
+  A resumed run reuses such a hybrid from its records (no weights read); a step that needs its weights again
+  (an evaluation or export under other settings) stops with an error naming the folder.
 
 The kept files are stored once per distinct content (a final hybrid's training output and its saved copy are the
 same bytes) in one uncompressed tar, cut into parts of at most ``--max-file-mib``; ``manifest.json`` lists every
@@ -43,6 +49,7 @@ if str(ROOT / "src") not in sys.path:
 from hybrid_distill.artifacts import LOCK_FILE, STEP_FILE, SUPERSEDED_DIR, StepRecord  # noqa: E402
 from hybrid_distill.fileio import atomic_directory_write, atomic_write_json, read_json, sha256_file  # noqa: E402
 from hybrid_distill.layout import RunLayout  # noqa: E402
+from hybrid_distill.pipeline.models import WEIGHTS_GLOB, hybrid_finished  # noqa: E402
 
 FORMAT = "hybrid-distill-run-state-v1"
 MANIFEST = "manifest.json"
@@ -78,11 +85,28 @@ def _unfinished_step(folder: Path, run: RunLayout) -> bool:
     return record is None or record.state != "done"
 
 
-def select_files(run_dir: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+def finished_hybrid_weights(run_dir: Path) -> list[Path]:
+    """The weights (folders and files, relative to ``run_dir``) of the final hybrids that need them no more."""
+    run = RunLayout(run_dir)
+    config = (read_json(run.state) or {}).get("config") or {}
+    exports = (config.get("export") or {}).get("format") is not None
+    names = sorted(p.name for p in run.final_runs.iterdir() if p.is_dir()) if run.final_runs.is_dir() else []
+    weights: list[Path] = []
+    for name in names:
+        if hybrid_finished(run, name, exports):
+            weights.append(run.final_run(name).final)
+            for folder in (run.model(name), run.export(name)):
+                weights += sorted(folder.glob(WEIGHTS_GLOB))
+    return [w.relative_to(run_dir) for w in weights if w.exists()]
+
+
+def select_files(run_dir: Path, keep_hybrid_weights: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
     """(files to pack, relative to ``run_dir``; [(left-out path, why)]) of a run folder."""
     run = RunLayout(run_dir)
     kept: list[Path] = []
     left_out: list[tuple[str, str]] = []
+    weights = set() if keep_hybrid_weights else set(finished_hybrid_weights(run_dir))
+    weights_why = "weights of a finished final hybrid (reused from its records; --keep-hybrid-weights keeps them)"
     for folder, dirs, files in os.walk(run_dir):
         here = Path(folder)
         rel = here.relative_to(run_dir)
@@ -97,12 +121,17 @@ def select_files(run_dir: Path) -> tuple[list[Path], list[tuple[str, str]]]:
                 why = "token cache (rebuilt from the data)"
             elif _unfinished_step(sub, run):
                 why = "unfinished step (starts again on resume)"
+            elif rel / name in weights:
+                why = weights_why
             if why is not None:
                 dirs.remove(name)
                 left_out.append(((rel / name).as_posix(), why))
         dirs.sort()
         for name in sorted(files):
             if name == LOCK_FILE or name.startswith("."):
+                continue
+            if rel / name in weights:
+                left_out.append(((rel / name).as_posix(), weights_why))
                 continue
             kept.append(rel / name)
     return kept, left_out
@@ -133,13 +162,14 @@ def _largest(run_dir: Path, files: dict[str, dict], n: int = 5) -> str:
 # pack / unpack
 
 
-def pack(run_dir: str | Path, out_dir: str | Path, limits: Limits = Limits()) -> dict:
+def pack(run_dir: str | Path, out_dir: str | Path, limits: Limits = Limits(), keep_hybrid_weights: bool = False) -> dict:
     """Write ``run_dir``'s state into ``out_dir`` (``manifest.json`` and tar parts); returns the manifest.
-    RunStateError, before anything is written, when it does not fit ``limits``."""
+    RunStateError, before anything is written, when it does not fit ``limits``. ``keep_hybrid_weights``: keep the
+    weights of finished final hybrids too."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / RunLayout(run_dir).state.name).is_file():
         raise RunStateError(f"{run_dir} is not a pipeline run folder (no {RunLayout(run_dir).state.name})")
-    rels, left_out = select_files(run_dir)
+    rels, left_out = select_files(run_dir, keep_hybrid_weights)
     files = {rel.as_posix(): {"sha256": sha256_file(run_dir / rel), "bytes": (run_dir / rel).stat().st_size}
              for rel in rels}
     blobs = {f["sha256"]: f["bytes"] for f in files.values()}
@@ -264,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-file-mib", type=float, default=16)
     p.add_argument("--max-files", type=int, default=8, help="files in all, the manifest included")
     p.add_argument("--max-total-mib", type=float, default=64)
+    p.add_argument("--keep-hybrid-weights", action="store_true",
+                   help="keep the weights of final hybrids that are trained, saved, evaluated and exported")
     p = sub.add_parser("unpack", help="restore a run folder from a pack (its folder, or its files)")
     p.add_argument("sources", nargs="+", metavar="OUT_DIR_OR_FILES")
     p.add_argument("run_dir")
@@ -272,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "pack":
             limits = Limits(int(args.max_file_mib * MIB), args.max_files, int(args.max_total_mib * MIB))
-            manifest = pack(args.run_dir, args.out_dir, limits)
+            manifest = pack(args.run_dir, args.out_dir, limits, keep_hybrid_weights=args.keep_hybrid_weights)
             print(f"packed {args.run_dir} -> {args.out_dir}: {summary(manifest)}")
         else:
             manifest = unpack(args.sources, args.run_dir, replace=args.replace)

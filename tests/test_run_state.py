@@ -1,6 +1,7 @@
 """scripts/run_state.py: a run folder packed on one machine and unpacked at another path resumes where it stopped
-(finished stages reused, not retrained) and ends as an uninterrupted run does; state over the limits and damaged
-parts are refused."""
+(finished stages reused, not retrained) and ends as an uninterrupted run does; finished final hybrids travel
+without their weights and are reused from their records, and a step that needs the left-out weights stops naming
+them; state over the limits and damaged parts are refused."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hybrid_distill.artifacts import Step
 from hybrid_distill.data import DataConfig
 from hybrid_distill.distill import DistillConfig, distill
+from hybrid_distill.layout import RunLayout
 from hybrid_distill.pipeline import Pipeline, RunConfig
+from hybrid_distill.pipeline.models import MissingWeightsError, hybrid_finished
 from hybrid_distill.surgery import build_student, load_tokenizer
 from hybrid_distill.tiny_teachers import tiny_teacher
 
@@ -33,13 +37,19 @@ BASE_STAGES = ("stage1", "stage2")
 LATER_STAGES = ("selection", "final", "export", "eval", "report")
 
 
-def _machine(root: Path, teacher: Path, save_dtype: str = "float32") -> RunConfig:
+WEIGHTS_WHY = "weights of a finished final hybrid"
+EXTRA = {"k3": [0, 1, 2]}  # a set no selector of the toy config chooses (budgets 1 and 2 of 4 layers)
+
+
+def _machine(root: Path, teacher: Path, save_dtype: str = "float32", extra_sets: dict | None = None) -> RunConfig:
     """A run config as a machine with its own paths sees it: the teacher checkpoint copied to ``root/teacher``;
-    every stage's output saved in ``save_dtype``."""
+    every stage's output saved in ``save_dtype``; ``extra_sets`` as ``final.extra_sets``."""
     shutil.copytree(teacher, root / "teacher")
     cfg = _config(root, teacher=str(root / "teacher"), tokenizer="tiny")
     for stage in (cfg["stage1"], cfg["stage2"], cfg["final"]["stage2"]):
         stage["save_dtype"] = save_dtype
+    if extra_sets:
+        cfg["final"]["extra_sets"] = extra_sets
     return RunConfig.from_dict(cfg)
 
 
@@ -61,11 +71,27 @@ def _outcome(run: Path) -> dict:
     return out
 
 
+def _hybrid_weights(manifest: dict) -> set[str]:
+    return {e["path"] for e in manifest["left_out"] if e["why"].startswith(WEIGHTS_WHY)}
+
+
+def _pack_bytes(manifest: dict) -> int:
+    return sum(p["bytes"] for p in manifest["parts"])
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "teacher"
     tiny_teacher("llama-gqa", seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, teacher_dir) -> RunConfig:
+    """Every stage of the toy run done, outputs saved in bf16 (as the reproduction saves them). Read only."""
+    cfg = _machine(tmp_path_factory.mktemp("finished"), teacher_dir, "bfloat16")
+    Pipeline(cfg, progress=False).run()
+    return cfg
 
 
 @pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
@@ -196,3 +222,96 @@ def test_damaged_or_missing_parts_are_refused_and_nothing_is_unpacked(tmp_path, 
         rs.unpack(files, tmp_path / "B" / "run")
     with pytest.raises(rs.RunStateError, match="exists and is not empty"):
         rs.unpack([tmp_path / "out"], cfg.run_dir)
+
+
+def test_finished_hybrids_travel_without_weights_and_are_reused_when_sets_are_added(tmp_path, teacher_dir, finished_run):
+    run_a = Path(finished_run.run_dir)
+    hybrids = sorted(p.name for p in (run_a / "final").iterdir())
+    assert len(hybrids) >= 2
+    kept = rs.pack(run_a, tmp_path / "kept", keep_hybrid_weights=True)
+    manifest = rs.pack(run_a, tmp_path / "out")
+    weights = {f"final/{h}/final" for h in hybrids} | {f"models/{h}/model.safetensors" for h in hybrids}
+    assert _hybrid_weights(manifest) == weights and not _hybrid_weights(kept)
+    dropped = {rel for rel in kept["files"] if any(rel == w or rel.startswith(w + "/") for w in weights)}
+    assert set(manifest["files"]) == set(kept["files"]) - dropped
+    assert {f"final/{h}/final/model.safetensors" for h in hybrids} <= dropped
+    # smaller by at least the weights' distinct content (a tar record of rounding aside)
+    distinct = {kept["files"][rel]["sha256"]: kept["files"][rel]["bytes"] for rel in dropped if rel.endswith(".safetensors")}
+    assert _pack_bytes(kept) - _pack_bytes(manifest) >= sum(distinct.values()) - 20 * rs.TAR_BLOCK
+
+    second = _machine(tmp_path / "B", teacher_dir, "bfloat16", extra_sets=EXTRA)
+    run_b = Path(second.run_dir)
+    rs.unpack([tmp_path / "out"], run_b)
+    records = [f"{d}/{h}/{f}" for h in hybrids for d, f in (("final", "step.json"), ("final", "metrics.jsonl"),
+                                                            ("models", "step.json"), ("eval", "step.json"),
+                                                            ("eval", "results.json"))]
+    before = {rel: (run_b / rel).read_bytes() for rel in records}
+    state = Pipeline(second, progress=False).run()
+    # the earlier hybrids: neither trained nor evaluated again, still without weights, their stored results kept
+    assert {rel: (run_b / rel).read_bytes() for rel in records} == before
+    assert not [f for h in hybrids for f in (*(run_b / "models" / h).glob("*.safetensors"), run_b / "final" / h / "final")
+                if f.exists()]
+    assert not (run_b / "superseded").exists()
+    final_a = _read(run_a / "pipeline.json")["stages"]["final"]["models"]
+    for h in hybrids:
+        reused = state["stages"]["final"]["models"][h]
+        assert {k: reused[k] for k in ("tokens", "eval", "compute_time_s")} == {k: final_a[h][k] for k in ("tokens", "eval", "compute_time_s")}
+    # the added one is trained, saved and evaluated; the report lists them all
+    new = "hybrid-gdn-k3-L0_1_2"
+    assert set(state["stages"]["final"]["models"]) == {*hybrids, new}
+    assert _read(run_b / "final" / new / "step.json")["state"] == "done"
+    assert (run_b / "models" / new / "model.safetensors").is_file()
+    assert _read(run_b / "eval" / new / "step.json")["state"] == "done"
+    report = (run_b / "report.md").read_text()
+    assert all(name in report for name in (*hybrids, new))
+    # packed again, the new hybrid's weights are left out too
+    again = rs.pack(run_b, tmp_path / "out2")
+    assert _hybrid_weights(again) == {f"final/{new}/final", f"models/{new}/model.safetensors"}
+
+
+def test_a_hybrid_not_evaluated_keeps_its_weights_and_its_evaluation_stops_without_them(tmp_path, teacher_dir):
+    cfg = _machine(tmp_path / "A", teacher_dir)
+    Pipeline(cfg, progress=False).run((*BASE_STAGES, "selection", "final"))
+    manifest = rs.pack(cfg.run_dir, tmp_path / "out")
+    assert not _hybrid_weights(manifest)  # trained and saved, not evaluated: its weights travel
+    other = _machine(tmp_path / "B", teacher_dir)
+    run_b = Path(other.run_dir)
+    rs.unpack([tmp_path / "out"], run_b)
+    first = next(iter(Pipeline(other, progress=False).final_sets()))
+    shutil.rmtree(run_b / "final" / first / "final")  # as a pack that left them out by force
+    (run_b / "models" / first / "model.safetensors").unlink()
+    records = {rel: (run_b / rel).read_bytes() for rel in (f"final/{first}/step.json", f"models/{first}/step.json")}
+    with pytest.raises(MissingWeightsError, match=rf"evaluation .*eval/{first} needs the weights of .*models/{first}, "
+                                                  r"and it holds none .*left out when the run folder was packed"):
+        Pipeline(other, progress=False).run()
+    assert {rel: (run_b / rel).read_bytes() for rel in records} == records  # not trained or saved again
+    assert not (run_b / "eval" / first).exists()
+    assert "eval" not in _read(run_b / "pipeline.json")["stages"]
+
+
+
+def _done(folder: Path, settings: dict, upstream: dict | None = None, result: dict | None = None):
+    """A finished step in ``folder`` (what was there replaced)."""
+    step = Step(folder, settings, upstream)
+    step.begin("replace")
+    return step.publish(result or {})
+
+
+def test_a_hybrid_is_finished_only_when_saved_evaluated_and_exported_from_its_own_run(tmp_path):
+    layout, name, identity = RunLayout(tmp_path / "run"), "hybrid-gdn-k1-L0", {"weights": "w", "config": "c"}
+    train = _done(layout.final_run(name).root, {"train": 1})
+    assert not hybrid_finished(layout, name, exports=False)  # not saved
+    _done(layout.model(name), {"model": name}, {"final": train.run_id}, {"model": name})
+    _done(layout.eval(name), {"model": identity})
+    assert not hybrid_finished(layout, name, exports=False)  # saved without its identity: the key needs the weights
+    model = _done(layout.model(name), {"model": name}, {"final": train.run_id}, {"model": name, "identity": identity})
+    assert hybrid_finished(layout, name, exports=False)
+    assert not hybrid_finished(layout, name, exports=True)  # not exported
+    _done(layout.export(name), {"export": "x"}, {"model": model.run_id})
+    assert hybrid_finished(layout, name, exports=True)
+    _done(layout.eval(name), {"model": {**identity, "weights": "other"}})
+    assert not hybrid_finished(layout, name, exports=True)  # evaluated on other weights
+    _done(layout.eval(name), {"model": identity})
+    assert hybrid_finished(layout, name, exports=True)
+    Step(layout.final_run(name).root, {"train": 2}).begin("replace")  # trained again, not finished
+    assert not hybrid_finished(layout, name, exports=True)

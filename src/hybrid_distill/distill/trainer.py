@@ -309,6 +309,13 @@ class Trainer:
                 self._load_state()  # another process trained this folder on since this one paused
             return self._train(until_tokens, checkpoint_at_pause)
 
+    def finished_result(self) -> DistillResult | None:
+        """The stored result of a finished run in the folder under this trainer's settings and upstream (None when
+        there is none), read from its record alone: no weights are loaded and the folder is not touched, so a
+        caller that does not need the trained weights (its output already saved elsewhere) can skip `run`."""
+        record = self.artifact.finished()
+        return _stored_result(record, self.layout) if record is not None else None
+
     # -- the loop -----------------------------------------------------------------------------
     def _train(self, until_tokens: int | None, checkpoint_at_pause: bool = True) -> TrainProgress:
         cfg, s, total = self.config, self.state, self.total_steps

@@ -23,7 +23,7 @@ from ..artifacts import FolderLock, Step, StepRecord, canonical, set_aside, sett
 from ..checkpoint import load_student, save_student
 from ..config import ConfigError
 from ..data.sources import DataSourceError
-from ..distill import DistillResult, distill
+from ..distill import DistillResult, Trainer
 from ..distill.config import STAGE_SEQ_LEN
 from ..evaluation.suite import evaluate_model, evaluation_seconds, load_model
 from ..export import export_student
@@ -32,7 +32,7 @@ from ..layout import RunLayout
 from ..selection import run_selection
 from ..surgery import build_student, load_teacher, load_tokenizer, mixers_from_softmax_layers, model_identity, teacher_num_layers
 from .config import RunConfig
-from .models import base_students, eval_models, final_sets
+from .models import base_students, eval_models, final_sets, require_weights, saved_model_identity
 from .report import write_report
 
 logger = logging.getLogger(__name__)
@@ -108,13 +108,18 @@ class Pipeline:
     def num_layers(self) -> int:
         return teacher_num_layers(self.teacher_spec)
 
-    def _distill(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None]) -> DistillResult:
-        """Train into ``out`` under ``identity`` from ``upstream`` steps; a run there made under other settings is set
-        aside to ``superseded/`` first."""
+    def _trainer(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None]) -> Trainer:
+        """The trainer of ``student`` into ``out`` under ``identity`` from ``upstream`` steps; a run there made under
+        other settings is set aside to ``superseded/`` when it runs."""
         data = self.config.data.load(self.tokenizer, cfg.seq_len, seed=self.config.seed,
                                      require_sequences=cfg.global_batch_size)
-        return distill(student, self.teacher, data, cfg, out, tokenizer=self.tokenizer, identity=identity,
+        return Trainer(student, self.teacher, data, cfg, out, tokenizer=self.tokenizer, identity=identity,
                        upstream=upstream, on_stale="set_aside", superseded=self.layout.superseded)
+
+    def _distill(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None]) -> DistillResult:
+        """Train ``student`` to the end (`_trainer`): resumed from its last checkpoint, or, when finished under the
+        same settings, its stored result with the final weights loaded into ``student``."""
+        return self._trainer(student, cfg, out, identity, upstream).run().result
 
     def _upstream(self, *stages: str) -> dict[str, str | None]:
         """The run ids of ``stages`` as ``pipeline.json`` records them."""
@@ -193,7 +198,12 @@ class Pipeline:
             torch.manual_seed(self.config.seed)
             student = build_student(self.teacher, mixers, self.config.mixer_options, init_from=init_from).float()
             run = self.layout.final_run(name)
-            result = self._distill(student, cfg, run.root, {**settings, "layers": item["layers"]}, upstream)
+            trainer = self._trainer(student, cfg, run.root, {**settings, "layers": item["layers"]}, upstream)
+            # a finished run already saved as models/<name> is reused from its record: its weights are not loaded
+            # (a packed run folder may have left them out)
+            result = trainer.finished_result()
+            if result is None or self.model_step(name, StepRecord.read(run.root).run_id).finished() is None:
+                result = trainer.run().result
             res = _run_info(result)
             self.save_model(name, item, res, student, StepRecord.read(run.root).run_id)
             out["models"][name] = {**item, "path": str(self.layout.model(name)), "tokens": res["tokens"],
@@ -206,7 +216,7 @@ class Pipeline:
         """``models/<name>``: the final hybrid as a Hugging Face checkpoint with its model card, a step made from
         the training run ``run_id`` (a copy from an earlier training of this set is set aside first)."""
         folder = self.layout.model(name)
-        step = Step(folder, {"model": name}, {"final": run_id}, what="saved model")
+        step = self.model_step(name, run_id)
         card = self.model_card(name, item, res)
         if step.finished_or_cleared(self.layout.superseded) is not None:
             if (folder / "README.md").read_text() != card:
@@ -215,7 +225,12 @@ class Pipeline:
         save_dtype = self.config.final.stage2.save_dtype
         save_student(student, folder, tokenizer=self.tokenizer, model_card=card,
                      dtype=None if save_dtype == "float32" else getattr(torch, save_dtype))
-        step.publish({"model": name})
+        # the identity its evaluation is keyed by, recorded so that the key holds without the weights on disk
+        step.publish({"model": name, "identity": model_identity(str(folder))})
+
+    def model_step(self, name: str, run_id: str) -> Step:
+        """``models/<name>``'s step: the final hybrid saved from the training run ``run_id``."""
+        return Step(self.layout.model(name), {"model": name}, {"final": run_id}, what="saved model")
 
     def export(self) -> dict:
         """``exports/<set>``: every final hybrid in the run config's ``export.format`` (none when it is null)."""
@@ -229,9 +244,11 @@ class Pipeline:
         source = self.layout.model(name)
         step = Step(self.layout.export(name), {"export": self.config.export.to_dict()},
                     {"model": StepRecord.read(source).run_id}, what="export")
-        done = step.finished_or_cleared(self.layout.superseded)
+        done = step.finished()
         if done is not None:
             return dict(done.result)
+        require_weights(self.layout, name, f"the export {step.folder}")  # before a stale export is set aside
+        step.finished_or_cleared(self.layout.superseded)
         ex = self.config.export
         result = export_student(source, step.folder, format=ex.format, approximate=ex.approximate, dtype=ex.dtype)
         logger.info("%s", result.summary())
@@ -302,8 +319,14 @@ class Pipeline:
     def eval_step(self, name: str) -> Step:
         """``eval/<name>``'s step: the evaluation settings and the weights measured (a model trained again under the
         same name must not keep its old results)."""
-        return Step(self.layout.eval(name), {**self.eval_settings(), "model": model_identity(self.eval_spec(name)),
+        spec = self.eval_spec(name)
+        model = saved_model_identity(self.layout, name) if self.is_final_hybrid(name, spec) else model_identity(spec)
+        return Step(self.layout.eval(name), {**self.eval_settings(), "model": model,
                                              "teacher_model": self.teacher_identity}, what="evaluation")
+
+    def is_final_hybrid(self, name: str, spec: str) -> bool:
+        """Whether the evaluated model ``name`` (loaded from ``spec``) is a final hybrid saved in ``models/``."""
+        return Path(spec) == self.layout.model(name)
 
     def evaluate(self, name: str) -> Path:
         """Evaluate one of `eval_models` (the teacher and the all-linear student also before selection) into
@@ -313,10 +336,13 @@ class Pipeline:
         dest = step.folder
         if step.finished() is not None:
             return dest
+        spec = self.eval_spec(name)
+        if self.is_final_hybrid(name, spec):
+            require_weights(self.layout, name, f"the evaluation {dest}")
         step.begin(on_stale="replace")  # results of other settings (or of an interrupted evaluation's) are redone
         device = "cuda" if torch.cuda.is_available() else "cpu"
         teacher = self.teacher.to(device).eval()
-        model = teacher if name == "teacher" else load_model(self.eval_spec(name), device=device)
+        model = teacher if name == "teacher" else load_model(spec, device=device)
         results = evaluate_model(model, self.tokenizer, dest, self.config.eval, teacher=None if name == "teacher" else teacher,
                                  corpus=self.config.data, model_name=name, progress=self.progress)
         step.publish({"suites": results["suites"]})
