@@ -21,7 +21,7 @@ reused, never redone -- and leaves out what it rebuilds or never reads:
   (an evaluation or export under other settings) stops with an error naming the folder.
 
 The kept files are stored once per distinct content (a final hybrid's training output and its saved copy are the
-same bytes) in one uncompressed tar, cut into parts of at most ``--max-file-mib``; ``manifest.json`` lists every
+same bytes) in one gzip-compressed tar, cut into parts of at most ``--max-file-mib``; ``manifest.json`` lists every
 file of the run folder with its SHA-256 and the SHA-256 of every part. State that does not fit the limits is
 refused before anything is written, naming its largest files and folders. ``unpack`` checks every part and every
 file against the manifest and only then puts the run folder in place (atomically: all of it or nothing).
@@ -55,7 +55,7 @@ FORMAT = "hybrid-distill-run-state-v1"
 MANIFEST = "manifest.json"
 PART = "state.tar.part{:02d}"
 MIB = 1 << 20
-TAR_BLOCK = 512
+COMPRESS_LEVEL = 6
 # folders a resumed run never reads
 SKIP_DIRS = {SUPERSEDED_DIR, "checkpoints", "tensorboard", "slurm-logs", "__pycache__"}
 TOKEN_CACHE_FILES = ("meta.json", "tokens-00000.npy")  # a folder holding both is a token cache (rebuilt)
@@ -137,14 +137,6 @@ def select_files(run_dir: Path, keep_hybrid_weights: bool = False) -> tuple[list
     return kept, left_out
 
 
-def _tar_bytes(sizes: Iterable[int]) -> int:
-    """Size of an uncompressed tar of files of ``sizes`` (one header block each, data padded to blocks, two end
-    blocks, padded to tarfile's 10 KiB record)."""
-    total = sum(TAR_BLOCK + -(-s // TAR_BLOCK) * TAR_BLOCK for s in sizes) + 2 * TAR_BLOCK
-    record = 20 * TAR_BLOCK
-    return -(-total // record) * record
-
-
 def _largest(run_dir: Path, files: dict[str, dict], n: int = 5) -> str:
     by_folder: dict[str, int] = {}
     for rel, f in files.items():
@@ -173,31 +165,36 @@ def pack(run_dir: str | Path, out_dir: str | Path, limits: Limits = Limits(), ke
     files = {rel.as_posix(): {"sha256": sha256_file(run_dir / rel), "bytes": (run_dir / rel).stat().st_size}
              for rel in rels}
     blobs = {f["sha256"]: f["bytes"] for f in files.values()}
-    tar_size = _tar_bytes(blobs.values())
-    n_parts = max(1, -(-tar_size // limits.max_file_bytes))
-    manifest_room = 4096 + 256 * (len(files) + len(left_out))  # a generous bound on manifest.json's size
-    problems = []
-    if n_parts + 1 > limits.max_files:
-        problems.append(f"{n_parts} parts of {limits.max_file_bytes / MIB:g} MiB + the manifest exceed {limits.max_files} files")
-    if tar_size + manifest_room > limits.max_total_bytes:
-        problems.append(f"{(tar_size + manifest_room) / MIB:.2f} MiB exceeds {limits.max_total_bytes / MIB:g} MiB in all")
-    if problems:
-        raise RunStateError(f"the state of {run_dir} does not fit: {'; '.join(problems)} ({len(files)} files, "
-                            f"{sum(blobs.values()) / MIB:.2f} MiB of distinct content); {_largest(run_dir, files)}")
     first_file = {}
     for rel, f in files.items():
         first_file.setdefault(f["sha256"], rel)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [out_dir / MANIFEST, *out_dir.glob("state.tar.part*")]:  # an earlier pack's files would be mixed in
-        stale.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".pack-") as tmp:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.pack-") as tmp:
         tar_path = Path(tmp) / "state.tar"
-        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        # gzip: bf16 weights shrink to about 0.8 of their size (their sign/exponent bytes are far from random)
+        with tarfile.open(tar_path, "w:gz", compresslevel=COMPRESS_LEVEL, format=tarfile.PAX_FORMAT) as tar:
             for sha, rel in sorted(first_file.items()):
                 info = tar.gettarinfo(str(run_dir / rel), arcname=sha)
                 info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
                 with open(run_dir / rel, "rb") as f:
                     tar.addfile(info, f)
+        tar_size = tar_path.stat().st_size
+        n_parts = max(1, -(-tar_size // limits.max_file_bytes))
+        manifest_room = 4096 + 256 * (len(files) + len(left_out))  # a generous bound on manifest.json's size
+        problems = []
+        if n_parts + 1 > limits.max_files:
+            problems.append(f"{n_parts} parts of {limits.max_file_bytes / MIB:g} MiB + the manifest exceed "
+                            f"{limits.max_files} files")
+        if tar_size + manifest_room > limits.max_total_bytes:
+            problems.append(f"{(tar_size + manifest_room) / MIB:.2f} MiB exceeds {limits.max_total_bytes / MIB:g} MiB "
+                            "in all")
+        if problems:  # nothing in out_dir has changed yet
+            raise RunStateError(f"the state of {run_dir} does not fit: {'; '.join(problems)} ({len(files)} files, "
+                                f"{sum(blobs.values()) / MIB:.2f} MiB of distinct content, {tar_size / MIB:.2f} MiB "
+                                f"compressed); {_largest(run_dir, files)}")
+        out_dir.mkdir(exist_ok=True)
+        for stale in [out_dir / MANIFEST, *out_dir.glob("state.tar.part*")]:  # an earlier pack's files would mix in
+            stale.unlink(missing_ok=True)
         parts = []
         with open(tar_path, "rb") as src:
             for i in range(limits.max_files):
@@ -208,7 +205,7 @@ def pack(run_dir: str | Path, out_dir: str | Path, limits: Limits = Limits(), ke
                 (Path(tmp) / name).write_bytes(chunk)
                 parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
         manifest = {"format": FORMAT, "run_dir": run_dir.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "tar_sha256": sha256_file(tar_path), "parts": parts, "files": files,
+                    "compression": "gzip", "tar_sha256": sha256_file(tar_path), "parts": parts, "files": files,
                     "left_out": [{"path": p, "why": why} for p, why in left_out]}
         for part in parts:
             os.replace(Path(tmp) / part["name"], out_dir / part["name"])
@@ -255,7 +252,7 @@ def unpack(sources: list[str | Path], run_dir: str | Path, replace: bool = False
             raise RunStateError("the joined parts' SHA-256 differs from the manifest's (parts out of order?)")
         blobs = Path(tmp) / "blobs"
         blobs.mkdir()
-        with tarfile.open(tar_path) as tar:  # members are named by their SHA-256; nothing else is taken
+        with tarfile.open(tar_path, "r:*") as tar:  # members are named by their SHA-256; nothing else is taken
             for member in tar:
                 if not member.isfile() or not _is_sha256(member.name):
                     raise RunStateError(f"the parts hold an unexpected member {member.name!r}")
