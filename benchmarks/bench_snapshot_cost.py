@@ -21,14 +21,12 @@ import json
 import tempfile
 
 import torch
-from bench_stage2 import qwen25_15b_config
+from bench_stage2 import build_models
 from common import provenance, publish
-from transformers import Qwen2ForCausalLM
 
 from hybrid_distill.distill import DistillConfig, TensorTokenDataset, Trainer, read_metrics
 from hybrid_distill.distill.stages import evaluate_kl
 from hybrid_distill.selection import SelectionConfig
-from hybrid_distill.surgery import build_student
 
 
 def run_schedule(teacher, student, stage2: DistillConfig, interval: int, eval_batches: int, eval_bs: int,
@@ -93,18 +91,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         parser.error("needs a CUDA GPU (use --tiny for a CPU smoke test)")
-    config = qwen25_15b_config(args.tiny)
     if args.tiny:
         args.seq, args.global_batch, args.micro_batch = 64, 4, 2
-    else:
-        config.num_hidden_layers = args.layers  # the snapshot / train ratio is per layer
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[: args.layers]
-    torch.manual_seed(0)
-    with torch.device(device):
-        teacher = Qwen2ForCausalLM(config).eval()
-    student = build_student(teacher, ["gdn"] * config.num_hidden_layers)
-    teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    teacher, student = build_models(device, args.tiny, None if args.tiny else args.layers)  # the ratio is per layer
     stage2 = {"seq_len": args.seq, "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch}
     if args.candidate_tokens is not None:
         stage2["target_tokens"] = args.candidate_tokens

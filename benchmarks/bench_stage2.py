@@ -40,7 +40,8 @@ from hybrid_distill.surgery import build_student
 NOMINAL_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
 
-def qwen25_15b_config(tiny: bool) -> Qwen2Config:
+def qwen25_15b_config(tiny: bool, layers: int | None = None) -> Qwen2Config:
+    """Qwen2.5-1.5B's layer shapes (28 layers, or ``layers`` of them), or a 2-layer 64-wide model with ``tiny``."""
     if tiny:
         sizes = dict(
             hidden_size=64,
@@ -54,7 +55,7 @@ def qwen25_15b_config(tiny: bool) -> Qwen2Config:
         sizes = dict(
             hidden_size=1536,
             intermediate_size=8960,
-            num_hidden_layers=28,
+            num_hidden_layers=layers or 28,
             num_attention_heads=12,
             num_key_value_heads=2,
             vocab_size=151936,
@@ -115,9 +116,10 @@ def measure_matmul_peak(device: torch.device) -> float | None:
     return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
-def build_models(device: torch.device, tiny: bool):
+def build_models(device: torch.device, tiny: bool, layers: int | None = None):
+    """A random-weight Qwen2.5-1.5B-shaped teacher (`qwen25_15b_config`) and its all-GDN student."""
     torch.manual_seed(0)
-    config = qwen25_15b_config(tiny)
+    config = qwen25_15b_config(tiny, layers)
     with torch.device(device):
         teacher = Qwen2ForCausalLM(config)  # fp32, so the student's master weights are fp32
     teacher.eval()
