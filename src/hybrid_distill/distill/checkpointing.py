@@ -38,7 +38,6 @@ from torch.distributed.fsdp import FSDPModule
 from ..artifacts import StaleStepError, describe_changes
 from ..checkpoint import CheckpointError, save_student
 from ..fileio import (
-    atomic_directory_write,
     jsonable,
     naming,
     publish_directory,
@@ -301,8 +300,6 @@ def save_final_model(student: nn.Module, path: Path, ctx: hd_dist.DistContext, t
         return
     state = hd_dist.gather_model_state(student)
     if ctx.is_main:
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         cls = unwrapped_class(student)
         with torch.device("meta"):
             plain = cls(student.config)
@@ -313,10 +310,7 @@ def save_final_model(student: nn.Module, path: Path, ctx: hd_dist.DistContext, t
                 f"gathered state does not fit {cls.__name__}: missing {missing[:8]}, unexpected {unexpected[:8]}"
             )
         plain.tie_weights()
-        with atomic_directory_write(path) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        save_student(plain, path, tokenizer=tokenizer, dtype=dtype)
     hd_dist.barrier()
 
 

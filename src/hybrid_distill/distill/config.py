@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..config import (
     Config,
     ConfigError,
@@ -193,6 +195,11 @@ class DistillConfig(Config):
                 f"{per_rank} (global_batch_size={self.global_batch_size} / world_size={world_size})"
             )
         return per_rank // micro
+
+    @property
+    def saved_weights_dtype(self) -> torch.dtype | None:
+        """The dtype ``save_dtype`` rounds the final model's floating-point weights to (None: kept as trained)."""
+        return None if self.save_dtype == "float32" else getattr(torch, self.save_dtype)
 
     def total_steps(self, seq_len: int) -> int:
         """Optimizer steps of the run: ceil(target_tokens / (global_batch_size × seq_len))."""

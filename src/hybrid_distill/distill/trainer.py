@@ -464,7 +464,7 @@ class Trainer:
         final_dir = None
         if self.config.save_final_model:
             final_dir = self.layout.final
-            save_dtype = None if self.config.save_dtype == "float32" else getattr(torch, self.config.save_dtype)
+            save_dtype = self.config.saved_weights_dtype
             if save_dtype is not None:  # the saved weights are the output: the student holds them too
                 with torch.no_grad():
                     for p in self.student.parameters():

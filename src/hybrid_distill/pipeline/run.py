@@ -222,9 +222,8 @@ class Pipeline:
             if (folder / "README.md").read_text() != card:
                 atomic_write_text(folder / "README.md", card)  # e.g. a selector added later chose this set too
             return
-        save_dtype = self.config.final.stage2.save_dtype
         save_student(student, folder, tokenizer=self.tokenizer, model_card=card,
-                     dtype=None if save_dtype == "float32" else getattr(torch, save_dtype))
+                     dtype=self.config.final.stage2.saved_weights_dtype)
         # the identity its evaluation is keyed by, recorded so that the key holds without the weights on disk
         step.publish({"model": name, "identity": model_identity(str(folder))})
 
