@@ -733,6 +733,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-out", default=None, metavar="PATH.jsonl.gz",
                         help="also write the generic text documents (no recall documents) as gzipped JSONL, "
                         "a `data.source` for distilling on the same text")
+    parser.add_argument("--text-only", action="store_true",
+                        help="with --text-out: only collect the generic text and write it (step 1), no training")
+    parser.add_argument("--text-sha256", default=None, metavar="HEX",
+                        help="the text's expected digest (a teacher's training_log.jsonl records it): a machine "
+                        "whose text differs stops with an error before anything is trained or written")
     parser.add_argument("--evaluate", default=None, metavar="TEACHER_DIR",
                         help="only evaluate the teacher in TEACHER_DIR (e.g. an unpacked pack) with the config's eval "
                         "section -> OUT/eval.json, OUT/eval.md")
@@ -753,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seed"] = args.seed
     if args.evaluate:
         return evaluate_only(args, cfg)
+    if args.text_only:
+        return text_only(args, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     status = Status(out, time.time())
@@ -762,6 +769,32 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         status.phase("failed", error=f"{type(err).__name__}: {err}")
         raise
+
+
+class TextMismatch(RuntimeError):
+    """The machine's generic text differs from the one a run expects (another image, other installed packages)."""
+
+
+def checked_text(cfg: dict, expected: str | None, log) -> tuple[list[str], dict]:
+    """`collect_text` with the config's seed, refused when its digest is not ``expected`` (None: any)."""
+    texts, stats = collect_text(cfg, random.Random(int(cfg["seed"])), log)
+    stats["sha256"] = text_digest(texts)
+    if expected is not None and stats["sha256"] != expected:
+        raise TextMismatch(f"this machine's generic text has sha256 {stats['sha256']}, not the expected {expected}: "
+                           "its Python install differs from the one the teacher was trained on, so distillation data "
+                           "made here would differ too")
+    return texts, stats
+
+
+def text_only(args, cfg: dict) -> int:
+    """Step 1 alone: the generic text the teacher trained on, written to ``--text-out`` (its digest checked)."""
+    if not args.text_out:
+        raise SystemExit("--text-only needs --text-out PATH.jsonl.gz")
+    t0 = time.time()
+    texts, stats = checked_text(cfg, args.text_sha256, lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True))
+    write_text_jsonl(args.text_out, texts)
+    print(f"{args.text_out}: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M chars, sha256 {stats['sha256']}")
+    return 0
 
 
 def _load_for_eval(teacher_dir: str | Path, device):
@@ -803,13 +836,8 @@ def unpack_init(source: Path, dest: Path) -> tuple[Path, str]:
     ``dest``, and its dequantized weights' SHA-256."""
     import teacher_pack
 
-    pack_dir = source
-    if source.is_file():
-        with tarfile.open(source) as tar:
-            tar.extractall(dest.with_name(dest.name + "-pack"), filter="data")
-        pack_dir = dest.with_name(dest.name + "-pack") / "pack"
     try:
-        manifest = teacher_pack.unpack(pack_dir, dest)
+        manifest = teacher_pack.unpack(source, dest)
     except (teacher_pack.PackError, OSError) as err:
         raise SystemExit(f"init_from: {source} is not a teacher pack ({err})") from None
     return dest, manifest["dequantized_weights_sha256"]
@@ -868,7 +896,6 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = args.workers or max(1, min(15, (os.cpu_count() or 2) - 1))
     seed = int(cfg["seed"])
-    rng = random.Random(seed)
     torch.manual_seed(seed)
     log_json({"event": "config", "config": cfg, "device": str(device), "workers": workers, "argv": sys.argv})
     dcfg, tcfg = cfg["data"], cfg["train"]
@@ -879,8 +906,7 @@ def pretrain(args, cfg: dict, out: Path, status: Status) -> int:
     # 1. text
     status.phase("collect_text")
     t0 = time.time()
-    texts, text_stats = collect_text(cfg, rng, log)
-    text_stats["sha256"] = text_digest(texts)
+    texts, text_stats = checked_text(cfg, args.text_sha256, log)
     timings["collect_text_s"] = time.time() - t0
     log(f"text: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M chars in {timings['collect_text_s']:.1f}s "
         f"(sha256 {text_stats['sha256'][:16]})")

@@ -27,6 +27,8 @@ import hashlib
 import json
 import shutil
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import torch
@@ -190,8 +192,21 @@ def verify(pack_dir: str | Path) -> dict:
 
 
 def unpack(pack_dir: str | Path, out_dir: str | Path) -> dict:
-    """Write the teacher (fp32 Hugging Face checkpoint) from ``pack_dir`` to ``out_dir`` atomically; returns the manifest."""
+    """Write the teacher (fp32 Hugging Face checkpoint) from ``pack_dir`` to ``out_dir`` atomically; returns the manifest.
+
+    ``pack_dir`` may also be a tar holding the pack as ``pack/`` (what ``scripts/pretrain_teacher.py --collect``
+    brings back as ``teacher_pack.tar``)."""
     pack_dir, out_dir = Path(pack_dir), Path(out_dir)
+    if pack_dir.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with tarfile.open(pack_dir) as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, OSError) as err:
+                raise PackError(f"{pack_dir}: not a pack folder or a readable tar of one ({err})") from None
+            if not (Path(tmp) / "pack").is_dir():
+                raise PackError(f"{pack_dir}: the tar holds no pack/ folder")
+            return unpack(Path(tmp) / "pack", out_dir)
     manifest = verify(pack_dir)
     state = dequantized_state(load_file(str(pack_dir / WEIGHTS)))
     got = weights_sha256(state)

@@ -36,6 +36,20 @@ def test_pretrain_script_toy_run(tmp_path, family):
     rows = [json.loads(line) for line in gzip.open(out / "text.jsonl.gz", "rt")]
     assert rows and all(set(r) == {"text"} for r in rows)
     assert not any("special magic" in r["text"].lower() for r in rows[:50])  # generic text only
+    if family != "llama":
+        return
+    # --text-only remakes the same text on this machine (the distillation data of a reproduction) and checks it
+    digest = next(r for r in log if r.get("event") == "data")["text_sources"]["sha256"]
+    def text_only(dest, sha):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain_teacher.py"), "--out", str(tmp_path / "t"),
+                               "--text-only", "--text-out", str(dest), "--text-sha256", sha, "--set", *TOY],
+                              capture_output=True, text=True, timeout=300)
+
+    assert text_only(tmp_path / "again.jsonl.gz", digest).returncode == 0
+    assert gzip.open(tmp_path / "again.jsonl.gz", "rt").read() == gzip.open(out / "text.jsonl.gz", "rt").read()
+    refused = text_only(tmp_path / "other.jsonl.gz", "0" * 64)
+    assert refused.returncode != 0 and "TextMismatch" in refused.stderr and "not the expected" in refused.stderr
+    assert not (tmp_path / "other.jsonl.gz").exists()
 
 
 def test_repro_config_is_a_valid_override():
