@@ -18,6 +18,7 @@ from hybrid_distill.artifacts import Step, StepRecord
 from hybrid_distill.data import DataConfig
 from hybrid_distill.distill import DistillConfig, distill
 from hybrid_distill.errors import TimeLimitReached
+from hybrid_distill.evaluation.suite import evaluation_seconds
 from hybrid_distill.layout import RunLayout
 from hybrid_distill.pipeline import Pipeline, RunConfig
 from hybrid_distill.pipeline import run as pipeline_run
@@ -360,6 +361,29 @@ def test_a_run_under_a_time_limit_stops_between_units_and_ends_as_an_uninterrupt
     assert [{n: {f: m[f] for f in fields} for n, m in s["final"]["models"].items()} for s in stages.values()] == \
         [{n: {f: m[f] for f in fields} for n, m in stages[reference]["final"]["models"].items()}] * 2
     assert [set(s["eval"]["models"]) for s in stages.values()] == [set(stages[reference]["eval"]["models"])] * 2
+
+
+def test_what_a_run_measured_is_read_from_its_records(finished_run):
+    run = Path(finished_run.run_dir)
+    pipe = Pipeline(finished_run, progress=False)
+    measured = pipe.measured()
+
+    def recorded(folder: Path) -> tuple[int, float]:
+        result = _read(folder / "step.json")["result"]
+        return result["tokens"], result["wall_time_s"]
+
+    assert measured.training["stage1"] == [recorded(run / "stage1")]
+    assert measured.training["stage2"] == [recorded(run / "stage2")]
+    assert sorted(measured.training["final"]) == sorted(recorded(p) for p in (run / "final").iterdir())
+    assert len(measured.training["candidate-stage2"]) == 7 and "candidate-stage1" not in measured.training  # 4 + 3 null
+    evals = {name: evaluation_seconds(_read(run / "eval" / name / "results.json")) for name in pipe.eval_models()}
+    assert measured.seconds["eval-teacher"] == [evals.pop("teacher")]
+    assert measured.seconds["eval-linear"] == [evals.pop("all-gdn")]
+    assert sorted(measured.seconds["eval-hybrid"]) == sorted(evals.values()) and all(t > 0 for t in evals.values())
+    # evaluations made under other evaluation settings measure nothing for this run's
+    other = measured_in(RunLayout(run), "gdn", {**pipe.eval_settings(), "num_samples": 99,
+                                                "teacher_model": pipe.teacher_identity})
+    assert other.training == measured.training and not other.seconds
 
 
 def _done(folder: Path, settings: dict, upstream: dict | None = None, result: dict | None = None):

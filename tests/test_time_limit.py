@@ -106,7 +106,7 @@ def test_a_unit_starts_only_when_its_estimate_times_the_safety_factor_fits(caplo
         assert limit.check(Unit("c", others=("report",)), MEASURED).parts == 0
     assert "c is not estimated" in caplog.text
     clock.now = 1100.0
-    with pytest.raises(TimeLimitReached, match="stopped before c"):
+    with pytest.raises(TimeLimitReached, match=r"stopped before c \(not estimated, 0 s left\)"):
         limit.check(Unit("c", others=("report",)), MEASURED)
     limit.check(Unit("done", {"stage1": 0}), MEASURED)
     # the stop travels from worker processes (pickled) as itself

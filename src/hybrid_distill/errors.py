@@ -32,7 +32,8 @@ class TimeLimitReached(Exception):
         if self.during:
             what = f"stopped during {self.unit} (the time limit passed; its training checkpointed where it was)"
         else:
-            what = f"stopped before {self.unit} (estimated {self.estimate_s:.0f} s, {max(self.left_s, 0.0):.0f} s left)"
+            estimated = "not estimated" if self.estimate_s is None else f"estimated {self.estimate_s:.0f} s"
+            what = f"stopped before {self.unit} ({estimated}, {max(self.left_s, 0.0):.0f} s left)"
         if self.limit_s is not None:
             return (f"time limit: {what}; it needs more than the whole time limit ({self.limit_s:.0f} s): run the same "
                     "command again with a larger --time-limit, or without one, to continue")

@@ -147,7 +147,7 @@ class TimeBudget:
             return est
         if not est.parts:
             if left <= 0:
-                raise TimeLimitReached(unit.name, 0.0, left)
+                raise TimeLimitReached(unit.name, None, left)
             logger.info("time limit: %s is not estimated (nothing measured to estimate it from); starting it, %.0f s "
                         "left", unit.name, left)
             return est
