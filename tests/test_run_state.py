@@ -14,11 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybrid_distill.artifacts import Step
+from hybrid_distill.artifacts import Step, StepRecord
 from hybrid_distill.data import DataConfig
 from hybrid_distill.distill import DistillConfig, distill
+from hybrid_distill.errors import TimeLimitReached
+from hybrid_distill.evaluation.suite import evaluation_seconds
 from hybrid_distill.layout import RunLayout
 from hybrid_distill.pipeline import Pipeline, RunConfig
+from hybrid_distill.pipeline import run as pipeline_run
+from hybrid_distill.pipeline.budget import Measured, measured_in
 from hybrid_distill.pipeline.models import MissingWeightsError, hybrid_finished
 from hybrid_distill.surgery import build_student, load_tokenizer
 from hybrid_distill.tiny_teachers import tiny_teacher
@@ -290,6 +294,96 @@ def test_a_hybrid_not_evaluated_keeps_its_weights_and_its_evaluation_stops_witho
     assert not (run_b / "eval" / first).exists()
     assert "eval" not in _read(run_b / "pipeline.json")["stages"]
 
+
+
+def _measured_slower(kind: str, factor: float = 1e6):
+    """`measured_in` with the finished training runs of ``kind`` made ``factor`` times slower than they ran: what
+    comes after them does not fit a time limit once they are measured, whatever this machine's speed."""
+    def measured(*args, **kwargs) -> Measured:
+        real = measured_in(*args, **kwargs)
+        return Measured({k: [(t, s * factor if k == kind else s) for t, s in runs] for k, runs in real.training.items()},
+                        real.seconds)
+
+    return measured
+
+
+def _step_done(folder: Path) -> bool:
+    record = StepRecord.read(folder) if folder.is_dir() else None
+    return record is not None and record.state == "done"
+
+
+def test_a_run_under_a_time_limit_stops_between_units_and_ends_as_an_uninterrupted_run(tmp_path, teacher_dir,
+                                                                                     finished_run, monkeypatch):
+    cfg = _machine(tmp_path / "A", teacher_dir, "bfloat16")
+    run_a = Path(cfg.run_dir)
+    # session 1: Stage 1 and 2 start unestimated (nothing measured yet); the GA candidates, estimated from Stage 2,
+    # do not fit
+    monkeypatch.setattr(pipeline_run, "measured_in", _measured_slower("stage2"))
+    with pytest.raises(TimeLimitReached) as stop:
+        Pipeline(cfg, progress=False).run(time_limit=600)
+    assert not stop.value.during and stop.value.unit.endswith("candidates (7 of 7 to train)")
+    assert stop.value.estimate_s * 1.25 > 600 and stop.value.limit_s == 600
+    assert set(_read(run_a / "pipeline.json")["stages"]) == set(BASE_STAGES)
+    assert not (run_a / "selection" / "candidates").exists()
+
+    # session 2: selection runs; the final hybrids are finished one at a time, and the second, estimated from the
+    # first's training, does not fit: the one trained is saved and evaluated, so its weights need not travel
+    monkeypatch.setattr(pipeline_run, "measured_in", _measured_slower("final"))
+    with pytest.raises(TimeLimitReached) as stop:
+        Pipeline(cfg, progress=False).run(time_limit=600)
+    first, second, *_ = Pipeline(cfg, progress=False).final_sets()
+    assert stop.value.unit == f"final hybrid {second}" and not (run_a / "final" / second).exists()
+    assert all(_step_done(run_a / d / first) for d in ("final", "models", "eval"))
+    assert _step_done(run_a / "eval" / "all-gdn")  # evaluated before the hybrids: what their evaluation is estimated by
+    assert hybrid_finished(RunLayout(run_a), first, exports=False)
+    assert set(_read(run_a / "pipeline.json")["stages"]) == {*BASE_STAGES, "selection"}  # final: not complete
+    manifest = rs.pack(run_a, tmp_path / "out")
+    assert _hybrid_weights(manifest) == {f"final/{first}/final", f"models/{first}/model.safetensors"}
+
+    # session 3, at another path, without a limit: it continues and ends as the run that never stopped
+    monkeypatch.undo()
+    other = _machine(tmp_path / "B", teacher_dir, "bfloat16")
+    run_b = Path(other.run_dir)
+    rs.unpack([tmp_path / "out"], run_b)
+    state = Pipeline(other, progress=False).run()
+    reference = Path(finished_run.run_dir)
+    assert _outcome(run_b) == _outcome(reference)
+    assert {s: e["key"] for s, e in state["stages"].items()} == \
+        {s: e["key"] for s, e in _read(reference / "pipeline.json")["stages"].items()}
+    for rel in sorted(str(p.relative_to(reference)) for p in reference.glob("*/*/step.json")):
+        if rel.startswith(("final/", "eval/", "models/")):  # the same settings; an evaluation's of the same weights
+            got, want = (_read(run / rel)["settings"] for run in (run_b, reference))
+            if "model" in want and isinstance(want["model"], dict):  # its config.json names the teacher's path
+                got["model"], want["model"] = got["model"]["weights"], want["model"]["weights"]
+            assert got == want, rel
+    stages = {run: _read(run / "pipeline.json")["stages"] for run in (run_b, reference)}
+    fields = ("layers", "chosen_by", "tokens", "eval")  # of each final hybrid: all but its path and the time it took
+    assert [{n: {f: m[f] for f in fields} for n, m in s["final"]["models"].items()} for s in stages.values()] == \
+        [{n: {f: m[f] for f in fields} for n, m in stages[reference]["final"]["models"].items()}] * 2
+    assert [set(s["eval"]["models"]) for s in stages.values()] == [set(stages[reference]["eval"]["models"])] * 2
+
+
+def test_what_a_run_measured_is_read_from_its_records(finished_run):
+    run = Path(finished_run.run_dir)
+    pipe = Pipeline(finished_run, progress=False)
+    measured = pipe.measured()
+
+    def recorded(folder: Path) -> tuple[int, float]:
+        result = _read(folder / "step.json")["result"]
+        return result["tokens"], result["wall_time_s"]
+
+    assert measured.training["stage1"] == [recorded(run / "stage1")]
+    assert measured.training["stage2"] == [recorded(run / "stage2")]
+    assert sorted(measured.training["final"]) == sorted(recorded(p) for p in (run / "final").iterdir())
+    assert len(measured.training["candidate-stage2"]) == 7 and "candidate-stage1" not in measured.training  # 4 + 3 null
+    evals = {name: evaluation_seconds(_read(run / "eval" / name / "results.json")) for name in pipe.eval_models()}
+    assert measured.seconds["eval-teacher"] == [evals.pop("teacher")]
+    assert measured.seconds["eval-linear"] == [evals.pop("all-gdn")]
+    assert sorted(measured.seconds["eval-hybrid"]) == sorted(evals.values()) and all(t > 0 for t in evals.values())
+    # evaluations made under other evaluation settings measure nothing for this run's
+    other = measured_in(RunLayout(run), "gdn", {**pipe.eval_settings(), "num_samples": 99,
+                                                "teacher_model": pipe.teacher_identity})
+    assert other.training == measured.training and not other.seconds
 
 
 def _done(folder: Path, settings: dict, upstream: dict | None = None, result: dict | None = None):

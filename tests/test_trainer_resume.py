@@ -264,6 +264,35 @@ def test_pause_and_continue_equals_uninterrupted(tmp_path):
     assert [(r["step"], r["eval_kl"]) for r in got] == [(r["step"], r["eval_kl"]) for r in want]
 
 
+def test_a_run_stopped_at_its_deadline_checkpoints_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """`Trainer.run(deadline=...)`: past the deadline the run stops after the step it is in, with a checkpoint (not a
+    regular one: none is due), and another trainer resumes it to the weights of a run that never stopped."""
+    from types import SimpleNamespace
+
+    from hybrid_distill.distill import Trainer
+    from hybrid_distill.distill import trainer as trainer_module
+
+    cfg = _config(2, save_every_tokens=None)
+    student, teacher = _models()
+    distill(student, teacher, _data(), cfg, tmp_path / "ref")
+    want = {k: v.clone() for k, v in student.state_dict().items()}
+
+    calls = iter(range(1, 1000))  # the trainer reads the wall clock only for its deadline: once after each step
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(time=lambda: next(calls), perf_counter=time.perf_counter,
+                                                                monotonic=time.monotonic))
+    student, teacher = _models()
+    stopped = Trainer(student, teacher, _data(), cfg, tmp_path / "run").run(deadline=5)
+    assert stopped.deadline_reached and not stopped.done and stopped.step == 5
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005" and not finished(tmp_path / "run")
+    monkeypatch.undo()
+
+    student, teacher = _models()
+    progress = Trainer(student, teacher, _data(), cfg, tmp_path / "run").run()
+    assert progress.done and not progress.deadline_reached and progress.result.resumed_from_step == 5
+    assert all(torch.equal(v, want[k]) for k, v in student.state_dict().items())
+    assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+
+
 def test_resume_refuses_changed_config(tmp_path):
     student, teacher = _models()
     cfg = _config(2, target_tokens=GLOBAL * SEQ * 5, save_every_tokens=GLOBAL * SEQ * 2)

@@ -16,16 +16,17 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError, save_student, verify_checkpoint
-from .config import parse_json
+from .config import ConfigError, parse_json
 from .cuda_allocator import prefer_expandable_segments
 from .distill.recipe import add_distill_arguments, run_distill_from_args
-from .errors import HybridDistillError
+from .errors import TIME_LIMIT_EXIT_CODE, HybridDistillError, TimeLimitReached
 from .evaluation.compare import compare_results
 from .evaluation.lm_eval_bridge import add_lm_eval_arguments, run_lm_eval_from_args
 from .evaluation.suite import add_eval_arguments, run_eval_from_args
 from .export import export_student
 from .fileio import DISK_FULL_ERRNOS, check_output_folder
 from .pipeline import RunConfig, plan_run, run_pipeline, write_report
+from .pipeline.budget import SAFETY_FACTOR, time_limit_seconds
 from .pipeline.plan import plan_markdown
 from .pipeline.run import STAGES
 from .selection.recipe import (
@@ -125,7 +126,12 @@ def cmd_run(args) -> int:
         return 0
     check_output_folder(config.run_dir, "run_dir")
     stages = None if args.stages is None else tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    state = run_pipeline(config, progress=not args.no_progress, **({} if stages is None else {"stages": stages}))
+    try:
+        state = run_pipeline(config, progress=not args.no_progress, time_limit=args.time_limit,
+                             **({} if stages is None else {"stages": stages}))
+    except TimeLimitReached as stop:
+        print(f"hybrid-distill run: {stop}", file=sys.stderr)
+        return TIME_LIMIT_EXIT_CODE
     print(f"done: {config.run_dir}/report.md" if "report" in state["stages"] else f"done: {config.run_dir}")
     return 0
 
@@ -153,16 +159,36 @@ def cmd_report(args) -> int:
     return 0
 
 
+def parse_time_limit(text: str) -> float:
+    """``--time-limit``'s value: seconds > 0 (argparse names the flag in its error)."""
+    try:
+        return time_limit_seconds(text, "--time-limit")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.reason) from None
+
+
+RUN_EXIT_CODES = (f"exit status: 0 done; 2 an error (bad settings or files, out of memory, disk full); "
+                  f"{TIME_LIMIT_EXIT_CODE} stopped at --time-limit (EX_TEMPFAIL: run the same command again to "
+                  "continue); 130 interrupted")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-distill", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the whole pipeline from a YAML config ('default': the embedded offline demo)")
+    p = sub.add_parser("run", help="the whole pipeline from a YAML config ('default': the embedded offline demo)",
+                       epilog=RUN_EXIT_CODES)
     p.add_argument("config", help="YAML run config, or 'default'")
     p.add_argument("--run-dir", default=None, help="overrides the config's run_dir")
     p.add_argument("--dry-run", action="store_true", help="print the stages, token budgets and a compute estimate")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--time-limit", type=parse_time_limit, default=None, metavar="SECONDS",
+                   help="stop before a unit of work (a stage's training, a candidate family, a final hybrid with its "
+                        "evaluation, an evaluation) that is not estimated to finish within SECONDS of the command's "
+                        f"start (its estimate from this run's measured times, x {SAFETY_FACTOR}), and checkpoint "
+                        f"training still running then; exits with {TIME_LIMIT_EXIT_CODE}; running it again continues. "
+                        "Not a setting (--dry-run ignores it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_run)
 

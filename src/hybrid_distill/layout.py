@@ -103,7 +103,12 @@ class SelectionLayout:
         return TrainLayout(self.root / "base" / f"stage{stage}")
 
     def candidate(self, kind: str, name: str) -> CandidateLayout:
-        return CandidateLayout(self.root / "candidates" / kind / name)
+        return CandidateLayout(self.candidates / kind / name)
+
+    @property
+    def candidates(self) -> Path:
+        """The folder of every candidate: ``candidates/<family>/<name>``."""
+        return self.root / "candidates"
 
     def selector(self, name: str) -> Path:
         return self.root / name
@@ -149,7 +154,11 @@ class RunLayout:
         return self.root / "exports" / name
 
     def eval(self, name: str) -> Path:
-        return self.root / "eval" / name
+        return self.evals / name
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
 
     @property
     def superseded(self) -> Path:

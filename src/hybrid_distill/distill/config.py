@@ -205,6 +205,11 @@ class DistillConfig(Config):
         """Optimizer steps of the run: ceil(target_tokens / (global_batch_size × seq_len))."""
         return math.ceil(self.target_tokens / (self.global_batch_size * seq_len))
 
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the run trains as recipes load its data (at `data_seq_len`): whole optimizer steps."""
+        return self.total_steps(self.data_seq_len) * self.global_batch_size * self.data_seq_len
+
     # -- fingerprint ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "adam_betas": list(self.adam_betas), "report_to": list(self.report_to)}

@@ -125,6 +125,7 @@ class TrainProgress:
     total_tokens: int | None
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     result: DistillResult | None = None  # when done
+    deadline_reached: bool = False  # stopped at `Trainer.run`'s deadline, with a checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,11 +293,17 @@ class Trainer:
         self._eval: tuple[str | None, float | None] = (None, None)
 
     # -- the public entry ---------------------------------------------------------------------
-    def run(self, until_tokens: int | None = None, checkpoint_at_pause: bool = True) -> TrainProgress:
+    def run(self, until_tokens: int | None = None, checkpoint_at_pause: bool = True,
+            deadline: float | None = None) -> TrainProgress:
         """Train to the end, or stop once ``until_tokens`` are trained (after that step) and return; calling again
         continues exactly as if the run had not stopped. The pause is checkpointed, so that another process can
         continue the run; ``checkpoint_at_pause=False`` skips that write when this object will continue it (the
-        regular checkpoints, ``save_every_*``, still happen)."""
+        regular checkpoints, ``save_every_*``, still happen).
+
+        ``deadline``: a ``time.time()`` past which the run stops at the end of the step it is in, checkpointed
+        whatever ``checkpoint_at_pause`` says, and returns with ``deadline_reached`` (a caller's time limit, checked
+        after every step, so a call trains at least one). It is not a setting: the run continues from there exactly
+        as if it had not stopped."""
         if self.result is not None:
             return self._progress()
         with self._writing() as record:
@@ -307,7 +314,7 @@ class Trainer:
                 self._load_state()
             elif (ckpt := latest_checkpoint(self.layout.root)) is not None and checkpoint_step(ckpt) > self.state.step:
                 self._load_state()  # another process trained this folder on since this one paused
-            return self._train(until_tokens, checkpoint_at_pause)
+            return self._train(until_tokens, checkpoint_at_pause, deadline)
 
     def finished_result(self) -> DistillResult | None:
         """The stored result of a finished run in the folder under this trainer's settings and upstream (None when
@@ -317,7 +324,8 @@ class Trainer:
         return _stored_result(record, self.layout) if record is not None else None
 
     # -- the loop -----------------------------------------------------------------------------
-    def _train(self, until_tokens: int | None, checkpoint_at_pause: bool = True) -> TrainProgress:
+    def _train(self, until_tokens: int | None, checkpoint_at_pause: bool = True,
+               deadline: float | None = None) -> TrainProgress:
         cfg, s, total = self.config, self.state, self.total_steps
         if self._paused_rng is not None:  # the RNGs as they were at the pause, whatever ran in between
             set_rng_state(decode_rng_state(self._paused_rng))
@@ -329,6 +337,7 @@ class Trainer:
         self._clock = (s.elapsed, time.perf_counter())  # (seconds trained before this call, when it began)
         window: list[tuple[float, float]] = []  # (loss, seconds) since the last log line
         paused = until_tokens is not None and s.tokens >= until_tokens and s.step < total
+        late = False  # the deadline passed
         try:
             while s.step < total and not paused:
                 t0 = time.perf_counter()
@@ -352,8 +361,9 @@ class Trainer:
                 if self.heldout and crossed(prev_tokens, s.tokens, cfg.eval_every_tokens):
                     self._evaluate(stage, metrics)
                 saved = crossed(prev_tokens, s.tokens, cfg.save_every_tokens) or self._checkpoint_due()
-                paused = until_tokens is not None and s.tokens >= until_tokens
-                if (saved or (paused and checkpoint_at_pause)) and self._nonfinite_since is None:
+                late = self._past(deadline)
+                paused = late or (until_tokens is not None and s.tokens >= until_tokens)
+                if (saved or (paused and (checkpoint_at_pause or late))) and self._nonfinite_since is None:
                     self._save()  # no checkpoint while the loss is not finite
             if self.heldout and not paused:
                 self._evaluate(stage, metrics)
@@ -368,8 +378,17 @@ class Trainer:
             stage.close()
         if paused:
             self._paused_rng = rng_state()
-            return self._progress()
+            if late and self.ctx.is_main:
+                logger.info("stage %d: the deadline passed at step %d (tokens %d); checkpointed in %s", cfg.stage,
+                            s.step, s.tokens, self.layout.root)
+            return self._progress(deadline_reached=late)
         return self._finish()
+
+    def _past(self, deadline: float | None) -> bool:
+        """Whether ``deadline`` (a ``time.time()``) has passed, on any process (all of them stop alike)."""
+        if deadline is None:
+            return False
+        return not hd_dist.all_reduce_min_int(int(time.time() < deadline), self.ctx.device)
 
     def _diverged(self, loss: float) -> bool:
         """Track a run of non-finite losses; True once it is `NONFINITE_STEPS_LIMIT` steps long, or the run ends
@@ -491,14 +510,14 @@ class Trainer:
             config_hash=self.config_hash, wall_time_s=s.elapsed, resumed_from_step=s.resumed_from, paused=paused,
         )
 
-    def _progress(self) -> TrainProgress:
+    def _progress(self, deadline_reached: bool = False) -> TrainProgress:
         hd_dist.barrier()  # rank 0 wrote the metrics
         if self.result is not None:
             r = self.result
             return TrainProgress(True, r.steps, r.tokens, r.tokens, read_metrics(self.layout.root, "eval"), r)
         s = self.state
         return TrainProgress(False, s.step, s.tokens, self.total_steps * self.tokens_per_step,
-                             read_metrics(self.layout.root, "eval"))
+                             read_metrics(self.layout.root, "eval"), deadline_reached=deadline_reached)
 
     # -- the run folder -----------------------------------------------------------------------
     @contextlib.contextmanager

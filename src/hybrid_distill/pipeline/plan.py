@@ -41,7 +41,7 @@ def matmul_params(teacher_spec: str) -> tuple[int, int, int]:
 
 def _tokens(cfg) -> int:
     """Tokens a DistillConfig trains: whole optimizer steps."""
-    return cfg.total_steps(cfg.data_seq_len) * cfg.global_batch_size * cfg.data_seq_len
+    return cfg.total_tokens
 
 
 def plan_run(config: RunConfig, mfu: float = 0.3) -> dict[str, Any]:

@@ -6,6 +6,11 @@ steps before it. A re-run skips what is done under the same settings (``pipeline
 resumes what was interrupted (distillation from its last checkpoint, selection from its finished candidates,
 evaluation model by model), and moves what was made under other settings to ``superseded/`` before redoing it —
 never deleted, never reused by mistake. Evaluations made under other settings are evaluated again in place.
+
+Under a time limit (``run(time_limit=...)``, `budget`) each unit of work starts only when it is estimated to fit
+before the deadline, training stops at the deadline with a checkpoint, and the run then raises `TimeLimitReached`;
+the final hybrids are then finished one at a time (trained, saved, exported, evaluated; after the all-linear
+student's evaluation, which estimates theirs) so that every trained one is also evaluated. The limit is no setting: the steps made, their keys and results are those of a run without it.
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ import torch
 
 from .. import __version__
 from ..artifacts import FolderLock, Step, StepRecord, canonical, set_aside, settings_key
-from ..checkpoint import load_student, save_student
+from ..checkpoint import CheckpointError, load_student, save_student
 from ..config import ConfigError
 from ..data.sources import DataSourceError
-from ..distill import DistillResult, Trainer
+from ..distill import DistillResult, Trainer, read_progress
 from ..distill.config import STAGE_SEQ_LEN
+from ..errors import TimeLimitReached
 from ..evaluation.suite import evaluate_model, evaluation_seconds, load_model
 from ..export import export_student
 from ..fileio import atomic_write_json, atomic_write_text, read_json
 from ..layout import RunLayout
-from ..selection import run_selection
+from ..selection import SelectionUnit, run_selection
 from ..surgery import build_student, load_teacher, load_tokenizer, mixers_from_softmax_layers, model_identity, teacher_num_layers
+from .budget import Measured, TimeBudget, Unit, measured_in
 from .config import RunConfig
 from .models import base_students, eval_models, final_sets, require_weights, saved_model_identity
 from .report import write_report
@@ -82,6 +89,8 @@ class Pipeline:
         self.teacher_spec = config.teacher_spec
         self._teacher = None
         self._tokenizer = None
+        self.budget: TimeBudget | None = None  # while `run` runs under a time limit
+        self.run_stages: tuple[str, ...] = STAGES  # the stages `run` is running
 
     # -- shared resources --------------------------------------------------------------------
     @property
@@ -116,10 +125,57 @@ class Pipeline:
         return Trainer(student, self.teacher, data, cfg, out, tokenizer=self.tokenizer, identity=identity,
                        upstream=upstream, on_stale="set_aside", superseded=self.layout.superseded)
 
-    def _distill(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None]) -> DistillResult:
-        """Train ``student`` to the end (`_trainer`): resumed from its last checkpoint, or, when finished under the
-        same settings, its stored result with the final weights loaded into ``student``."""
-        return self._trainer(student, cfg, out, identity, upstream).run().result
+    def _distill(self, student, cfg, out: Path, identity: dict[str, Any], upstream: dict[str, str | None],
+                 unit: str, kind: str) -> DistillResult:
+        """Train ``student`` to the end (`_trainer`) as the unit of work ``unit`` (its tokens of training ``kind``):
+        resumed from its last checkpoint, or, when finished under the same settings, its stored result with the final
+        weights loaded into ``student``."""
+        trainer = self._trainer(student, cfg, out, identity, upstream)
+        if self.budget is not None:
+            self.before(Unit(unit, {kind: self.tokens_left(trainer)}))
+        return self._train(trainer, unit)
+
+    def _train(self, trainer: Trainer, unit: str) -> DistillResult:
+        """``trainer`` run to the end, or `TimeLimitReached` when it stopped at the time limit's deadline."""
+        progress = trainer.run(deadline=self.deadline)
+        if not progress.done:
+            raise TimeLimitReached(unit, during=True)
+        return progress.result
+
+    @staticmethod
+    def tokens_left(trainer: Trainer) -> int:
+        """Tokens ``trainer`` still has to train: none when finished, else from its newest checkpoint on."""
+        if trainer.finished_result() is not None:
+            return 0
+        try:
+            progress = read_progress(trainer.layout.root)
+        except CheckpointError:  # a damaged checkpoint: the trainer falls back to an earlier one, or starts over
+            progress = None
+        return max(0, trainer.config.total_tokens - (progress.tokens if progress is not None else 0))
+
+    # -- time limit ---------------------------------------------------------------------------
+    @property
+    def deadline(self) -> float | None:
+        """The time limit's deadline (a ``time.time()``) while `run` runs under one."""
+        return self.budget.deadline if self.budget is not None else None
+
+    def before(self, unit: Unit) -> None:
+        """Under a time limit: stop the run (`TimeLimitReached`) unless ``unit`` is estimated to fit in the time
+        left (`TimeBudget.check`, from what this run folder has measured)."""
+        if self.budget is not None:
+            self.budget.check(unit, self.measured())
+
+    def measured(self) -> Measured:
+        """What this run folder has measured (`measured_in`): evaluations only under the current settings."""
+        return measured_in(self.layout, self.config.linear,
+                           {**self.eval_settings(), "teacher_model": self.teacher_identity})
+
+    def before_selection_unit(self, unit: SelectionUnit) -> None:
+        """`before` a candidate family or a bypass / task scoring of `run_selection`."""
+        if unit.source == "candidates":
+            self.before(Unit(unit.name, {"candidate-stage1": unit.stage1_tokens, "candidate-stage2": unit.stage2_tokens}))
+        else:
+            self.before(Unit(unit.name, others=(f"scoring-{unit.source}",)))
 
     def _upstream(self, *stages: str) -> dict[str, str | None]:
         """The run ids of ``stages`` as ``pipeline.json`` records them."""
@@ -135,14 +191,15 @@ class Pipeline:
         torch.manual_seed(self.config.seed)
         student = build_student(self.teacher, [self.config.linear] * self.num_layers, self.config.mixer_options).float()
         return _run_info(self._distill(student, self.stage_config(self.config.stage1), self.layout.stage("stage1").root,
-                                       {"pipeline": self.stage_key("stage1")}, {}))
+                                       {"pipeline": self.stage_key("stage1")}, {}, "stage1", "stage1"))
 
     def stage2(self) -> dict:
         if self.config.stage2 is None:
             return {"tokens": 0, "final": str(self.layout.stage("stage1").final), "skipped": True}
         student = load_student(self.layout.stage("stage1").final).float()
         return _run_info(self._distill(student, self.stage_config(self.config.stage2), self.layout.stage("stage2").root,
-                                       {"pipeline": self.stage_key("stage2")}, self._upstream("stage1")))
+                                       {"pipeline": self.stage_key("stage2")}, self._upstream("stage1"), "stage2",
+                                       "stage2"))
 
     def base_dirs(self) -> tuple[str, str]:
         stage1, base = base_students(self.config, self.layout)
@@ -169,7 +226,9 @@ class Pipeline:
         for selector in self.config.selectors:
             sel = run_selection(self.config.selection_config(selector), self.teacher_spec, self.layout.selection.root,
                                 data=self.config.data, base_student=base, stage1_student=stage1,
-                                tokenizer=self.config.tokenizer, progress=self.progress)
+                                tokenizer=self.config.tokenizer, progress=self.progress,
+                                deadline=self.deadline,
+                                before_unit=self.before_selection_unit if self.budget is not None else None)
             out["selectors"][selector] = {label: b.sets if len(b.sets) > 1 else b.layers for label, b in sel.budgets.items()}
             for kind, spent in ((sel.tokens or {}).get("by_kind") or {}).items():
                 by_kind[kind] = max(by_kind.get(kind, 0), spent)  # candidates are shared between selectors
@@ -193,6 +252,8 @@ class Pipeline:
         upstream = self._upstream("stage1", "stage2")
         planned = self.final_sets()
         self.set_aside_unplanned(planned)
+        if self.budget is not None and "eval" in self.run_stages:  # the closest measure of a hybrid's evaluation
+            self.evaluate_in_time(f"all-{self.config.linear}")
         for name, item in planned.items():
             mixers = mixers_from_softmax_layers(self.num_layers, item["layers"], self.config.linear)
             torch.manual_seed(self.config.seed)
@@ -202,15 +263,29 @@ class Pipeline:
             # a finished run already saved as models/<name> is reused from its record: its weights are not loaded
             # (a packed run folder may have left them out)
             result = trainer.finished_result()
-            if result is None or self.model_step(name, StepRecord.read(run.root).run_id).finished() is None:
-                result = trainer.run().result
+            saved = result is not None and self.model_step(name, StepRecord.read(run.root).run_id).finished() is not None
+            if self.budget is not None:
+                self.before(self.hybrid_unit(name, 0 if saved else self.tokens_left(trainer), saved))
+            if not saved:
+                result = self._train(trainer, f"final hybrid {name}")
             res = _run_info(result)
             self.save_model(name, item, res, student, StepRecord.read(run.root).run_id)
+            if self.budget is not None:  # finished one at a time: its weights need not outlive this command
+                if "export" in self.run_stages and self.config.export.format is not None:
+                    self.export_model(name)
+                if "eval" in self.run_stages:
+                    self.evaluate(name)
             out["models"][name] = {**item, "path": str(self.layout.model(name)), "tokens": res["tokens"],
                                    "eval": res["eval"], "compute_time_s": res["compute_time_s"]}
             out["tokens"] += res["tokens"]
             out["compute_time_s"] += res["compute_time_s"]
         return out
+
+    def hybrid_unit(self, name: str, tokens: int, saved: bool) -> Unit:
+        """Final hybrid ``name`` as a unit of work: its ``tokens`` of training left, and its evaluation when the run
+        evaluates and it is not evaluated (``saved``: ``models/<name>`` is saved from its finished training)."""
+        evaluate = "eval" in self.run_stages and not (saved and self.eval_step(name).finished() is not None)
+        return Unit(f"final hybrid {name}", {"final": tokens}, ("eval-hybrid",) if evaluate else ())
 
     def save_model(self, name: str, item: dict, res: dict, student, run_id: str) -> None:
         """``models/<name>``: the final hybrid as a Hugging Face checkpoint with its model card, a step made from
@@ -292,11 +367,21 @@ class Pipeline:
     def eval(self) -> dict:
         out: dict[str, Any] = {"models": {}, "eval_time_s": {}}
         for name in self.eval_models():
-            dest = self.evaluate(name)
+            dest = self.evaluate_in_time(name)
             out["models"][name] = str(dest)
             out["eval_time_s"][name] = evaluation_seconds(read_json(dest / "results.json") or {})
         out["compute_time_s"] = sum(out["eval_time_s"].values())
         return out
+
+    def evaluate_in_time(self, name: str) -> Path:
+        """`evaluate` ``name``; under a time limit, an evaluation not done yet only when it fits (`before`)."""
+        if self.budget is not None and self.eval_step(name).finished() is None:
+            self.before(Unit(f"the evaluation of {name}", others=(self.eval_kind(name),)))
+        return self.evaluate(name)
+
+    def eval_kind(self, name: str) -> str:
+        """The kind of evaluation ``name``'s is, for its time estimate (`budget.SECONDS_LIKE`)."""
+        return {"teacher": "eval-teacher", f"all-{self.config.linear}": "eval-linear"}.get(name, "eval-hybrid")
 
     def eval_settings(self) -> dict[str, Any]:
         """Everything in the config that decides what an evaluation measures (defaults filled in)."""
@@ -348,6 +433,8 @@ class Pipeline:
         return dest
 
     def report(self) -> dict:
+        if self.budget is not None:
+            self.before(Unit("the report", others=("report",)))
         return {"files": [str(p) for p in write_report(self.run_dir, self.config)]}
 
     # -- driver -------------------------------------------------------------------------------
@@ -394,15 +481,25 @@ class Pipeline:
             except DataSourceError as err:
                 raise ConfigError(f"{section}.seq_len {seq_len} with data.recall_fraction: {err}") from None
 
-    def run(self, stages: tuple[str, ...] = STAGES) -> dict:
+    def run(self, stages: tuple[str, ...] = STAGES, time_limit: float | None = None) -> dict:
         """Run (or skip, when done under the same settings) each stage; returns ``pipeline.json``'s content. One
-        process runs a run folder at a time (`hybrid_distill.artifacts.FolderLock`)."""
+        process runs a run folder at a time (`hybrid_distill.artifacts.FolderLock`).
+
+        ``time_limit``: seconds from now the run may take. A unit of work starts only when it is estimated to fit
+        (`budget`); when the next one does not, or training reaches the deadline (it checkpoints), the run stops
+        with `TimeLimitReached`, everything finished recorded. Running it again, with or without a limit, continues
+        where it stopped."""
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
             raise ConfigError(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}" if unknown
                               else f"no stages given; choose from {','.join(STAGES)}")
+        budget = TimeBudget(time_limit) if time_limit is not None else None
         with FolderLock(self.run_dir):
-            return self._run(stages)
+            self.budget, self.run_stages = budget, tuple(stages)
+            try:
+                return self._run(stages)
+            finally:
+                self.budget, self.run_stages = None, STAGES
 
     def _run(self, stages: tuple[str, ...]) -> dict:
         state = PipelineState(self.layout)
@@ -435,11 +532,12 @@ class Pipeline:
 
 
 def run_pipeline(config: RunConfig | str | Path, run_dir: str | Path | None = None, progress: bool = True,
-                 stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the whole pipeline (Python API of ``hybrid-distill run``); see the module docstring."""
+                 stages: tuple[str, ...] = STAGES, time_limit: float | None = None) -> dict:
+    """Run the whole pipeline (Python API of ``hybrid-distill run``); see the module docstring. ``time_limit``:
+    seconds it may take (`Pipeline.run`); raises `TimeLimitReached` when it stops at it."""
     if not isinstance(config, RunConfig):
         config = RunConfig.from_file(config)
-    return Pipeline(config, run_dir, progress).run(stages)
+    return Pipeline(config, run_dir, progress).run(stages, time_limit)
 
 
 __all__ = ["STAGES", "Pipeline", "PipelineState", "run_pipeline"]

@@ -13,7 +13,7 @@ early-stopping rule and racing::
 """
 
 from .config import SelectionConfig
-from .recipe import SelectionError, run_selection, train_base_student
+from .recipe import SelectionError, SelectionUnit, run_selection, train_base_student
 from .registry import BYPASS_SELECTORS, LEARNED_SELECTORS, RULE_SELECTORS, SELECTORS
 from .result import BudgetSet, CandidateScoring, SelectionResult
 from .rules import BudgetError, resolve_budget, resolve_budgets
@@ -29,6 +29,7 @@ __all__ = [
     "SelectionConfig",
     "SelectionError",
     "SelectionResult",
+    "SelectionUnit",
     "resolve_budget",
     "resolve_budgets",
     "run_selection",

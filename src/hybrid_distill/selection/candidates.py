@@ -36,6 +36,7 @@ from ..distill import DistillConfig, Trainer, read_metrics, read_progress
 from ..distill.trainer import autocast_for
 from ..distill import distributed as hd_dist
 from ..distill.stages import Stage1Alignment, evaluate_kl, evaluate_stage
+from ..errors import TimeLimitReached
 from ..fileio import atomic_write_json, read_json
 from ..layout import CandidateLayout, SelectionLayout
 from ..surgery import derive_student, load_teacher, load_tokenizer
@@ -48,7 +49,8 @@ class CandidateJob:
     ``base_student``: the checkpoint it starts from; ``stage1``/``stage2``: `DistillConfig` dicts (``stage1``
     None: no Stage-1 training, its loss is only evaluated); ``until_tokens``: Stage-2 tokens to train up to in
     this call (None: to the end). ``teacher_weights`` / ``base_weights``: weights fingerprints, so a model
-    retrained in place at the same path is noticed."""
+    retrained in place at the same path is noticed. ``deadline``: a ``time.time()`` past which the job stops (its
+    training checkpointed) with `TimeLimitReached`; not a setting."""
 
     kind: str  # "ga", "gr" or "null"
     layer: int | None
@@ -68,6 +70,7 @@ class CandidateJob:
     teacher_weights: str | None = None
     base_weights: str | None = None
     keep_trainer: bool = False  # the same process runs every round (inline executor): keep the paused trainer
+    deadline: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +218,7 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
     Returns ``{"kind", "layer", "seed", "replicate", "start", "done", "s1_loss", "kl_initial", "snapshots":
     [{"tokens", "kl"}], "tokens_trained", "stage2_tokens", "wall_time_s", "tokens_per_s", "reused"}``;
     ``tokens_trained`` counts Stage-1 and Stage-2 tokens so far. A finished candidate returns its stored result.
+    Past ``job.deadline`` (at the start, or when its training stops there) it raises `TimeLimitReached`.
     """
     if isinstance(job, dict):
         job = CandidateJob(**job)
@@ -224,10 +228,12 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
                                                        "folder to train it again")
     if record.state == "done":
         return {**record.result, "reused": True}
+    if job.deadline is not None and time.time() >= job.deadline:
+        raise TimeLimitReached(f"candidate {job.name}", during=True)
     t0 = time.perf_counter()
     kept = _TRAINERS.get(job.run_dir)
     if kept is not None and kept[0] == step.key:  # paused by this process in an earlier round
-        progress = kept[1].run(job.until_tokens, checkpoint_at_pause=False)
+        progress = _within_deadline(job, kept[1].run(job.until_tokens, checkpoint_at_pause=False, deadline=job.deadline))
         return _result(job, step, layout, progress, read_json(layout.s1_eval), read_json(layout.initial_eval), t0)
     replay = _replayed_round(job, layout)
     if replay is not None:
@@ -248,7 +254,8 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         cfg1 = DistillConfig.from_dict(job.stage1)
         cfg1 = cfg1.replace(seq_len=cfg1.data_seq_len, eval_max_batches=job.eval_batches, keep_last=1)
         data1 = data.load(tokenizer, cfg1.seq_len, seed=cfg1.seed)
-        r1 = Trainer(student, teacher, data1, cfg1, layout.stage1.root, identity=identity).run().result
+        r1 = _within_deadline(job, Trainer(student, teacher, data1, cfg1, layout.stage1.root, identity=identity)
+                              .run(deadline=job.deadline)).result
         if s1 is None:
             s1 = {"s1_loss": r1.eval_value, "tokens": r1.tokens}
             atomic_write_json(layout.s1_eval, s1)
@@ -277,10 +284,17 @@ def run_candidate(job: CandidateJob | dict[str, Any]) -> dict[str, Any]:
         atomic_write_json(layout.initial_eval, initial)
     trainer = Trainer(student, teacher, data2, cfg2, layout.stage2.root, identity=identity)
     keep = job.keep_trainer and job.until_tokens is not None and _may_keep(student, device)
-    progress = trainer.run(job.until_tokens, checkpoint_at_pause=not keep)
+    progress = _within_deadline(job, trainer.run(job.until_tokens, checkpoint_at_pause=not keep, deadline=job.deadline))
     if keep and not progress.done:
         _TRAINERS[job.run_dir] = (step.key, trainer)
     return _result(job, step, layout, progress, s1, initial, t0)
+
+
+def _within_deadline(job: CandidateJob, progress):
+    """``progress``, or `TimeLimitReached` when the training stopped at ``job.deadline`` (with a checkpoint)."""
+    if progress.deadline_reached:
+        raise TimeLimitReached(f"candidate {job.name}", during=True)
+    return progress
 
 
 def _result(job: CandidateJob, step: Step, layout: CandidateLayout, progress, s1: dict, initial: dict,

@@ -8,7 +8,8 @@ Every executor has ``map(fn, jobs) -> list[JobOutcome]`` in job order. Failures 
 * the job's own failure (`CandidateFailure`, e.g. a candidate whose training diverged): reported at once, not
   retried (it would fail the same way);
 * anything else (a bug, a bad setting): raised as `JobError` with the job's traceback — never counted as a
-  failed candidate. Other jobs of the same batch still finish first.
+  failed candidate. Other jobs of the same batch still finish first. A job stopped at its deadline
+  (`TimeLimitReached`) is raised as itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..cuda_allocator import configured_allocator_env
-from ..errors import HybridDistillError
+from ..errors import HybridDistillError, TimeLimitReached
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ class Executor:
 
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any]) -> list[JobOutcome]:
         """``fn(job)`` for every job: transient failures retried, the job's own failures reported, other errors
-        raised (a `HybridDistillError` as itself, so that the user sees its message; anything else as `JobError`)."""
+        raised (a `HybridDistillError` or `TimeLimitReached` as itself, so that the user sees its message; anything
+        else as `JobError`)."""
         self._allocator_env = configured_allocator_env()  # what _call applies in worker processes
         outcomes: list[JobOutcome | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))
@@ -120,7 +122,7 @@ class Executor:
                     continue
                 if out.kind == "error":
                     cause = _root_cause(out.exception) if out.exception is not None else None
-                    if isinstance(cause, HybridDistillError):
+                    if isinstance(cause, (HybridDistillError, TimeLimitReached)):
                         raise cause
                     raise JobError(f"job {i} raised an error that is not a candidate failure:\n{out.error}")
                 first_line = out.error.strip().splitlines()[-1] if out.error else "?"

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from .candidates import (
     CandidateJob,
     candidate_folder,
     candidate_name,
+    candidate_step,
     heldout_batches,
     run_candidate,
 )
@@ -69,6 +72,27 @@ MIN_TEACHER_TASK_ACCURACY = 0.1
 
 class SelectionError(HybridDistillError):
     """Selection could not produce a layer set (e.g. too many candidates failed)."""
+
+
+@dataclass(frozen=True)
+class SelectionUnit:
+    """A unit of selection work about to start, for a caller that budgets its time (`run_selection`'s
+    ``before_unit``, which may stop the selection by raising): a candidate family (``source`` "candidates": one
+    kind and start, its null candidates and seed repeats, trained in lockstep rounds) with the Stage-1 and Stage-2
+    tokens its unfinished candidates train at most, or a selector's bypass or task scoring (``source`` "bypass" or
+    "task")."""
+
+    name: str
+    source: str
+    selector: str
+    stage1_tokens: int = 0
+    stage2_tokens: int = 0
+
+
+def candidate_tokens(config: SelectionConfig) -> tuple[int, int]:
+    """(Stage-1, Stage-2) tokens one candidate trains over its whole budget (Stage 1: none unless configured)."""
+    stage1_cfg = config.stage_config(1)
+    return (0 if stage1_cfg is None else stage1_cfg.total_tokens), config.stage_config(2).total_tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,10 +166,11 @@ def degenerate_task(details: dict[str, Any]) -> str | None:
 
 def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLayout, data: DataConfig,
                       base_student: str, stage1_student: str, tokenizer: str | None, num_layers: int, ks: list[int],
-                      progress: bool) -> dict[str, FamilyScores]:
+                      progress: bool, deadline: float | None = None,
+                      before_unit: Callable[[SelectionUnit], None] | None = None) -> dict[str, FamilyScores]:
     stage1_cfg, stage2_cfg = config.stage_config(1), config.stage_config(2)
     interval, eval_batches = config.snapshot_schedule()
-    total = stage2_cfg.total_steps(stage2_cfg.data_seq_len) * stage2_cfg.global_batch_size * stage2_cfg.data_seq_len
+    per1, total = candidate_tokens(config)
     weights = {str(p): weights_fingerprint(p) for p in {base_student, stage1_student}}
     teacher_weights = model_identity(teacher).get("weights")
 
@@ -166,7 +191,7 @@ def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLa
                                base_student=str(base), mixers=mixers, data=data.to_dict(), stage1=s1, stage2=stage2,
                                tokenizer=tokenizer, until_tokens=until, eval_batches=eval_batches,
                                teacher_weights=teacher_weights, base_weights=weights[str(base)],
-                               keep_trainer=config.executor == "inline")
+                               keep_trainer=config.executor == "inline", deadline=deadline)
             return job.to_dict()
 
         return make_job
@@ -174,9 +199,16 @@ def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLa
     executor = make_executor(config.executor, config.workers, config.retries, config.executor_options,
                              folder=layout.slurm_logs, progress=progress)
     try:
-        return {kind: score_family(kind, start, members, config, make_job_for(kind, start), run_candidate, executor, ks,
-                                   total)
-                for kind, (start, members) in candidate_families(config, num_layers).items()}
+        families = {}
+        for kind, (start, members) in candidate_families(config, num_layers).items():
+            make_job = make_job_for(kind, start)
+            if before_unit is not None:
+                todo = sum(candidate_step(CandidateJob(**make_job(m, None))).finished() is None for m in members)
+                family = kind if kind == "gr" else f"{kind}-{start}"
+                before_unit(SelectionUnit(f"the {family} candidates ({todo} of {len(members)} to train)", "candidates",
+                                          config.selector, todo * per1, todo * total))
+            families[kind] = score_family(kind, start, members, config, make_job, run_candidate, executor, ks, total)
+        return families
     finally:
         executor.close()
 
@@ -188,7 +220,8 @@ def _train_candidates(config: SelectionConfig, teacher: str, layout: SelectionLa
 def run_selection(config: SelectionConfig, teacher: str, run_dir: str | Path, data: DataConfig | dict | str | None = None,
                   base_student: str | None = None, stage1_student: str | None = None, tokenizer: str | None = None,
                   base_stages: dict[str, dict | None] | None = None, reference: str | Path | None = None,
-                  progress: bool = True) -> SelectionResult:
+                  progress: bool = True, deadline: float | None = None,
+                  before_unit: Callable[[SelectionUnit], None] | None = None) -> SelectionResult:
     """Run ``config.selector`` for ``teacher`` and write ``run_dir/<selector>/selection.json`` (+ plots).
 
     Learned selectors start their candidates from the all-linear students: ``stage1_student`` (after Stage 1;
@@ -197,15 +230,20 @@ def run_selection(config: SelectionConfig, teacher: str, run_dir: str | Path, da
     (``{"stage1": {...}, "stage2": {...}}`` DistillConfig fields). Finished candidates are reused. ``reference``:
     another selection.json to report the Jaccard of each budget's set against. One process writes a selection
     folder at a time (`hybrid_distill.artifacts.FolderLock`).
+
+    For a caller under a time limit: ``before_unit`` is called before each candidate family and each bypass or task
+    scoring starts (a `SelectionUnit`; raising stops the selection there), and candidates stop at ``deadline`` (a
+    ``time.time()``) with `TimeLimitReached`, their training checkpointed. Neither changes what is selected.
     """
     with FolderLock(SelectionLayout(run_dir).root):
         return _select(config, teacher, run_dir, data, base_student, stage1_student, tokenizer, base_stages, reference,
-                       progress)
+                       progress, deadline, before_unit)
 
 
 def _select(config: SelectionConfig, teacher: str, run_dir: str | Path, data, base_student: str | None,
             stage1_student: str | None, tokenizer: str | None, base_stages: dict[str, dict | None] | None,
-            reference: str | Path | None, progress: bool) -> SelectionResult:
+            reference: str | Path | None, progress: bool, deadline: float | None = None,
+            before_unit: Callable[[SelectionUnit], None] | None = None) -> SelectionResult:
     t0 = time.perf_counter()
     layout = SelectionLayout(run_dir)
     data = DataConfig.from_value(data)
@@ -228,12 +266,14 @@ def _select(config: SelectionConfig, teacher: str, run_dir: str | Path, data, ba
     stop: dict[int, int | None] = {}
     null_std: dict[int, float | None] = {}
     if selector.source in ("bypass", "task"):
+        if before_unit is not None:
+            before_unit(SelectionUnit(f"the {config.selector} {selector.source} scoring", selector.source, config.selector))
         inputs.scores, result.bypass, result.degenerate = bypass_scores(config, teacher, tokenizer, data)
     elif selector.kinds:
         base_student, stage1_student = _base_students(config, teacher, layout, data, base_student, stage1_student,
                                                       tokenizer, base_stages)
         families = _train_candidates(config, teacher, layout, data, base_student, stage1_student, tokenizer,
-                                     num_layers, ks, progress)
+                                     num_layers, ks, progress, deadline, before_unit)
         _record_candidates(result, config, families, ks, num_layers, base_student, stage1_student)
         inputs.tables = score_tables(families, ks)
         inputs.eliminated = {kind: fam.layers.eliminated for kind, fam in families.items()}
@@ -318,10 +358,7 @@ def _record_candidates(result: SelectionResult, config: SelectionConfig, familie
         "stop_tokens": {str(k): (main.layers.snapshot_tokens[v] if v is not None else None)
                         for k, v in main.layers.stop_by_budget.items()},
     }
-    stage1_cfg, stage2_cfg = config.stage_config(1), config.stage_config(2)
-    per2 = stage2_cfg.total_steps(stage2_cfg.data_seq_len) * stage2_cfg.global_batch_size * stage2_cfg.data_seq_len
-    per1 = 0 if stage1_cfg is None else (stage1_cfg.total_steps(stage1_cfg.data_seq_len) * stage1_cfg.global_batch_size
-                                          * stage1_cfg.data_seq_len)
+    per1, per2 = candidate_tokens(config)
     count = sum(len(fam.members) for fam in families.values())
     spent = {kind: fam.layers.tokens_spent + (fam.null.tokens_spent if fam.null else 0) for kind, fam in families.items()}
     full = count * (per1 + per2)
@@ -457,9 +494,11 @@ def run_replay_from_args(args) -> int:
 
 __all__ = [
     "SelectionError",
+    "SelectionUnit",
     "add_replay_arguments",
     "add_select_arguments",
     "bypass_scores",
+    "candidate_tokens",
     "config_from_select_args",
     "degenerate_task",
     "run_replay_from_args",
