@@ -793,8 +793,15 @@ def text_only(args, cfg: dict) -> int:
     t0 = time.time()
     texts, stats = checked_text(cfg, args.text_sha256, lambda msg: print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True))
     write_text_jsonl(args.text_out, texts)
+    atomic_write_json(text_record(args.text_out), {"sha256": stats["sha256"], "documents": len(texts),
+                                                   "chars": sum(map(len, texts)), "sources": stats})
     print(f"{args.text_out}: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f}M chars, sha256 {stats['sha256']}")
     return 0
+
+
+def text_record(text_path: str | Path) -> Path:
+    """Where ``--text-only`` records what it wrote (digest, documents, characters): beside the text file."""
+    return Path(f"{text_path}.json")
 
 
 def _load_for_eval(teacher_dir: str | Path, device):

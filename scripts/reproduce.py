@@ -424,6 +424,195 @@ def _tail(path: Path, n: int = 60) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# the decisive reproduction (issue 30): one fixed teacher, a run folder carried across GPU sessions
+
+FIXED_CONFIG = ROOT / "scripts" / "reproduction_fixed.yaml"
+FIXED_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_fixed.yaml"
+SESSION = "session.json"  # WORK/<this>: the session's state (running, stopped, done, failed) and its phases
+OUTBOX = "outbox"  # WORK/<this>/: what a finished session hands back (the run folder's state pack, its summary)
+PACK_SECONDS = 60  # kept free at the end of a session for packing the run folder and handing it back
+EXIT_TIME_LIMIT = 75  # `hybrid-distill run --time-limit` stopped between units: the next session continues
+
+
+class Session:
+    """``WORK/session.json``: one background session's phases with seconds since it started (rewritten atomically)."""
+
+    def __init__(self, work: Path, fresh: bool = False):
+        from hybrid_distill.fileio import read_json
+
+        self.path = work / SESSION
+        self.t0 = time.time()
+        self.data = {} if fresh else (read_json(self.path) or {})
+        if fresh:
+            self.data = {"state": "running", "pid": os.getpid(), "started": self.t0, "phases": []}
+            self.write()
+
+    def write(self) -> None:
+        from hybrid_distill.fileio import atomic_write_json
+
+        atomic_write_json(self.path, self.data)
+
+    def phase(self, name: str, **info) -> None:
+        rec = {"phase": name, "t": round(time.time() - self.t0, 1), **info}
+        self.data["phases"].append(rec)
+        self.write()
+        print(f"[session {rec['t']:7.1f}s] {name} {json.dumps(info) if info else ''}", flush=True)
+
+    def end(self, state: str, **info) -> None:
+        self.data.update(state=state, ended=time.time(), **info)
+        self.phase(state, **info)
+
+
+def _fixed_paths(work: Path, config_path: Path) -> tuple[dict, Path, Path, Path]:
+    """The pipeline config and where it expects the teacher, the text and the run folder, all under ``work`` (the same
+    strings on every machine, so that settings keys stay the same when the run folder moves)."""
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    teacher, text, run_dir = Path(config["teacher"]), Path(config["data"]["source"]), Path(config["run_dir"])
+    for what, path in (("teacher", teacher), ("data.source", text), ("run_dir", run_dir)):
+        if path.parent != work:
+            raise SystemExit(f"{config_path}: {what} is {path}, expected a path directly under --work {work}")
+    return config, teacher, text, run_dir
+
+
+def _teacher_sha(folder: Path) -> str | None:
+    from hybrid_distill.fileio import read_json
+
+    return (read_json(folder / "teacher_pack.json") or {}).get("dequantized_weights_sha256")
+
+
+def _pack_sha(pack: Path) -> str:
+    """The dequantized weights' SHA-256 a teacher pack (folder, or tar of ``pack/``) declares."""
+    if pack.is_file():
+        with tarfile.open(pack) as tar:
+            return json.load(tar.extractfile("pack/manifest.json"))["dequantized_weights_sha256"]
+    return json.loads((pack / "manifest.json").read_text())["dequantized_weights_sha256"]
+
+
+def cmd_session(args) -> int:
+    """One GPU session of the fixed-teacher reproduction, in the foreground (``step`` starts it in the background):
+    the teacher from its pack, the distillation text remade and checked, the run folder from the last session's state,
+    ``hybrid-distill run`` under a time limit, and the run folder packed into ``WORK/outbox/state``."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    session = Session(work, fresh=True)
+    try:
+        rc = _session(args, work, session)
+    except BaseException:
+        session.end("failed", error=traceback.format_exc()[-3000:])
+        raise
+    return rc
+
+
+def _session(args, work: Path, session: Session) -> int:
+    deadline = session.t0 + args.time_limit
+    _, teacher, text, run_dir = _fixed_paths(work, Path(args.config))
+    want = _pack_sha(Path(args.teacher_pack))
+    if _teacher_sha(teacher) != want:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "teacher_pack.py"), "unpack", args.teacher_pack,
+                        str(teacher)], check=True, env=_env())
+        if teacher.exists() and _teacher_sha(teacher) != want:
+            raise SystemExit(f"{teacher}: unpacked teacher's SHA-256 is not the pack's {want}")
+    session.phase("teacher", sha256=want)
+    from hybrid_distill.fileio import read_json
+
+    record = Path(f"{text}.json")  # what pretrain_teacher.py --text-only wrote beside the text
+    made = (read_json(record) or {}).get("sha256") if text.is_file() else None
+    if made is None or (args.text_sha256 and made != args.text_sha256):
+        with open(work / "text.log", "w") as log:
+            rc = subprocess.call([sys.executable, str(ROOT / "scripts" / "pretrain_teacher.py"), "--config",
+                                  *args.pretrain_config, "--out", str(work / "text-run"), "--text-only", "--text-out",
+                                  str(text), *(["--text-sha256", args.text_sha256] if args.text_sha256 else [])],
+                                 stdout=log, stderr=subprocess.STDOUT, env=_env())
+        if rc != 0:
+            session.end("failed", error=f"the distillation text could not be made (see {work / 'text.log'}):\n"
+                        + _tail(work / "text.log", 8))
+            return rc
+        made = read_json(record)["sha256"]
+    session.phase("text", sha256=made)
+    if args.state and not run_dir.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "run_state.py"), "unpack", args.state, str(run_dir)],
+                       check=True, env=_env())
+        session.phase("state_unpacked", source=args.state)
+    left = deadline - time.time() - PACK_SECONDS
+    if left <= 0:
+        session.end("failed", error="no time left for the pipeline after the teacher, text and state")
+        return 1
+    with open(work / "pipeline.log", "a") as log:
+        rc = subprocess.call([sys.executable, "-m", "hybrid_distill.cli", "run", args.config, "--no-progress",
+                              "--time-limit", str(int(left)), *(["--stages", args.stages] if args.stages else [])],
+                             stdout=log, stderr=subprocess.STDOUT, env=_env())
+    session.phase("pipeline", rc=rc)
+    state_dir = work / OUTBOX / "state"
+    shutil.rmtree(work / OUTBOX, ignore_errors=True)
+    packed = subprocess.call([sys.executable, str(ROOT / "scripts" / "run_state.py"), "pack", str(run_dir),
+                              str(state_dir)], stdout=sys.stdout, stderr=subprocess.STDOUT, env=_env())
+    if packed != 0:
+        session.end("failed", error="packing the run folder failed (see the session log)")
+        return packed
+    outcome = "done" if rc == 0 else "stopped" if rc == EXIT_TIME_LIMIT else "failed"
+    session.end(outcome, pipeline_rc=rc, **({"error": _tail(work / "pipeline.log", 30)} if outcome == "failed" else {}))
+    return 0 if outcome != "failed" else rc
+
+
+def _env() -> dict[str, str]:
+    """The environment of a child process: this tree's package first on the import path."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + (os.pathsep + path if path else "")}
+
+
+def _session_alive(work: Path) -> bool:
+    from hybrid_distill.fileio import pid_alive, read_json
+
+    data = read_json(work / SESSION) or {}
+    return data.get("state") == "running" and bool(data.get("pid")) and pid_alive(int(data["pid"]))
+
+
+def cmd_step(args) -> int:
+    """Start a session in the background unless one runs (or this machine already finished one), watch it for up to
+    ``--seconds``, and once it has ended copy its outbox (the state pack) and session record into ``--out``. Sent
+    again, the same command line keeps watching the same session: one command line per GPU command."""
+    from hybrid_distill.fileio import read_json
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not _session_alive(work) and (read_json(work / SESSION) or {}).get("state") in (None, "running"):
+        cmd = [sys.executable, __file__, "session", "--work", str(work), "--config", args.config, "--teacher-pack",
+               args.teacher_pack, "--time-limit", str(args.time_limit), "--pretrain-config", *args.pretrain_config,
+               *(["--state", args.state] if args.state else []), *(["--text-sha256", args.text_sha256] if args.text_sha256 else []),
+               *(["--stages", args.stages] if args.stages else [])]
+        with open(work / "session.log", "a") as log:
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             env=_env())
+        time.sleep(2)
+    t0 = time.time()
+    while True:
+        data = read_json(work / SESSION) or {}
+        phases = data.get("phases") or []
+        last = phases[-1] if phases else {}
+        pipe_tail = _tail(work / "pipeline.log", 1)[:240]
+        print(f"[step {time.time() - t0:5.0f}s] {data.get('state', 'starting')}: {last.get('phase', '-')} at "
+              f"{last.get('t', 0)}s | {pipe_tail}", flush=True)
+        if data.get("state") not in (None, "running") or time.time() - t0 > args.seconds:
+            break
+        time.sleep(min(args.every, max(1.0, args.seconds - (time.time() - t0))))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (SESSION, "pipeline.log", "session.log"):
+            if (work / name).is_file():
+                shutil.copy(work / name, out / name)
+        if data.get("state") not in (None, "running") and (work / OUTBOX / "state").is_dir():
+            shutil.copytree(work / OUTBOX / "state", out / "state", dirs_exist_ok=True)
+            print(f"state pack -> {out / 'state'}")
+    if data.get("state") == "failed":
+        print(data.get("error", ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # analyze
 
 
@@ -620,6 +809,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/repro")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_pack)
+    for name, fn, hlp in (("step", cmd_step, "fixed-teacher reproduction: start or watch this machine's session, "
+                           "hand back its state"), ("session", cmd_session, argparse.SUPPRESS)):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--work", default="runs/r30", help="the folder the config's teacher, text and run folder live in")
+        p.add_argument("--config", default=str(FIXED_CONFIG), help="pipeline YAML (default: %(default)s)")
+        p.add_argument("--teacher-pack", required=True, help="the fixed teacher's pack (folder or teacher_pack.tar)")
+        p.add_argument("--pretrain-config", nargs="+", default=[str(FIXED_PRETRAIN)],
+                       help="the teacher's pretraining config(s): how its generic text is collected")
+        p.add_argument("--text-sha256", default=None, help="the teacher's generic text digest (refuse other text)")
+        p.add_argument("--state", default=None, help="the last session's state pack (run_state.py) to continue from")
+        p.add_argument("--time-limit", type=float, default=1500, help="seconds the session may run, packing included")
+        p.add_argument("--stages", default=None, help="passed to hybrid-distill run")
+        if name == "step":
+            p.add_argument("--seconds", type=float, default=570, help="watch at most this long")
+            p.add_argument("--every", type=float, default=30)
+            p.add_argument("--out", default=None, help="where the session record and, once it ended, the state pack go")
+        p.set_defaults(fn=fn)
     p = sub.add_parser("analyze", help="tables, plots and replayed selection cost of a run")
     p.add_argument("--work", default="runs/repro")
     p.set_defaults(fn=cmd_analyze)

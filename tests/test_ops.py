@@ -465,3 +465,9 @@ def test_fla_dispatch_with_fake_kernels(monkeypatch):
         y["q"].requires_grad_()
     ops.gated_linear_attention(**{n: t[:, :1] if n != "initial_state" else t for n, t in y.items()})
     assert calls[-1] == "chunk_gla"
+
+
+def test_hopper_safe_tiles_replace_only_the_miscompiled_width():
+    """fla picks tiles of min(next power of two, 128) on Hopper; 64 miscompiles there (fla #640), 32 and 128 do not."""
+    assert [ops._hopper_tile(w) for w in (16, 32, 48, 64, 96, 128, 256)] == [16, 32, 32, 32, 128, 128, 128]
+    assert not ops._register_hopper_dqkwg()  # no Hopper here: fla's own dispatch is left alone

@@ -103,6 +103,25 @@ def test_gla_fla_chunk_matches_reference(T, D):
     compare(ops.gated_linear_attention, ops.torch_recurrent_gla, x, grad=True, fla_kwargs=dict(backend="fla"))
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("tilelang", ["0", "1"])
+def test_gdn_fla_chunk_backward_without_tilelang(D, tilelang, monkeypatch):
+    """fla's gated backward on every path it can take: TileLang where installed and enabled, else its Triton kernel
+    (on Hopper with Triton 3.4-3.7.0, which fla refuses, through hybrid_ops' 32-wide tiles)."""
+    import importlib.util
+
+    if tilelang == "1" and importlib.util.find_spec("tilelang") is None:
+        pytest.skip("TileLang is not installed")
+    monkeypatch.setenv("FLA_TILELANG", tilelang)
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    affected = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+    assert ops._register_hopper_dqkwg() == affected
+    x = gdn_inputs(2, 512, 4, D, seed=2)
+    compare(ops.gated_delta_rule, ops.torch_recurrent_gated_delta_rule, x, grad=True,
+            fla_kwargs=dict(backend="fla", use_qk_l2norm=True), ref_kwargs=dict(use_qk_l2norm=True))
+
+
 def test_gdn_fla_chunk_varlen():
     cu = torch.tensor([0, 37, 200, 300, 512], device=DEV)
     x = gdn_inputs(1, 512, H, 128, N=4, seed=1)

@@ -104,3 +104,20 @@ def test_pack_cli_prints_the_size(tmp_path):
     bad = subprocess.run([sys.executable, script, "unpack", str(tmp_path / "nothing"), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a teacher pack" in bad.stderr
+
+
+def test_unpack_takes_the_tar_that_collect_brings_back(tmp_path):
+    import tarfile
+
+    _teacher(tmp_path / "teacher", True)
+    manifest = tp.pack(tmp_path / "teacher", tmp_path / "pack")
+    with tarfile.open(tmp_path / "teacher_pack.tar", "w") as tar:
+        tar.add(tmp_path / "pack", arcname="pack")
+    assert tp.unpack(tmp_path / "teacher_pack.tar", tmp_path / "out") == manifest
+    assert load_file(str(tmp_path / "out" / "model.safetensors")).keys() == load_file(
+        str(tmp_path / "teacher" / "model.safetensors")).keys() - {"lm_head.weight"}
+    with tarfile.open(tmp_path / "other.tar", "w") as tar:
+        tar.add(tmp_path / "teacher", arcname="teacher")
+    with pytest.raises(tp.PackError, match="no pack/ folder"):
+        tp.unpack(tmp_path / "other.tar", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

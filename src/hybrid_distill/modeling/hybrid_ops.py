@@ -58,9 +58,81 @@ def _fla_status() -> Tuple[bool, str]:
     try:
         importlib.import_module("fla.ops.gated_delta_rule")
         importlib.import_module("fla.ops.gla")
+        _register_hopper_dqkwg()
     except Exception as exc:  # ImportError, or Triton failing to initialise
         return False, f"importing fla failed ({type(exc).__name__}: {exc})"
     return True, ""
+
+
+# fla's gated backward kernel `chunk_bwd_dqkwg` miscompiles on Hopper with Triton >= 3.4 and < 3.7.1 when its
+# tiles are 64 wide (fla issue #640: wrong dk and dg at tile width 64, right at 32 and 128), so fla refuses to run
+# it there and dispatches to its TileLang version instead (36 MB of TileLang, TVM and z3). Where TileLang is not
+# installed, this backend runs the same Triton kernel with tiles of 32 in place of 64 (128-wide tiles are kept).
+# It is registered through fla's own backend registry, after fla's TileLang backend, so it serves only calls that
+# fla would otherwise refuse. benchmarks/RESULTS.md records its gradients against the reference recurrence.
+_HOPPER_SAFE_TILE = 32
+
+
+def _hopper_tile(width: int) -> int:
+    """The tile fla picks on Hopper for a dimension of ``width`` (a power of two in [16, 128]), 32 where it picks 64."""
+    tile = min(max(1 << max(0, int(width) - 1).bit_length(), 16), 128)
+    return _HOPPER_SAFE_TILE if tile == 64 else tile
+
+
+def _hopper_chunk_bwd_dqkwg(q, k, v, do, h, dh, w=None, g=None, g_gamma=None, dv=None, scale=None,
+                            state_v_first=False, cu_seqlens=None, chunk_size=64, chunk_indices=None):
+    """fla's `chunk_bwd_dqkwg` (same arguments and results: dq, dk, dw, dg) with Hopper-safe tiles."""
+    import triton
+    from fla.ops.common.chunk_o import chunk_bwd_kernel_dqkwg
+    from fla.ops.utils import prepare_chunk_indices
+
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    if chunk_indices is None and cu_seqlens is not None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    BK, BV = _hopper_tile(K), _hopper_tile(V)
+    NK = triton.cdiv(K, BK)
+    # one block of K per program: dq and dk are disjoint slices, the gate gradient a partial sum per block
+    dq = q.new_empty(B, T, HV, K)
+    dk = k.new_empty(B, T, HV, K)
+    dg = torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device) if g is not None else None
+    dw = torch.empty_like(w) if w is not None else None
+    chunk_bwd_kernel_dqkwg[(NK * NT, B * HV)](
+        q=q, k=k, v=v, g=g, g_gamma=g_gamma, h=h, do=do, dh=dh, dq=dq, dk=dk, dw=dw, dv=dv, dg=dg,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=scale, B=B, T=T, H=H, HV=HV, K=K, V=V,
+        BT=chunk_size, BK=BK, BV=BV, STATE_V_FIRST=state_v_first,
+    )
+    if H != HV:  # grouped values: the query/key heads' gradients are summed over their value heads
+        dq = dq.view(B, T, H, HV // H, K).sum(3)
+        dk = dk.view(B, T, H, HV // H, K).sum(3)
+    return dq, dk, dw, (dg.sum(0) if dg is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_hopper_dqkwg() -> bool:
+    """Register `_hopper_chunk_bwd_dqkwg` with fla for the Hopper + Triton versions fla refuses (once); whether it
+    was registered."""
+    try:
+        from fla.backends import BaseBackend, register
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # an fla without the backend registry: its own behaviour stands
+        return False
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return False
+
+    class HopperSafeTiles(BaseBackend):
+        backend_type = "hybrid_distill_hopper_tiles"
+
+        def chunk_bwd_dqkwg_verifier(self, *args, **kwargs):
+            gated = kwargs.get("g", args[7] if len(args) > 7 else None) is not None
+            return (True, None) if gated else (False, "ungated: fla's own kernel is right at every tile width")
+
+        def chunk_bwd_dqkwg(self, *args, **kwargs):
+            return _hopper_chunk_bwd_dqkwg(*args, **kwargs)
+
+    register("common")(HopperSafeTiles)
+    return True
 
 
 # A constant to torch.compile: traced, the import in `_fla_status` would be a graph break in every
