@@ -15,6 +15,8 @@ root="$(git rev-parse --show-toplevel)"
 [ -d "$root/.gpu" ] || { echo "no .gpu/: run 'bash ../shared/gpu/prepare.sh' first" >&2; exit 1; }
 mkdir -p "$root/.gpu-lite"
 cp -u "$root"/.gpu/*.whl "$root/.gpu/prune_cache.py" "$root/.gpu-lite/"
+# the full kit's starter cache holds Triton kernels at Qwen2.5-1.5B's shape (its TileLang builds go unused)
+[ -f "$root/.gpu-lite/kernel-cache.tar.gz" ] || cp "$root/.gpu/kernel-cache.tar.gz" "$root/.gpu-lite/"
 cat > "$root/.gpu-lite/setup.sh" <<'SETUP'
 # Source at the start of every command on the GPU machine:  source .gpu-lite/setup.sh
 _kit="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

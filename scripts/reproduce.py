@@ -508,6 +508,10 @@ def cmd_session(args) -> int:
 def _session(args, work: Path, session: Session) -> int:
     deadline = session.t0 + args.time_limit
     _, teacher, text, run_dir = _fixed_paths(work, Path(args.config))
+    for flag, path in (("--teacher-pack", args.teacher_pack), ("--state", args.state)):
+        if path and not Path(path).exists():
+            session.end("failed", error=f"{flag} {path} does not exist (was it carried?)")
+            return 2
     want = _pack_sha(Path(args.teacher_pack))
     if _teacher_sha(teacher) != want:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "teacher_pack.py"), "unpack", args.teacher_pack,
