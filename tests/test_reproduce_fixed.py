@@ -57,6 +57,7 @@ def test_session_hands_back_state_that_a_bare_machine_continues(tmp_path):
     cfg = _config(work, teacher=str(work / "teacher"), tokenizer="tiny", run_dir=str(work / "pipeline"))
     cfg["data"] = {**cfg["data"], "source": str(work / "text.jsonl.gz"), "max_tokens": 20_000}
     cfg["eval"]["suite"] = ["recall"]
+    cfg["selection"] = {**cfg["selection"], "selectors": ["uniform"], "null_candidates": 0}  # no candidates: fast
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
     common = ["--work", str(work), "--config", str(config), "--teacher-pack", str(pack), "--pretrain-config", str(text_cfg)]
