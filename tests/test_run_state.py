@@ -24,6 +24,7 @@ from hybrid_distill.pipeline import Pipeline, RunConfig
 from hybrid_distill.pipeline import run as pipeline_run
 from hybrid_distill.pipeline.budget import Measured, measured_in
 from hybrid_distill.pipeline.models import MissingWeightsError, hybrid_finished
+from hybrid_distill.pipeline.outcome import outcome
 from hybrid_distill.surgery import build_student, load_tokenizer
 from hybrid_distill.tiny_teachers import tiny_teacher
 
@@ -384,6 +385,29 @@ def test_what_a_run_measured_is_read_from_its_records(finished_run):
     other = measured_in(RunLayout(run), "gdn", {**pipe.eval_settings(), "num_samples": 99,
                                                 "teacher_model": pipe.teacher_identity})
     assert other.training == measured.training and not other.seconds
+
+
+def test_the_outcome_of_a_finished_run_agrees_with_its_evaluations_and_selections(finished_run):
+    run = Path(finished_run.run_dir)
+    res = outcome([run], resamples=200)
+    assert (res.tasks, res.lengths, res.num_layers) == (["kv_retrieval"], [128], 4)
+    assert [(b.label, b.k) for b in res.budgets] == [("K=1", 1), ("K=2", 2)]
+    for b in res.budgets:
+        assert [r.name for r in b.rows] == ["ga-s2", "uniform", "teacher", "all-gdn"]
+        for row in b.rows:  # the evaluation's own aggregate of the same predictions
+            results = _read(run / "eval" / row.models[0] / "results.json")
+            assert row.recall == pytest.approx(results["recall"]["aggregate"]["overall"])
+            kl = results["quality"].get("kl")  # none for the teacher
+            assert row.kl == (pytest.approx(kl) if row.name != "teacher" else None)
+        ga, uniform = b.row("ga-s2"), b.row("uniform")
+        assert uniform.versus_primary.mean == pytest.approx(ga.recall - uniform.recall)
+        assert b.endpoint.outcomes["ga-s2"].recall == pytest.approx(ga.recall)
+    sel = _read(run / "selection" / "ga-s2" / "selection.json")
+    (diag,) = [d for d in res.diagnostics if d.selector == "ga-s2"]
+    assert [x.early_stop for x in diag.budgets] == ["off", "off"]  # the toy config does not stop early
+    assert [x.snr for x in diag.budgets] == [sel["noise_floor"][-1]["snr"]] * 2
+    assert [x.resolved for x in diag.budgets] == [sel["budgets"][x.label]["resolved"] for x in diag.budgets]
+    assert [x.layers for x in diag.budgets] == [sel["budgets"][x.label]["sets"] for x in diag.budgets]
 
 
 def _done(folder: Path, settings: dict, upstream: dict | None = None, result: dict | None = None):

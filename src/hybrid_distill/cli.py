@@ -27,6 +27,8 @@ from .export import export_student
 from .fileio import DISK_FULL_ERRNOS, check_output_folder
 from .pipeline import RunConfig, plan_run, run_pipeline, write_report
 from .pipeline.budget import SAFETY_FACTOR, time_limit_seconds
+from .pipeline.endpoint import DEFAULT_BASELINES
+from .pipeline.outcome import outcome, write_outcome
 from .pipeline.plan import plan_markdown
 from .pipeline.run import STAGES
 from .selection.recipe import (
@@ -159,6 +161,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_outcome(args) -> int:
+    """The outcome over run folders (one per distillation seed): outcome.md and outcome.json in --out."""
+    check_output_folder(args.out, "--out")
+    result = outcome(args.run_dirs, primary=args.primary, baselines=args.baselines, budgets=args.budgets,
+                     tasks=args.tasks, lengths=args.lengths, resamples=args.resamples, seed=args.seed)
+    print(result.summary())
+    for path in write_outcome(result, args.out):
+        print(path)
+    return 0
+
+
+def comma_list(text: str) -> list[str]:
+    """A comma-separated option's values (argparse names the flag when there are none)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value, comma-separated")
+    return values
+
+
+def comma_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def parse_time_limit(text: str) -> float:
     """``--time-limit``'s value: seconds > 0 (argparse names the flag in its error)."""
     try:
@@ -227,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval/compare", help="output folder (default: eval/compare)")
     p.add_argument("--names", help="comma-separated column names (default: each run's model name)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("outcome", help="does selection beat the other placements: the paper's table with intervals, "
+                                       "the endpoint per budget, selection diagnostics, over run folders")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="`hybrid-distill run` folders, one per distillation "
+                   "seed (paired by position)")
+    p.add_argument("--out", required=True, help="folder for outcome.md and outcome.json")
+    p.add_argument("--primary", default="ga-s2", help="the selector compared with every other row (default ga-s2)")
+    p.add_argument("--baselines", type=comma_list, default=list(DEFAULT_BASELINES),
+                   help=f"selectors the best baseline is taken from (default {','.join(DEFAULT_BASELINES)})")
+    p.add_argument("--budgets", type=comma_list, default=None,
+                   help="budget labels, counts or ratios, e.g. 2,4,8 (default: every budget the selections have)")
+    p.add_argument("--tasks", type=comma_list, default=None,
+                   help="recall tasks (default: those every run folder's evaluations share)")
+    p.add_argument("--lengths", type=comma_ints, default=None,
+                   help="context lengths (default: those every run folder's evaluations share)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="the resampling seed (default 0)")
+    p.set_defaults(func=cmd_outcome)
 
     p = sub.add_parser("lm-eval", help="evaluate a model with lm-evaluation-harness tasks (needs hybrid-distill[lmeval])")
     add_lm_eval_arguments(p)
