@@ -16,13 +16,13 @@ TASKS, LENGTHS, N = ["kv_retrieval", "vt_2chains"], [1024, 2048], 32
 
 def _run(root, seed: int, sets: dict[str, list[list[int]]], accuracy: dict[str, float], kl: dict[str, float],
          degenerate: tuple[str, ...] = ()):
-    """A run folder with one selection per selector (budget "4") and the evaluation of each chosen set: sample i
+    """A run folder with one selection per selector (budget K = 4, labelled "K=4" as selections label it) and the evaluation of each chosen set: sample i
     of a model scores 1 when u_i < its accuracy, with the same u_i for every model of the run (paired samples)."""
     layout = RunLayout(root)
     rng = np.random.default_rng(seed)
     u = {(t, n, i): rng.random() for t in TASKS for n in LENGTHS for i in range(N)}
     for selector, chosen in sets.items():
-        budgets = {} if selector in degenerate else {"4": BudgetSet.of(4, chosen, 16)}
+        budgets = {} if selector in degenerate else {"K=4": BudgetSet.of(4, chosen, 16)}
         SelectionResult(selector=selector, teacher="t", num_layers=16, config={}, data={}, created="now",
                         budgets=budgets, degenerate="teacher cannot do the task" if selector in degenerate else None,
                         ).save(layout.selection.selection_file(selector))
@@ -47,7 +47,9 @@ KL = {name: 1.0 - acc for name, acc in ACC.items()}  # lower KL, more recall: Sp
 
 def test_endpoint_compares_the_primary_with_the_best_baseline_and_uniform(tmp_path):
     runs = [_run(tmp_path / f"seed{s}", s, SETS, ACC, KL, degenerate=("ar",)) for s in (0, 1)]
-    res = endpoint(runs, "4", TASKS, LENGTHS, resamples=500)
+    res = endpoint(runs, "4", TASKS, LENGTHS, resamples=500)  # as the pre-registration and a config write it
+    assert res.budget == "K=4" and endpoint(runs, 4, TASKS, LENGTHS, resamples=500).to_dict() == res.to_dict()
+    assert endpoint(runs, "K=4", TASKS, LENGTHS, resamples=500).to_dict() == res.to_dict()
     assert res.seeds == 2 and set(res.outcomes) == {"ga-s2", "uniform", "lm-ppl"}
     assert res.missing["ar"] == "teacher cannot do the task"  # degenerate: said, not ranked
     assert res.best_baseline == "lm-ppl"

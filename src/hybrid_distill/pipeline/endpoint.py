@@ -26,6 +26,7 @@ from ..evaluation.stats import (
 )
 from ..fileio import read_json
 from ..layout import RunLayout
+from ..selection.rules import budget_label
 from .report import selector_budget_table
 
 # The pre-registered comparison (docs/reproduction.md): GA-S2 against the best of these at K = 4.
@@ -102,8 +103,9 @@ def _scores(run_dir: Path, model: str, tasks, lengths) -> tuple[dict, float | No
 def endpoint(run_dirs: Sequence[str | Path], budget: str, tasks: Sequence[str], lengths: Sequence[int], *,
              primary: str = "ga-s2", baselines: Sequence[str] = DEFAULT_BASELINES, resamples: int = 10_000,
              seed: int = 0) -> EndpointResult:
-    """The comparison at ``budget`` (a selection budget label, e.g. "4" or "0.25") over ``run_dirs`` (one per
-    distillation seed, paired by position across selectors)."""
+    """The comparison at ``budget`` over ``run_dirs`` (one per distillation seed, paired by position across
+    selectors). ``budget`` as a config gives it (4, "4", 0.25, "25%") or as selections label it ("K=4", "25%")."""
+    budget = budget if str(budget).startswith("K=") else budget_label(budget)
     runs = [Path(d) for d in run_dirs]
     if not runs:
         raise StatsError("no run folders given")
