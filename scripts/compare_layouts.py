@@ -13,7 +13,10 @@ the difference `qwen3_5 - default` with a paired bootstrap interval over the rec
 
 ``--as-family qwen2`` first rewrites a Llama teacher (by default the shipped one) as a Qwen2 checkpoint with zero
 q/k/v biases -- the same function, checked on random tokens before use -- so that the embedded default measures the
-Qwen2 case on a trained teacher. Writes ``OUT/layouts.md`` and ``OUT/layouts.json``.
+Qwen2 case on a trained teacher. The runs then keep the Llama teacher's own tokenizer (the run config's
+``tokenizer``): for a checkpoint whose ``model_type`` is ``qwen2``, transformers' ``AutoTokenizer`` loads
+``Qwen2Tokenizer``, which replaces the tokenizer's pre-tokenizer with Qwen2's (one token per digit), and the teacher,
+trained with its own, loses its recall. Writes ``OUT/layouts.md`` and ``OUT/layouts.json``.
 """
 
 from __future__ import annotations
@@ -73,11 +76,15 @@ def llama_as_qwen2(source: str | Path, dest: Path) -> Path:
     return dest
 
 
-def run_config(base: dict, teacher: str, layout: str, seed: int, work: Path) -> RunConfig:
+def run_config(base: dict, teacher: str, layout: str, seed: int, work: Path, tokenizer: str | None = None,
+               budgets: list | None = None) -> RunConfig:
+    """``base`` for one layout and seed: Uniform sets only (the same in both forms), at ``budgets`` when given."""
     cfg = json.loads(json.dumps(base))
     cfg.update(teacher=teacher, seed=seed, run_dir=str(work / f"{layout}-seed{seed}"))
+    if tokenizer is not None:
+        cfg["tokenizer"] = tokenizer
     cfg["student"] = {**cfg.get("student", {}), "layout": layout}
-    cfg["selection"] = {**cfg["selection"], "selectors": ["uniform"]}  # the same sets in both forms
+    cfg["selection"] = {**cfg["selection"], "selectors": ["uniform"], **({"budgets": budgets} if budgets else {})}
     cfg.pop("export", None)
     return RunConfig.from_dict(cfg)
 
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rewrite a Llama teacher as this family first (the same function)")
     parser.add_argument("--config", default="default", help="run config the runs start from (default: the embedded one)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--budgets", nargs="+", type=int, default=None, help="softmax layers of the Uniform sets "
+                        "(default: the config's budgets)")
     parser.add_argument("--work", required=True, help="folder for the converted teacher and the run folders")
     parser.add_argument("--out", required=True, help="folder for layouts.md and layouts.json")
     parser.add_argument("--resamples", type=int, default=10000)
@@ -138,20 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     teacher = resolve_teacher_spec(args.teacher)
+    tokenizer = None
     if args.as_family == "qwen2":
         dest = work / "teacher-qwen2"
+        tokenizer = teacher  # the rewritten teacher's own tokenizer, not the one transformers picks for qwen2
         teacher = str(dest if (dest / "config.json").is_file() else llama_as_qwen2(teacher, dest))
     base = yaml.safe_load((DEFAULT_CONFIG if args.config == "default" else Path(args.config)).read_text())
     runs: dict[str, list[dict[str, dict]]] = {layout: [] for layout in LAYOUTS}
     for seed in args.seeds:
         for layout in LAYOUTS:
-            config = run_config(base, teacher, layout, seed, work)
+            config = run_config(base, teacher, layout, seed, work, tokenizer, args.budgets)
             print(f"run {layout} seed {seed} -> {config.run_dir}", flush=True)
             run_pipeline(config, progress=not args.no_progress)
             runs[layout].append(measure(Path(config.run_dir), config))
     family = json.loads((Path(teacher) / "config.json").read_text())["model_type"]
-    meta = {"teacher": teacher, "teacher_family": family, "config": args.config, "seeds": args.seeds,
-            "resamples": args.resamples}
+    meta = {"teacher": teacher, "teacher_family": family, "tokenizer": tokenizer or teacher, "config": args.config,
+            "seeds": args.seeds, "budgets": args.budgets, "resamples": args.resamples}
     rows = compare(runs, args.resamples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
