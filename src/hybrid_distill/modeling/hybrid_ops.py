@@ -58,9 +58,9 @@ def _fla_status() -> Tuple[bool, str]:
     try:
         importlib.import_module("fla.ops.gated_delta_rule")
         importlib.import_module("fla.ops.gla")
-        _register_hopper_dqkwg()
     except Exception as exc:  # ImportError, or Triton failing to initialise
         return False, f"importing fla failed ({type(exc).__name__}: {exc})"
+    _register_hopper_dqkwg()  # outside the guard: a failure here must not pass for "no fla"
     return True, ""
 
 
