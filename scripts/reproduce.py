@@ -431,21 +431,16 @@ FIXED_PRETRAIN = ROOT / "scripts" / "pretrain_teacher_fixed.yaml"
 SESSION = "session.json"  # WORK/<this>: the session's state (running, stopped, done, failed) and its phases
 OUTBOX = "outbox"  # WORK/<this>/: what a finished session hands back (the run folder's state pack, its summary)
 PACK_SECONDS = 60  # kept free at the end of a session for packing the run folder and handing it back
-EXIT_TIME_LIMIT = 75  # `hybrid-distill run --time-limit` stopped between units: the next session continues
 
 
 class Session:
     """``WORK/session.json``: one background session's phases with seconds since it started (rewritten atomically)."""
 
-    def __init__(self, work: Path, fresh: bool = False):
-        from hybrid_distill.fileio import read_json
-
+    def __init__(self, work: Path):
         self.path = work / SESSION
         self.t0 = time.time()
-        self.data = {} if fresh else (read_json(self.path) or {})
-        if fresh:
-            self.data = {"state": "running", "pid": os.getpid(), "started": self.t0, "phases": []}
-            self.write()
+        self.data = {"state": "running", "pid": os.getpid(), "started": self.t0, "phases": []}
+        self.write()
 
     def write(self) -> None:
         from hybrid_distill.fileio import atomic_write_json
@@ -496,7 +491,7 @@ def cmd_session(args) -> int:
     ``hybrid-distill run`` under a time limit, and the run folder packed into ``WORK/outbox/state``."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    session = Session(work, fresh=True)
+    session = Session(work)
     try:
         rc = _session(args, work, session)
     except BaseException:
@@ -555,7 +550,9 @@ def _session(args, work: Path, session: Session) -> int:
     if packed != 0:
         session.end("failed", error="packing the run folder failed (see the session log)")
         return packed
-    outcome = "done" if rc == 0 else "stopped" if rc == EXIT_TIME_LIMIT else "failed"
+    from hybrid_distill.errors import TIME_LIMIT_EXIT_CODE
+
+    outcome = "done" if rc == 0 else "stopped" if rc == TIME_LIMIT_EXIT_CODE else "failed"
     session.end(outcome, pipeline_rc=rc, **({"error": _tail(work / "pipeline.log", 30)} if outcome == "failed" else {}))
     return 0 if outcome != "failed" else rc
 
