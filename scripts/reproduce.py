@@ -508,6 +508,10 @@ def _session(args, work: Path, session: Session) -> int:
             session.end("failed", error=f"{flag} {path} does not exist (was it carried?)")
             return 2
     want = _pack_sha(Path(args.teacher_pack))
+    if args.teacher_sha256 and want != args.teacher_sha256:
+        session.end("failed", error=f"--teacher-pack {args.teacher_pack} holds the teacher with weights SHA-256 {want}, "
+                    f"not the expected {args.teacher_sha256}")
+        return 2
     if _teacher_sha(teacher) != want:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "teacher_pack.py"), "unpack", args.teacher_pack,
                         str(teacher)], check=True, env=_env())
@@ -582,6 +586,7 @@ def cmd_step(args) -> int:
         cmd = [sys.executable, __file__, "session", "--work", str(work), "--config", args.config, "--teacher-pack",
                args.teacher_pack, "--time-limit", str(args.time_limit), "--pretrain-config", *args.pretrain_config,
                *(["--state", args.state] if args.state else []), *(["--text-sha256", args.text_sha256] if args.text_sha256 else []),
+               *(["--teacher-sha256", args.teacher_sha256] if args.teacher_sha256 else []),
                *(["--stages", args.stages] if args.stages else [])]
         with open(work / "session.log", "a") as log:
             subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -819,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--pretrain-config", nargs="+", default=[str(FIXED_PRETRAIN)],
                        help="the teacher's pretraining config(s): how its generic text is collected")
         p.add_argument("--text-sha256", default=None, help="the teacher's generic text digest (refuse other text)")
+        p.add_argument("--teacher-sha256", default=None,
+                       help="the fixed teacher's dequantized weights SHA-256 (refuse a pack of another teacher)")
         p.add_argument("--state", default=None, help="the last session's state pack (run_state.py) to continue from")
         p.add_argument("--time-limit", type=float, default=1500, help="seconds the session may run, packing included")
         p.add_argument("--stages", default=None, help="passed to hybrid-distill run")

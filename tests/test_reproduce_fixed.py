@@ -95,3 +95,22 @@ def test_session_hands_back_state_that_a_bare_machine_continues(tmp_path):
     failed = json.loads((work / "session.json").read_text())
     assert failed["state"] == "failed" and "not the expected" in failed["error"]
     assert not (work / "pipeline").exists()
+
+
+def test_session_refuses_a_pack_of_another_teacher(tmp_path):
+    source = tmp_path / "teacher-src"
+    tiny_teacher("llama-gqa").save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    pack = tmp_path / "pack"
+    sha = tp.pack(source, pack)["dequantized_weights_sha256"]
+    work = tmp_path / "r30"
+    cfg = _config(work, teacher=str(work / "teacher"), tokenizer="tiny", run_dir=str(work / "pipeline"))
+    cfg["data"] = {**cfg["data"], "source": str(work / "text.jsonl.gz")}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    refused = _reproduce("session", "--work", str(work), "--config", str(config), "--teacher-pack", str(pack),
+                         "--teacher-sha256", "0" * 64, "--time-limit", "900")
+    assert refused.returncode == 2
+    failed = json.loads((work / "session.json").read_text())
+    assert failed["state"] == "failed" and sha in failed["error"] and "0" * 64 in failed["error"]
+    assert not (work / "teacher").exists() and not (work / "pipeline").exists()
