@@ -170,3 +170,20 @@ def test_student_checkpoint_with_layout_flags_and_torchrun_drivers_are_refused(t
                  "--budget", "1"]) == 2
     assert "start it without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "sel").exists()
+
+
+def test_every_subcommand_prints_its_help():
+    """``--help`` renders for the top-level parser and every subcommand (argparse %-formats each help string,
+    so a literal ``%`` in a setting's help must reach it escaped)."""
+    import argparse
+
+    from hybrid_distill.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"run", "select", "distill", "eval", "export"} <= set(subcommands)
+    for name, sub in subcommands.items():
+        text = sub.format_help()
+        assert f"hybrid-distill {name}" in text, name
+    select_help = subcommands["select"].format_help()
+    assert "percentages (25%)" in select_help and "under 10% of the compute" in select_help

@@ -412,8 +412,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type[Config], *, prefi
         default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         kw: dict[str, Any] = {"dest": prefix + f.name, "default": argparse.SUPPRESS,
                               "type": f.metadata.get("parse") or _parser_for(hints.get(f.name)),
-                              "help": (f.metadata.get("help") or f.name.replace("_", " "))
-                              + ("" if default is None else f" (default: {default})").replace("%", "%%")}
+                              "help": ((f.metadata.get("help") or f.name.replace("_", " "))
+                                       + ("" if default is None else f" (default: {default})")).replace("%", "%%")}
         if kw["type"] is parse_bool and f.metadata.get("nargs") is None:
             kw.update(nargs="?", const=True, metavar="BOOL")  # ``--flag`` alone means true
         choices = getattr(f.metadata.get("check"), "choices", None)
