@@ -196,6 +196,23 @@ def test_bypass_rule_and_random_selectors(env, tmp_path):
         SelectionConfig(selector="best-guess")
 
 
+def test_bypass_scores_are_reused_until_their_settings_change(env, tmp_path, monkeypatch):
+    config = _config(selector="act-mse", task_length=SEQ, bypass_batches=2, batch_size=2)
+    first = _run(env, tmp_path, config=config)
+    assert SelectionLayout(tmp_path).scores("act-mse").joinpath("step.json").is_file()
+    calls = []
+    real = recipe_mod.bypass_scores
+    monkeypatch.setattr(recipe_mod, "bypass_scores", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    again = _run(env, tmp_path, config=config.replace(budgets=[1]))  # budgets do not decide the scores
+    assert calls == [] and again.scores == first.scores and again.bypass["batches"] == first.bypass["batches"]
+    other = _run(env, tmp_path, config=config.replace(bypass_batches=1))  # scoring settings do
+    assert len(calls) == 1 and other.bypass["batches"] == 1
+    kv = _config(selector="kv", budgets=[1], task_length=160, task_samples=4, batch_size=4)
+    _run(env, tmp_path, config=kv)
+    reused = _run(env, tmp_path, config=kv)  # a degenerate verdict is reused with its scores
+    assert len(calls) == 2 and "tie-break noise" in reused.degenerate
+
+
 def test_a_task_the_teacher_cannot_do_gives_no_ranking(env, tmp_path):
     sel = _run(env, tmp_path, config=_config(selector="kv", budgets=[1], task_length=160, task_samples=4, batch_size=4))
     assert sel.bypass["baseline"]["accuracy"] == 0.0  # a random-weight teacher retrieves nothing

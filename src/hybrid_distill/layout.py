@@ -116,6 +116,10 @@ class SelectionLayout:
     def selection_file(self, selector: str) -> Path:
         return self.selector(selector) / "selection.json"
 
+    def scores(self, selector: str) -> Path:
+        """A bypass or task selector's per-layer scores (``scores/<selector>/step.json``), reused by a rerun."""
+        return self.root / "scores" / selector
+
     @property
     def slurm_logs(self) -> Path:
         return self.root / "slurm-logs"

@@ -8,6 +8,7 @@ writes a `SelectionResult`::
     run_dir/
       base/stage1, base/stage2        the all-linear student, when none is given
       candidates/<family>/<name>/     one candidate each (ga-stage1/layer_03-seed0, null-stage1/null0-seed1, ...)
+      scores/<selector>/step.json     a bypass or task selector's per-layer scores, reused under the same settings
       <selector>/selection.json       scores, rankings, snapshots, noise floor, sets per budget, tokens, config
       <selector>/*.png                importance, selected layers per budget, KL curves with the null band, stability
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import FolderLock
+from ..artifacts import FolderLock, Step
 from ..checkpoint import verify_checkpoint, weights_fingerprint
 from ..config import ConfigError, add_flags, flag_values, parse_int, read_config_file
 from ..data import DataConfig, add_data_flags, data_config_from_flags
@@ -148,6 +149,31 @@ def bypass_scores(config: SelectionConfig, teacher: str, tokenizer: str | None, 
     return {int(k): float(v) for k, v in out["scores"].items()}, details, degenerate_task(details)
 
 
+def reused_bypass_scores(config: SelectionConfig, teacher: str, tokenizer: str | None, data: DataConfig,
+                         layout: SelectionLayout, before: Callable[[], None] | None = None
+                         ) -> tuple[dict[int, float], dict[str, Any], str | None]:
+    """`bypass_scores`, kept in ``scores/<selector>`` under the settings that decide them (teacher, tokenizer, data
+    and the scoring fields), so that a resumed or repeated selection reuses them instead of scoring again.
+    ``before``: called only when the scores must be computed (a time limit's check)."""
+    name = config.base_selector
+    fields = ("bypass_batches", "batch_size", "seed", "task_length") if name in ("act-mse", "lm-ppl") else \
+        ("task_length", "task_samples", "batch_size", "seed")
+    settings = {"selector": name, "teacher": model_identity(teacher), "tokenizer": tokenizer,
+                **({"data": data.identity()} if name in ("act-mse", "lm-ppl") else {}),
+                **{f: getattr(config, f) for f in fields}}
+    step = Step(layout.scores(name), settings, what=f"{name} scoring")
+    done = step.finished()
+    if done is not None:
+        r = done.result
+        return {int(k): float(v) for k, v in r["scores"].items()}, r["details"], r["degenerate"]
+    if before is not None:
+        before()
+    step.begin(on_stale="replace")
+    scores, details, degenerate = bypass_scores(config, teacher, tokenizer, data)
+    step.publish({"scores": {str(k): v for k, v in scores.items()}, "details": details, "degenerate": degenerate})
+    return scores, details, degenerate
+
+
 def degenerate_task(details: dict[str, Any]) -> str | None:
     """Why a task selector's ranking is tie-break noise, or None: the teacher cannot do the task, or no layer's
     bypass lowers its accuracy by more than two standard errors of the teacher's accuracy over the samples."""
@@ -266,9 +292,9 @@ def _select(config: SelectionConfig, teacher: str, run_dir: str | Path, data, ba
     stop: dict[int, int | None] = {}
     null_std: dict[int, float | None] = {}
     if selector.source in ("bypass", "task"):
-        if before_unit is not None:
-            before_unit(SelectionUnit(f"the {config.selector} {selector.source} scoring", selector.source, config.selector))
-        inputs.scores, result.bypass, result.degenerate = bypass_scores(config, teacher, tokenizer, data)
+        unit = SelectionUnit(f"the {config.selector} {selector.source} scoring", selector.source, config.selector)
+        inputs.scores, result.bypass, result.degenerate = reused_bypass_scores(
+            config, teacher, tokenizer, data, layout, before=None if before_unit is None else lambda: before_unit(unit))
     elif selector.kinds:
         base_student, stage1_student = _base_students(config, teacher, layout, data, base_student, stage1_student,
                                                       tokenizer, base_stages)
