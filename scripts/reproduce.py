@@ -59,24 +59,37 @@ HYBRID_EVAL_VS_TEACHER = 0.65
 # timeline
 
 
-class Timeline:
-    """``WORK/timeline.json``: events with seconds since the run started (rewritten atomically)."""
+class EventLog:
+    """A JSON file of timed records (``{kind: name, "t": seconds since this process started, ...}`` in
+    ``data[kind + "s"]``), rewritten atomically after each record."""
+
+    def __init__(self, path: Path, kind: str, data: dict):
+        self.path, self.kind, self.data = path, kind, data
+        self.t0 = time.time()
+        self.data.setdefault(kind + "s", [])
+
+    def write(self) -> None:
+        from hybrid_distill.fileio import atomic_write_json
+
+        atomic_write_json(self.path, self.data)
+
+    def record(self, name: str, **info) -> None:
+        rec = {self.kind: name, "t": round(time.time() - self.t0, 1), "time": time.strftime("%H:%M:%S"), **info}
+        self.data[self.kind + "s"].append(rec)
+        self.write()
+        print(f"[{self.kind} {rec['t']:7.1f}s] {name} {json.dumps(info) if info else ''}", flush=True)
+
+
+class Timeline(EventLog):
+    """``WORK/timeline.json``: the events of `cmd_run`, kept across its restarts."""
 
     def __init__(self, work: Path):
         from hybrid_distill.fileio import read_json
 
-        self.path = work / "timeline.json"
-        self.data = read_json(self.path) or {"events": []}
-        self.t0 = time.time()
+        super().__init__(work / "timeline.json", "event", read_json(work / "timeline.json") or {})
         self.data.setdefault("started", self.t0)
 
-    def event(self, name: str, **info) -> None:
-        from hybrid_distill.fileio import atomic_write_json
-
-        rec = {"event": name, "t": round(time.time() - self.t0, 1), "time": time.strftime("%H:%M:%S"), **info}
-        self.data["events"].append(rec)
-        atomic_write_json(self.path, self.data)
-        print(f"[reproduce {rec['t']:7.1f}s] {name} {json.dumps(info) if info else ''}", flush=True)
+    event = EventLog.record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,25 +446,14 @@ OUTBOX = "outbox"  # WORK/<this>/: what a finished session hands back (the run f
 PACK_SECONDS = 60  # kept free at the end of a session for packing the run folder and handing it back
 
 
-class Session:
-    """``WORK/session.json``: one background session's phases with seconds since it started (rewritten atomically)."""
+class Session(EventLog):
+    """``WORK/session.json``: one background session's state (running, stopped, done, failed) and phases."""
 
     def __init__(self, work: Path):
-        self.path = work / SESSION
-        self.t0 = time.time()
-        self.data = {"state": "running", "pid": os.getpid(), "started": self.t0, "phases": []}
+        super().__init__(work / SESSION, "phase", {"state": "running", "pid": os.getpid(), "started": time.time()})
         self.write()
 
-    def write(self) -> None:
-        from hybrid_distill.fileio import atomic_write_json
-
-        atomic_write_json(self.path, self.data)
-
-    def phase(self, name: str, **info) -> None:
-        rec = {"phase": name, "t": round(time.time() - self.t0, 1), **info}
-        self.data["phases"].append(rec)
-        self.write()
-        print(f"[session {rec['t']:7.1f}s] {name} {json.dumps(info) if info else ''}", flush=True)
+    phase = EventLog.record
 
     def end(self, state: str, **info) -> None:
         self.data.update(state=state, ended=time.time(), **info)
