@@ -101,17 +101,57 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "final" / "model.safetensors"))
 
 
-def run_one_and_two_processes(tmp_path: Path, device: str, rel: float, nproc: int = 2, fsdp: str = "auto") -> None:
-    """Runs the worker as 1 plain process and as ``nproc`` (torchrun, FSDP) on ``device`` and compares them to ``rel``."""
+def _env() -> dict[str, str]:
+    """The workers' environment: one thread each, no torchrun world inherited."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    single = subprocess.Popen(
-        [sys.executable, __file__, str(tmp_path / "one"), device],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return env
+
+
+class OneProcess:
+    """The worker run as one plain process per device, started at its first use and shared (read only) by the tests
+    of this module: every multi-process run is compared with the same unsharded run."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.runs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.outputs: dict[str, str] = {}
+
+    def start(self, device: str) -> None:
+        if device not in self.runs:
+            out = self.root / device
+            proc = subprocess.Popen([sys.executable, __file__, str(out), device], env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            self.runs[device] = (proc, out)
+
+    def result(self, device: str) -> Path:
+        """The run's output folder, once it has ended well."""
+        self.start(device)
+        proc, out = self.runs[device]
+        if device not in self.outputs:
+            self.outputs[device] = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, self.outputs[device][-4000:]
+        return out
+
+    def close(self) -> None:
+        for proc, _ in self.runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    runs = OneProcess(tmp_path_factory.mktemp("one"))
+    yield runs
+    runs.close()
+
+
+def run_one_and_two_processes(tmp_path: Path, one_process: OneProcess, device: str, rel: float, nproc: int = 2,
+                              fsdp: str = "auto") -> None:
+    """Runs the worker as ``nproc`` processes (torchrun, FSDP) on ``device`` and compares them with the one plain
+    process of ``one_process`` to ``rel``."""
+    one_process.start(device)  # runs beside the multi-process run
     multi = subprocess.run(
         [
             sys.executable,
@@ -125,23 +165,22 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float, nproc: in
             device,
             fsdp,
         ],
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
-    out, _ = single.communicate(timeout=300)
-    assert single.returncode == 0, out[-4000:]
+    one_dir = one_process.result(device)
 
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    one = json.loads((one_dir / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == nproc
     for stage in ("stage1", "stage2"):
         assert not one[stage]["sharded"]
         assert two[stage]["sharded"] and two[stage]["class"].startswith("FSDP"), "FSDP2 was not used"
         a, b = (
-            _metrics(tmp_path / "one" / stage / "metrics.jsonl"),
+            _metrics(one_dir / stage / "metrics.jsonl"),
             _metrics(tmp_path / "two" / stage / "metrics.jsonl"),
         )
         assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -149,16 +188,16 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float, nproc: in
             for key in ("loss", "grad_norm", "eval_kl", "eval_align_loss"):
                 if key in ra:
                     assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-7), (stage, ra["step"], key)
-        wa, wb = _weights(tmp_path / "one" / stage), _weights(tmp_path / "two" / stage)
-        for run in ("one", "two"):
-            assert (tmp_path / run / stage / "final" / "tokenizer.json").is_file() == (stage == "stage2")
+        wa, wb = _weights(one_dir / stage), _weights(tmp_path / "two" / stage)
+        for run in (one_dir, tmp_path / "two"):
+            assert (run / stage / "final" / "tokenizer.json").is_file() == (stage == "stage2")
         assert sorted(wa) == sorted(wb)
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], atol=rel / 5, rtol=rel, msg=f"{stage} {k}")
     if nproc > 1:  # without FSDP (fsdp="off"), the replicas also match the single process
         assert two["replicated_sharded"] is False
         a, b = (
-            _metrics(tmp_path / "one" / "stage2" / "metrics.jsonl"),
+            _metrics(one_dir / "stage2" / "metrics.jsonl"),
             _metrics(tmp_path / "two" / "stage2_replicated" / "metrics.jsonl"),
         )
         train_losses = lambda rows: [r["loss"] for r in rows if r["kind"] == "train"]  # noqa: E731
@@ -177,28 +216,28 @@ def run_one_and_two_processes(tmp_path: Path, device: str, rel: float, nproc: in
         torch.testing.assert_close(wb[k], wa[k], rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7, msg=k)
 
 
-def test_two_process_fsdp_equals_one_process(tmp_path):
-    run_one_and_two_processes(tmp_path, "cpu", rel=1e-5)
+def test_two_process_fsdp_equals_one_process(tmp_path, one_process):
+    run_one_and_two_processes(tmp_path, one_process, "cpu", rel=1e-5)
 
 
-def test_one_process_fsdp_equals_unsharded(tmp_path):
+def test_one_process_fsdp_equals_unsharded(tmp_path, one_process):
     """fsdp='on' under torchrun with one process shards (world size 1) and trains as the unsharded run."""
-    run_one_and_two_processes(tmp_path, "cpu", rel=1e-5, nproc=1, fsdp="on")
+    run_one_and_two_processes(tmp_path, one_process, "cpu", rel=1e-5, nproc=1, fsdp="on")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpu_fsdp_equals_one_gpu(tmp_path):
+def test_two_gpu_fsdp_equals_one_gpu(tmp_path, one_process):
     """The same on 2 GPUs with NCCL (fp32; reductions run in another order than on one GPU)."""
-    run_one_and_two_processes(tmp_path, "cuda", rel=1e-4)
+    run_one_and_two_processes(tmp_path, one_process, "cuda", rel=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_one_gpu_fsdp_equals_one_gpu(tmp_path):
+def test_one_gpu_fsdp_equals_one_gpu(tmp_path, one_process):
     """FSDP2 on one GPU (fsdp='on'): the models stay on the host until fully_shard moves each unit to the GPU,
     and training matches the unsharded run."""
-    run_one_and_two_processes(tmp_path, "cuda", rel=1e-4, nproc=1, fsdp="on")
+    run_one_and_two_processes(tmp_path, one_process, "cuda", rel=1e-4, nproc=1, fsdp="on")
 
 
 def test_single_process_helpers():

@@ -87,8 +87,12 @@ def test_session_hands_back_state_that_a_bare_machine_continues(tmp_path):
     assert {s: e["run_id"] for s, e in resumed["stages"].items()} == {s: e["run_id"] for s, e in pipeline["stages"].items()}
     assert json.loads((work / "outbox" / "state" / "manifest.json").read_text())["files"].keys() >= state["files"].keys()
 
-    # a machine whose text differs is refused before the pipeline runs
+    # a machine whose text differs is refused before the pipeline runs (its teacher unpacked already: the check of
+    # the text does not depend on it, and unpacking it again would cost a process that loads torch)
+    (work / "teacher").rename(tmp_path / "teacher")
     shutil.rmtree(work)
+    work.mkdir()
+    (tmp_path / "teacher").rename(work / "teacher")
     refused = _reproduce("session", *common, "--state", str(out1 / "state"), "--text-sha256", "0" * 64,
                          "--time-limit", "900")
     assert refused.returncode != 0

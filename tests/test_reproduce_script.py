@@ -49,7 +49,7 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "gate_tasks", lambda results, gate: ["kv_retrieval"])
     rc = reproduce.main(["run", "--work", str(work), "--config", str(tmp_path / "pipe.yaml"), "--workers", "1",
                          "--pretrain-minutes", "0.03", "--deadline-minutes", "3", "--eval-seconds", "5",
-                         "--swap-probes", "lm-ppl", "--pretrain-set", *PRETRAIN])
+                         "--snapshots", "6", "--swap-probes", "lm-ppl", "--pretrain-set", *PRETRAIN])
     assert rc == 0, (work / "logs" / "pretrain.log").read_text()[-3000:]
     timeline = json.loads((work / "timeline.json").read_text())["events"]
     events = [e["event"] for e in timeline]
@@ -69,6 +69,7 @@ def test_reproduce_toy_run(tmp_path, monkeypatch):
     step = 4 * 64
     cand = ran["selection"]["stage2"]["target_tokens"]
     assert cand % step == 0 and step <= cand <= cfg["selection"]["stage2"]["target_tokens"]  # fitted, never grown
+    assert cand == 6 * ran["selection"]["snapshot_every_tokens"]  # --snapshots 6: six held-out snapshots per candidate
     assert ran["final"]["stage2"]["target_tokens"] <= cfg["final"]["stage2"]["target_tokens"]
     state = json.loads((work / "pipeline" / "pipeline.json").read_text())
     assert list(state["stages"]) == ["stage1", "stage2", "selection", "final", "export", "eval", "report"]
